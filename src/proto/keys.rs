@@ -1,0 +1,284 @@
+//! Cipher suites and the key schedule.
+//!
+//! Keys never travel in a SOCKS message. Both ends of the TLS control connection call the
+//! TLS exporter (RFC 8446 §7.5, RFC 5705) with
+//!
+//! ```text
+//! label   = "EXPORTER-sudp-udp-keys-v1"
+//! context = association_id (8 bytes, big-endian) || suite_id (1 byte)
+//! length  = 2 * (Ke + Km + Ki)
+//! ```
+//!
+//! and cut the output, in this order, into
+//!
+//! ```text
+//! +-------------+-------------+-------------+-------------+-------------+-------------+
+//! | c2g enc Ke  | c2g mac Km  | c2g iv  Ki  | g2c enc Ke  | g2c mac Km  | g2c iv  Ki  |
+//! +-------------+-------------+-------------+-------------+-------------+-------------+
+//! ```
+//!
+//! where c2g is the client-to-gateway direction and g2c the reverse; Ke = Ki = 16 (suite 1)
+//! or 32 (suite 2), Km = 32. This module only cuts bytes: calling the exporter is the TLS
+//! layer's job, so the core stays free of I/O.
+
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+/// TLS exporter label for secure-UDP keys (RFC 5705 §4: private labels start with "EXPORTER").
+pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-sudp-udp-keys-v1";
+
+/// Length of the MAC key in every suite: HMAC-SHA256's block-friendly 32 bytes.
+pub const MAC_KEY_LEN: usize = 32;
+
+/// A cipher suite: AES-CBC with PKCS#7 padding, HMAC-SHA256 truncated to 128 bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum CipherSuite {
+    /// AES-128-CBC + HMAC-SHA256-128 (suite id 0x01, the default).
+    Aes128CbcHmacSha256 = 0x01,
+    /// AES-256-CBC + HMAC-SHA256-128 (suite id 0x02).
+    Aes256CbcHmacSha256 = 0x02,
+}
+
+impl CipherSuite {
+    /// Every suite this version implements, most preferred first.
+    pub const ALL: [CipherSuite; 2] = [
+        CipherSuite::Aes128CbcHmacSha256,
+        CipherSuite::Aes256CbcHmacSha256,
+    ];
+
+    /// The one-byte id carried in the sub-negotiation and the exporter context.
+    pub fn id(self) -> u8 {
+        self as u8
+    }
+
+    /// Suite for a wire id, if this version knows it.
+    pub fn from_id(id: u8) -> Option<Self> {
+        match id {
+            0x01 => Some(CipherSuite::Aes128CbcHmacSha256),
+            0x02 => Some(CipherSuite::Aes256CbcHmacSha256),
+            _ => None,
+        }
+    }
+
+    /// AES key length (also the IV-derivation key length).
+    pub fn enc_key_len(self) -> usize {
+        match self {
+            CipherSuite::Aes128CbcHmacSha256 => 16,
+            CipherSuite::Aes256CbcHmacSha256 => 32,
+        }
+    }
+
+    /// Bytes of keying material per direction.
+    pub fn direction_len(self) -> usize {
+        2 * self.enc_key_len() + MAC_KEY_LEN
+    }
+
+    /// Bytes to ask of the exporter.
+    pub fn exporter_len(self) -> usize {
+        2 * self.direction_len()
+    }
+
+    /// Human-readable name, as used in configs.
+    pub fn name(self) -> &'static str {
+        match self {
+            CipherSuite::Aes128CbcHmacSha256 => "aes128-cbc-hmac-sha256",
+            CipherSuite::Aes256CbcHmacSha256 => "aes256-cbc-hmac-sha256",
+        }
+    }
+
+    /// Suite for a config name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        CipherSuite::ALL.into_iter().find(|s| s.name() == name)
+    }
+}
+
+impl std::fmt::Display for CipherSuite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The 64-bit association id carried in every record, chosen by the gateway.
+///
+/// It is a lookup key, not a secret: any gateway node finds the association by it (like a
+/// DTLS connection id). Gateways draw it at random so ids from different nodes do not collide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AssociationId(pub u64);
+
+impl AssociationId {
+    /// Big-endian wire bytes.
+    pub fn to_bytes(self) -> [u8; 8] {
+        self.0.to_be_bytes()
+    }
+
+    /// From big-endian wire bytes.
+    pub fn from_bytes(b: [u8; 8]) -> Self {
+        AssociationId(u64::from_be_bytes(b))
+    }
+}
+
+impl std::fmt::Display for AssociationId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// Which end of the association this is; it decides which half of the keys seals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The sudp client (shim or library): seals with c2g keys, opens with g2c keys.
+    Client,
+    /// The gateway: seals with g2c keys, opens with c2g keys.
+    Gateway,
+}
+
+/// The keys of one direction. Zeroized on drop; `Debug` never prints key bytes.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct DirectionKeys {
+    enc: [u8; 32],
+    mac: [u8; MAC_KEY_LEN],
+    iv: [u8; 32],
+    #[zeroize(skip)]
+    suite: CipherSuite,
+}
+
+impl DirectionKeys {
+    /// Keys from raw bytes (`enc` and `iv` of the suite's key length).
+    ///
+    /// Returns `None` when a length does not match the suite.
+    pub fn new(suite: CipherSuite, enc: &[u8], mac: &[u8], iv: &[u8]) -> Option<Self> {
+        let n = suite.enc_key_len();
+        if enc.len() != n || iv.len() != n || mac.len() != MAC_KEY_LEN {
+            return None;
+        }
+        let mut k = DirectionKeys {
+            enc: [0; 32],
+            mac: [0; MAC_KEY_LEN],
+            iv: [0; 32],
+            suite,
+        };
+        k.enc[..n].copy_from_slice(enc);
+        k.mac.copy_from_slice(mac);
+        k.iv[..n].copy_from_slice(iv);
+        Some(k)
+    }
+
+    /// The suite these keys belong to.
+    pub fn suite(&self) -> CipherSuite {
+        self.suite
+    }
+
+    /// AES encryption key.
+    pub fn enc(&self) -> &[u8] {
+        &self.enc[..self.suite.enc_key_len()]
+    }
+
+    /// HMAC-SHA256 key.
+    pub fn mac(&self) -> &[u8] {
+        &self.mac
+    }
+
+    /// AES key of the IV derivation.
+    pub fn iv(&self) -> &[u8] {
+        &self.iv[..self.suite.enc_key_len()]
+    }
+}
+
+impl std::fmt::Debug for DirectionKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirectionKeys")
+            .field("suite", &self.suite)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Both directions' keys of one association.
+#[derive(Clone, Debug)]
+pub struct KeySchedule {
+    /// Client-to-gateway keys.
+    pub c2g: DirectionKeys,
+    /// Gateway-to-client keys.
+    pub g2c: DirectionKeys,
+}
+
+impl KeySchedule {
+    /// The exporter context for an association: id (8 bytes BE) then the suite id.
+    pub fn exporter_context(assoc: AssociationId, suite: CipherSuite) -> [u8; 9] {
+        let mut c = [0u8; 9];
+        c[..8].copy_from_slice(&assoc.to_bytes());
+        c[8] = suite.id();
+        c
+    }
+
+    /// Cuts exporter output into keys. `material` must be exactly
+    /// [`CipherSuite::exporter_len`] bytes; the caller zeroizes its copy.
+    pub fn from_exporter(suite: CipherSuite, material: &[u8]) -> Option<Self> {
+        if material.len() != suite.exporter_len() {
+            return None;
+        }
+        let n = suite.enc_key_len();
+        let cut = |d: &[u8]| DirectionKeys::new(suite, &d[..n], &d[n..n + MAC_KEY_LEN], &d[n + MAC_KEY_LEN..]);
+        let (c2g, g2c) = material.split_at(suite.direction_len());
+        Some(KeySchedule {
+            c2g: cut(c2g)?,
+            g2c: cut(g2c)?,
+        })
+    }
+
+    /// (sealing keys, opening keys) for `role`.
+    pub fn for_role(&self, role: Role) -> (&DirectionKeys, &DirectionKeys) {
+        match role {
+            Role::Client => (&self.c2g, &self.g2c),
+            Role::Gateway => (&self.g2c, &self.c2g),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exporter_cut_order_and_lengths() {
+        for suite in CipherSuite::ALL {
+            let material: Vec<u8> = (0..suite.exporter_len()).map(|i| i as u8).collect();
+            let ks = KeySchedule::from_exporter(suite, &material).unwrap();
+            let n = suite.enc_key_len();
+            assert_eq!(ks.c2g.enc(), &material[..n]);
+            assert_eq!(ks.c2g.mac(), &material[n..n + 32]);
+            assert_eq!(ks.c2g.iv(), &material[n + 32..2 * n + 32]);
+            let d = suite.direction_len();
+            assert_eq!(ks.g2c.enc(), &material[d..d + n]);
+            assert_eq!(ks.g2c.iv(), &material[d + n + 32..]);
+            assert!(KeySchedule::from_exporter(suite, &material[1..]).is_none());
+        }
+    }
+
+    #[test]
+    fn roles_swap_directions() {
+        let suite = CipherSuite::Aes128CbcHmacSha256;
+        let material: Vec<u8> = (0..suite.exporter_len()).map(|i| i as u8).collect();
+        let ks = KeySchedule::from_exporter(suite, &material).unwrap();
+        let (cs, co) = ks.for_role(Role::Client);
+        let (gs, go) = ks.for_role(Role::Gateway);
+        assert_eq!(cs.enc(), go.enc());
+        assert_eq!(co.enc(), gs.enc());
+    }
+
+    #[test]
+    fn debug_hides_keys() {
+        let k = DirectionKeys::new(CipherSuite::Aes128CbcHmacSha256, &[0xAB; 16], &[0xCD; 32], &[0xEF; 16]).unwrap();
+        let s = format!("{k:?}");
+        assert!(!s.contains("171") && !s.to_lowercase().contains("ab"), "{s}");
+    }
+
+    #[test]
+    fn suite_ids_round_trip() {
+        for s in CipherSuite::ALL {
+            assert_eq!(CipherSuite::from_id(s.id()), Some(s));
+            assert_eq!(CipherSuite::from_name(s.name()), Some(s));
+        }
+        assert_eq!(CipherSuite::from_id(0), None);
+        assert_eq!(CipherSuite::from_id(3), None);
+    }
+}

@@ -1,0 +1,34 @@
+//! The sans-IO protocol core.
+//!
+//! Everything in this module takes bytes (and, where it matters, time or randomness) in as
+//! arguments and gives bytes and decisions out. Nothing here touches a socket, reads a clock
+//! or draws randomness, and nothing imports the rest of the crate, so the module could become
+//! its own crate without edits. The tokio layer (gateway, shim, bench) only moves bytes
+//! between sockets and these types.
+//!
+//! * [`record`]: the secure-UDP record: header codec, seal and open.
+//! * [`replay`]: the sliding replay window over record nonces.
+//! * [`keys`]: cipher suites and the key schedule from TLS exporter output.
+//! * [`socks`]: SOCKS5 message codecs (RFC 1928, RFC 1929, the sudp sub-negotiation and the
+//!   UDP request header).
+//! * [`session`]: one association's send and receive halves (sealer + nonce counter,
+//!   opener + replay window).
+//! * [`detect`]: the record detector that routes a datagram to naked or secure processing.
+//! * [`error`]: typed errors and drop reasons.
+//!
+//! `docs/PROTOCOL.md` is the wire contract these modules implement.
+
+pub mod detect;
+pub mod error;
+pub mod keys;
+pub mod record;
+pub mod replay;
+pub mod session;
+pub mod socks;
+
+pub use detect::{classify, DatagramKind};
+pub use error::{DropReason, OpenError, SealError, SocksError};
+pub use keys::{AssociationId, CipherSuite, DirectionKeys, KeySchedule, Role};
+pub use record::{Opener, Sealer};
+pub use replay::ReplayWindow;
+pub use session::{RecvSession, SendSession};

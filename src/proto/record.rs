@@ -1,0 +1,513 @@
+//! The secure-UDP record: header codec, seal and open.
+//!
+//! One record is one UDP datagram (all integers big-endian):
+//!
+//! ```text
+//!  0        1        2        3        4        5                  13                 21
+//! +--------+--------+--------+--------+--------+------------------+------------------+
+//! |  0x97  |  0x03  |  0x03  |   length (u16)  |  association id  |   nonce (u64)    |
+//! +--------+--------+--------+--------+--------+------------------+------------------+
+//! |               ciphertext: AES-CBC(PKCS#7(plaintext)), 16*k bytes, k >= 1          |
+//! +-----------------------------------------------------------------------------------+
+//! |               tag: HMAC-SHA256(mac_key, bytes 0 .. 21+16k)[0..16]                 |
+//! +-----------------------------------------------------------------------------------+
+//! ```
+//!
+//! * Byte 0 is TLS `application_data` (0x17) with the secure-UDP flag bit 0x80 set. A naked
+//!   SOCKS5 UDP datagram starts with RSV = 0x0000, so the first byte alone routes a datagram.
+//! * `length` counts every byte after the 5-byte header (association id to tag).
+//! * The IV is not sent: `IV = AES-ECB(iv_key, association id || nonce)`, the "combined
+//!   nonce/IV" of the design. It is unpredictable without `iv_key` and unique per nonce.
+//! * Encrypt-then-MAC: the tag covers header, association id, nonce and ciphertext, and is
+//!   checked in constant time before anything is decrypted.
+//! * The plaintext is the SOCKS5 address (ATYP, ADDR, PORT) followed by the payload.
+//!
+//! Overhead is 37 bytes plus 1-16 bytes of padding. The largest record is the largest UDP
+//! payload, 65 507 bytes, so the largest plaintext is [`MAX_PLAINTEXT`] = 65 455 bytes.
+
+use aes::cipher::array::Array;
+use aes::cipher::{BlockCipherEncrypt, BlockModeDecrypt, BlockModeEncrypt, InnerIvInit, KeyInit};
+use aes::{Aes128, Aes256};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::proto::error::{OpenError, SealError};
+use crate::proto::keys::{AssociationId, CipherSuite, DirectionKeys};
+
+/// Content type byte: TLS application_data (0x17) | secure-UDP flag (0x80).
+pub const CONTENT_TYPE: u8 = 0x97;
+/// The secure-UDP flag bit of the content type.
+pub const SECURE_FLAG: u8 = 0x80;
+/// Record version bytes (TLS 1.2's, as TLS 1.3 records carry too).
+pub const VERSION: [u8; 2] = [0x03, 0x03];
+/// Header length: type, version, length.
+pub const HEADER_LEN: usize = 5;
+/// Offset of the association id.
+pub const ASSOC_OFFSET: usize = HEADER_LEN;
+/// Offset of the nonce.
+pub const NONCE_OFFSET: usize = ASSOC_OFFSET + 8;
+/// Offset of the ciphertext (and of the plaintext when sealing in place).
+pub const PREFIX_LEN: usize = NONCE_OFFSET + 8;
+/// Tag length (HMAC-SHA256 truncated to 128 bits, as RFC 4868).
+pub const TAG_LEN: usize = 16;
+/// Cipher block length.
+pub const BLOCK_LEN: usize = 16;
+/// Smallest record: prefix, one block, tag.
+pub const MIN_RECORD: usize = PREFIX_LEN + BLOCK_LEN + TAG_LEN;
+/// Largest UDP payload over IPv4, the largest record.
+pub const MAX_DATAGRAM: usize = 65_507;
+/// Largest ciphertext that fits in [`MAX_DATAGRAM`].
+pub const MAX_CIPHERTEXT: usize = (MAX_DATAGRAM - PREFIX_LEN - TAG_LEN) / BLOCK_LEN * BLOCK_LEN;
+/// Largest plaintext (address header + payload) one record carries.
+pub const MAX_PLAINTEXT: usize = MAX_CIPHERTEXT - 1;
+/// Records one key may seal: nonces 0 .. 2^48. Far below the CBC birthday bound (2^64
+/// blocks) even at maximal records, and unreachable in practice (9 years at 1 Mpps).
+pub const MAX_RECORDS_PER_KEY: u64 = 1 << 48;
+
+/// Length of the record that seals `plaintext_len` bytes.
+pub const fn record_len(plaintext_len: usize) -> usize {
+    PREFIX_LEN + (plaintext_len / BLOCK_LEN + 1) * BLOCK_LEN + TAG_LEN
+}
+
+/// The cleartext fields of a record, read without keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordHeader {
+    /// Association id.
+    pub assoc: AssociationId,
+    /// Nonce.
+    pub nonce: u64,
+    /// Ciphertext length.
+    pub ciphertext_len: usize,
+}
+
+/// Parses and checks the cleartext part of a record (no keys needed). The whole datagram
+/// must be the record: trailing bytes are a length mismatch.
+pub fn parse_header(datagram: &[u8]) -> Result<RecordHeader, OpenError> {
+    if datagram.len() < MIN_RECORD {
+        return Err(OpenError::Truncated {
+            len: datagram.len(),
+            min: MIN_RECORD,
+        });
+    }
+    let version = [datagram[1], datagram[2]];
+    if datagram[0] != CONTENT_TYPE || version != VERSION {
+        return Err(OpenError::BadHeader {
+            content_type: datagram[0],
+            version: u16::from_be_bytes(version),
+        });
+    }
+    let field = u16::from_be_bytes([datagram[3], datagram[4]]) as usize;
+    let actual = datagram.len() - HEADER_LEN;
+    if field != actual {
+        return Err(OpenError::LengthMismatch { field, actual });
+    }
+    let ciphertext_len = datagram.len() - PREFIX_LEN - TAG_LEN;
+    if ciphertext_len == 0 || ciphertext_len % BLOCK_LEN != 0 {
+        return Err(OpenError::BadCiphertextLength { len: ciphertext_len });
+    }
+    Ok(RecordHeader {
+        assoc: AssociationId::from_bytes(read8(&datagram[ASSOC_OFFSET..])),
+        nonce: u64::from_be_bytes(read8(&datagram[NONCE_OFFSET..])),
+        ciphertext_len,
+    })
+}
+
+fn read8(b: &[u8]) -> [u8; 8] {
+    let mut o = [0u8; 8];
+    o.copy_from_slice(&b[..8]);
+    o
+}
+
+/// A keyed AES instance of either size, built once per key.
+#[derive(Clone)]
+enum Aes {
+    A128(Aes128),
+    A256(Aes256),
+}
+
+type Block = Array<u8, aes::cipher::consts::U16>;
+
+impl Aes {
+    fn new(suite: CipherSuite, key: &[u8]) -> Self {
+        // Invariant: DirectionKeys guarantees key lengths match the suite.
+        match suite {
+            CipherSuite::Aes128CbcHmacSha256 => {
+                Aes::A128(Aes128::new_from_slice(key).expect("16-byte key by construction"))
+            }
+            CipherSuite::Aes256CbcHmacSha256 => {
+                Aes::A256(Aes256::new_from_slice(key).expect("32-byte key by construction"))
+            }
+        }
+    }
+
+    fn encrypt_block(&self, block: &mut [u8; 16]) {
+        let b: &mut Block = block.into();
+        match self {
+            Aes::A128(k) => k.encrypt_block(b),
+            Aes::A256(k) => k.encrypt_block(b),
+        }
+    }
+
+    /// CBC-encrypts whole blocks in place.
+    fn cbc_encrypt(&self, iv: &[u8; 16], data: &mut [u8]) {
+        let (blocks, tail) = Block::slice_as_chunks_mut(data);
+        debug_assert!(tail.is_empty());
+        let iv: &Block = iv.into();
+        match self {
+            Aes::A128(k) => cbc::Encryptor::<&Aes128>::inner_iv_init(k, iv).encrypt_blocks(blocks),
+            Aes::A256(k) => cbc::Encryptor::<&Aes256>::inner_iv_init(k, iv).encrypt_blocks(blocks),
+        }
+    }
+
+    /// CBC-decrypts whole blocks in place.
+    fn cbc_decrypt(&self, iv: &[u8; 16], data: &mut [u8]) {
+        let (blocks, tail) = Block::slice_as_chunks_mut(data);
+        debug_assert!(tail.is_empty());
+        let iv: &Block = iv.into();
+        match self {
+            Aes::A128(k) => cbc::Decryptor::<&Aes128>::inner_iv_init(k, iv).decrypt_blocks(blocks),
+            Aes::A256(k) => cbc::Decryptor::<&Aes256>::inner_iv_init(k, iv).decrypt_blocks(blocks),
+        }
+    }
+}
+
+/// The keyed state one direction needs: data cipher, IV cipher, MAC. Built once per key;
+/// every per-record operation works on caller buffers and allocates nothing.
+#[derive(Clone)]
+struct RecordKeys {
+    data: Aes,
+    iv: Aes,
+    mac: Hmac<Sha256>,
+    assoc: AssociationId,
+}
+
+impl RecordKeys {
+    fn new(assoc: AssociationId, keys: &DirectionKeys) -> Self {
+        RecordKeys {
+            data: Aes::new(keys.suite(), keys.enc()),
+            iv: Aes::new(keys.suite(), keys.iv()),
+            // Invariant: HMAC accepts keys of any length.
+            mac: <Hmac<Sha256> as KeyInit>::new_from_slice(keys.mac()).expect("HMAC takes any key length"),
+            assoc,
+        }
+    }
+
+    /// `IV = AES(iv_key, assoc_id || nonce)`.
+    fn iv_for(&self, nonce: u64) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&self.assoc.to_bytes());
+        b[8..].copy_from_slice(&nonce.to_be_bytes());
+        self.iv.encrypt_block(&mut b);
+        b
+    }
+
+    fn tag(&self, authenticated: &[u8]) -> [u8; TAG_LEN] {
+        let mut m = self.mac.clone();
+        m.update(authenticated);
+        let full = m.finalize().into_bytes();
+        let mut t = [0u8; TAG_LEN];
+        t.copy_from_slice(&full[..TAG_LEN]);
+        t
+    }
+}
+
+/// Seals plaintexts into records for one association and direction.
+///
+/// The sealer takes the nonce as an argument; [`crate::proto::SendSession`] owns the counter.
+#[derive(Clone)]
+pub struct Sealer {
+    keys: RecordKeys,
+}
+
+impl Sealer {
+    /// A sealer with `keys` for association `assoc`.
+    pub fn new(assoc: AssociationId, keys: &DirectionKeys) -> Self {
+        Sealer {
+            keys: RecordKeys::new(assoc, keys),
+        }
+    }
+
+    /// The association id written into records.
+    pub fn assoc(&self) -> AssociationId {
+        self.keys.assoc
+    }
+
+    /// Seals the plaintext that the caller already placed at
+    /// `buf[PREFIX_LEN .. PREFIX_LEN + plaintext_len]`, writing header, padding and tag around
+    /// it. Returns the record length; the record is `buf[..len]`.
+    pub fn seal_in_place(&self, nonce: u64, buf: &mut [u8], plaintext_len: usize) -> Result<usize, SealError> {
+        if plaintext_len > MAX_PLAINTEXT {
+            return Err(SealError::TooLarge {
+                len: plaintext_len,
+                max: MAX_PLAINTEXT,
+            });
+        }
+        if nonce >= MAX_RECORDS_PER_KEY {
+            return Err(SealError::KeyExhausted {
+                limit: MAX_RECORDS_PER_KEY,
+            });
+        }
+        let len = record_len(plaintext_len);
+        if buf.len() < len {
+            return Err(SealError::BufferTooSmall {
+                have: buf.len(),
+                need: len,
+            });
+        }
+        let ct_len = len - PREFIX_LEN - TAG_LEN;
+        let pad = (ct_len - plaintext_len) as u8;
+        buf[PREFIX_LEN + plaintext_len..PREFIX_LEN + ct_len].fill(pad);
+
+        buf[0] = CONTENT_TYPE;
+        buf[1..3].copy_from_slice(&VERSION);
+        buf[3..5].copy_from_slice(&((len - HEADER_LEN) as u16).to_be_bytes());
+        buf[ASSOC_OFFSET..NONCE_OFFSET].copy_from_slice(&self.keys.assoc.to_bytes());
+        buf[NONCE_OFFSET..PREFIX_LEN].copy_from_slice(&nonce.to_be_bytes());
+
+        let iv = self.keys.iv_for(nonce);
+        self.keys.data.cbc_encrypt(&iv, &mut buf[PREFIX_LEN..PREFIX_LEN + ct_len]);
+        let tag = self.keys.tag(&buf[..PREFIX_LEN + ct_len]);
+        buf[PREFIX_LEN + ct_len..len].copy_from_slice(&tag);
+        Ok(len)
+    }
+
+    /// Seals `plaintext` into `out`; returns the record length.
+    pub fn seal(&self, nonce: u64, plaintext: &[u8], out: &mut [u8]) -> Result<usize, SealError> {
+        if plaintext.len() > MAX_PLAINTEXT {
+            return Err(SealError::TooLarge {
+                len: plaintext.len(),
+                max: MAX_PLAINTEXT,
+            });
+        }
+        let need = record_len(plaintext.len());
+        if out.len() < need {
+            return Err(SealError::BufferTooSmall {
+                have: out.len(),
+                need,
+            });
+        }
+        out[PREFIX_LEN..PREFIX_LEN + plaintext.len()].copy_from_slice(plaintext);
+        self.seal_in_place(nonce, out, plaintext.len())
+    }
+}
+
+/// Verifies and decrypts records of one association and direction.
+///
+/// The opener is stateless; [`crate::proto::RecvSession`] adds the replay window around it.
+#[derive(Clone)]
+pub struct Opener {
+    keys: RecordKeys,
+}
+
+impl Opener {
+    /// An opener with `keys` for association `assoc`.
+    pub fn new(assoc: AssociationId, keys: &DirectionKeys) -> Self {
+        Opener {
+            keys: RecordKeys::new(assoc, keys),
+        }
+    }
+
+    /// The association id this opener accepts.
+    pub fn assoc(&self) -> AssociationId {
+        self.keys.assoc
+    }
+
+    /// Parses the header and checks that the record belongs to this association.
+    pub fn check_header(&self, datagram: &[u8]) -> Result<RecordHeader, OpenError> {
+        let h = parse_header(datagram)?;
+        if h.assoc != self.keys.assoc {
+            return Err(OpenError::WrongAssociation {
+                found: h.assoc.0,
+                expected: self.keys.assoc.0,
+            });
+        }
+        if h.nonce >= MAX_RECORDS_PER_KEY {
+            return Err(OpenError::NonceLimit { nonce: h.nonce });
+        }
+        Ok(h)
+    }
+
+    /// Checks the tag in constant time. `datagram` must have passed
+    /// [`check_header`](Self::check_header).
+    pub fn verify(&self, datagram: &[u8]) -> Result<(), OpenError> {
+        let split = datagram.len() - TAG_LEN;
+        let mut m = self.keys.mac.clone();
+        m.update(&datagram[..split]);
+        m.verify_truncated_left(&datagram[split..])
+            .map_err(|_| OpenError::BadMac)
+    }
+
+    /// Decrypts a verified record in place and strips the padding; returns the plaintext,
+    /// which lies at `datagram[PREFIX_LEN..]`.
+    pub fn decrypt_in_place<'a>(&self, h: &RecordHeader, datagram: &'a mut [u8]) -> Result<&'a mut [u8], OpenError> {
+        let iv = self.keys.iv_for(h.nonce);
+        let ct = &mut datagram[PREFIX_LEN..PREFIX_LEN + h.ciphertext_len];
+        self.keys.data.cbc_decrypt(&iv, ct);
+        // Padding is authenticated (the tag covered the ciphertext), so checking it cannot
+        // act as a padding oracle; a bad pad only means a broken sender.
+        let pad = ct[ct.len() - 1] as usize;
+        if pad == 0 || pad > BLOCK_LEN || ct[ct.len() - pad..].iter().any(|&b| b as usize != pad) {
+            return Err(OpenError::BadPadding);
+        }
+        let n = ct.len() - pad;
+        Ok(&mut ct[..n])
+    }
+
+    /// Header check, tag check and decryption without replay protection (for tests,
+    /// vectors and tools). Returns the nonce and the plaintext.
+    pub fn open_in_place<'a>(&self, datagram: &'a mut [u8]) -> Result<(u64, &'a mut [u8]), OpenError> {
+        let h = self.check_header(datagram)?;
+        self.verify(datagram)?;
+        let pt = self.decrypt_in_place(&h, datagram)?;
+        Ok((h.nonce, pt))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn keys(suite: CipherSuite) -> DirectionKeys {
+        let n = suite.enc_key_len();
+        let e: Vec<u8> = (0..n as u8).collect();
+        let m: Vec<u8> = (100..132).collect();
+        let i: Vec<u8> = (200..200 + n as u8).collect();
+        DirectionKeys::new(suite, &e, &m, &i).unwrap()
+    }
+
+    fn pair(suite: CipherSuite) -> (Sealer, Opener) {
+        let k = keys(suite);
+        let a = AssociationId(0x1122334455667788);
+        (Sealer::new(a, &k), Opener::new(a, &k))
+    }
+
+    #[test]
+    fn limits_are_consistent() {
+        assert_eq!(MIN_RECORD, 53);
+        assert_eq!(MAX_CIPHERTEXT, 65_456);
+        assert_eq!(MAX_PLAINTEXT, 65_455);
+        assert!(record_len(MAX_PLAINTEXT) <= MAX_DATAGRAM);
+        assert!(record_len(MAX_PLAINTEXT + 1) > MAX_DATAGRAM);
+    }
+
+    #[test]
+    fn round_trip_and_overhead() {
+        for suite in CipherSuite::ALL {
+            let (s, o) = pair(suite);
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            for len in [0usize, 1, 15, 16, 17, 200, 1200] {
+                let pt: Vec<u8> = (0..len).map(|i| i as u8).collect();
+                let n = s.seal(7, &pt, &mut buf).unwrap();
+                assert_eq!(n, record_len(len));
+                assert_eq!(buf[0], 0x97);
+                let (nonce, back) = o.open_in_place(&mut buf[..n]).unwrap();
+                assert_eq!(nonce, 7);
+                assert_eq!(back, &pt[..]);
+            }
+        }
+    }
+
+    #[test]
+    fn largest_plaintext_fits_and_one_more_is_refused() {
+        let (s, o) = pair(CipherSuite::Aes128CbcHmacSha256);
+        let mut buf = vec![0u8; MAX_DATAGRAM + 64];
+        let pt = vec![0x5a; MAX_PLAINTEXT];
+        let n = s.seal(0, &pt, &mut buf).unwrap();
+        assert_eq!(n, 65_493);
+        assert_eq!(o.open_in_place(&mut buf[..n]).unwrap().1.len(), MAX_PLAINTEXT);
+        let pt = vec![0; MAX_PLAINTEXT + 1];
+        assert_eq!(
+            s.seal(0, &pt, &mut buf),
+            Err(SealError::TooLarge { len: MAX_PLAINTEXT + 1, max: MAX_PLAINTEXT })
+        );
+    }
+
+    #[test]
+    fn key_limit_refuses_to_seal() {
+        let (s, _) = pair(CipherSuite::Aes128CbcHmacSha256);
+        let mut buf = [0u8; 128];
+        assert!(s.seal(MAX_RECORDS_PER_KEY - 1, b"x", &mut buf).is_ok());
+        assert_eq!(
+            s.seal(MAX_RECORDS_PER_KEY, b"x", &mut buf),
+            Err(SealError::KeyExhausted { limit: MAX_RECORDS_PER_KEY })
+        );
+    }
+
+    #[test]
+    fn ivs_differ_per_nonce_and_are_not_counters() {
+        let (s, _) = pair(CipherSuite::Aes128CbcHmacSha256);
+        let a = s.keys.iv_for(1);
+        let b = s.keys.iv_for(2);
+        assert_ne!(a, b);
+        // Not a counter and not XOR of the nonce into a fixed value.
+        let x: Vec<u8> = a.iter().zip(b.iter()).map(|(p, q)| p ^ q).collect();
+        assert!(x.iter().filter(|&&v| v != 0).count() > 4);
+    }
+
+    #[test]
+    fn same_plaintext_different_nonce_different_ciphertext() {
+        let (s, _) = pair(CipherSuite::Aes128CbcHmacSha256);
+        let mut a = [0u8; 128];
+        let mut b = [0u8; 128];
+        let n = s.seal(1, b"hello", &mut a).unwrap();
+        s.seal(2, b"hello", &mut b).unwrap();
+        assert_ne!(a[PREFIX_LEN..n], b[PREFIX_LEN..n]);
+    }
+
+    #[test]
+    fn wrong_keys_or_association_fail() {
+        let (s, _) = pair(CipherSuite::Aes128CbcHmacSha256);
+        let mut buf = [0u8; 128];
+        let n = s.seal(1, b"hello", &mut buf).unwrap();
+        let other = DirectionKeys::new(CipherSuite::Aes128CbcHmacSha256, &[1; 16], &[2; 32], &[3; 16]).unwrap();
+        let o = Opener::new(s.assoc(), &other);
+        assert_eq!(o.open_in_place(&mut buf.clone()[..n]).unwrap_err(), OpenError::BadMac);
+        let o = Opener::new(AssociationId(1), &keys(CipherSuite::Aes128CbcHmacSha256));
+        assert!(matches!(
+            o.open_in_place(&mut buf[..n]),
+            Err(OpenError::WrongAssociation { .. })
+        ));
+    }
+
+    #[test]
+    fn authenticated_bad_padding_is_reported() {
+        // Build a record whose padding is wrong but whose tag is right, as a buggy
+        // sender would: encrypt blocks by hand and tag them.
+        let (s, o) = pair(CipherSuite::Aes128CbcHmacSha256);
+        let mut buf = [0u8; MIN_RECORD];
+        s.seal(3, &[0u8; 15], &mut buf).unwrap();
+        let iv = s.keys.iv_for(3);
+        let mut block = [0u8; 16];
+        block[15] = 0; // pad byte 0 is invalid
+        buf[PREFIX_LEN..PREFIX_LEN + 16].copy_from_slice(&block);
+        s.keys.data.cbc_encrypt(&iv, &mut buf[PREFIX_LEN..PREFIX_LEN + 16]);
+        let tag = s.keys.tag(&buf[..PREFIX_LEN + 16]);
+        buf[PREFIX_LEN + 16..].copy_from_slice(&tag);
+        assert_eq!(o.open_in_place(&mut buf).unwrap_err(), OpenError::BadPadding);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn seal_open_round_trip(len in 0usize..4096, nonce in 0u64..MAX_RECORDS_PER_KEY, big in any::<bool>()) {
+            let suite = if big { CipherSuite::Aes256CbcHmacSha256 } else { CipherSuite::Aes128CbcHmacSha256 };
+            let (s, o) = pair(suite);
+            let pt: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let mut buf = vec![0u8; record_len(len)];
+            let n = s.seal(nonce, &pt, &mut buf).unwrap();
+            prop_assert_eq!(n, buf.len());
+            let (got_nonce, back) = o.open_in_place(&mut buf).unwrap();
+            prop_assert_eq!(got_nonce, nonce);
+            prop_assert_eq!(&back[..], &pt[..]);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_open(buf in prop::collection::vec(any::<u8>(), 0..400)) {
+            let (_, o) = pair(CipherSuite::Aes128CbcHmacSha256);
+            let mut b = buf.clone();
+            prop_assert!(o.open_in_place(&mut b).is_err());
+        }
+    }
+}

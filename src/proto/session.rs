@@ -1,0 +1,253 @@
+//! One association's two halves: a [`SendSession`] (sealer + nonce counter) and a
+//! [`RecvSession`] (opener + replay window).
+//!
+//! The receive path follows one order and never another:
+//!
+//! 1. parse the cleartext header (type, version, length, association id, nonce limit);
+//! 2. ask the replay window whether the nonce is acceptable (no state change);
+//! 3. verify the tag in constant time;
+//! 4. commit the nonce to the window (only now: a forged record cannot move it);
+//! 5. decrypt, strip the padding, parse the address header.
+
+use crate::proto::error::{OpenError, SealError};
+use crate::proto::keys::{AssociationId, KeySchedule, Role};
+use crate::proto::record::{Opener, Sealer, MAX_RECORDS_PER_KEY, PREFIX_LEN};
+use crate::proto::replay::{ReplayWindow, Verdict};
+use crate::proto::socks::AddrRef;
+
+/// The sending half: seals with a fresh nonce each time.
+#[derive(Clone)]
+pub struct SendSession {
+    sealer: Sealer,
+    next_nonce: u64,
+}
+
+impl SendSession {
+    /// Sending half for `role`, starting at nonce 0.
+    pub fn new(assoc: AssociationId, keys: &KeySchedule, role: Role) -> Self {
+        SendSession {
+            sealer: Sealer::new(assoc, keys.for_role(role).0),
+            next_nonce: 0,
+        }
+    }
+
+    /// Sending half that continues from `next_nonce` (a resumed association).
+    pub fn resume(assoc: AssociationId, keys: &KeySchedule, role: Role, next_nonce: u64) -> Self {
+        SendSession {
+            next_nonce,
+            ..SendSession::new(assoc, keys, role)
+        }
+    }
+
+    /// The nonce the next record will carry.
+    pub fn next_nonce(&self) -> u64 {
+        self.next_nonce
+    }
+
+    /// Records left before the key is exhausted.
+    pub fn remaining(&self) -> u64 {
+        MAX_RECORDS_PER_KEY - self.next_nonce
+    }
+
+    /// Seals `addr` + `payload` into `out`; returns the record length.
+    ///
+    /// The address header is written straight into `out` and the payload copied once after
+    /// it, then sealed in place: one copy, no allocation.
+    pub fn seal(&mut self, addr: &AddrRef<'_>, payload: &[u8], out: &mut [u8]) -> Result<usize, SealError> {
+        let alen = addr.encoded_len();
+        let pt_len = alen + payload.len();
+        let need = crate::proto::record::record_len(pt_len);
+        if pt_len > crate::proto::record::MAX_PLAINTEXT {
+            return Err(SealError::TooLarge {
+                len: pt_len,
+                max: crate::proto::record::MAX_PLAINTEXT,
+            });
+        }
+        if out.len() < need {
+            return Err(SealError::BufferTooSmall { have: out.len(), need });
+        }
+        // Invariant: out holds at least PREFIX_LEN + alen bytes (need > that).
+        addr.encode(&mut out[PREFIX_LEN..]).expect("room checked above");
+        out[PREFIX_LEN + alen..PREFIX_LEN + pt_len].copy_from_slice(payload);
+        self.seal_in_place(out, pt_len)
+    }
+
+    /// Seals a plaintext (address header + payload) already placed at
+    /// `buf[PREFIX_LEN..PREFIX_LEN + plaintext_len]`.
+    pub fn seal_in_place(&mut self, buf: &mut [u8], plaintext_len: usize) -> Result<usize, SealError> {
+        let n = self.sealer.seal_in_place(self.next_nonce, buf, plaintext_len)?;
+        self.next_nonce += 1;
+        Ok(n)
+    }
+}
+
+/// A record opened by a [`RecvSession`].
+#[derive(Debug)]
+pub struct Opened<'a> {
+    /// The record's nonce.
+    pub nonce: u64,
+    /// The address in the plaintext (destination from a client, source from a gateway).
+    pub addr: AddrRef<'a>,
+    /// The payload.
+    pub payload: &'a [u8],
+    /// How the replay window took the nonce.
+    pub verdict: Verdict,
+}
+
+/// The receiving half: replay window around an opener.
+#[derive(Clone)]
+pub struct RecvSession {
+    opener: Opener,
+    window: ReplayWindow,
+}
+
+impl RecvSession {
+    /// Receiving half for `role` with a window of `window` nonces.
+    pub fn new(assoc: AssociationId, keys: &KeySchedule, role: Role, window: usize) -> Self {
+        RecvSession {
+            opener: Opener::new(assoc, keys.for_role(role).1),
+            window: ReplayWindow::new(window),
+        }
+    }
+
+    /// The association id.
+    pub fn assoc(&self) -> AssociationId {
+        self.opener.assoc()
+    }
+
+    /// The replay window (read-only, for state export and tests).
+    pub fn window(&self) -> &ReplayWindow {
+        &self.window
+    }
+
+    /// Opens one datagram in place, in the order given in the module documentation.
+    pub fn open<'a>(&mut self, datagram: &'a mut [u8]) -> Result<Opened<'a>, OpenError> {
+        let h = self.opener.check_header(datagram)?;
+        let verdict = self.window.check(h.nonce)?;
+        self.opener.verify(datagram)?;
+        self.window.commit(h.nonce);
+        let pt: &'a [u8] = self.opener.decrypt_in_place(&h, datagram)?;
+        let (addr, used) = AddrRef::parse(pt).map_err(OpenError::BadAddress)?;
+        Ok(Opened {
+            nonce: h.nonce,
+            addr,
+            payload: &pt[used..],
+            verdict,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::keys::CipherSuite;
+    use crate::proto::record::record_len;
+    use proptest::prelude::*;
+    use std::net::SocketAddr;
+
+    fn schedule() -> KeySchedule {
+        let suite = CipherSuite::Aes128CbcHmacSha256;
+        let m: Vec<u8> = (0..suite.exporter_len()).map(|i| (i * 3) as u8).collect();
+        KeySchedule::from_exporter(suite, &m).unwrap()
+    }
+
+    fn ends() -> (SendSession, RecvSession, SendSession, RecvSession) {
+        let ks = schedule();
+        let a = AssociationId(42);
+        (
+            SendSession::new(a, &ks, Role::Client),
+            RecvSession::new(a, &ks, Role::Gateway, 64),
+            SendSession::new(a, &ks, Role::Gateway),
+            RecvSession::new(a, &ks, Role::Client, 64),
+        )
+    }
+
+    #[test]
+    fn both_directions_with_reorder_and_replay() {
+        let (mut cs, mut gr, mut gs, mut cr) = ends();
+        let dst: SocketAddr = "198.51.100.7:5004".parse().unwrap();
+        let mut recs = Vec::new();
+        for i in 0..5u8 {
+            let mut b = vec![0u8; 256];
+            let n = cs.seal(&AddrRef::Ip(dst), &[i; 20], &mut b).unwrap();
+            b.truncate(n);
+            recs.push(b);
+        }
+        // Deliver out of order; every record opens once, replays are refused.
+        for &i in &[3usize, 0, 4, 1, 2] {
+            let mut b = recs[i].clone();
+            let o = gr.open(&mut b).unwrap();
+            assert_eq!(o.nonce, i as u64);
+            assert_eq!(o.addr, AddrRef::Ip(dst));
+            assert_eq!(o.payload, &[i as u8; 20]);
+            let mut again = recs[i].clone();
+            assert_eq!(gr.open(&mut again).unwrap_err(), OpenError::Duplicate { nonce: i as u64 });
+        }
+        // The reverse direction uses the other keys: a client record does not open at the client.
+        let mut b = recs[0].clone();
+        assert_eq!(cr.open(&mut b).unwrap_err(), OpenError::BadMac);
+        let mut b = vec![0u8; 128];
+        let n = gs.seal(&AddrRef::Ip(dst), b"pong", &mut b).unwrap();
+        assert_eq!(cr.open(&mut b[..n]).unwrap().payload, b"pong");
+    }
+
+    #[test]
+    fn forged_record_does_not_move_the_window() {
+        let (mut cs, mut gr, _, _) = ends();
+        let dst: SocketAddr = "192.0.2.9:9".parse().unwrap();
+        let mut b = vec![0u8; 128];
+        let n = cs.seal(&AddrRef::Ip(dst), b"x", &mut b).unwrap();
+        // Forge a far-ahead nonce: the tag fails, the window must stay where it was.
+        let mut forged = b[..n].to_vec();
+        forged[crate::proto::record::NONCE_OFFSET..crate::proto::record::PREFIX_LEN]
+            .copy_from_slice(&1_000_000u64.to_be_bytes());
+        assert_eq!(gr.open(&mut forged).unwrap_err(), OpenError::BadMac);
+        assert_eq!(gr.window().top(), 0);
+        assert!(gr.open(&mut b[..n]).is_ok());
+    }
+
+    #[test]
+    fn too_large_is_refused_not_truncated() {
+        let (mut cs, ..) = ends();
+        let dst: SocketAddr = "192.0.2.9:9".parse().unwrap();
+        let mut out = vec![0u8; 70_000];
+        let payload = vec![0u8; 65_507];
+        assert!(matches!(
+            cs.seal(&AddrRef::Ip(dst), &payload, &mut out),
+            Err(SealError::TooLarge { .. })
+        ));
+        assert_eq!(cs.next_nonce(), 0, "a refused seal consumes no nonce");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// Every single-bit flip and every truncation of a valid record is rejected.
+        #[test]
+        fn every_bit_flip_and_truncation_rejected(len in 0usize..100) {
+            let (mut cs, gr, ..) = ends();
+            let dst: SocketAddr = "192.0.2.1:53".parse().unwrap();
+            let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let mut rec = vec![0u8; record_len(7 + len)];
+            let n = cs.seal(&AddrRef::Ip(dst), &payload, &mut rec).unwrap();
+            prop_assert_eq!(n, rec.len());
+            for bit in 0..rec.len() * 8 {
+                let mut b = rec.clone();
+                b[bit / 8] ^= 1 << (bit % 8);
+                let mut r = gr.clone();
+                prop_assert!(r.open(&mut b).is_err(), "bit {} accepted", bit);
+            }
+            for cut in 0..rec.len() {
+                let mut b = rec[..cut].to_vec();
+                let mut r = gr.clone();
+                prop_assert!(r.open(&mut b).is_err(), "truncation to {} accepted", cut);
+            }
+            let mut b = rec.clone();
+            b.push(0);
+            let mut r = gr.clone();
+            prop_assert!(r.open(&mut b).is_err(), "trailing byte accepted");
+            let mut r = gr.clone();
+            prop_assert!(r.open(&mut rec).is_ok());
+        }
+    }
+}

@@ -1,0 +1,755 @@
+//! SOCKS5 codecs: RFC 1928 messages, RFC 1929 username/password, the sudp sub-negotiation
+//! (method 0x80) and the UDP request header.
+//!
+//! Parsers take `&[u8]` and return the message and the bytes consumed. They tell
+//! [`SocksError::Incomplete`] (read more) apart from every other error (close), never panic
+//! on peer input, and the datagram parsers reject nothing silently. Encoders write into a
+//! caller-supplied buffer and return the bytes written.
+//!
+//! Addresses (RFC 1928 §5):
+//!
+//! ```text
+//! +------+----------------------------+--------+
+//! | ATYP | ADDR                       | PORT   |
+//! +------+----------------------------+--------+
+//! | 0x01 | 4 bytes IPv4               | 2 (BE) |
+//! | 0x03 | 1 byte length n, n bytes   | 2 (BE) |
+//! | 0x04 | 16 bytes IPv6              | 2 (BE) |
+//! +------+----------------------------+--------+
+//! ```
+//!
+//! UDP request header of a naked datagram (RFC 1928 §7):
+//!
+//! ```text
+//! +-----+------+------+----------+----------+----------+
+//! | RSV | FRAG | ATYP | DST.ADDR | DST.PORT |   DATA   |
+//! +-----+------+------+----------+----------+----------+
+//! |  2  |  1   |  1   | Variable |    2     | Variable |
+//! +-----+------+------+----------+----------+----------+
+//! ```
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+
+use crate::proto::error::SocksError;
+use crate::proto::keys::{AssociationId, CipherSuite};
+
+/// SOCKS protocol version.
+pub const SOCKS_VERSION: u8 = 0x05;
+/// RFC 1929 sub-negotiation version.
+pub const USERPASS_VERSION: u8 = 0x01;
+/// sudp sub-negotiation version.
+pub const SUDP_VERSION: u8 = 0x01;
+
+/// Authentication method ids.
+pub mod method {
+    /// No authentication required.
+    pub const NO_AUTH: u8 = 0x00;
+    /// Username/password (RFC 1929).
+    pub const USERPASS: u8 = 0x02;
+    /// sudp secure-UDP negotiation with optional credentials (private range).
+    pub const SUDP: u8 = 0x80;
+    /// No acceptable methods.
+    pub const NONE_ACCEPTABLE: u8 = 0xFF;
+}
+
+/// Address type bytes.
+pub mod atyp {
+    /// IPv4.
+    pub const V4: u8 = 0x01;
+    /// Domain name.
+    pub const DOMAIN: u8 = 0x03;
+    /// IPv6.
+    pub const V6: u8 = 0x04;
+}
+
+/// A SOCKS5 command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// CONNECT (0x01).
+    Connect,
+    /// BIND (0x02).
+    Bind,
+    /// UDP ASSOCIATE (0x03).
+    UdpAssociate,
+    /// Any other byte (answered with "command not supported").
+    Other(u8),
+}
+
+impl Command {
+    /// Wire byte.
+    pub fn to_u8(self) -> u8 {
+        match self {
+            Command::Connect => 1,
+            Command::Bind => 2,
+            Command::UdpAssociate => 3,
+            Command::Other(b) => b,
+        }
+    }
+
+    /// From the wire byte.
+    pub fn from_u8(b: u8) -> Self {
+        match b {
+            1 => Command::Connect,
+            2 => Command::Bind,
+            3 => Command::UdpAssociate,
+            b => Command::Other(b),
+        }
+    }
+}
+
+/// RFC 1928 §6 reply codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ReplyCode {
+    /// 0x00 succeeded.
+    Succeeded = 0x00,
+    /// 0x01 general SOCKS server failure.
+    GeneralFailure = 0x01,
+    /// 0x02 connection not allowed by ruleset.
+    NotAllowed = 0x02,
+    /// 0x03 network unreachable.
+    NetworkUnreachable = 0x03,
+    /// 0x04 host unreachable.
+    HostUnreachable = 0x04,
+    /// 0x05 connection refused.
+    ConnectionRefused = 0x05,
+    /// 0x06 TTL expired.
+    TtlExpired = 0x06,
+    /// 0x07 command not supported.
+    CommandNotSupported = 0x07,
+    /// 0x08 address type not supported.
+    AddressTypeNotSupported = 0x08,
+}
+
+impl ReplyCode {
+    /// From the wire byte; unknown bytes map to `GeneralFailure`.
+    pub fn from_u8(b: u8) -> Self {
+        match b {
+            0x00 => ReplyCode::Succeeded,
+            0x02 => ReplyCode::NotAllowed,
+            0x03 => ReplyCode::NetworkUnreachable,
+            0x04 => ReplyCode::HostUnreachable,
+            0x05 => ReplyCode::ConnectionRefused,
+            0x06 => ReplyCode::TtlExpired,
+            0x07 => ReplyCode::CommandNotSupported,
+            0x08 => ReplyCode::AddressTypeNotSupported,
+            _ => ReplyCode::GeneralFailure,
+        }
+    }
+}
+
+/// A borrowed SOCKS5 address, as parsed from a datagram without allocating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddrRef<'a> {
+    /// IPv4 or IPv6 socket address.
+    Ip(SocketAddr),
+    /// Domain name (1..=255 bytes of printable ASCII) and port.
+    Domain(&'a str, u16),
+}
+
+/// An owned SOCKS5 address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Address {
+    /// IPv4 or IPv6 socket address.
+    Ip(SocketAddr),
+    /// Domain name and port.
+    Domain(String, u16),
+}
+
+impl AddrRef<'_> {
+    /// Owned copy.
+    pub fn to_owned(&self) -> Address {
+        match *self {
+            AddrRef::Ip(a) => Address::Ip(a),
+            AddrRef::Domain(d, p) => Address::Domain(d.to_owned(), p),
+        }
+    }
+
+    /// Port.
+    pub fn port(&self) -> u16 {
+        match self {
+            AddrRef::Ip(a) => a.port(),
+            AddrRef::Domain(_, p) => *p,
+        }
+    }
+
+    /// Encoded length in bytes (ATYP through PORT).
+    pub fn encoded_len(&self) -> usize {
+        match self {
+            AddrRef::Ip(SocketAddr::V4(_)) => 1 + 4 + 2,
+            AddrRef::Ip(SocketAddr::V6(_)) => 1 + 16 + 2,
+            AddrRef::Domain(d, _) => 1 + 1 + d.len() + 2,
+        }
+    }
+
+    /// Writes ATYP, ADDR, PORT into `out`; returns the bytes written.
+    pub fn encode(&self, out: &mut [u8]) -> Result<usize, SocksError> {
+        let need = self.encoded_len();
+        if out.len() < need {
+            return Err(SocksError::BufferTooSmall { need });
+        }
+        match self {
+            AddrRef::Ip(SocketAddr::V4(a)) => {
+                out[0] = atyp::V4;
+                out[1..5].copy_from_slice(&a.ip().octets());
+            }
+            AddrRef::Ip(SocketAddr::V6(a)) => {
+                out[0] = atyp::V6;
+                out[1..17].copy_from_slice(&a.ip().octets());
+            }
+            AddrRef::Domain(d, _) => {
+                if d.is_empty() || d.len() > 255 {
+                    return Err(SocksError::BadDomain);
+                }
+                out[0] = atyp::DOMAIN;
+                out[1] = d.len() as u8;
+                out[2..2 + d.len()].copy_from_slice(d.as_bytes());
+            }
+        }
+        out[need - 2..need].copy_from_slice(&self.port().to_be_bytes());
+        Ok(need)
+    }
+
+    /// Parses an address at the start of `buf`; returns it and the bytes consumed.
+    pub fn parse(buf: &'_ [u8]) -> Result<(AddrRef<'_>, usize), SocksError> {
+        let Some(&t) = buf.first() else {
+            return Err(SocksError::Incomplete { need: 1 });
+        };
+        let port_at = |buf: &[u8], at: usize| -> Result<u16, SocksError> {
+            match buf.get(at..at + 2) {
+                Some(p) => Ok(u16::from_be_bytes([p[0], p[1]])),
+                None => Err(SocksError::Incomplete { need: at + 2 }),
+            }
+        };
+        match t {
+            atyp::V4 => {
+                let port = port_at(buf, 5)?;
+                let ip = Ipv4Addr::new(buf[1], buf[2], buf[3], buf[4]);
+                Ok((AddrRef::Ip(SocketAddr::V4(SocketAddrV4::new(ip, port))), 7))
+            }
+            atyp::V6 => {
+                let port = port_at(buf, 17)?;
+                let mut o = [0u8; 16];
+                o.copy_from_slice(&buf[1..17]);
+                let a = SocketAddrV6::new(Ipv6Addr::from(o), port, 0, 0);
+                Ok((AddrRef::Ip(SocketAddr::V6(a)), 19))
+            }
+            atyp::DOMAIN => {
+                let Some(&n) = buf.get(1) else {
+                    return Err(SocksError::Incomplete { need: 2 });
+                };
+                let n = n as usize;
+                let port = port_at(buf, 2 + n)?;
+                let name = &buf[2..2 + n];
+                if n == 0 || !name.iter().all(|c| c.is_ascii_graphic()) {
+                    return Err(SocksError::BadDomain);
+                }
+                // Invariant: every byte is ASCII, checked just above.
+                let name = std::str::from_utf8(name).map_err(|_| SocksError::BadDomain)?;
+                Ok((AddrRef::Domain(name, port), 4 + n))
+            }
+            t => Err(SocksError::BadAddressType(t)),
+        }
+    }
+}
+
+impl Address {
+    /// Borrowed view.
+    pub fn as_ref(&self) -> AddrRef<'_> {
+        match self {
+            Address::Ip(a) => AddrRef::Ip(*a),
+            Address::Domain(d, p) => AddrRef::Domain(d, *p),
+        }
+    }
+
+    /// Port.
+    pub fn port(&self) -> u16 {
+        self.as_ref().port()
+    }
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Address::Ip(a) => write!(f, "{a}"),
+            Address::Domain(d, p) => write!(f, "{d}:{p}"),
+        }
+    }
+}
+
+impl From<SocketAddr> for Address {
+    fn from(a: SocketAddr) -> Self {
+        Address::Ip(a)
+    }
+}
+
+/// Parsed RFC 1928 §7 UDP request header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpHeader<'a> {
+    /// Fragment number (0 = standalone datagram).
+    pub frag: u8,
+    /// Destination (client to proxy) or source (proxy to client).
+    pub addr: AddrRef<'a>,
+    /// Offset of the payload in the datagram.
+    pub payload_offset: usize,
+}
+
+/// Parses the UDP request header of a naked datagram. RSV must be zero; an incomplete header
+/// is an error here (a datagram is all there is).
+pub fn parse_udp_header(datagram: &[u8]) -> Result<UdpHeader<'_>, SocksError> {
+    if datagram.len() < 4 {
+        return Err(SocksError::Incomplete { need: 4 });
+    }
+    if datagram[0] != 0 || datagram[1] != 0 {
+        return Err(SocksError::BadReserved);
+    }
+    let (addr, n) = AddrRef::parse(&datagram[3..])?;
+    Ok(UdpHeader {
+        frag: datagram[2],
+        addr,
+        payload_offset: 3 + n,
+    })
+}
+
+/// Writes RSV, FRAG = 0 and `addr`; returns the header length.
+pub fn encode_udp_header(addr: &AddrRef<'_>, out: &mut [u8]) -> Result<usize, SocksError> {
+    let need = 3 + addr.encoded_len();
+    if out.len() < need {
+        return Err(SocksError::BufferTooSmall { need });
+    }
+    out[..3].fill(0);
+    addr.encode(&mut out[3..])?;
+    Ok(need)
+}
+
+/// Client greeting: VER, NMETHODS, METHODS.
+pub fn parse_greeting(buf: &[u8]) -> Result<(&[u8], usize), SocksError> {
+    if buf.len() < 2 {
+        return Err(SocksError::Incomplete { need: 2 });
+    }
+    if buf[0] != SOCKS_VERSION {
+        return Err(SocksError::BadVersion(buf[0]));
+    }
+    let n = buf[1] as usize;
+    if n == 0 {
+        return Err(SocksError::BadField {
+            field: "NMETHODS",
+            value: 0,
+        });
+    }
+    match buf.get(2..2 + n) {
+        Some(m) => Ok((m, 2 + n)),
+        None => Err(SocksError::Incomplete { need: 2 + n }),
+    }
+}
+
+/// Encodes a client greeting.
+pub fn encode_greeting(methods: &[u8], out: &mut Vec<u8>) {
+    out.push(SOCKS_VERSION);
+    out.push(methods.len() as u8);
+    out.extend_from_slice(methods);
+}
+
+/// Server's method selection: VER, METHOD.
+pub fn parse_method_selection(buf: &[u8]) -> Result<(u8, usize), SocksError> {
+    if buf.len() < 2 {
+        return Err(SocksError::Incomplete { need: 2 });
+    }
+    if buf[0] != SOCKS_VERSION {
+        return Err(SocksError::BadVersion(buf[0]));
+    }
+    Ok((buf[1], 2))
+}
+
+/// A SOCKS5 request (client to server) or reply (server to client); same layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// Command (request) or reply code byte (reply).
+    pub code: u8,
+    /// DST (request) or BND (reply) address.
+    pub addr: Address,
+}
+
+/// Parses a request or reply: VER, CMD/REP, RSV, ATYP, ADDR, PORT.
+pub fn parse_request(buf: &[u8]) -> Result<(Request, usize), SocksError> {
+    if buf.len() < 4 {
+        return Err(SocksError::Incomplete { need: 4 });
+    }
+    if buf[0] != SOCKS_VERSION {
+        return Err(SocksError::BadVersion(buf[0]));
+    }
+    if buf[2] != 0 {
+        return Err(SocksError::BadReserved);
+    }
+    let (addr, n) = AddrRef::parse(&buf[3..]).map_err(|e| match e {
+        SocksError::Incomplete { need } => SocksError::Incomplete { need: need + 3 },
+        e => e,
+    })?;
+    Ok((
+        Request {
+            code: buf[1],
+            addr: addr.to_owned(),
+        },
+        3 + n,
+    ))
+}
+
+/// Encodes a request or reply.
+pub fn encode_request(code: u8, addr: &AddrRef<'_>, out: &mut Vec<u8>) -> Result<(), SocksError> {
+    let start = out.len();
+    out.extend_from_slice(&[SOCKS_VERSION, code, 0]);
+    out.resize(start + 3 + addr.encoded_len(), 0);
+    addr.encode(&mut out[start + 3..])?;
+    Ok(())
+}
+
+/// RFC 1929 request: VER=1, ULEN, UNAME, PLEN, PASSWD.
+pub fn parse_userpass(buf: &[u8]) -> Result<((&[u8], &[u8]), usize), SocksError> {
+    if buf.len() < 2 {
+        return Err(SocksError::Incomplete { need: 2 });
+    }
+    if buf[0] != USERPASS_VERSION {
+        return Err(SocksError::BadVersion(buf[0]));
+    }
+    parse_credentials(buf, 1, false)
+}
+
+/// ULEN UNAME PLEN PASSWD starting at `at`; with `allow_empty`, ULEN = 0 means "none".
+fn parse_credentials(
+    buf: &[u8],
+    at: usize,
+    allow_empty: bool,
+) -> Result<((&[u8], &[u8]), usize), SocksError> {
+    let Some(&ulen) = buf.get(at) else {
+        return Err(SocksError::Incomplete { need: at + 1 });
+    };
+    let ulen = ulen as usize;
+    if ulen == 0 && allow_empty {
+        return Ok(((&[], &[]), at + 1));
+    }
+    if ulen == 0 {
+        return Err(SocksError::BadField {
+            field: "ULEN",
+            value: 0,
+        });
+    }
+    let p = at + 1 + ulen;
+    let Some(&plen) = buf.get(p) else {
+        return Err(SocksError::Incomplete { need: p + 1 });
+    };
+    let plen = plen as usize;
+    let end = p + 1 + plen;
+    if buf.len() < end {
+        return Err(SocksError::Incomplete { need: end });
+    }
+    Ok(((&buf[at + 1..p], &buf[p + 1..end]), end))
+}
+
+fn encode_credentials(user: &[u8], pass: &[u8], out: &mut Vec<u8>) -> Result<(), SocksError> {
+    if user.len() > 255 || pass.len() > 255 || (user.is_empty() && !pass.is_empty()) {
+        return Err(SocksError::BadField {
+            field: "credentials length",
+            value: user.len().max(pass.len()) as u64,
+        });
+    }
+    out.push(user.len() as u8);
+    if user.is_empty() {
+        return Ok(());
+    }
+    out.extend_from_slice(user);
+    out.push(pass.len() as u8);
+    out.extend_from_slice(pass);
+    Ok(())
+}
+
+/// Encodes an RFC 1929 request.
+pub fn encode_userpass(user: &[u8], pass: &[u8], out: &mut Vec<u8>) -> Result<(), SocksError> {
+    if user.is_empty() {
+        return Err(SocksError::BadField {
+            field: "ULEN",
+            value: 0,
+        });
+    }
+    out.push(USERPASS_VERSION);
+    encode_credentials(user, pass, out)
+}
+
+/// The sudp sub-negotiation request (method 0x80), client to gateway:
+///
+/// ```text
+/// +-----+---------+------------+------+-------+------+--------+
+/// | VER | NSUITES | SUITES     | ULEN | UNAME | PLEN | PASSWD |
+/// +-----+---------+------------+------+-------+------+--------+
+/// |  1  |    1    | NSUITES    |  1   | ULEN  |  1   |  PLEN  |
+/// +-----+---------+------------+------+-------+------+--------+
+/// ```
+///
+/// VER = 0x01; SUITES are suite ids in preference order (1..=16 of them); ULEN = 0 means no
+/// credentials (then PLEN and PASSWD are absent), used with mTLS or an open gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SudpHello<'a> {
+    /// Offered suite ids, preference order (unknown ids are kept so the server can skip them).
+    pub suites: &'a [u8],
+    /// Username, empty when absent.
+    pub user: &'a [u8],
+    /// Password, empty when absent.
+    pub pass: &'a [u8],
+}
+
+/// Largest number of suites a hello may offer.
+pub const MAX_SUITES: usize = 16;
+
+impl<'a> SudpHello<'a> {
+    /// Parses a hello; returns it and the bytes consumed.
+    pub fn parse(buf: &'a [u8]) -> Result<(Self, usize), SocksError> {
+        if buf.len() < 2 {
+            return Err(SocksError::Incomplete { need: 2 });
+        }
+        if buf[0] != SUDP_VERSION {
+            return Err(SocksError::BadVersion(buf[0]));
+        }
+        let n = buf[1] as usize;
+        if n == 0 || n > MAX_SUITES {
+            return Err(SocksError::BadField {
+                field: "NSUITES",
+                value: n as u64,
+            });
+        }
+        let Some(suites) = buf.get(2..2 + n) else {
+            return Err(SocksError::Incomplete { need: 2 + n + 1 });
+        };
+        let ((user, pass), used) = parse_credentials(buf, 2 + n, true)?;
+        Ok((SudpHello { suites, user, pass }, used))
+    }
+
+    /// Encodes a hello.
+    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), SocksError> {
+        if self.suites.is_empty() || self.suites.len() > MAX_SUITES {
+            return Err(SocksError::BadField {
+                field: "NSUITES",
+                value: self.suites.len() as u64,
+            });
+        }
+        out.push(SUDP_VERSION);
+        out.push(self.suites.len() as u8);
+        out.extend_from_slice(self.suites);
+        encode_credentials(self.user, self.pass, out)
+    }
+}
+
+/// sudp sub-negotiation status codes.
+pub mod sudp_status {
+    /// Accepted: SUITE and ASSOC_ID are valid.
+    pub const OK: u8 = 0x00;
+    /// Credentials missing or wrong; the gateway closes the connection.
+    pub const AUTH_FAILED: u8 = 0x01;
+    /// No offered suite is acceptable; the gateway closes the connection.
+    pub const NO_SUITE: u8 = 0x02;
+}
+
+/// The sudp sub-negotiation reply, gateway to client (always 11 bytes):
+///
+/// ```text
+/// +-----+--------+-------+----------------------+
+/// | VER | STATUS | SUITE | ASSOC_ID (8, BE)     |
+/// +-----+--------+-------+----------------------+
+/// ```
+///
+/// On a STATUS other than 0x00, SUITE and ASSOC_ID are zero and the gateway closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SudpAccept {
+    /// Status code ([`sudp_status`]).
+    pub status: u8,
+    /// Chosen suite id.
+    pub suite: u8,
+    /// Association id for this control connection's secure association.
+    pub assoc: AssociationId,
+}
+
+impl SudpAccept {
+    /// Encoded length.
+    pub const LEN: usize = 11;
+
+    /// Accepting reply.
+    pub fn ok(suite: CipherSuite, assoc: AssociationId) -> Self {
+        SudpAccept {
+            status: sudp_status::OK,
+            suite: suite.id(),
+            assoc,
+        }
+    }
+
+    /// Refusing reply.
+    pub fn refuse(status: u8) -> Self {
+        SudpAccept {
+            status,
+            suite: 0,
+            assoc: AssociationId(0),
+        }
+    }
+
+    /// Encodes the reply.
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[0] = SUDP_VERSION;
+        b[1] = self.status;
+        b[2] = self.suite;
+        b[3..].copy_from_slice(&self.assoc.to_bytes());
+        b
+    }
+
+    /// Parses a reply.
+    pub fn parse(buf: &[u8]) -> Result<(Self, usize), SocksError> {
+        if buf.len() < Self::LEN {
+            return Err(SocksError::Incomplete { need: Self::LEN });
+        }
+        if buf[0] != SUDP_VERSION {
+            return Err(SocksError::BadVersion(buf[0]));
+        }
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&buf[3..11]);
+        Ok((
+            SudpAccept {
+                status: buf[1],
+                suite: buf[2],
+                assoc: AssociationId::from_bytes(id),
+            },
+            Self::LEN,
+        ))
+    }
+}
+
+/// Picks the first suite of the client's preference list that `allowed` contains.
+pub fn choose_suite(offered: &[u8], allowed: &[CipherSuite]) -> Option<CipherSuite> {
+    offered
+        .iter()
+        .filter_map(|&id| CipherSuite::from_id(id))
+        .find(|s| allowed.contains(s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn udp_header_v4_known_bytes() {
+        let a: SocketAddr = "192.0.2.1:53".parse().unwrap();
+        let mut out = [0u8; 32];
+        let n = encode_udp_header(&AddrRef::Ip(a), &mut out).unwrap();
+        assert_eq!(&out[..n], &[0, 0, 0, 1, 192, 0, 2, 1, 0, 53]);
+        let h = parse_udp_header(&out[..n]).unwrap();
+        assert_eq!(h.addr, AddrRef::Ip(a));
+        assert_eq!(h.payload_offset, 10);
+    }
+
+    #[test]
+    fn udp_header_domain_and_v6() {
+        let mut out = [0u8; 300];
+        let n = encode_udp_header(&AddrRef::Domain("example.com", 443), &mut out).unwrap();
+        assert_eq!(&out[..6], &[0, 0, 0, 3, 11, b'e']);
+        assert_eq!(&out[n - 2..n], &[1, 187]);
+        let h = parse_udp_header(&out[..n]).unwrap();
+        assert_eq!(h.addr, AddrRef::Domain("example.com", 443));
+        let a: SocketAddr = "[2001:db8::1]:5004".parse().unwrap();
+        let n = encode_udp_header(&AddrRef::Ip(a), &mut out).unwrap();
+        assert_eq!(n, 22);
+        assert_eq!(parse_udp_header(&out[..n]).unwrap().addr, AddrRef::Ip(a));
+    }
+
+    #[test]
+    fn bad_udp_headers() {
+        assert_eq!(parse_udp_header(&[0, 1, 0, 1]), Err(SocksError::BadReserved));
+        assert_eq!(parse_udp_header(&[0, 0, 0, 9]), Err(SocksError::BadAddressType(9)));
+        assert_eq!(parse_udp_header(&[0, 0, 0, 3, 0, 0, 1]), Err(SocksError::BadDomain));
+        assert!(matches!(
+            parse_udp_header(&[0, 0, 0, 1, 1, 2]),
+            Err(SocksError::Incomplete { .. })
+        ));
+    }
+
+    #[test]
+    fn request_incomplete_then_complete() {
+        let mut v = Vec::new();
+        encode_request(3, &AddrRef::Domain("a.b", 9), &mut v).unwrap();
+        for i in 0..v.len() {
+            assert!(matches!(parse_request(&v[..i]), Err(SocksError::Incomplete { .. })), "{i}");
+        }
+        let (r, n) = parse_request(&v).unwrap();
+        assert_eq!(n, v.len());
+        assert_eq!(r.code, 3);
+        assert_eq!(r.addr, Address::Domain("a.b".into(), 9));
+    }
+
+    #[test]
+    fn sudp_hello_round_trip_with_and_without_credentials() {
+        for (u, p) in [(&b""[..], &b""[..]), (b"alice", b"s3cret")] {
+            let h = SudpHello { suites: &[1, 2], user: u, pass: p };
+            let mut v = Vec::new();
+            h.encode(&mut v).unwrap();
+            for i in 0..v.len() {
+                assert!(matches!(SudpHello::parse(&v[..i]), Err(SocksError::Incomplete { .. })));
+            }
+            let (back, n) = SudpHello::parse(&v).unwrap();
+            assert_eq!(n, v.len());
+            assert_eq!(back, h);
+        }
+    }
+
+    #[test]
+    fn sudp_accept_round_trip() {
+        let a = SudpAccept::ok(CipherSuite::Aes256CbcHmacSha256, AssociationId(0x0102030405060708));
+        let b = a.encode();
+        assert_eq!(b, [1, 0, 2, 1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(SudpAccept::parse(&b).unwrap(), (a, 11));
+    }
+
+    #[test]
+    fn suite_choice_follows_client_preference() {
+        let all = CipherSuite::ALL;
+        assert_eq!(choose_suite(&[9, 2, 1], &all), Some(CipherSuite::Aes256CbcHmacSha256));
+        assert_eq!(choose_suite(&[9], &all), None);
+        assert_eq!(choose_suite(&[1], &[CipherSuite::Aes256CbcHmacSha256]), None);
+    }
+
+    fn arb_addr() -> impl Strategy<Value = Address> {
+        prop_oneof![
+            any::<(u32, u16)>().prop_map(|(ip, p)| Address::Ip(SocketAddr::from((Ipv4Addr::from(ip), p)))),
+            any::<(u128, u16)>().prop_map(|(ip, p)| Address::Ip(SocketAddr::from((Ipv6Addr::from(ip), p)))),
+            ("[a-z0-9.-]{1,255}", any::<u16>()).prop_map(|(d, p)| Address::Domain(d, p)),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn udp_header_round_trip(addr in arb_addr(), payload in prop::collection::vec(any::<u8>(), 0..64)) {
+            let mut buf = vec![0u8; 300 + payload.len()];
+            let n = encode_udp_header(&addr.as_ref(), &mut buf).unwrap();
+            buf.truncate(n);
+            buf.extend_from_slice(&payload);
+            let h = parse_udp_header(&buf).unwrap();
+            prop_assert_eq!(h.addr.to_owned(), addr);
+            prop_assert_eq!(h.frag, 0);
+            prop_assert_eq!(&buf[h.payload_offset..], &payload[..]);
+        }
+
+        /// Arbitrary bytes never panic, and whatever parses re-encodes to the same prefix.
+        #[test]
+        fn arbitrary_bytes_parse_consistently(buf in prop::collection::vec(any::<u8>(), 0..300)) {
+            if let Ok(h) = parse_udp_header(&buf) {
+                let mut out = vec![0u8; 300];
+                let n = encode_udp_header(&h.addr, &mut out).unwrap();
+                prop_assert_eq!(n, h.payload_offset);
+                prop_assert_eq!(&out[3..n], &buf[3..n]);
+            }
+            if let Ok((r, n)) = parse_request(&buf) {
+                let mut v = Vec::new();
+                encode_request(r.code, &r.addr.as_ref(), &mut v).unwrap();
+                prop_assert_eq!(&v[..], &buf[..n]);
+            }
+            let _ = SudpHello::parse(&buf);
+            let _ = parse_userpass(&buf);
+            let _ = parse_greeting(&buf);
+        }
+    }
+}
