@@ -18,7 +18,7 @@ pub enum DropReason {
     LengthMismatch,
     /// Ciphertext length is zero or not a multiple of the block size.
     BadCiphertextLength,
-    /// No association with this id (or the association belongs to another peer address).
+    /// No association with this id.
     UnknownAssociation,
     /// Nonce at or beyond the per-key record limit.
     NonceLimit,
@@ -222,12 +222,27 @@ pub enum SealError {
         /// Bytes needed.
         need: usize,
     },
+    /// The address cannot be encoded (a domain name empty, longer than 255 bytes or not
+    /// printable ASCII).
+    #[error("address cannot be encoded: {0}")]
+    BadAddress(SocksError),
     /// This key has sealed its maximum number of records; open a new association.
     #[error("key exhausted after {limit} records: a new association is required")]
     KeyExhausted {
         /// The per-key record limit.
         limit: u64,
     },
+}
+
+impl SealError {
+    /// The drop reason to count when a datagram cannot be sealed.
+    pub fn reason(&self) -> DropReason {
+        match self {
+            SealError::TooLarge { .. } | SealError::BufferTooSmall { .. } => DropReason::TooLarge,
+            SealError::BadAddress(_) => DropReason::BadAddress,
+            SealError::KeyExhausted { .. } => DropReason::NonceLimit,
+        }
+    }
 }
 
 /// Errors of the SOCKS5 codecs.

@@ -66,8 +66,7 @@ impl SendSession {
         if out.len() < need {
             return Err(SealError::BufferTooSmall { have: out.len(), need });
         }
-        // Invariant: out holds at least PREFIX_LEN + alen bytes (need > that).
-        addr.encode(&mut out[PREFIX_LEN..]).expect("room checked above");
+        addr.encode(&mut out[PREFIX_LEN..]).map_err(SealError::BadAddress)?;
         out[PREFIX_LEN + alen..PREFIX_LEN + pt_len].copy_from_slice(payload);
         self.seal_in_place(out, pt_len)
     }
@@ -204,6 +203,20 @@ mod tests {
         assert_eq!(gr.open(&mut forged).unwrap_err(), OpenError::BadMac);
         assert_eq!(gr.window().top(), 0);
         assert!(gr.open(&mut b[..n]).is_ok());
+    }
+
+    #[test]
+    fn unencodable_domain_is_an_error_not_a_panic() {
+        let (mut cs, ..) = ends();
+        let mut out = vec![0u8; 1024];
+        let long = "a".repeat(256);
+        for bad in ["", "has space", long.as_str()] {
+            assert!(matches!(
+                cs.seal(&AddrRef::Domain(bad, 1), b"x", &mut out),
+                Err(SealError::BadAddress(_))
+            ));
+        }
+        assert_eq!(cs.next_nonce(), 0);
     }
 
     #[test]

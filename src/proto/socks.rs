@@ -198,7 +198,8 @@ impl AddrRef<'_> {
                 out[1..17].copy_from_slice(&a.ip().octets());
             }
             AddrRef::Domain(d, _) => {
-                if d.is_empty() || d.len() > 255 {
+                // Same rule as `parse`, so whatever we encode the peer accepts.
+                if d.is_empty() || d.len() > 255 || !d.bytes().all(|c| c.is_ascii_graphic()) {
                     return Err(SocksError::BadDomain);
                 }
                 out[0] = atyp::DOMAIN;
