@@ -154,7 +154,10 @@ fn bench_window(c: &mut Criterion) {
 /// Mean time of a finished benchmark, read from criterion's estimates.
 fn mean_ns(group: &str, id: &str) -> Option<f64> {
     let dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
-    let path = format!("{dir}/criterion/{group}/{}/new/estimates.json", id.replace('/', "_"));
+    let path = format!(
+        "{dir}/criterion/{group}/{}/new/estimates.json",
+        id.replace('/', "_")
+    );
     let text = std::fs::read_to_string(path).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v["mean"]["point_estimate"].as_f64()
@@ -162,11 +165,20 @@ fn mean_ns(group: &str, id: &str) -> Option<f64> {
 
 fn print_ratios() {
     println!("\nFraming overhead (same run): record time / raw primitives time");
-    println!("{:>6}  {:>10} {:>10} {:>6}   {:>10} {:>10} {:>6}", "bytes", "seal ns", "raw ns", "ratio", "open ns", "raw ns", "ratio");
+    println!(
+        "{:>6}  {:>10} {:>10} {:>6}   {:>10} {:>10} {:>6}",
+        "bytes", "seal ns", "raw ns", "ratio", "open ns", "raw ns", "ratio"
+    );
     for size in SIZES {
         let get = |k: &str| mean_ns("record", &format!("{k}/{size}"));
-        if let (Some(s), Some(rs), Some(o), Some(ro)) = (get("seal"), get("raw_seal"), get("open"), get("raw_open")) {
-            println!("{size:>6}  {s:>10.0} {rs:>10.0} {:>6.3}   {o:>10.0} {ro:>10.0} {:>6.3}", s / rs, o / ro);
+        if let (Some(s), Some(rs), Some(o), Some(ro)) =
+            (get("seal"), get("raw_seal"), get("open"), get("raw_open"))
+        {
+            println!(
+                "{size:>6}  {s:>10.0} {rs:>10.0} {:>6.3}   {o:>10.0} {ro:>10.0} {:>6.3}",
+                s / rs,
+                o / ro
+            );
         }
     }
 }

@@ -9,4 +9,13 @@
 
 #![warn(missing_docs)]
 
+pub mod auth;
+pub mod cert;
+pub mod client;
+pub mod config;
+pub mod gateway;
+pub mod metrics;
+pub mod net;
+pub mod policy;
 pub mod proto;
+pub mod tls;

@@ -17,6 +17,12 @@ struct Cli {
 enum Cmd {
     /// Print the wire limits of this build (record overhead, largest payload, window sizes).
     Limits,
+    /// Write a development CA, gateway and client certificates
+    Cert(sudp::cert::CertArgs),
+    /// Hash a password read on stdin into a users-file line
+    Passwd(sudp::auth::PasswdArgs),
+    /// Run the gateway: SOCKS5 over TLS; naked and secure UDP on one relay socket
+    Gateway(sudp::config::GatewayArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -24,13 +30,23 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log)?)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.cmd {
+        Cmd::Cert(args) => sudp::cert::run_cert(args),
+        Cmd::Passwd(args) => sudp::auth::run_passwd(args),
+        Cmd::Gateway(args) => run_gateway(args),
         Cmd::Limits => {
             use sudp::proto::record;
-            println!("record overhead: {} bytes + 1..16 padding", record::PREFIX_LEN + record::TAG_LEN);
+            println!(
+                "record overhead: {} bytes + 1..16 padding",
+                record::PREFIX_LEN + record::TAG_LEN
+            );
             println!("largest record: {} bytes", record::MAX_DATAGRAM);
-            println!("largest plaintext (address header + payload): {} bytes", record::MAX_PLAINTEXT);
+            println!(
+                "largest plaintext (address header + payload): {} bytes",
+                record::MAX_PLAINTEXT
+            );
             println!("records per key: {}", record::MAX_RECORDS_PER_KEY);
             println!(
                 "replay window: default {}, {}..={}",
@@ -41,4 +57,46 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn run_gateway(args: sudp::config::GatewayArgs) -> anyhow::Result<()> {
+    let config = sudp::config::GatewayConfig::from_args(args)?;
+    let settings = sudp::gateway::Settings::from_config(&config)?;
+    runtime()?.block_on(async {
+        let gateway = sudp::gateway::Gateway::bind(settings).await?;
+        println!("control (TLS) {}", gateway.control_addr());
+        println!("relay (UDP) {}", gateway.relay_addr());
+        use std::io::Write as _;
+        std::io::stdout().flush()?;
+        gateway.run(shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("signal received: shutting down");
 }

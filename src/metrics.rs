@@ -31,7 +31,7 @@ pub struct Metrics {
 
 impl Metrics {
     /// Counts one dropped datagram.
-    pub fn drop(&self, reason: DropReason) {
+    pub fn count_drop(&self, reason: DropReason) {
         self.drops[reason.index()].fetch_add(1, Ordering::Relaxed);
     }
 
@@ -77,7 +77,12 @@ impl Metrics {
         let mut s = String::new();
         let _ = writeln!(s, "# TYPE {prefix}_dropped_datagrams_total counter");
         for r in DropReason::ALL {
-            let _ = writeln!(s, "{prefix}_dropped_datagrams_total{{reason=\"{}\"}} {}", r.name(), self.drops(r));
+            let _ = writeln!(
+                s,
+                "{prefix}_dropped_datagrams_total{{reason=\"{}\"}} {}",
+                r.name(),
+                self.drops(r)
+            );
         }
         let plain = [
             ("forwarded_datagrams_total", &self.forwarded),
@@ -89,7 +94,11 @@ impl Metrics {
             ("auth_failures_total", &self.auth_failures),
         ];
         for (name, c) in plain {
-            let _ = writeln!(s, "# TYPE {prefix}_{name} counter\n{prefix}_{name} {}", c.load(Ordering::Relaxed));
+            let _ = writeln!(
+                s,
+                "# TYPE {prefix}_{name} counter\n{prefix}_{name} {}",
+                c.load(Ordering::Relaxed)
+            );
         }
         s
     }
@@ -102,9 +111,9 @@ mod tests {
     #[test]
     fn counts_by_reason_and_renders() {
         let m = Metrics::default();
-        m.drop(DropReason::BadMac);
-        m.drop(DropReason::BadMac);
-        m.drop(DropReason::Duplicate);
+        m.count_drop(DropReason::BadMac);
+        m.count_drop(DropReason::BadMac);
+        m.count_drop(DropReason::Duplicate);
         assert_eq!(m.drops(DropReason::BadMac), 2);
         assert_eq!(m.total_drops(), 3);
         assert_eq!(m.drop_summary(), "duplicate=1 bad_mac=2");

@@ -59,10 +59,38 @@ fn cases() -> Vec<Case> {
             CipherSuite::Aes256CbcHmacSha256 => "aes256",
         };
         let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
-        out.push(Case { name: leak(format!("{tag}-ipv4-empty")), suite, direction: Role::Client, nonce: 0, addr: v4.clone(), payload: vec![] });
-        out.push(Case { name: leak(format!("{tag}-ipv4-voip160")), suite, direction: Role::Client, nonce: 1, addr: v4.clone(), payload: (0..160).map(|i| i as u8).collect() });
-        out.push(Case { name: leak(format!("{tag}-ipv6-9bytes")), suite, direction: Role::Gateway, nonce: 0x0102_0304_0506, addr: v6.clone(), payload: b"hello sudp".to_vec()[..9].to_vec() });
-        out.push(Case { name: leak(format!("{tag}-domain-block-exact")), suite, direction: Role::Client, nonce: 65_535, addr: dom.clone(), payload: vec![0xAB; 11] });
+        out.push(Case {
+            name: leak(format!("{tag}-ipv4-empty")),
+            suite,
+            direction: Role::Client,
+            nonce: 0,
+            addr: v4.clone(),
+            payload: vec![],
+        });
+        out.push(Case {
+            name: leak(format!("{tag}-ipv4-voip160")),
+            suite,
+            direction: Role::Client,
+            nonce: 1,
+            addr: v4.clone(),
+            payload: (0..160).map(|i| i as u8).collect(),
+        });
+        out.push(Case {
+            name: leak(format!("{tag}-ipv6-9bytes")),
+            suite,
+            direction: Role::Gateway,
+            nonce: 0x0102_0304_0506,
+            addr: v6.clone(),
+            payload: b"hello sudp".to_vec()[..9].to_vec(),
+        });
+        out.push(Case {
+            name: leak(format!("{tag}-domain-block-exact")),
+            suite,
+            direction: Role::Client,
+            nonce: 65_535,
+            addr: dom.clone(),
+            payload: vec![0xAB; 11],
+        });
     }
     // The largest plaintext one record carries: address header (7) + payload.
     out.push(Case {
@@ -113,7 +141,9 @@ fn generate() -> Value {
     let base = hex::decode(valid[1]["record"].as_str().unwrap()).unwrap();
     let mut invalid = Vec::new();
     let mut push = |name: &str, rec: Vec<u8>, expect: &str| {
-        invalid.push(json!({"name": name, "of": valid[1]["name"], "record": hex::encode(rec), "expect": expect}));
+        invalid.push(
+            json!({"name": name, "of": valid[1]["name"], "record": hex::encode(rec), "expect": expect}),
+        );
     };
     let mut r = base.clone();
     let last = r.len() - 1;
@@ -125,7 +155,11 @@ fn generate() -> Value {
     let mut r = base.clone();
     r[record::NONCE_OFFSET + 7] ^= 1;
     push("nonce-changed", r, "bad_mac");
-    push("truncated-by-one", base[..base.len() - 1].to_vec(), "length_mismatch");
+    push(
+        "truncated-by-one",
+        base[..base.len() - 1].to_vec(),
+        "length_mismatch",
+    );
     push("too-short", base[..52].to_vec(), "truncated");
     let mut r = base.clone();
     r.push(0);
@@ -171,7 +205,11 @@ fn regenerate() {
 #[test]
 fn committed_vectors_match_the_implementation() {
     // The committed file is the contract: the code must reproduce it byte for byte.
-    assert_eq!(load(), generate(), "tests/vectors/records.json differs from what the code produces");
+    assert_eq!(
+        load(),
+        generate(),
+        "tests/vectors/records.json differs from what the code produces"
+    );
 }
 
 #[test]
@@ -183,11 +221,22 @@ fn valid_vectors_seal_and_open() {
         let name = c["name"].as_str().unwrap();
         let suite = CipherSuite::from_id(c["suite_id"].as_u64().unwrap() as u8).unwrap();
         let assoc = AssociationId(u64::from_str_radix(c["assoc_id"].as_str().unwrap(), 16).unwrap());
-        assert_eq!(hex::encode(KeySchedule::exporter_context(assoc, suite)), c["exporter_context"].as_str().unwrap());
+        assert_eq!(
+            hex::encode(KeySchedule::exporter_context(assoc, suite)),
+            c["exporter_context"].as_str().unwrap()
+        );
         let material = hex::decode(c["exporter_output"].as_str().unwrap()).unwrap();
         let ks = KeySchedule::from_exporter(suite, &material).unwrap();
-        let sender = if c["direction"] == "c2g" { Role::Client } else { Role::Gateway };
-        let receiver = if sender == Role::Client { Role::Gateway } else { Role::Client };
+        let sender = if c["direction"] == "c2g" {
+            Role::Client
+        } else {
+            Role::Gateway
+        };
+        let receiver = if sender == Role::Client {
+            Role::Gateway
+        } else {
+            Role::Client
+        };
         let (k, _) = ks.for_role(sender);
         assert_eq!(hex::encode(k.enc()), c["enc_key"].as_str().unwrap(), "{name}");
         assert_eq!(hex::encode(k.mac()), c["mac_key"].as_str().unwrap(), "{name}");
@@ -209,7 +258,11 @@ fn valid_vectors_seal_and_open() {
         assert_eq!(o.addr.to_owned(), addr);
         assert_eq!(o.payload, &payload[..]);
         let mut again = want.clone();
-        assert_eq!(recv.open(&mut again).unwrap_err(), OpenError::Duplicate { nonce }, "{name}: replay");
+        assert_eq!(
+            recv.open(&mut again).unwrap_err(),
+            OpenError::Duplicate { nonce },
+            "{name}: replay"
+        );
     }
 }
 
@@ -227,6 +280,11 @@ fn invalid_vectors_are_refused_for_the_stated_reason() {
         let mut rec = hex::decode(c["record"].as_str().unwrap()).unwrap();
         let mut recv = RecvSession::new(assoc, &ks, Role::Gateway, 1024);
         let err = recv.open(&mut rec).unwrap_err();
-        assert_eq!(err.reason().name(), c["expect"].as_str().unwrap(), "{}", c["name"]);
+        assert_eq!(
+            err.reason().name(),
+            c["expect"].as_str().unwrap(),
+            "{}",
+            c["name"]
+        );
     }
 }

@@ -41,10 +41,7 @@ pub enum CipherSuite {
 
 impl CipherSuite {
     /// Every suite this version implements, most preferred first.
-    pub const ALL: [CipherSuite; 2] = [
-        CipherSuite::Aes128CbcHmacSha256,
-        CipherSuite::Aes256CbcHmacSha256,
-    ];
+    pub const ALL: [CipherSuite; 2] = [CipherSuite::Aes128CbcHmacSha256, CipherSuite::Aes256CbcHmacSha256];
 
     /// The one-byte id carried in the sub-negotiation and the exporter context.
     pub fn id(self) -> u8 {
@@ -217,7 +214,8 @@ impl KeySchedule {
             return None;
         }
         let n = suite.enc_key_len();
-        let cut = |d: &[u8]| DirectionKeys::new(suite, &d[..n], &d[n..n + MAC_KEY_LEN], &d[n + MAC_KEY_LEN..]);
+        let cut =
+            |d: &[u8]| DirectionKeys::new(suite, &d[..n], &d[n..n + MAC_KEY_LEN], &d[n + MAC_KEY_LEN..]);
         let (c2g, g2c) = material.split_at(suite.direction_len());
         Some(KeySchedule {
             c2g: cut(c2g)?,
@@ -267,7 +265,13 @@ mod tests {
 
     #[test]
     fn debug_hides_keys() {
-        let k = DirectionKeys::new(CipherSuite::Aes128CbcHmacSha256, &[0xAB; 16], &[0xCD; 32], &[0xEF; 16]).unwrap();
+        let k = DirectionKeys::new(
+            CipherSuite::Aes128CbcHmacSha256,
+            &[0xAB; 16],
+            &[0xCD; 32],
+            &[0xEF; 16],
+        )
+        .unwrap();
         let s = format!("{k:?}");
         assert!(!s.contains("171") && !s.to_lowercase().contains("ab"), "{s}");
     }

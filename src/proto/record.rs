@@ -235,7 +235,12 @@ impl Sealer {
     /// Seals the plaintext that the caller already placed at
     /// `buf[PREFIX_LEN .. PREFIX_LEN + plaintext_len]`, writing header, padding and tag around
     /// it. Returns the record length; the record is `buf[..len]`.
-    pub fn seal_in_place(&self, nonce: u64, buf: &mut [u8], plaintext_len: usize) -> Result<usize, SealError> {
+    pub fn seal_in_place(
+        &self,
+        nonce: u64,
+        buf: &mut [u8],
+        plaintext_len: usize,
+    ) -> Result<usize, SealError> {
         if plaintext_len > MAX_PLAINTEXT {
             return Err(SealError::TooLarge {
                 len: plaintext_len,
@@ -265,7 +270,9 @@ impl Sealer {
         buf[NONCE_OFFSET..PREFIX_LEN].copy_from_slice(&nonce.to_be_bytes());
 
         let iv = self.keys.iv_for(nonce);
-        self.keys.data.cbc_encrypt(&iv, &mut buf[PREFIX_LEN..PREFIX_LEN + ct_len]);
+        self.keys
+            .data
+            .cbc_encrypt(&iv, &mut buf[PREFIX_LEN..PREFIX_LEN + ct_len]);
         let tag = self.keys.tag(&buf[..PREFIX_LEN + ct_len]);
         buf[PREFIX_LEN + ct_len..len].copy_from_slice(&tag);
         Ok(len)
@@ -339,7 +346,11 @@ impl Opener {
 
     /// Decrypts a verified record in place and strips the padding; returns the plaintext,
     /// which lies at `datagram[PREFIX_LEN..]`.
-    pub fn decrypt_in_place<'a>(&self, h: &RecordHeader, datagram: &'a mut [u8]) -> Result<&'a mut [u8], OpenError> {
+    pub fn decrypt_in_place<'a>(
+        &self,
+        h: &RecordHeader,
+        datagram: &'a mut [u8],
+    ) -> Result<&'a mut [u8], OpenError> {
         let iv = self.keys.iv_for(h.nonce);
         let ct = &mut datagram[PREFIX_LEN..PREFIX_LEN + h.ciphertext_len];
         self.keys.data.cbc_decrypt(&iv, ct);
@@ -419,7 +430,10 @@ mod tests {
         let pt = vec![0; MAX_PLAINTEXT + 1];
         assert_eq!(
             s.seal(0, &pt, &mut buf),
-            Err(SealError::TooLarge { len: MAX_PLAINTEXT + 1, max: MAX_PLAINTEXT })
+            Err(SealError::TooLarge {
+                len: MAX_PLAINTEXT + 1,
+                max: MAX_PLAINTEXT
+            })
         );
     }
 
@@ -430,7 +444,9 @@ mod tests {
         assert!(s.seal(MAX_RECORDS_PER_KEY - 1, b"x", &mut buf).is_ok());
         assert_eq!(
             s.seal(MAX_RECORDS_PER_KEY, b"x", &mut buf),
-            Err(SealError::KeyExhausted { limit: MAX_RECORDS_PER_KEY })
+            Err(SealError::KeyExhausted {
+                limit: MAX_RECORDS_PER_KEY
+            })
         );
     }
 
@@ -460,9 +476,10 @@ mod tests {
         let (s, _) = pair(CipherSuite::Aes128CbcHmacSha256);
         let mut buf = [0u8; 128];
         let n = s.seal(1, b"hello", &mut buf).unwrap();
-        let other = DirectionKeys::new(CipherSuite::Aes128CbcHmacSha256, &[1; 16], &[2; 32], &[3; 16]).unwrap();
+        let other =
+            DirectionKeys::new(CipherSuite::Aes128CbcHmacSha256, &[1; 16], &[2; 32], &[3; 16]).unwrap();
         let o = Opener::new(s.assoc(), &other);
-        assert_eq!(o.open_in_place(&mut buf.clone()[..n]).unwrap_err(), OpenError::BadMac);
+        assert_eq!(o.open_in_place(&mut { buf }[..n]).unwrap_err(), OpenError::BadMac);
         let o = Opener::new(AssociationId(1), &keys(CipherSuite::Aes128CbcHmacSha256));
         assert!(matches!(
             o.open_in_place(&mut buf[..n]),
@@ -481,7 +498,9 @@ mod tests {
         let mut block = [0u8; 16];
         block[15] = 0; // pad byte 0 is invalid
         buf[PREFIX_LEN..PREFIX_LEN + 16].copy_from_slice(&block);
-        s.keys.data.cbc_encrypt(&iv, &mut buf[PREFIX_LEN..PREFIX_LEN + 16]);
+        s.keys
+            .data
+            .cbc_encrypt(&iv, &mut buf[PREFIX_LEN..PREFIX_LEN + 16]);
         let tag = s.keys.tag(&buf[..PREFIX_LEN + 16]);
         buf[PREFIX_LEN + 16..].copy_from_slice(&tag);
         assert_eq!(o.open_in_place(&mut buf).unwrap_err(), OpenError::BadPadding);

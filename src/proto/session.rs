@@ -64,9 +64,13 @@ impl SendSession {
             });
         }
         if out.len() < need {
-            return Err(SealError::BufferTooSmall { have: out.len(), need });
+            return Err(SealError::BufferTooSmall {
+                have: out.len(),
+                need,
+            });
         }
-        addr.encode(&mut out[PREFIX_LEN..]).map_err(SealError::BadAddress)?;
+        addr.encode(&mut out[PREFIX_LEN..])
+            .map_err(SealError::BadAddress)?;
         out[PREFIX_LEN + alen..PREFIX_LEN + pt_len].copy_from_slice(payload);
         self.seal_in_place(out, pt_len)
     }
@@ -180,7 +184,10 @@ mod tests {
             assert_eq!(o.addr, AddrRef::Ip(dst));
             assert_eq!(o.payload, &[i as u8; 20]);
             let mut again = recs[i].clone();
-            assert_eq!(gr.open(&mut again).unwrap_err(), OpenError::Duplicate { nonce: i as u64 });
+            assert_eq!(
+                gr.open(&mut again).unwrap_err(),
+                OpenError::Duplicate { nonce: i as u64 }
+            );
         }
         // The reverse direction uses the other keys: a client record does not open at the client.
         let mut b = recs[0].clone();

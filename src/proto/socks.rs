@@ -404,8 +404,11 @@ pub fn encode_request(code: u8, addr: &AddrRef<'_>, out: &mut Vec<u8>) -> Result
     Ok(())
 }
 
+/// Username and password as borrowed from a message.
+pub type Credentials<'a> = (&'a [u8], &'a [u8]);
+
 /// RFC 1929 request: VER=1, ULEN, UNAME, PLEN, PASSWD.
-pub fn parse_userpass(buf: &[u8]) -> Result<((&[u8], &[u8]), usize), SocksError> {
+pub fn parse_userpass(buf: &[u8]) -> Result<(Credentials<'_>, usize), SocksError> {
     if buf.len() < 2 {
         return Err(SocksError::Incomplete { need: 2 });
     }
@@ -420,7 +423,7 @@ fn parse_credentials(
     buf: &[u8],
     at: usize,
     allow_empty: bool,
-) -> Result<((&[u8], &[u8]), usize), SocksError> {
+) -> Result<(Credentials<'_>, usize), SocksError> {
     let Some(&ulen) = buf.get(at) else {
         return Err(SocksError::Incomplete { need: at + 1 });
     };
@@ -661,8 +664,14 @@ mod tests {
     #[test]
     fn bad_udp_headers() {
         assert_eq!(parse_udp_header(&[0, 1, 0, 1]), Err(SocksError::BadReserved));
-        assert_eq!(parse_udp_header(&[0, 0, 0, 9]), Err(SocksError::BadAddressType(9)));
-        assert_eq!(parse_udp_header(&[0, 0, 0, 3, 0, 0, 1]), Err(SocksError::BadDomain));
+        assert_eq!(
+            parse_udp_header(&[0, 0, 0, 9]),
+            Err(SocksError::BadAddressType(9))
+        );
+        assert_eq!(
+            parse_udp_header(&[0, 0, 0, 3, 0, 0, 1]),
+            Err(SocksError::BadDomain)
+        );
         assert!(matches!(
             parse_udp_header(&[0, 0, 0, 1, 1, 2]),
             Err(SocksError::Incomplete { .. })
@@ -674,7 +683,10 @@ mod tests {
         let mut v = Vec::new();
         encode_request(3, &AddrRef::Domain("a.b", 9), &mut v).unwrap();
         for i in 0..v.len() {
-            assert!(matches!(parse_request(&v[..i]), Err(SocksError::Incomplete { .. })), "{i}");
+            assert!(
+                matches!(parse_request(&v[..i]), Err(SocksError::Incomplete { .. })),
+                "{i}"
+            );
         }
         let (r, n) = parse_request(&v).unwrap();
         assert_eq!(n, v.len());
@@ -685,11 +697,18 @@ mod tests {
     #[test]
     fn sudp_hello_round_trip_with_and_without_credentials() {
         for (u, p) in [(&b""[..], &b""[..]), (b"alice", b"s3cret")] {
-            let h = SudpHello { suites: &[1, 2], user: u, pass: p };
+            let h = SudpHello {
+                suites: &[1, 2],
+                user: u,
+                pass: p,
+            };
             let mut v = Vec::new();
             h.encode(&mut v).unwrap();
             for i in 0..v.len() {
-                assert!(matches!(SudpHello::parse(&v[..i]), Err(SocksError::Incomplete { .. })));
+                assert!(matches!(
+                    SudpHello::parse(&v[..i]),
+                    Err(SocksError::Incomplete { .. })
+                ));
             }
             let (back, n) = SudpHello::parse(&v).unwrap();
             assert_eq!(n, v.len());
@@ -699,7 +718,10 @@ mod tests {
 
     #[test]
     fn sudp_accept_round_trip() {
-        let a = SudpAccept::ok(CipherSuite::Aes256CbcHmacSha256, AssociationId(0x0102030405060708));
+        let a = SudpAccept::ok(
+            CipherSuite::Aes256CbcHmacSha256,
+            AssociationId(0x0102030405060708),
+        );
         let b = a.encode();
         assert_eq!(b, [1, 0, 2, 1, 2, 3, 4, 5, 6, 7, 8]);
         assert_eq!(SudpAccept::parse(&b).unwrap(), (a, 11));
@@ -708,7 +730,10 @@ mod tests {
     #[test]
     fn suite_choice_follows_client_preference() {
         let all = CipherSuite::ALL;
-        assert_eq!(choose_suite(&[9, 2, 1], &all), Some(CipherSuite::Aes256CbcHmacSha256));
+        assert_eq!(
+            choose_suite(&[9, 2, 1], &all),
+            Some(CipherSuite::Aes256CbcHmacSha256)
+        );
         assert_eq!(choose_suite(&[9], &all), None);
         assert_eq!(choose_suite(&[1], &[CipherSuite::Aes256CbcHmacSha256]), None);
     }

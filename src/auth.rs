@@ -1,0 +1,414 @@
+//! Password authentication (RFC 1929): the users file and Argon2id hashing.
+//!
+//! The users file holds one user per line:
+//!
+//! ```text
+//! # comment
+//! alice:$argon2id$v=19$m=19456,t=2,p=1$<salt>$<hash>
+//! ```
+//!
+//! Blank lines and lines starting with `#` are ignored, and whitespace around a line is
+//! trimmed. A name is 1..=255 bytes (the RFC 1929 limit) without `:`, line breaks,
+//! surrounding whitespace or a leading `#`; the hash is an Argon2 PHC string, as
+//! `sudp passwd --user NAME` prints. Errors name the file and line but never echo a hash or
+//! a password (a plaintext password pasted by mistake must not end up in a log).
+//!
+//! Verification costs one Argon2 computation (tens of milliseconds with the default
+//! parameters): async callers run [`Users::verify`] on a blocking thread.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::{self, BufRead, IsTerminal as _, Read as _};
+use std::path::Path;
+
+use argon2::password_hash::rand_core::OsRng;
+use argon2::password_hash::{PasswordHashString, SaltString};
+use argon2::{Algorithm, Argon2, Params, PasswordHasher as _, PasswordVerifier as _};
+use zeroize::Zeroizing;
+
+/// Longest user name or password RFC 1929 can carry (a one-byte length).
+pub const MAX_LEN: usize = 255;
+
+/// Largest Argon2 memory cost accepted from a users file, in KiB (1 GiB): every login
+/// allocates this much, so a typo must not make each attempt exhaust memory.
+pub const MAX_M_COST: u32 = 1 << 20;
+
+/// Largest Argon2 time cost (passes) accepted from a users file.
+pub const MAX_T_COST: u32 = 64;
+
+/// Largest Argon2 parallelism accepted from a users file.
+pub const MAX_P_COST: u32 = 64;
+
+/// Errors of the users file and of password hashing. None carries a password or a hash.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The users file could not be read.
+    #[error("{origin}: cannot read: {error}")]
+    Read {
+        /// The file.
+        origin: String,
+        /// What the OS said.
+        error: io::Error,
+    },
+    /// A line of the users file is malformed.
+    #[error("{origin}:{line}: {problem}")]
+    Parse {
+        /// The file.
+        origin: String,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong with the line.
+        problem: &'static str,
+    },
+    /// A user name is not one the users file can hold.
+    #[error("invalid user name: {problem}")]
+    BadName {
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+    /// A password is empty or longer than 255 bytes.
+    #[error("password must be 1 to 255 bytes")]
+    PasswordLength,
+    /// Argon2 failed.
+    #[error("password hashing: {0}")]
+    Hash(argon2::password_hash::Error),
+}
+
+/// The users allowed to authenticate with a password, by name.
+#[derive(Clone)]
+pub struct Users {
+    users: HashMap<Vec<u8>, PasswordHashString>,
+    /// What an unknown user is verified against, so that a wrong name costs as much as a
+    /// wrong password. It has the parameters of the file's first user (Argon2 defaults for
+    /// an empty file) so that its cost matches the users actually there.
+    dummy: PasswordHashString,
+}
+
+impl Users {
+    /// Reads and parses a users file.
+    pub fn load(path: &Path) -> Result<Users, AuthError> {
+        let origin = path.display().to_string();
+        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|error| AuthError::Read {
+            origin: origin.clone(),
+            error,
+        })?);
+        Users::parse(&text, &origin)
+    }
+
+    /// Parses users-file text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Users, AuthError> {
+        let mut users = HashMap::new();
+        let mut first = None;
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let err = |problem| AuthError::Parse {
+                origin: origin.to_owned(),
+                line: i + 1,
+                problem,
+            };
+            let (name, hash) = line
+                .split_once(':')
+                .ok_or_else(|| err("expected name:hash (no ':' found)"))?;
+            check_name(name.as_bytes()).map_err(err)?;
+            let hash = parse_hash(hash).map_err(err)?;
+            if users.contains_key(name.as_bytes()) {
+                return Err(err("duplicate user name"));
+            }
+            first.get_or_insert_with(|| hash.clone());
+            users.insert(name.as_bytes().to_vec(), hash);
+        }
+        let dummy = dummy_like(first.as_ref())?;
+        Ok(Users { users, dummy })
+    }
+
+    /// Whether `pass` is `user`'s password.
+    ///
+    /// An unknown user costs one Argon2 verification too, so response times do not tell
+    /// which users exist.
+    pub fn verify(&self, user: &[u8], pass: &[u8]) -> bool {
+        let argon2 = Argon2::default();
+        match self.users.get(user) {
+            Some(hash) => argon2.verify_password(pass, &hash.password_hash()).is_ok(),
+            None => {
+                let _ = argon2.verify_password(pass, &self.dummy.password_hash());
+                false
+            }
+        }
+    }
+
+    /// Number of users.
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Whether the file named no user.
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+}
+
+impl fmt::Debug for Users {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Users")
+            .field("len", &self.users.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Hashes a password (1..=255 bytes) with Argon2id, default parameters and a random salt,
+/// into a PHC string for the users file.
+pub fn hash_password(pass: &[u8]) -> Result<String, AuthError> {
+    if pass.is_empty() || pass.len() > MAX_LEN {
+        return Err(AuthError::PasswordLength);
+    }
+    let salt = SaltString::generate(&mut OsRng);
+    let hash = Argon2::default()
+        .hash_password(pass, &salt)
+        .map_err(AuthError::Hash)?;
+    Ok(hash.to_string())
+}
+
+/// Command-line arguments of `sudp passwd`.
+#[derive(Debug, clap::Args)]
+pub struct PasswdArgs {
+    /// User name for the users-file line.
+    #[arg(long, value_name = "NAME")]
+    pub user: String,
+}
+
+/// Runs `sudp passwd`: reads a password from the first line of stdin and prints the
+/// `name:hash` line for the users file. The password is never printed or logged.
+pub fn run_passwd(args: PasswdArgs) -> anyhow::Result<()> {
+    let stdin = io::stdin();
+    if stdin.is_terminal() {
+        eprintln!(
+            "Password for {} (the terminal echoes it; pipe it in to avoid that):",
+            args.user
+        );
+    }
+    let line = passwd_line(&args.user, &mut stdin.lock())?;
+    println!("{line}");
+    Ok(())
+}
+
+/// The users-file line for `user` and the password on the first line of `input`.
+fn passwd_line(user: &str, input: &mut impl BufRead) -> Result<String, AuthError> {
+    check_name(user.as_bytes()).map_err(|problem| AuthError::BadName { problem })?;
+    // Room for any password plus its line end, so the buffer never reallocates and leaves
+    // an unzeroized copy behind; anything longer is refused below anyway.
+    let mut buf = Zeroizing::new(Vec::with_capacity(MAX_LEN + 3));
+    input
+        .take(MAX_LEN as u64 + 2)
+        .read_until(b'\n', &mut buf)
+        .map_err(|error| AuthError::Read {
+            origin: "stdin".to_owned(),
+            error,
+        })?;
+    let mut pass: &[u8] = &buf;
+    if let Some(rest) = pass.strip_suffix(b"\n") {
+        pass = rest.strip_suffix(b"\r").unwrap_or(rest);
+    }
+    Ok(format!("{user}:{}", hash_password(pass)?))
+}
+
+/// Checks a name against what the users file can hold.
+fn check_name(name: &[u8]) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("empty user name");
+    }
+    if name.len() > MAX_LEN {
+        return Err("user name longer than 255 bytes");
+    }
+    if name.contains(&b':') {
+        return Err("user name contains ':'");
+    }
+    if name.iter().any(|&b| b == b'\n' || b == b'\r') {
+        return Err("user name contains a line break");
+    }
+    if name.first() == Some(&b'#') {
+        return Err("user name starts with '#' (a comment)");
+    }
+    if name.first().is_some_and(u8::is_ascii_whitespace) || name.last().is_some_and(u8::is_ascii_whitespace) {
+        return Err("user name starts or ends with whitespace");
+    }
+    Ok(())
+}
+
+/// Parses and checks an Argon2 PHC string.
+fn parse_hash(s: &str) -> Result<PasswordHashString, &'static str> {
+    let hash = PasswordHashString::new(s).map_err(|_| "malformed PHC hash string")?;
+    let phc = hash.password_hash();
+    Algorithm::try_from(phc.algorithm).map_err(|_| "not an Argon2 hash")?;
+    if phc.salt.is_none() || phc.hash.is_none() {
+        return Err("hash string without salt or output");
+    }
+    let params = Params::try_from(&phc).map_err(|_| "invalid Argon2 parameters")?;
+    if params.m_cost() > MAX_M_COST || params.t_cost() > MAX_T_COST || params.p_cost() > MAX_P_COST {
+        return Err("Argon2 cost parameters too large");
+    }
+    Ok(hash)
+}
+
+/// A hash of an arbitrary password with the algorithm and parameters of `like` (Argon2
+/// defaults when `None`) and a fresh salt.
+fn dummy_like(like: Option<&PasswordHashString>) -> Result<PasswordHashString, AuthError> {
+    let salt = SaltString::generate(&mut OsRng);
+    let argon2 = Argon2::default();
+    let hash = match like {
+        None => argon2.hash_password(b"sudp-dummy", &salt),
+        Some(like) => {
+            let like = like.password_hash();
+            // `parse_hash` accepted `like`, so this conversion succeeds in practice.
+            let params = Params::try_from(&like).map_err(AuthError::Hash)?;
+            argon2.hash_password_customized(b"sudp-dummy", Some(like.algorithm), like.version, params, &salt)
+        }
+    };
+    Ok(hash.map_err(AuthError::Hash)?.serialize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn users_with(entries: &[(&str, &str)]) -> Users {
+        let text: String = entries
+            .iter()
+            .map(|(name, pass)| format!("{name}:{}\n", hash_password(pass.as_bytes()).unwrap()))
+            .collect();
+        Users::parse(&text, "users").unwrap()
+    }
+
+    #[test]
+    fn hash_then_verify() {
+        let users = users_with(&[("alice", "correct horse"), ("bob", "battery staple")]);
+        assert_eq!(users.len(), 2);
+        assert!(users.verify(b"alice", b"correct horse"));
+        assert!(users.verify(b"bob", b"battery staple"));
+        assert!(!users.verify(b"alice", b"battery staple"));
+        assert!(!users.verify(b"alice", b"correct horse "));
+        assert!(!users.verify(b"alice", b""));
+        assert!(!users.verify(b"carol", b"correct horse"));
+        assert!(!users.verify(b"", b""));
+    }
+
+    #[test]
+    fn hashes_are_argon2id_with_default_params_and_salted() {
+        let a = hash_password(b"pw").unwrap();
+        let b = hash_password(b"pw").unwrap();
+        assert_ne!(a, b);
+        assert!(a.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{a}");
+        assert!(matches!(hash_password(b""), Err(AuthError::PasswordLength)));
+        assert!(matches!(
+            hash_password(&[b'x'; 256]),
+            Err(AuthError::PasswordLength)
+        ));
+        assert!(hash_password(&[b'x'; 255]).is_ok());
+    }
+
+    #[test]
+    fn comments_blank_lines_and_whitespace() {
+        let hash = hash_password(b"pw").unwrap();
+        let text = format!("# users\n\n   \n  alice:{hash}  \r\n# bob:{hash}\n");
+        let users = Users::parse(&text, "users").unwrap();
+        assert_eq!(users.len(), 1);
+        assert!(users.verify(b"alice", b"pw"));
+        assert!(!users.verify(b"bob", b"pw"));
+        let empty = Users::parse("# nobody\n", "users").unwrap();
+        assert!(empty.is_empty());
+        assert!(!empty.verify(b"alice", b"pw"));
+    }
+
+    #[test]
+    fn parse_errors_name_the_line_and_hide_secrets() {
+        let hash = hash_password(b"pw").unwrap();
+        let cases = [
+            (format!("# ok\nalice:{hash}\nhunter2\n"), 3, "no ':'"),
+            (format!(":{hash}\n"), 1, "empty user name"),
+            (format!("{}:{hash}\n", "n".repeat(256)), 1, "longer than 255"),
+            ("alice:hunter2\n".to_string(), 1, "malformed PHC"),
+            (
+                "alice:$pbkdf2-sha256$i=1000$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA\n".to_string(),
+                1,
+                "not an Argon2",
+            ),
+            (
+                format!("alice:{}\n", hash.replace("m=19456", "m=4294967295")),
+                1,
+                "too large",
+            ),
+            (format!("alice:{hash}\n\nalice:{hash}\n"), 3, "duplicate"),
+        ];
+        for (text, line, problem) in cases {
+            let err = Users::parse(&text, "users.txt").unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.starts_with(&format!("users.txt:{line}: ")), "{msg}");
+            assert!(msg.contains(problem), "{msg}");
+            assert!(!msg.contains("hunter2") && !msg.contains('$'), "{msg}");
+        }
+        // A 255-byte name is fine.
+        Users::parse(&format!("{}:{hash}\n", "n".repeat(255)), "users").unwrap();
+    }
+
+    #[test]
+    fn dummy_follows_the_file_parameters() {
+        let params = Params::new(8 * 1024, 1, 1, None).unwrap();
+        let salt = SaltString::generate(&mut OsRng);
+        let cheap = Argon2::new(Algorithm::Argon2id, argon2::Version::V0x13, params)
+            .hash_password(b"pw", &salt)
+            .unwrap()
+            .to_string();
+        let users = Users::parse(&format!("alice:{cheap}\n"), "users").unwrap();
+        assert!(users.verify(b"alice", b"pw"));
+        assert_eq!(users.dummy.params().to_string(), "m=8192,t=1,p=1");
+        assert_eq!(users.dummy.algorithm().as_str(), "argon2id");
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let err = Users::load(Path::new("/nonexistent/sudp/users")).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("/nonexistent/sudp/users: cannot read"),
+            "{err}"
+        );
+
+        let path = std::env::temp_dir().join(format!("sudp-users-test-{}", std::process::id()));
+        std::fs::write(&path, format!("alice:{}\n", hash_password(b"pw").unwrap())).unwrap();
+        let users = Users::load(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(users.verify(b"alice", b"pw"));
+    }
+
+    #[test]
+    fn passwd_reads_the_first_line() {
+        for input in [&b"s3cret\r\nignored\n"[..], b"s3cret\n", b"s3cret"] {
+            let line = passwd_line("alice", &mut &input[..]).unwrap();
+            assert!(!line.contains("s3cret"));
+            let users = Users::parse(&line, "stdout").unwrap();
+            assert!(users.verify(b"alice", b"s3cret"));
+        }
+        // Bytes that are not UTF-8 are a valid RFC 1929 password.
+        let line = passwd_line("bob", &mut &b"\xff\xfe\n"[..]).unwrap();
+        assert!(Users::parse(&line, "stdout").unwrap().verify(b"bob", b"\xff\xfe"));
+    }
+
+    #[test]
+    fn passwd_refusals() {
+        let refuse = |user: &str, input: &[u8]| passwd_line(user, &mut &input[..]).unwrap_err();
+        assert!(matches!(refuse("alice", b"\n"), AuthError::PasswordLength));
+        assert!(matches!(refuse("alice", b""), AuthError::PasswordLength));
+        assert!(matches!(refuse("alice", &[b'x'; 256]), AuthError::PasswordLength));
+        let long_line = [&[b'x'; 300][..], b"\n"].concat();
+        assert!(matches!(refuse("alice", &long_line), AuthError::PasswordLength));
+        for bad in ["", "a:b", "#root", " alice", "alice ", "a\nb"] {
+            assert!(
+                matches!(refuse(bad, b"pw\n"), AuthError::BadName { .. }),
+                "{bad:?}"
+            );
+        }
+        assert!(passwd_line(&"n".repeat(255), &mut &b"pw\n"[..]).is_ok());
+    }
+}

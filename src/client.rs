@@ -1,0 +1,387 @@
+//! The client side of the secure framing, for Rust programs and for the shim.
+//!
+//! [`SecureUdp::connect`] opens a TLS control connection to a gateway, negotiates the sudp
+//! method (0x80), asks for a UDP association and derives the keys from the TLS exporter;
+//! [`SecureUdp::send_to`] and [`SecureUdp::recv_from`] then carry datagrams to and from any
+//! target as secure records. [`connect_tcp`] does a SOCKS5 CONNECT through the same kind of
+//! control connection.
+//!
+//! ```no_run
+//! # async fn demo(tls: std::sync::Arc<rustls::ClientConfig>) -> anyhow::Result<()> {
+//! use sudp::client::{ClientOptions, SecureUdp};
+//! let opts = ClientOptions::new("127.0.0.1:1080".parse()?, "localhost", tls);
+//! let udp = SecureUdp::connect(&opts).await?;
+//! udp.send_to(b"ping", &"127.0.0.1:7".parse::<std::net::SocketAddr>()?.into()).await?;
+//! let mut buf = vec![0u8; 65_536];
+//! let (n, from) = udp.recv_from(&mut buf).await?;
+//! # Ok(()) }
+//! ```
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::task::JoinHandle;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::net::{canonical, DATAGRAM_BUF};
+use crate::proto::session::{RecvSession, SendSession};
+use crate::proto::socks::{self, method, sudp_status, Address, Command, ReplyCode, SudpAccept, SudpHello};
+use crate::proto::{AssociationId, CipherSuite, OpenError, Role, SealError, SocksError};
+
+/// Client errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Socket or TLS failure.
+    #[error("I/O: {0}")]
+    Io(#[from] io::Error),
+    /// The gateway spoke something we cannot parse.
+    #[error("protocol: {0}")]
+    Protocol(#[from] SocksError),
+    /// The gateway accepted none of our methods.
+    #[error("the gateway accepted none of the offered authentication methods")]
+    NoAcceptableMethod,
+    /// Credentials refused.
+    #[error("authentication failed")]
+    AuthFailed,
+    /// No common cipher suite.
+    #[error("no cipher suite in common with the gateway")]
+    NoSuite,
+    /// The gateway refused the request with a SOCKS5 reply code.
+    #[error("request refused: {0:?}")]
+    Refused(ReplyCode),
+    /// Key export failed.
+    #[error("TLS key export: {0}")]
+    Keys(String),
+    /// Timed out.
+    #[error("timed out")]
+    Timeout,
+    /// A datagram could not be sealed.
+    #[error("seal: {0}")]
+    Seal(#[from] SealError),
+}
+
+/// How to reach and authenticate to a gateway.
+#[derive(Clone)]
+pub struct ClientOptions {
+    /// Gateway control address.
+    pub gateway: SocketAddr,
+    /// Name to verify the gateway certificate against (SNI).
+    pub server_name: String,
+    /// TLS client configuration (trust, client certificate).
+    pub tls: Arc<rustls::ClientConfig>,
+    /// Username and password, if the gateway wants them.
+    pub credentials: Option<(String, String)>,
+    /// Suites to offer, preferred first.
+    pub suites: Vec<CipherSuite>,
+    /// Limit on connecting and negotiating.
+    pub timeout: Duration,
+    /// Replay window size for records from the gateway.
+    pub replay_window: usize,
+}
+
+impl ClientOptions {
+    /// Options with defaults: no credentials, both suites, 10 s timeout, window 1024.
+    pub fn new(gateway: SocketAddr, server_name: &str, tls: Arc<rustls::ClientConfig>) -> Self {
+        ClientOptions {
+            gateway,
+            server_name: server_name.to_owned(),
+            tls,
+            credentials: None,
+            suites: CipherSuite::ALL.to_vec(),
+            timeout: Duration::from_secs(10),
+            replay_window: crate::proto::replay::DEFAULT_WINDOW,
+        }
+    }
+}
+
+/// The control connection type.
+pub type Control = TlsStream<TcpStream>;
+
+/// Opens the TLS control connection.
+pub async fn connect_tls(opts: &ClientOptions) -> Result<Control, ClientError> {
+    let name = ServerName::try_from(opts.server_name.clone())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let tcp = TcpStream::connect(opts.gateway).await?;
+    let _ = tcp.set_nodelay(true);
+    Ok(TlsConnector::from(opts.tls.clone()).connect(name, tcp).await?)
+}
+
+/// Reads one message whose parser reports how many bytes it needs, byte-exactly.
+async fn read_msg<S: AsyncRead + Unpin, T>(
+    s: &mut S,
+    parse: impl Fn(&[u8]) -> Result<(T, usize), SocksError>,
+) -> Result<T, ClientError> {
+    let mut buf = Vec::with_capacity(32);
+    loop {
+        match parse(&buf) {
+            Ok((m, _)) => return Ok(m),
+            Err(SocksError::Incomplete { need }) if need <= 600 => {
+                let have = buf.len();
+                buf.resize(need, 0);
+                s.read_exact(&mut buf[have..]).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Method negotiation with username/password or none (standard RFC 1928/1929 client).
+pub async fn authenticate_plain<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    credentials: Option<(&str, &str)>,
+) -> Result<(), ClientError> {
+    let mut out = Vec::new();
+    let methods: &[u8] = if credentials.is_some() {
+        &[method::USERPASS]
+    } else {
+        &[method::NO_AUTH]
+    };
+    socks::encode_greeting(methods, &mut out);
+    s.write_all(&out).await?;
+    let chosen = read_msg(s, socks::parse_method_selection).await?;
+    match (chosen, credentials) {
+        (method::NO_AUTH, None) => Ok(()),
+        (method::USERPASS, Some((u, p))) => {
+            out.clear();
+            socks::encode_userpass(u.as_bytes(), p.as_bytes(), &mut out)?;
+            s.write_all(&out).await?;
+            let mut reply = [0u8; 2];
+            s.read_exact(&mut reply).await?;
+            if reply[1] != 0 {
+                return Err(ClientError::AuthFailed);
+            }
+            Ok(())
+        }
+        _ => Err(ClientError::NoAcceptableMethod),
+    }
+}
+
+/// Sends a SOCKS5 request and reads the reply; returns BND.
+pub async fn request<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    cmd: Command,
+    addr: &Address,
+) -> Result<Address, ClientError> {
+    let mut out = Vec::new();
+    socks::encode_request(cmd.to_u8(), &addr.as_ref(), &mut out)?;
+    s.write_all(&out).await?;
+    let reply = read_msg(s, socks::parse_request).await?;
+    match ReplyCode::from_u8(reply.code) {
+        ReplyCode::Succeeded => Ok(reply.addr),
+        code => Err(ClientError::Refused(code)),
+    }
+}
+
+/// Negotiates the sudp method on a fresh control connection; returns the chosen suite and
+/// association id.
+pub async fn negotiate_sudp(
+    s: &mut Control,
+    opts: &ClientOptions,
+) -> Result<(CipherSuite, AssociationId), ClientError> {
+    let mut out = Vec::new();
+    socks::encode_greeting(&[method::SUDP], &mut out);
+    let suites: Vec<u8> = opts.suites.iter().map(|s| s.id()).collect();
+    let (user, pass) = match &opts.credentials {
+        Some((u, p)) => (u.as_bytes(), p.as_bytes()),
+        None => (&b""[..], &b""[..]),
+    };
+    // Greeting and hello in one write: the method is known to be the only one offered.
+    SudpHello {
+        suites: &suites,
+        user,
+        pass,
+    }
+    .encode(&mut out)?;
+    s.write_all(&out).await?;
+    let chosen = read_msg(s, socks::parse_method_selection).await?;
+    if chosen != method::SUDP {
+        return Err(ClientError::NoAcceptableMethod);
+    }
+    let accept = read_msg(s, SudpAccept::parse).await?;
+    match accept.status {
+        sudp_status::OK => {}
+        sudp_status::NO_SUITE => return Err(ClientError::NoSuite),
+        _ => return Err(ClientError::AuthFailed),
+    }
+    let suite = CipherSuite::from_id(accept.suite)
+        .filter(|s| opts.suites.contains(s))
+        .ok_or(ClientError::NoSuite)?;
+    Ok((suite, accept.assoc))
+}
+
+/// A SOCKS5 CONNECT through the gateway; returns the stream, ready for payload bytes.
+pub async fn connect_tcp(opts: &ClientOptions, target: &Address) -> Result<Control, ClientError> {
+    tokio::time::timeout(opts.timeout, async {
+        let mut s = connect_tls(opts).await?;
+        let creds = opts.credentials.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
+        authenticate_plain(&mut s, creds).await?;
+        request(&mut s, Command::Connect, target).await?;
+        Ok(s)
+    })
+    .await
+    .map_err(|_| ClientError::Timeout)?
+}
+
+/// A secure UDP association through a gateway.
+pub struct SecureUdp {
+    socket: UdpSocket,
+    send: Mutex<SendSession>,
+    recv: Mutex<RecvSession>,
+    assoc: AssociationId,
+    suite: CipherSuite,
+    relay: SocketAddr,
+    control: JoinHandle<()>,
+    closed: tokio::sync::watch::Receiver<bool>,
+}
+
+impl SecureUdp {
+    /// Connects, negotiates, associates and derives keys.
+    pub async fn connect(opts: &ClientOptions) -> Result<SecureUdp, ClientError> {
+        tokio::time::timeout(opts.timeout, Self::connect_inner(opts))
+            .await
+            .map_err(|_| ClientError::Timeout)?
+    }
+
+    async fn connect_inner(opts: &ClientOptions) -> Result<SecureUdp, ClientError> {
+        let mut control = connect_tls(opts).await?;
+        let (suite, assoc) = negotiate_sudp(&mut control, opts).await?;
+        let keys = crate::tls::export_keys(control.get_ref().1, assoc, suite)
+            .map_err(|e| ClientError::Keys(e.to_string()))?;
+        let bind: SocketAddr = if opts.gateway.is_ipv6() {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        }
+        .parse()
+        .expect("literal address");
+        let socket = crate::net::bind_udp(bind)?;
+        let bnd = request(
+            &mut control,
+            Command::UdpAssociate,
+            &Address::Ip(socket.local_addr()?),
+        )
+        .await?;
+        let relay = match bnd {
+            // An unspecified BND.ADDR means "the address you reached me on".
+            Address::Ip(a) if a.ip().is_unspecified() => SocketAddr::new(opts.gateway.ip(), a.port()),
+            Address::Ip(a) => a,
+            Address::Domain(..) => {
+                return Err(SocksError::BadAddressType(socks::atyp::DOMAIN).into());
+            }
+        };
+        socket.connect(relay).await?;
+        let (closed_tx, closed) = tokio::sync::watch::channel(false);
+        // The association lives as long as the control connection: hold it open and
+        // notice when the gateway closes it.
+        let control = tokio::spawn(async move {
+            let mut scratch = [0u8; 256];
+            loop {
+                match control.read(&mut scratch).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            let _ = closed_tx.send(true);
+        });
+        Ok(SecureUdp {
+            socket,
+            send: Mutex::new(SendSession::new(assoc, &keys, Role::Client)),
+            recv: Mutex::new(RecvSession::new(assoc, &keys, Role::Client, opts.replay_window)),
+            assoc,
+            suite,
+            relay,
+            control,
+            closed,
+        })
+    }
+
+    /// The association id.
+    pub fn assoc(&self) -> AssociationId {
+        self.assoc
+    }
+
+    /// The negotiated suite.
+    pub fn suite(&self) -> CipherSuite {
+        self.suite
+    }
+
+    /// The gateway's relay address.
+    pub fn relay(&self) -> SocketAddr {
+        self.relay
+    }
+
+    /// The local UDP address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// True once the gateway closed the control connection (the association is gone).
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
+    /// Seals `payload` for `target` and sends it to the relay.
+    pub async fn send_to(&self, payload: &[u8], target: &Address) -> Result<(), ClientError> {
+        let mut buf = vec![0u8; crate::proto::record::record_len(payload.len() + 262)];
+        let n =
+            self.send
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .seal(&target.as_ref(), payload, &mut buf)?;
+        self.socket.send(&buf[..n]).await?;
+        Ok(())
+    }
+
+    /// Seals into a caller buffer and sends (no allocation).
+    pub async fn send_to_buf(
+        &self,
+        payload: &[u8],
+        target: &Address,
+        scratch: &mut [u8],
+    ) -> Result<(), ClientError> {
+        let n =
+            self.send
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .seal(&target.as_ref(), payload, scratch)?;
+        self.socket.send(&scratch[..n]).await?;
+        Ok(())
+    }
+
+    /// Receives the next authentic datagram: copies its payload into `buf` and returns its
+    /// length and source. Records that fail any check are dropped and counted in `drops`.
+    pub async fn recv_from(&self, buf: &mut [u8]) -> Result<(usize, Address), ClientError> {
+        let mut rec = vec![0u8; DATAGRAM_BUF];
+        loop {
+            let n = self.socket.recv(&mut rec).await?;
+            match self.open(&mut rec[..n], buf) {
+                Ok(x) => return Ok(x),
+                Err(e) => tracing::debug!(error = %e, "dropped record from gateway"),
+            }
+        }
+    }
+
+    fn open(&self, rec: &mut [u8], buf: &mut [u8]) -> Result<(usize, Address), OpenError> {
+        let mut recv = self.recv.lock().unwrap_or_else(|e| e.into_inner());
+        let o = recv.open(rec)?;
+        let n = o.payload.len().min(buf.len());
+        buf[..n].copy_from_slice(&o.payload[..n]);
+        let from = match o.addr.to_owned() {
+            Address::Ip(a) => Address::Ip(canonical(a)),
+            d => d,
+        };
+        Ok((n, from))
+    }
+}
+
+impl Drop for SecureUdp {
+    fn drop(&mut self) {
+        self.control.abort();
+    }
+}

@@ -1,0 +1,78 @@
+//! Socket helpers shared by the gateway, the shim and the bench. Knows nothing of either.
+
+pub mod dns;
+
+use std::io;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::UdpSocket;
+
+/// Socket buffer size asked of the kernel for relay sockets (it may grant less).
+pub const UDP_BUFFER: usize = 4 << 20;
+
+/// Buffer size that holds any UDP datagram plus record overhead.
+pub const DATAGRAM_BUF: usize = 65_536 + 128;
+
+/// `::ffff:a.b.c.d` becomes `a.b.c.d`; everything else is unchanged. Every address that
+/// policy, tables or SOCKS headers see goes through this first.
+pub fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(canonical_ip(a.ip()), a.port())
+}
+
+/// IP form of [`canonical`].
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        },
+        v4 => v4,
+    }
+}
+
+/// Binds a UDP socket with large buffers, non-blocking, registered with tokio.
+pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        // Dual-stack where the host allows it, so one socket reaches v4 and v6 targets.
+        let _ = s.set_only_v6(false);
+    }
+    let _ = s.set_recv_buffer_size(UDP_BUFFER);
+    let _ = s.set_send_buffer_size(UDP_BUFFER);
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    UdpSocket::from_std(s.into())
+}
+
+/// An unconnected outbound UDP socket that reaches IPv4 and, where the host has IPv6,
+/// IPv6 targets. Returns the socket and whether it is an IPv6 (dual-stack) socket.
+pub fn bind_outbound() -> io::Result<(UdpSocket, bool)> {
+    match bind_udp(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0)) {
+        Ok(s) => Ok((s, true)),
+        Err(_) => Ok((bind_udp("0.0.0.0:0".parse().expect("literal address"))?, false)),
+    }
+}
+
+/// The address to hand `send_to` on a socket of the given family: IPv4 targets become
+/// v4-mapped on a dual-stack socket.
+pub fn for_socket(target: SocketAddr, v6_socket: bool) -> SocketAddr {
+    match (target, v6_socket) {
+        (SocketAddr::V4(v4), true) => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
+        (t, _) => t,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_unmaps_v4() {
+        let m: SocketAddr = "[::ffff:127.0.0.1]:9".parse().unwrap();
+        assert_eq!(canonical(m), "127.0.0.1:9".parse::<SocketAddr>().unwrap());
+        let v6: SocketAddr = "[::1]:9".parse().unwrap();
+        assert_eq!(canonical(v6), v6);
+        assert_eq!(for_socket("127.0.0.1:9".parse().unwrap(), true), m);
+    }
+}
