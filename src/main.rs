@@ -22,7 +22,7 @@ enum Cmd {
     /// Hash a password read on stdin into a users-file line
     Passwd(sudp::auth::PasswdArgs),
     /// Run the gateway: SOCKS5 over TLS; naked and secure UDP on one relay socket
-    Gateway(sudp::config::GatewayArgs),
+    Gateway(Box<sudp::config::GatewayArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,7 +35,7 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Cert(args) => sudp::cert::run_cert(args),
         Cmd::Passwd(args) => sudp::auth::run_passwd(args),
-        Cmd::Gateway(args) => run_gateway(args),
+        Cmd::Gateway(args) => run_gateway(*args),
         Cmd::Limits => {
             use sudp::proto::record;
             println!(
