@@ -1,0 +1,182 @@
+//! Test harness: an in-process gateway on ephemeral ports with real TLS (certificates from
+//! the `sudp cert` logic), echo servers, and client configurations.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sudp::cert::DevPki;
+use sudp::client::ClientOptions;
+use sudp::gateway::{AuthSettings, Gateway, Settings};
+use sudp::metrics::Metrics;
+use sudp::policy::{Action, Policy, Rule};
+use sudp::proto::CipherSuite;
+use sudp::tls::{ClientTlsOptions, ServerTlsOptions, ServerTrust};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Every network wait in tests is bounded by this.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub fn pki() -> DevPki {
+    sudp::cert::ephemeral()
+}
+
+/// Policy that lets tests reach loopback targets (the default denies them).
+pub fn loopback_policy() -> Policy {
+    Policy::new(
+        vec![
+            Rule::parse(Action::Allow, "127.0.0.0/8").unwrap(),
+            Rule::parse(Action::Allow, "::1/128").unwrap(),
+        ],
+        HashMap::new(),
+    )
+}
+
+pub fn server_tls(pki: &DevPki, client_ca: bool, require: bool) -> Arc<rustls::ServerConfig> {
+    sudp::tls::server_config(ServerTlsOptions {
+        cert_chain: pki.gateway_chain(),
+        key: pki.gateway_key(),
+        client_ca: client_ca.then(|| vec![pki.ca_der()]),
+        require_client_cert: require,
+        allow_tls12: false,
+    })
+    .unwrap()
+}
+
+pub fn settings(pki: &DevPki) -> Settings {
+    Settings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        udp_listen: None,
+        advertise: None,
+        tls: server_tls(pki, false, false),
+        auth: AuthSettings {
+            no_auth: true,
+            users: None,
+        },
+        policy: Arc::new(loopback_policy()),
+        full_cone: false,
+        idle_timeout: Duration::from_secs(30),
+        max_associations: 64,
+        max_connections: 64,
+        handshake_timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(5),
+        replay_window: 1024,
+        suites: CipherSuite::ALL.to_vec(),
+    }
+}
+
+pub fn client_tls(pki: &DevPki, with_cert: bool) -> Arc<rustls::ClientConfig> {
+    sudp::tls::client_config(ClientTlsOptions {
+        trust: ServerTrust::Ca(vec![pki.ca_der()]),
+        client_auth: with_cert.then(|| (pki.client_chain(), pki.client_key())),
+        allow_tls12: false,
+    })
+    .unwrap()
+}
+
+pub struct TestGateway {
+    pub control: SocketAddr,
+    pub relay: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestGateway {
+    pub async fn start(settings: Settings) -> TestGateway {
+        let gw = Gateway::bind(settings).await.unwrap();
+        let (control, relay, metrics) = (gw.control_addr(), gw.relay_addr(), gw.metrics());
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(gw.run(async move {
+            let _ = rx.await;
+        }));
+        TestGateway {
+            control,
+            relay,
+            metrics,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn options(&self, pki: &DevPki) -> ClientOptions {
+        ClientOptions::new(self.control, "localhost", client_tls(pki, false))
+    }
+
+    /// Graceful shutdown; returns once the gateway drained.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(WAIT, t).await.unwrap().unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// A UDP echo server on 127.0.0.1 (or `bind`), running until the test ends.
+pub async fn udp_echo_on(bind: &str) -> SocketAddr {
+    let s = UdpSocket::bind(bind).await.unwrap();
+    let addr = s.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = s.recv_from(&mut buf).await {
+            let _ = s.send_to(&buf[..n], from).await;
+        }
+    });
+    addr
+}
+
+pub async fn udp_echo() -> SocketAddr {
+    udp_echo_on("127.0.0.1:0").await
+}
+
+/// A TCP server that echoes each connection until EOF, then closes its side.
+pub async fn tcp_echo() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Waits (bounded) until `f` holds.
+pub async fn eventually(mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached in time"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -1,0 +1,79 @@
+//! Secure UDP through the gateway with the library client.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::*;
+use sudp::client::SecureUdp;
+use sudp::proto::socks::Address;
+use sudp::proto::DropReason;
+
+#[tokio::test]
+async fn secure_udp_echo_ipv4_ipv6_and_domain() {
+    let pki = pki();
+    let gw = TestGateway::start(settings(&pki)).await;
+    let echo4 = udp_echo().await;
+    let echo6 = udp_echo_on("[::1]:0").await;
+    let udp = SecureUdp::connect(&gw.options(&pki)).await.unwrap();
+    let targets = [
+        Address::Ip(echo4),
+        Address::Ip(echo6),
+        Address::Domain("localhost".into(), echo4.port()),
+    ];
+    let mut buf = vec![0u8; 65_536];
+    for t in &targets {
+        for size in [1usize, 160, 1200, 8192, 60_000] {
+            let payload: Vec<u8> = (0..size).map(|i| (i * 31 + size) as u8).collect();
+            udp.send_to(&payload, t).await.unwrap();
+            let (n, from) = tokio::time::timeout(WAIT, udp.recv_from(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(&buf[..n], &payload[..], "{t} {size}");
+            let want: SocketAddr = match t {
+                Address::Ip(a) => *a,
+                Address::Domain(..) => echo4,
+            };
+            assert_eq!(from, Address::Ip(want));
+        }
+    }
+    assert_eq!(gw.metrics.total_drops(), 0, "{}", gw.metrics.drop_summary());
+    drop(udp);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn replayed_and_forged_records_are_dropped_and_counted() {
+    let pki = pki();
+    let gw = TestGateway::start(settings(&pki)).await;
+    let echo = udp_echo().await;
+    let udp = SecureUdp::connect(&gw.options(&pki)).await.unwrap();
+    udp.send_to(b"first", &Address::Ip(echo)).await.unwrap();
+    let mut buf = vec![0u8; 2048];
+    tokio::time::timeout(WAIT, udp.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+
+    // Capture a record by sealing one ourselves through a raw socket path: use a second
+    // socket on the same IP and replay garbage and a truncated copy of a real record.
+    let raw = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut rec = vec![0u8; 256];
+    rec[0] = 0x97;
+    rec[1] = 3;
+    rec[2] = 3;
+    raw.send_to(&rec[..60], gw.relay).await.unwrap(); // length mismatch
+    raw.send_to(&[0x42; 30], gw.relay).await.unwrap(); // unknown kind
+    eventually(|| gw.metrics.drops(DropReason::LengthMismatch) == 1).await;
+    eventually(|| gw.metrics.drops(DropReason::UnknownKind) == 1).await;
+
+    // The association still works.
+    udp.send_to(b"second", &Address::Ip(echo)).await.unwrap();
+    let (n, _) = tokio::time::timeout(WAIT, udp.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf[..n], b"second");
+    gw.stop().await;
+}
