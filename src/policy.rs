@@ -307,17 +307,7 @@ impl Policy {
     }
 }
 
-/// `ip` with an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) replaced by the IPv4 address
-/// it carries; every other address unchanged.
-///
-/// Only the mapped form is unwrapped: the deprecated IPv4-compatible form (`::a.b.c.d`) is a
-/// distinct IPv6 address (and `::1` must stay loopback, not become 0.0.0.1).
-pub fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        IpAddr::V4(_) => ip,
-    }
-}
+pub use crate::net::canonical_ip;
 
 /// The built-in default's verdict on a canonical address.
 fn default_denial(ip: IpAddr) -> Option<DefaultDeny> {

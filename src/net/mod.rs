@@ -20,14 +20,13 @@ pub fn canonical(a: SocketAddr) -> SocketAddr {
     SocketAddr::new(canonical_ip(a.ip()), a.port())
 }
 
-/// IP form of [`canonical`].
+/// IP form of [`canonical`]: only the mapped form is unwrapped; the deprecated
+/// IPv4-compatible form (`::a.b.c.d`) is a distinct IPv6 address (and `::1` must stay
+/// loopback, not become 0.0.0.1).
 pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(v6),
-        },
-        v4 => v4,
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
     }
 }
 
