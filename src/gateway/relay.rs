@@ -19,20 +19,28 @@
 //! association reads replies, keeps only those from destinations the client sent to (unless
 //! full cone), and returns them as records sealed with the association's keys or as naked
 //! datagrams with the SOCKS5 UDP header of the source.
+//!
+//! The data path is batched both ways ([`crate::net::batch`]): `recvmmsg` (+ GRO) in, and
+//! runs of equal-sized datagrams for one destination leave in one GSO send. The association
+//! tables are read without locks (copy-on-write maps: associations come and go rarely,
+//! datagrams often); the only per-datagram lock is the association's own receive state,
+//! which only the receive loop takes.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::net::UdpSocket;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::task::JoinHandle;
+
+use crate::net::batch::{BatchSocket, GsoBatch, RecvBatch};
 
 use crate::metrics::Metrics;
 use crate::net::dns::Resolver;
-use crate::net::{self, canonical, canonical_ip, for_socket, DATAGRAM_BUF};
+use crate::net::{self, canonical, canonical_ip, for_socket};
 use crate::policy::Policy;
 use crate::proto::record;
 use crate::proto::session::{RecvSession, SendSession};
@@ -70,10 +78,14 @@ pub struct RelaySettings {
 
 /// The relay: shared socket, association tables, counters.
 pub struct Relay {
-    socket: Arc<UdpSocket>,
+    io: BatchSocket,
     local: SocketAddr,
-    secure: RwLock<HashMap<AssociationId, Arc<Association>>>,
-    naked: RwLock<NakedTable>,
+    /// Copy-on-write: lookups per datagram are lock-free loads.
+    secure: ArcSwap<HashMap<AssociationId, Arc<Association>>>,
+    naked_by_addr: ArcSwap<HashMap<SocketAddr, Arc<Association>>>,
+    /// Associations whose client port is not known yet, oldest first, by client IP. Also
+    /// serialises every writer of the two maps above.
+    naked_pending: Mutex<HashMap<IpAddr, VecDeque<Arc<Association>>>>,
     live: AtomicUsize,
     settings: RelaySettings,
     metrics: Arc<Metrics>,
@@ -82,35 +94,27 @@ pub struct Relay {
     epoch: Instant,
 }
 
-#[derive(Default)]
-struct NakedTable {
-    by_addr: HashMap<SocketAddr, Arc<Association>>,
-    /// Associations whose client port is not known yet, oldest first, by client IP.
-    pending: HashMap<IpAddr, VecDeque<Arc<Association>>>,
-}
-
 /// One association (naked or secure).
 pub struct Association {
     id: AssociationId,
     user: Option<String>,
     client_ip: IpAddr,
-    outbound: UdpSocket,
+    /// Where replies go: naked, the client's port once known; secure, the source of the
+    /// latest authenticated record.
+    client: ArcSwapOption<SocketAddr>,
+    outbound: BatchSocket,
     outbound_v6: bool,
     peers: Mutex<HashSet<SocketAddr>>,
+    /// Bumped whenever `peers` is cleared, so cached "known peer" answers expire.
+    peers_generation: AtomicU64,
     last_active: AtomicU64,
     pending_resolves: AtomicUsize,
     kind: Kind,
 }
 
 enum Kind {
-    Naked { client: Mutex<Option<SocketAddr>> },
-    Secure { rx: Box<Mutex<SecureRx>> },
-}
-
-struct SecureRx {
-    session: RecvSession,
-    /// Where replies go: the source of the latest authenticated record.
-    client: Option<SocketAddr>,
+    Naked,
+    Secure { rx: Box<Mutex<RecvSession>> },
 }
 
 impl Association {
@@ -120,9 +124,12 @@ impl Association {
     }
 
     fn client_addr(&self) -> Option<SocketAddr> {
-        match &self.kind {
-            Kind::Naked { client } => *client.lock().unwrap_or_else(|e| e.into_inner()),
-            Kind::Secure { rx } => rx.lock().unwrap_or_else(|e| e.into_inner()).client,
+        self.client.load().as_deref().copied()
+    }
+
+    fn set_client(&self, addr: SocketAddr) {
+        if self.client_addr() != Some(addr) {
+            self.client.store(Some(Arc::new(addr)));
         }
     }
 
@@ -132,6 +139,7 @@ impl Association {
             // Bounded: a client spraying destinations forgets the old ones, and replies
             // from those are then refused as unsolicited.
             peers.clear();
+            self.peers_generation.fetch_add(1, Ordering::AcqRel);
         }
         peers.insert(peer);
     }
@@ -141,6 +149,23 @@ impl Association {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .contains(&peer)
+    }
+}
+
+/// Remembers the last (association, peer) pair a loop checked, so a steady stream takes
+/// the peer-set lock once, not once per datagram.
+#[derive(Default)]
+struct PeerCache {
+    last: Option<(AssociationId, SocketAddr, u64)>,
+}
+
+impl PeerCache {
+    fn hit(&self, assoc: &Association, peer: SocketAddr) -> bool {
+        self.last == Some((assoc.id, peer, assoc.peers_generation.load(Ordering::Acquire)))
+    }
+
+    fn set(&mut self, assoc: &Association, peer: SocketAddr) {
+        self.last = Some((assoc.id, peer, assoc.peers_generation.load(Ordering::Acquire)));
     }
 }
 
@@ -188,10 +213,11 @@ impl Relay {
         let socket = net::bind_udp(addr)?;
         let local = socket.local_addr()?;
         Ok(Arc::new(Relay {
-            socket: Arc::new(socket),
+            io: BatchSocket::new(socket)?,
             local,
-            secure: RwLock::new(HashMap::new()),
-            naked: RwLock::new(NakedTable::default()),
+            secure: ArcSwap::from_pointee(HashMap::new()),
+            naked_by_addr: ArcSwap::from_pointee(HashMap::new()),
+            naked_pending: Mutex::new(HashMap::new()),
             live: AtomicUsize::new(0),
             settings,
             metrics,
@@ -217,7 +243,7 @@ impl Relay {
 
     /// A fresh random association id not in use on this relay.
     pub fn new_assoc_id(&self) -> AssociationId {
-        let table = self.secure.read().unwrap_or_else(|e| e.into_inner());
+        let table = self.secure.load();
         loop {
             let id = AssociationId(rand::random::<u64>());
             if !table.contains_key(&id) {
@@ -241,24 +267,28 @@ impl Relay {
         id: AssociationId,
         user: Option<String>,
         client_ip: IpAddr,
+        client: Option<SocketAddr>,
         kind: Kind,
     ) -> Result<Arc<Association>, AssocError> {
         self.reserve()?;
-        let (outbound, outbound_v6) = match net::bind_outbound() {
-            Ok(s) => s,
-            Err(e) => {
-                self.live.fetch_sub(1, Ordering::AcqRel);
-                return Err(e.into());
-            }
-        };
+        let (outbound, outbound_v6) =
+            match net::bind_outbound().and_then(|(s, v6)| Ok((BatchSocket::new(s)?, v6))) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.live.fetch_sub(1, Ordering::AcqRel);
+                    return Err(e.into());
+                }
+            };
         self.metrics.associations.fetch_add(1, Ordering::Relaxed);
         Ok(Arc::new(Association {
             id,
             user,
             client_ip: canonical_ip(client_ip),
+            client: ArcSwapOption::new(client.map(Arc::new)),
             outbound,
             outbound_v6,
             peers: Mutex::new(HashSet::new()),
+            peers_generation: AtomicU64::new(0),
             last_active: AtomicU64::new(self.now_ms()),
             pending_resolves: AtomicUsize::new(0),
             kind,
@@ -273,22 +303,20 @@ impl Relay {
         client_ip: IpAddr,
         user: Option<String>,
     ) -> Result<AssociationHandle, AssocError> {
-        let rx = SecureRx {
-            session: RecvSession::new(id, keys, Role::Gateway, self.settings.replay_window),
-            client: None,
+        let rx = RecvSession::new(id, keys, Role::Gateway, self.settings.replay_window);
+        let kind = Kind::Secure {
+            rx: Box::new(Mutex::new(rx)),
         };
-        let assoc = self.new_association(
-            id,
-            user,
-            client_ip,
-            Kind::Secure {
-                rx: Box::new(Mutex::new(rx)),
-            },
-        )?;
-        self.secure
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, assoc.clone());
+        let assoc = self.new_association(id, user, client_ip, None, kind)?;
+        {
+            // Writers of the tables serialise on this lock.
+            let _writers = self.naked_pending.lock().unwrap_or_else(|e| e.into_inner());
+            self.secure.rcu(|t| {
+                let mut t = HashMap::clone(t);
+                t.insert(id, assoc.clone());
+                t
+            });
+        }
         let send = SendSession::new(id, keys, Role::Gateway);
         let reply_task = tokio::spawn(reply_loop(self.clone(), assoc.clone(), Some(send)));
         Ok(AssociationHandle {
@@ -308,22 +336,18 @@ impl Relay {
     ) -> Result<AssociationHandle, AssocError> {
         let id = AssociationId(rand::random::<u64>());
         let client = client_port.map(|p| SocketAddr::new(canonical_ip(client_ip), p));
-        let assoc = self.new_association(
-            id,
-            user,
-            client_ip,
-            Kind::Naked {
-                client: Mutex::new(client),
-            },
-        )?;
+        let assoc = self.new_association(id, user, client_ip, client, Kind::Naked)?;
         {
-            let mut t = self.naked.write().unwrap_or_else(|e| e.into_inner());
+            let mut pending = self.naked_pending.lock().unwrap_or_else(|e| e.into_inner());
             match client {
                 Some(a) => {
-                    t.by_addr.insert(a, assoc.clone());
+                    self.naked_by_addr.rcu(|t| {
+                        let mut t = HashMap::clone(t);
+                        t.insert(a, assoc.clone());
+                        t
+                    });
                 }
-                None => t
-                    .pending
+                None => pending
                     .entry(assoc.client_ip)
                     .or_default()
                     .push_back(assoc.clone()),
@@ -338,25 +362,29 @@ impl Relay {
     }
 
     fn remove(&self, assoc: &Arc<Association>) {
+        let mut pending = self.naked_pending.lock().unwrap_or_else(|e| e.into_inner());
         match &assoc.kind {
             Kind::Secure { .. } => {
-                self.secure
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&assoc.id);
+                self.secure.rcu(|t| {
+                    let mut t = HashMap::clone(t);
+                    t.remove(&assoc.id);
+                    t
+                });
             }
-            Kind::Naked { client } => {
-                let mut t = self.naked.write().unwrap_or_else(|e| e.into_inner());
-                let bound = *client.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(a) = bound {
-                    if t.by_addr.get(&a).is_some_and(|x| x.id == assoc.id) {
-                        t.by_addr.remove(&a);
-                    }
+            Kind::Naked => {
+                if let Some(a) = assoc.client_addr() {
+                    self.naked_by_addr.rcu(|t| {
+                        let mut t = HashMap::clone(t);
+                        if t.get(&a).is_some_and(|x| x.id == assoc.id) {
+                            t.remove(&a);
+                        }
+                        t
+                    });
                 }
-                if let Some(q) = t.pending.get_mut(&assoc.client_ip) {
+                if let Some(q) = pending.get_mut(&assoc.client_ip) {
                     q.retain(|x| x.id != assoc.id);
                     if q.is_empty() {
-                        t.pending.remove(&assoc.client_ip);
+                        pending.remove(&assoc.client_ip);
                     }
                 }
             }
@@ -364,32 +392,32 @@ impl Relay {
         self.live.fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// The receive loop; runs until the task is aborted or the socket fails for good.
+    /// The receive loop; runs until the task is aborted.
     pub async fn run(self: Arc<Self>) {
-        let mut buf = vec![0u8; DATAGRAM_BUF];
+        let mut batch = RecvBatch::default();
+        let mut out = Forwarder::default();
         loop {
-            let (n, src) = match self.socket.recv_from(&mut buf).await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::debug!(error = %e, "relay receive error");
-                    tokio::task::yield_now().await;
-                    continue;
-                }
-            };
-            self.handle(&mut buf[..n], canonical(src));
+            if let Err(e) = self.io.recv_batch(&mut batch).await {
+                tracing::debug!(error = %e, "relay receive error");
+                tokio::task::yield_now().await;
+                continue;
+            }
+            batch.for_each(|d, src| self.handle(d, src, &mut out));
+            out.flush(&self);
         }
     }
 
-    /// Routes one datagram from a client.
-    pub fn handle(self: &Arc<Self>, datagram: &mut [u8], src: SocketAddr) {
+    /// Routes one datagram from a client; what it forwards may wait in `out` until
+    /// [`Forwarder::flush`].
+    fn handle(self: &Arc<Self>, datagram: &mut [u8], src: SocketAddr, out: &mut Forwarder) {
         match classify(datagram) {
-            DatagramKind::Secure => self.handle_secure(datagram, src),
-            DatagramKind::Naked => self.handle_naked(datagram, src),
+            DatagramKind::Secure => self.handle_secure(datagram, src, out),
+            DatagramKind::Naked => self.handle_naked(datagram, src, out),
             DatagramKind::Unknown => self.metrics.count_drop(DropReason::UnknownKind),
         }
     }
 
-    fn handle_naked(self: &Arc<Self>, datagram: &[u8], src: SocketAddr) {
+    fn handle_naked(self: &Arc<Self>, datagram: &[u8], src: SocketAddr, out: &mut Forwarder) {
         let h = match parse_udp_header(datagram) {
             Ok(h) => h,
             Err(crate::proto::SocksError::Incomplete { .. }) => {
@@ -404,46 +432,36 @@ impl Relay {
             return self.metrics.count_drop(DropReason::ForeignSource);
         };
         assoc.last_active.store(self.now_ms(), Ordering::Relaxed);
-        self.forward(&assoc, h.addr, &datagram[h.payload_offset..]);
+        self.forward(&assoc, h.addr, &datagram[h.payload_offset..], out);
     }
 
     fn naked_lookup(&self, src: SocketAddr) -> Option<Arc<Association>> {
-        if let Some(a) = self
-            .naked
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .by_addr
-            .get(&src)
-        {
+        if let Some(a) = self.naked_by_addr.load().get(&src) {
             return Some(a.clone());
         }
         // First datagram from this port: bind it to the oldest association of this IP that
         // has no port yet (RFC 1928 leaves the port unknown when DST.PORT is 0).
-        let mut t = self.naked.write().unwrap_or_else(|e| e.into_inner());
-        let q = t.pending.get_mut(&src.ip())?;
+        let mut pending = self.naked_pending.lock().unwrap_or_else(|e| e.into_inner());
+        let q = pending.get_mut(&src.ip())?;
         let assoc = q.pop_front()?;
         if q.is_empty() {
-            t.pending.remove(&src.ip());
+            pending.remove(&src.ip());
         }
-        if let Kind::Naked { client } = &assoc.kind {
-            *client.lock().unwrap_or_else(|e| e.into_inner()) = Some(src);
-        }
-        t.by_addr.insert(src, assoc.clone());
+        assoc.set_client(src);
+        self.naked_by_addr.rcu(|t| {
+            let mut t = HashMap::clone(t);
+            t.insert(src, assoc.clone());
+            t
+        });
         Some(assoc)
     }
 
-    fn handle_secure(self: &Arc<Self>, datagram: &mut [u8], src: SocketAddr) {
+    fn handle_secure(self: &Arc<Self>, datagram: &mut [u8], src: SocketAddr, out: &mut Forwarder) {
         let h = match record::parse_header(datagram) {
             Ok(h) => h,
             Err(e) => return self.metrics.count_drop(e.reason()),
         };
-        let assoc = self
-            .secure
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&h.assoc)
-            .cloned();
-        let Some(assoc) = assoc else {
+        let Some(assoc) = self.secure.load().get(&h.assoc).cloned() else {
             return self.metrics.count_drop(DropReason::UnknownAssociation);
         };
         if src.ip() != assoc.client_ip {
@@ -452,29 +470,29 @@ impl Relay {
         let Kind::Secure { rx } = &assoc.kind else {
             return self.metrics.count_drop(DropReason::UnknownAssociation);
         };
-        let opened = {
-            let mut rx = rx.lock().unwrap_or_else(|e| e.into_inner());
-            let r = rx.session.open(datagram);
-            if r.is_ok() {
-                rx.client = Some(src);
-            }
-            r
-        };
+        let opened = rx.lock().unwrap_or_else(|e| e.into_inner()).open(datagram);
         match opened {
             Ok(o) => {
+                assoc.set_client(src);
                 assoc.last_active.store(self.now_ms(), Ordering::Relaxed);
-                self.forward(&assoc, o.addr, o.payload);
+                self.forward(&assoc, o.addr, o.payload, out);
             }
             Err(e) => self.metrics.count_drop(e.reason()),
         }
     }
 
     /// Sends a client's payload to its destination, resolving names through the cache.
-    fn forward(self: &Arc<Self>, assoc: &Arc<Association>, dst: AddrRef<'_>, payload: &[u8]) {
+    fn forward(
+        self: &Arc<Self>,
+        assoc: &Arc<Association>,
+        dst: AddrRef<'_>,
+        payload: &[u8],
+        out: &mut Forwarder,
+    ) {
         match dst {
-            AddrRef::Ip(target) => self.send_out(assoc, target, payload),
+            AddrRef::Ip(target) => out.push(self, assoc, target, payload),
             AddrRef::Domain(name, port) => match self.dns.cached(name) {
-                Some(ip) => self.send_out(assoc, SocketAddr::new(ip, port), payload),
+                Some(ip) => out.push(self, assoc, SocketAddr::new(ip, port), payload),
                 None => self.resolve_then_send(assoc, name, port, payload),
             },
         }
@@ -488,86 +506,180 @@ impl Relay {
         let (relay, assoc, name, payload) = (self.clone(), assoc.clone(), name.to_owned(), payload.to_vec());
         tokio::spawn(async move {
             match tokio::time::timeout(RESOLVE_TIMEOUT, relay.dns.resolve(&name, port)).await {
-                Ok(Ok(target)) => relay.send_out(&assoc, target, &payload),
+                Ok(Ok(target)) => {
+                    let mut out = Forwarder::default();
+                    out.push(&relay, &assoc, target, &payload);
+                    out.flush(&relay);
+                }
                 _ => relay.metrics.count_drop(DropReason::ResolveFailed),
             }
             assoc.pending_resolves.fetch_sub(1, Ordering::AcqRel);
         });
     }
+}
 
-    fn send_out(&self, assoc: &Association, target: SocketAddr, payload: &[u8]) {
-        let target = canonical(target);
-        if self.policy.check(assoc.user.as_deref(), target).is_err() {
-            return self.metrics.count_drop(DropReason::PolicyDenied);
-        }
-        if !self.settings.full_cone {
-            assoc.remember(target);
-        }
-        match assoc
-            .outbound
-            .try_send_to(payload, for_socket(target, assoc.outbound_v6))
-        {
-            Ok(_) => self.metrics.forwarded(payload.len()),
-            Err(_) => self.metrics.count_drop(DropReason::SendFailed),
+/// Datagrams on their way to targets: runs of equal-sized payloads from one association to
+/// one target wait here and leave in one GSO send.
+struct Forwarder {
+    assoc: Option<Arc<Association>>,
+    batch: GsoBatch,
+    peers: PeerCache,
+}
+
+impl Default for Forwarder {
+    fn default() -> Self {
+        Forwarder {
+            assoc: None,
+            batch: GsoBatch::new(1),
+            peers: PeerCache::default(),
         }
     }
 }
 
-/// Reads replies from the association's outbound socket and returns them to the client.
-async fn reply_loop(relay: Arc<Relay>, assoc: Arc<Association>, mut send: Option<SendSession>) {
-    let mut inbuf = vec![0u8; DATAGRAM_BUF];
-    let mut out = vec![0u8; DATAGRAM_BUF + 64];
-    loop {
-        let (n, src) = match assoc.outbound.recv_from(&mut inbuf).await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::debug!(error = %e, "outbound receive error");
-                tokio::task::yield_now().await;
-                continue;
+impl Forwarder {
+    fn push(&mut self, relay: &Relay, assoc: &Arc<Association>, target: SocketAddr, payload: &[u8]) {
+        let target = canonical(target);
+        if relay.policy.check(assoc.user.as_deref(), target).is_err() {
+            return relay.metrics.count_drop(DropReason::PolicyDenied);
+        }
+        if !relay.settings.full_cone && !self.peers.hit(assoc, target) {
+            assoc.remember(target);
+            self.peers.set(assoc, target);
+        }
+        let dest = for_socket(target, assoc.outbound_v6);
+        let same = self.assoc.as_ref().is_some_and(|a| Arc::ptr_eq(a, assoc));
+        if !same || !self.batch.fits(dest, payload.len()) {
+            self.flush(relay);
+            if !same {
+                self.batch = GsoBatch::new(assoc.outbound.max_gso_segments());
+                self.assoc = Some(assoc.clone());
             }
+        }
+        self.batch.push(dest, payload);
+    }
+
+    fn flush(&mut self, relay: &Relay) {
+        let (Some(assoc), Some((dest, bytes, seg))) = (&self.assoc, self.batch.pending()) else {
+            return;
         };
-        let src = canonical(src);
-        if !relay.settings.full_cone && !assoc.knows(src) {
-            relay.metrics.count_drop(DropReason::UnsolicitedReply);
+        let n = self.batch.len();
+        match assoc.outbound.try_send(dest, bytes, seg) {
+            Ok(()) => {
+                relay.metrics.forwarded.fetch_add(n as u64, Ordering::Relaxed);
+                relay
+                    .metrics
+                    .forwarded_bytes
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            }
+            Err(_) => {
+                for _ in 0..n {
+                    relay.metrics.count_drop(DropReason::SendFailed);
+                }
+            }
+        }
+        self.batch.clear();
+    }
+}
+
+/// Reads replies from the association's outbound socket and returns them to the client,
+/// sealing a batch of equal-sized records into one GSO send.
+async fn reply_loop(relay: Arc<Relay>, assoc: Arc<Association>, mut send: Option<SendSession>) {
+    let mut batch = RecvBatch::default();
+    let mut out = GsoBatch::new(relay.io.max_gso_segments());
+    let mut peers = PeerCache::default();
+    loop {
+        if let Err(e) = assoc.outbound.recv_batch(&mut batch).await {
+            tracing::debug!(error = %e, "outbound receive error");
+            tokio::task::yield_now().await;
             continue;
         }
         let Some(client) = assoc.client_addr() else {
-            relay.metrics.count_drop(DropReason::UnsolicitedReply);
+            batch.for_each(|_, _| relay.metrics.count_drop(DropReason::UnsolicitedReply));
             continue;
         };
-        let payload = &inbuf[..n];
-        let len = match &mut send {
-            Some(s) => match s.seal(&AddrRef::Ip(src), payload, &mut out) {
-                Ok(len) => len,
-                Err(e @ SealError::KeyExhausted { .. }) => {
-                    // The key may seal no more: end the association (the control task
-                    // notices) so the client opens a new one with fresh keys.
-                    relay.metrics.count_drop(e.reason());
-                    tracing::warn!(assoc = %assoc.id, "sending key exhausted: closing association");
-                    return;
-                }
-                Err(e) => {
-                    relay.metrics.count_drop(e.reason());
-                    continue;
-                }
-            },
-            None => {
-                // Invariant: `out` is larger than any header plus any datagram.
-                let h = encode_udp_header(&AddrRef::Ip(src), &mut out).expect("buffer holds a header");
-                if h + n > record::MAX_DATAGRAM {
-                    relay.metrics.count_drop(DropReason::TooLarge);
-                    continue;
-                }
-                out[h..h + n].copy_from_slice(payload);
-                h + n
+        let mut exhausted = false;
+        batch.for_each(|payload, src| {
+            if exhausted {
+                return;
             }
-        };
-        match relay.socket.send_to(&out[..len], client).await {
-            Ok(_) => {
-                relay.metrics.returned(n);
-                assoc.last_active.store(relay.now_ms(), Ordering::Relaxed);
+            if !relay.settings.full_cone && !peers.hit(&assoc, src) {
+                if !assoc.knows(src) {
+                    return relay.metrics.count_drop(DropReason::UnsolicitedReply);
+                }
+                peers.set(&assoc, src);
             }
-            Err(_) => relay.metrics.count_drop(DropReason::SendFailed),
+            let n = payload.len();
+            let alen = AddrRef::Ip(src).encoded_len();
+            // Exact size of what this datagram becomes, so equal payloads form one train.
+            let max = match send {
+                Some(_) => record::record_len(alen + n),
+                None => 3 + alen + n,
+            };
+            if !out.fits(client, max) {
+                // Different size: send what is pending first (non-blocking; a full socket
+                // buffer drops the train, as the kernel would drop datagrams).
+                flush_replies(&relay, &mut out);
+            }
+            let space = out.reserve(max);
+            let len = match &mut send {
+                Some(s) => match s.seal(&AddrRef::Ip(src), payload, space) {
+                    Ok(len) => len,
+                    Err(e @ SealError::KeyExhausted { .. }) => {
+                        relay.metrics.count_drop(e.reason());
+                        exhausted = true;
+                        out.unreserve(max);
+                        return;
+                    }
+                    Err(e) => {
+                        relay.metrics.count_drop(e.reason());
+                        out.unreserve(max);
+                        return;
+                    }
+                },
+                None => {
+                    // Invariant: `space` holds a header (at most 19 bytes) plus the payload.
+                    let h = encode_udp_header(&AddrRef::Ip(src), space).expect("room reserved");
+                    if h + n > record::MAX_DATAGRAM {
+                        relay.metrics.count_drop(DropReason::TooLarge);
+                        out.unreserve(max);
+                        return;
+                    }
+                    space[h..h + n].copy_from_slice(payload);
+                    h + n
+                }
+            };
+            out.commit(client, max, len);
+            relay.metrics.returned(n);
+        });
+        flush_replies_wait(&relay, &mut out).await;
+        assoc.last_active.store(relay.now_ms(), Ordering::Relaxed);
+        if exhausted {
+            // The key may seal no more: end the association (the control task notices) so
+            // the client opens a new one with fresh keys.
+            tracing::warn!(assoc = %assoc.id, "sending key exhausted: closing association");
+            return;
         }
     }
+}
+
+fn flush_replies(relay: &Relay, out: &mut GsoBatch) {
+    if let Some((dest, bytes, seg)) = out.pending() {
+        if relay.io.try_send(dest, bytes, seg).is_err() {
+            for _ in 0..out.len() {
+                relay.metrics.count_drop(DropReason::SendFailed);
+            }
+        }
+    }
+    out.clear();
+}
+
+async fn flush_replies_wait(relay: &Relay, out: &mut GsoBatch) {
+    if let Some((dest, bytes, seg)) = out.pending() {
+        if relay.io.send(dest, bytes, seg).await.is_err() {
+            for _ in 0..out.len() {
+                relay.metrics.count_drop(DropReason::SendFailed);
+            }
+        }
+    }
+    out.clear();
 }

@@ -1,5 +1,6 @@
 //! Socket helpers shared by the gateway, the shim and the bench. Knows nothing of either.
 
+pub mod batch;
 pub mod dns;
 
 use std::io;

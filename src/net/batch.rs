@@ -1,0 +1,307 @@
+//! Batched UDP I/O: `recvmmsg` with GRO on receive, GSO on send, with a per-datagram
+//! fallback where the kernel offers neither (quinn-udp probes the socket and degrades).
+//!
+//! * [`BatchSocket::recv_batch`] fills a [`RecvBatch`] with up to [`BATCH`] buffers in one
+//!   system call; with GRO a buffer holds several datagrams of one sender cut at `stride`.
+//! * [`GsoBatch`] collects equal-sized datagrams for one destination and hands them to the
+//!   kernel in one `sendmsg` with `UDP_SEGMENT`; a smaller datagram may close a batch.
+//!
+//! Buffers are allocated once per loop, never per datagram.
+
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+
+use crate::net::canonical;
+
+/// Receive buffers per system call.
+pub const BATCH: usize = 32;
+/// Size of one receive buffer: room for a 64 KiB GRO train or the largest datagram.
+pub const RECV_BUF: usize = 65_536;
+/// Largest GSO train we build (the kernel limit for one UDP_SEGMENT send is 64 KiB).
+pub const GSO_MAX_BYTES: usize = 65_000;
+
+/// A tokio UDP socket with quinn-udp's batched, offloaded I/O.
+pub struct BatchSocket {
+    socket: UdpSocket,
+    state: UdpSocketState,
+}
+
+impl BatchSocket {
+    /// Wraps a bound socket, probing GSO/GRO support.
+    pub fn new(socket: UdpSocket) -> io::Result<Self> {
+        let state = UdpSocketState::new((&socket).into())?;
+        Ok(BatchSocket { socket, state })
+    }
+
+    /// The plain socket (for single sends, local address).
+    pub fn socket(&self) -> &UdpSocket {
+        &self.socket
+    }
+
+    /// Segments per GSO send the kernel takes (1: no GSO).
+    pub fn max_gso_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+
+    /// Receives a batch; returns how many buffers were filled.
+    pub async fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
+        loop {
+            self.socket.readable().await?;
+            let mut rest = batch.storage.chunks_mut(RECV_BUF);
+            let mut iovs: [IoSliceMut<'_>; BATCH] =
+                // Invariant: storage holds exactly BATCH chunks of RECV_BUF bytes.
+                std::array::from_fn(|_| IoSliceMut::new(rest.next().expect("BATCH chunks")));
+            let r = self.socket.try_io(Interest::READABLE, || {
+                self.state.recv((&self.socket).into(), &mut iovs, &mut batch.meta)
+            });
+            match r {
+                Ok(n) => {
+                    batch.filled = n;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Sends `contents` (one datagram, or a GSO train of `segment`-byte datagrams) without
+    /// waiting; `WouldBlock` when the socket buffer is full.
+    pub fn try_send(&self, dest: SocketAddr, contents: &[u8], segment: Option<usize>) -> io::Result<()> {
+        let t = Transmit {
+            destination: dest,
+            ecn: None,
+            contents,
+            segment_size: segment,
+            src_ip: None,
+        };
+        self.socket.try_io(Interest::WRITABLE, || {
+            self.state.try_send((&self.socket).into(), &t)
+        })
+    }
+
+    /// Sends like [`try_send`](Self::try_send), waiting for buffer space.
+    pub async fn send(&self, dest: SocketAddr, contents: &[u8], segment: Option<usize>) -> io::Result<()> {
+        loop {
+            self.socket.writable().await?;
+            match self.try_send(dest, contents, segment) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return r,
+            }
+        }
+    }
+}
+
+/// Receive buffers and their metadata, reused across calls.
+pub struct RecvBatch {
+    storage: Vec<u8>,
+    meta: [RecvMeta; BATCH],
+    filled: usize,
+}
+
+impl Default for RecvBatch {
+    fn default() -> Self {
+        RecvBatch {
+            storage: vec![0u8; BATCH * RECV_BUF],
+            meta: [RecvMeta::default(); BATCH],
+            filled: 0,
+        }
+    }
+}
+
+impl RecvBatch {
+    /// Calls `f` with every datagram received (GRO trains split at their stride) and its
+    /// canonical source address.
+    pub fn for_each(&mut self, mut f: impl FnMut(&mut [u8], SocketAddr)) {
+        for (i, chunk) in self.storage.chunks_mut(RECV_BUF).take(self.filled).enumerate() {
+            let m = &self.meta[i];
+            let from = canonical(m.addr);
+            let stride = if m.stride == 0 { m.len } else { m.stride };
+            for seg in chunk[..m.len].chunks_mut(stride.max(1)) {
+                f(seg, from);
+            }
+        }
+        self.filled = 0;
+    }
+}
+
+/// Equal-sized datagrams for one destination, sent in one GSO call.
+pub struct GsoBatch {
+    buf: Vec<u8>,
+    segment: usize,
+    count: usize,
+    dest: Option<SocketAddr>,
+    max_segments: usize,
+    /// A shorter datagram was added: it must be the last one.
+    closed: bool,
+}
+
+impl GsoBatch {
+    /// A batch of at most `max_segments` datagrams (1 disables coalescing).
+    pub fn new(max_segments: usize) -> Self {
+        GsoBatch {
+            buf: Vec::with_capacity(GSO_MAX_BYTES + 2048),
+            segment: 0,
+            count: 0,
+            dest: None,
+            max_segments: max_segments.max(1),
+            closed: false,
+        }
+    }
+
+    /// Whether `len` bytes for `dest` can join the batch.
+    pub fn fits(&self, dest: SocketAddr, len: usize) -> bool {
+        self.count == 0
+            || (self.dest == Some(dest)
+                && !self.closed
+                && self.count < self.max_segments
+                && len <= self.segment
+                && self.buf.len() + len <= GSO_MAX_BYTES)
+    }
+
+    /// Space for the next datagram of at most `max_len` bytes; commit it with
+    /// [`commit`](Self::commit). The caller has checked [`fits`](Self::fits).
+    pub fn reserve(&mut self, max_len: usize) -> &mut [u8] {
+        let start = self.buf.len();
+        self.buf.resize(start + max_len, 0);
+        &mut self.buf[start..]
+    }
+
+    /// Keeps `len` bytes of the space last reserved as the next datagram for `dest`.
+    pub fn commit(&mut self, dest: SocketAddr, reserved: usize, len: usize) {
+        let start = self.buf.len() - reserved;
+        self.buf.truncate(start + len);
+        if self.count == 0 {
+            self.segment = len;
+            self.dest = Some(dest);
+        } else if len < self.segment {
+            self.closed = true;
+        }
+        self.count += 1;
+    }
+
+    /// Drops the space last reserved (the datagram was not produced).
+    pub fn unreserve(&mut self, reserved: usize) {
+        let n = self.buf.len() - reserved;
+        self.buf.truncate(n);
+    }
+
+    /// Appends a whole datagram.
+    pub fn push(&mut self, dest: SocketAddr, data: &[u8]) {
+        let n = data.len();
+        self.reserve(n).copy_from_slice(data);
+        self.commit(dest, n, n);
+    }
+
+    /// Datagrams waiting.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// True when nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The pending train: destination, bytes, segment size (None for one datagram).
+    pub fn pending(&self) -> Option<(SocketAddr, &[u8], Option<usize>)> {
+        let dest = self.dest?;
+        (self.count > 0).then(|| (dest, &self.buf[..], (self.count > 1).then_some(self.segment)))
+    }
+
+    /// Empties the batch (after sending or dropping it).
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.count = 0;
+        self.dest = None;
+        self.closed = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gso_batch_rules() {
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let mut g = GsoBatch::new(3);
+        assert!(g.fits(a, 100));
+        g.push(a, &[1; 100]);
+        assert!(!g.fits(b, 100), "other destination");
+        assert!(!g.fits(a, 101), "larger than the segment");
+        assert!(g.fits(a, 100));
+        g.push(a, &[2; 100]);
+        g.push(a, &[3; 40]);
+        assert!(!g.fits(a, 40), "a short datagram closes the train");
+        let (d, bytes, seg) = g.pending().unwrap();
+        assert_eq!((d, bytes.len(), seg), (a, 240, Some(100)));
+        g.clear();
+        g.push(b, &[0; 10]);
+        assert_eq!(g.pending().unwrap().2, None, "single datagram: no segmentation");
+    }
+
+    #[tokio::test]
+    async fn gso_train_arrives_as_separate_datagrams() {
+        let rx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let tx = BatchSocket::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()).unwrap();
+        let mut g = GsoBatch::new(tx.max_gso_segments());
+        let dest = rx.local_addr().unwrap();
+        for i in 0..3u8 {
+            if g.fits(dest, 500) {
+                g.push(dest, &[i; 500]);
+            }
+        }
+        let (d, bytes, seg) = g.pending().unwrap();
+        tx.send(d, bytes, seg).await.unwrap();
+        let n = g.len();
+        let mut buf = [0u8; 2000];
+        for i in 0..n {
+            let len = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(len, 500);
+            assert_eq!(buf[0], i as u8);
+        }
+    }
+
+    #[tokio::test]
+    async fn recv_batch_splits_gro_trains() {
+        let rx = BatchSocket::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()).unwrap();
+        let tx = BatchSocket::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()).unwrap();
+        let dest = rx.socket().local_addr().unwrap();
+        let mut g = GsoBatch::new(tx.max_gso_segments());
+        for i in 0..8u8 {
+            if g.fits(dest, 300) {
+                g.push(dest, &[i; 300]);
+            } else {
+                let (d, b, s) = g.pending().unwrap();
+                tx.send(d, b, s).await.unwrap();
+                g.clear();
+                g.push(dest, &[i; 300]);
+            }
+        }
+        let (d, b, s) = g.pending().unwrap();
+        tx.send(d, b, s).await.unwrap();
+        let mut batch = RecvBatch::default();
+        let mut seen = Vec::new();
+        while seen.len() < 8 {
+            tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv_batch(&mut batch))
+                .await
+                .unwrap()
+                .unwrap();
+            batch.for_each(|d, from| {
+                assert_eq!(from, tx.socket().local_addr().unwrap());
+                assert_eq!(d.len(), 300);
+                seen.push(d[0]);
+            });
+        }
+        assert_eq!(seen, (0..8).collect::<Vec<u8>>());
+    }
+}
