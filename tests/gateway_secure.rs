@@ -44,7 +44,7 @@ async fn secure_udp_echo_ipv4_ipv6_and_domain() {
 }
 
 #[tokio::test]
-async fn replayed_and_forged_records_are_dropped_and_counted() {
+async fn malformed_datagrams_are_dropped_counted_and_hurt_no_one() {
     let pki = pki();
     let gw = TestGateway::start(settings(&pki)).await;
     let echo = udp_echo().await;
@@ -56,8 +56,7 @@ async fn replayed_and_forged_records_are_dropped_and_counted() {
         .unwrap()
         .unwrap();
 
-    // Capture a record by sealing one ourselves through a raw socket path: use a second
-    // socket on the same IP and replay garbage and a truncated copy of a real record.
+    // Malformed datagrams from a second socket on the same IP.
     let raw = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let mut rec = vec![0u8; 256];
     rec[0] = 0x97;
@@ -75,5 +74,58 @@ async fn replayed_and_forged_records_are_dropped_and_counted() {
         .unwrap()
         .unwrap();
     assert_eq!(&buf[..n], b"second");
+    gw.stop().await;
+}
+
+/// A real record captured and sent again is refused by the gateway's replay window, and a
+/// reordered (older but unseen) record is still accepted.
+#[tokio::test]
+async fn gateway_refuses_replayed_records_and_accepts_reordered_ones() {
+    use sudp::client::{connect_tls, negotiate_sudp, request};
+    use sudp::proto::session::SendSession;
+    use sudp::proto::socks::Command;
+    use sudp::proto::Role;
+
+    let pki = pki();
+    let gw = TestGateway::start(settings(&pki)).await;
+    let echo = udp_echo().await;
+    let opts = gw.options(&pki);
+    let mut control = connect_tls(&opts).await.unwrap();
+    let (suite, assoc) = negotiate_sudp(&mut control, &opts).await.unwrap();
+    let keys = sudp::tls::export_keys(control.get_ref().1, assoc, suite).unwrap();
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let bnd = request(
+        &mut control,
+        Command::UdpAssociate,
+        &Address::Ip(sock.local_addr().unwrap()),
+    )
+    .await
+    .unwrap();
+    let Address::Ip(relay) = bnd else { panic!() };
+    let mut send = SendSession::new(assoc, &keys, Role::Client);
+    let mut records = Vec::new();
+    for i in 0..3u8 {
+        let mut b = vec![0u8; 256];
+        let n = send.seal(&Address::Ip(echo).as_ref(), &[i; 10], &mut b).unwrap();
+        b.truncate(n);
+        records.push(b);
+    }
+    // Send 2, then 0 (reordered), then 2 again and 0 again (replays), then 1.
+    for i in [2usize, 0, 2, 0, 1] {
+        sock.send_to(&records[i], relay).await.unwrap();
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    for _ in 0..3 {
+        let (n, _) = tokio::time::timeout(WAIT, sock.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0);
+        got.push(n);
+    }
+    eventually(|| gw.metrics.drops(DropReason::Duplicate) == 2).await;
+    assert_eq!(gw.metrics.forwarded.load(std::sync::atomic::Ordering::Relaxed), 3);
+    drop(control);
     gw.stop().await;
 }
