@@ -72,6 +72,8 @@ pub struct Settings {
     pub replay_window: usize,
     /// Acceptable suites, in the gateway's order.
     pub suites: Vec<CipherSuite>,
+    /// Relay receive workers (sockets sharing the relay port through SO_REUSEPORT).
+    pub workers: usize,
 }
 
 impl Settings {
@@ -115,8 +117,14 @@ impl Settings {
             connect_timeout: Duration::from_secs(10),
             replay_window: cfg.replay_window,
             suites: cfg.suites.clone(),
+            workers: default_workers(),
         })
     }
+}
+
+/// One relay receive worker per available core.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// State shared by every connection task.
@@ -148,6 +156,7 @@ impl Gateway {
                 full_cone: settings.full_cone,
                 max_associations: settings.max_associations,
                 replay_window: settings.replay_window,
+                workers: settings.workers,
             },
             metrics.clone(),
             dns.clone(),

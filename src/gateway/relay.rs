@@ -74,11 +74,15 @@ pub struct RelaySettings {
     pub max_associations: usize,
     /// Replay window size of secure associations.
     pub replay_window: usize,
+    /// Receive workers (relay sockets sharing the port); at least 1.
+    pub workers: usize,
 }
 
 /// The relay: shared socket, association tables, counters.
 pub struct Relay {
-    io: BatchSocket,
+    /// The relay sockets: one per receive worker, all bound to `local` (SO_REUSEPORT);
+    /// replies leave through the first.
+    ios: Vec<BatchSocket>,
     local: SocketAddr,
     /// Copy-on-write: lookups per datagram are lock-free loads.
     secure: ArcSwap<HashMap<AssociationId, Arc<Association>>>,
@@ -210,10 +214,14 @@ impl Relay {
         dns: Arc<Resolver>,
         policy: Arc<Policy>,
     ) -> io::Result<Arc<Relay>> {
-        let socket = net::bind_udp(addr)?;
-        let local = socket.local_addr()?;
+        let sockets = net::bind_udp_group(addr, settings.workers.max(1))?;
+        let local = sockets[0].local_addr()?;
+        let ios = sockets
+            .into_iter()
+            .map(BatchSocket::new)
+            .collect::<io::Result<Vec<_>>>()?;
         Ok(Arc::new(Relay {
-            io: BatchSocket::new(socket)?,
+            ios,
             local,
             secure: ArcSwap::from_pointee(HashMap::new()),
             naked_by_addr: ArcSwap::from_pointee(HashMap::new()),
@@ -392,12 +400,29 @@ impl Relay {
         self.live.fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// The receive loop; runs until the task is aborted.
+    /// Runs one receive loop per relay socket until the task is aborted.
     pub async fn run(self: Arc<Self>) {
+        let mut workers = tokio::task::JoinSet::new();
+        for i in 0..self.ios.len() {
+            workers.spawn(self.clone().receive_loop(i));
+        }
+        while workers.join_next().await.is_some() {}
+    }
+
+    /// Receive workers in use.
+    pub fn workers(&self) -> usize {
+        self.ios.len()
+    }
+
+    fn io(&self) -> &BatchSocket {
+        &self.ios[0]
+    }
+
+    async fn receive_loop(self: Arc<Self>, worker: usize) {
         let mut batch = RecvBatch::default();
         let mut out = Forwarder::default();
         loop {
-            if let Err(e) = self.io.recv_batch(&mut batch).await {
+            if let Err(e) = self.ios[worker].recv_batch(&mut batch).await {
                 tracing::debug!(error = %e, "relay receive error");
                 tokio::task::yield_now().await;
                 continue;
@@ -585,7 +610,7 @@ impl Forwarder {
 /// sealing a batch of equal-sized records into one GSO send.
 async fn reply_loop(relay: Arc<Relay>, assoc: Arc<Association>, mut send: Option<SendSession>) {
     let mut batch = RecvBatch::default();
-    let mut out = GsoBatch::new(relay.io.max_gso_segments());
+    let mut out = GsoBatch::new(relay.io().max_gso_segments());
     let mut peers = PeerCache::default();
     loop {
         if let Err(e) = assoc.outbound.recv_batch(&mut batch).await {
@@ -664,7 +689,7 @@ async fn reply_loop(relay: Arc<Relay>, assoc: Arc<Association>, mut send: Option
 
 fn flush_replies(relay: &Relay, out: &mut GsoBatch) {
     if let Some((dest, bytes, seg)) = out.pending() {
-        if relay.io.try_send(dest, bytes, seg).is_err() {
+        if relay.io().try_send(dest, bytes, seg).is_err() {
             for _ in 0..out.len() {
                 relay.metrics.count_drop(DropReason::SendFailed);
             }
@@ -675,7 +700,7 @@ fn flush_replies(relay: &Relay, out: &mut GsoBatch) {
 
 async fn flush_replies_wait(relay: &Relay, out: &mut GsoBatch) {
     if let Some((dest, bytes, seg)) = out.pending() {
-        if relay.io.send(dest, bytes, seg).await.is_err() {
+        if relay.io().send(dest, bytes, seg).await.is_err() {
             for _ in 0..out.len() {
                 relay.metrics.count_drop(DropReason::SendFailed);
             }

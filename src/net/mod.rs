@@ -33,7 +33,38 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 
 /// Binds a UDP socket with large buffers, non-blocking, registered with tokio.
 pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    bind_udp_opts(addr, false)
+}
+
+/// Binds `count` UDP sockets to one address with `SO_REUSEPORT`, so the kernel spreads
+/// clients (by address hash) over one receive loop per socket. `addr` may have port 0: the
+/// first socket picks the port, the others join it. Where `SO_REUSEPORT` is refused, one
+/// socket is returned.
+pub fn bind_udp_group(addr: SocketAddr, count: usize) -> io::Result<Vec<UdpSocket>> {
+    let first = match bind_udp_opts(addr, count > 1) {
+        Ok(s) => s,
+        Err(_) if count > 1 => return Ok(vec![bind_udp(addr)?]),
+        Err(e) => return Err(e),
+    };
+    let local = first.local_addr()?;
+    let mut group = vec![first];
+    for _ in 1..count {
+        match bind_udp_opts(local, true) {
+            Ok(s) => group.push(s),
+            Err(_) => break,
+        }
+    }
+    Ok(group)
+}
+
+fn bind_udp_opts(addr: SocketAddr, reuse_port: bool) -> io::Result<UdpSocket> {
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    #[cfg(all(unix, not(any(target_os = "solaris", target_os = "illumos"))))]
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
+    #[cfg(not(all(unix, not(any(target_os = "solaris", target_os = "illumos")))))]
+    let _ = reuse_port;
     if addr.is_ipv6() && addr.ip().is_unspecified() {
         // Dual-stack where the host allows it, so one socket reaches v4 and v6 targets.
         let _ = s.set_only_v6(false);

@@ -67,6 +67,7 @@ pub fn settings(pki: &DevPki) -> Settings {
         connect_timeout: Duration::from_secs(5),
         replay_window: 1024,
         suites: CipherSuite::ALL.to_vec(),
+        workers: 2,
     }
 }
 
