@@ -27,7 +27,11 @@ fn version_and_help() {
 #[test]
 fn gateway_prints_bound_addresses_and_exits_zero_on_sigterm() {
     let dir = tempdir("gw");
-    let out = Command::new(BIN).args(["cert", "--out"]).arg(&dir).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["cert", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for f in ["ca.pem", "gateway.pem", "gateway.key", "client.pem", "client.key"] {
         assert!(dir.join(f).exists(), "{f}");
@@ -44,14 +48,24 @@ fn gateway_prints_bound_addresses_and_exits_zero_on_sigterm() {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let control = lines.next().unwrap().unwrap();
     let relay = lines.next().unwrap().unwrap();
-    assert!(control.starts_with("control (TLS) 127.0.0.1:") && !control.ends_with(":0"), "{control}");
-    assert!(relay.starts_with("relay (UDP) 127.0.0.1:") && !relay.ends_with(":0"), "{relay}");
+    assert!(
+        control.starts_with("control (TLS) 127.0.0.1:") && !control.ends_with(":0"),
+        "{control}"
+    );
+    assert!(
+        relay.starts_with("relay (UDP) 127.0.0.1:") && !relay.ends_with(":0"),
+        "{relay}"
+    );
     let port: u16 = control.rsplit(':').next().unwrap().parse().unwrap();
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
 
     // SIGTERM: stop accepting, drain, exit 0.
     let pid = child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -69,19 +83,42 @@ fn bad_config_names_the_key() {
     let dir = tempdir("cfg");
     let cfg = dir.join("gateway.toml");
     std::fs::write(&cfg, "listen = \"127.0.0.1:0\"\nno_auth = true\ncert = \"a.pem\"\nkey = \"a.key\"\nidle_timeout = \"5 parsecs\"\n").unwrap();
-    let out = Command::new(BIN).args(["gateway", "--config"]).arg(&cfg).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["gateway", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("idle_timeout") && err.contains("gateway.toml"), "{err}");
+    assert!(
+        err.contains("idle_timeout") && err.contains("gateway.toml"),
+        "{err}"
+    );
 
-    std::fs::write(&cfg, "listen = \"127.0.0.1:0\"\nno_auth = true\ncert = \"a.pem\"\nkey = \"a.key\"\ncolour = 3\n").unwrap();
-    let out = Command::new(BIN).args(["gateway", "--config"]).arg(&cfg).output().unwrap();
+    std::fs::write(
+        &cfg,
+        "listen = \"127.0.0.1:0\"\nno_auth = true\ncert = \"a.pem\"\nkey = \"a.key\"\ncolour = 3\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["gateway", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("colour"));
 
     // A missing certificate file is named too.
-    std::fs::write(&cfg, "listen = \"127.0.0.1:0\"\nno_auth = true\ncert = \"missing.pem\"\nkey = \"a.key\"\n").unwrap();
-    let out = Command::new(BIN).args(["gateway", "--config"]).arg(&cfg).output().unwrap();
+    std::fs::write(
+        &cfg,
+        "listen = \"127.0.0.1:0\"\nno_auth = true\ncert = \"missing.pem\"\nkey = \"a.key\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["gateway", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.pem"));
     let _ = std::fs::remove_dir_all(&dir);
