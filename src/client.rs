@@ -19,6 +19,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,9 +30,13 @@ use tokio::task::JoinHandle;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
+use crate::metrics::Metrics;
 use crate::net::{canonical, DATAGRAM_BUF};
+use crate::proto::record::PREFIX_LEN;
 use crate::proto::session::{RecvSession, SendSession};
-use crate::proto::socks::{self, method, sudp_status, Address, Command, ReplyCode, SudpAccept, SudpHello};
+use crate::proto::socks::{
+    self, method, sudp_status, AddrRef, Address, Command, ReplyCode, SudpAccept, SudpHello,
+};
 use crate::proto::{AssociationId, CipherSuite, OpenError, Role, SealError, SocksError};
 
 /// Client errors.
@@ -64,6 +69,35 @@ pub enum ClientError {
     /// A datagram could not be sealed.
     #[error("seal: {0}")]
     Seal(#[from] SealError),
+}
+
+impl ClientError {
+    /// The RFC 1928 reply code a SOCKS5 server relaying for a local application answers
+    /// with when this error ends its request: the gateway's own code when it refused, else
+    /// the closest general code. The one place the client side maps errors to reply codes.
+    pub fn reply_code(&self) -> ReplyCode {
+        match self {
+            ClientError::Refused(code) => *code,
+            ClientError::Timeout => ReplyCode::TtlExpired,
+            ClientError::AuthFailed | ClientError::NoAcceptableMethod => ReplyCode::NotAllowed,
+            // Socket errors here are the gateway's, not the target's (the gateway reports
+            // the target's with a reply code): not "connection refused" to the application.
+            ClientError::Io(_)
+            | ClientError::Protocol(_)
+            | ClientError::NoSuite
+            | ClientError::Keys(_)
+            | ClientError::Seal(_) => ReplyCode::GeneralFailure,
+        }
+    }
+
+    /// True when the error says the gateway itself (not the target) is unreachable or broke
+    /// the protocol, so that another gateway of a list may do better.
+    pub fn is_gateway_failure(&self) -> bool {
+        !matches!(
+            self,
+            ClientError::Refused(_) | ClientError::AuthFailed | ClientError::NoSuite
+        )
+    }
 }
 
 /// How to reach and authenticate to a gateway.
@@ -103,12 +137,33 @@ impl ClientOptions {
 /// The control connection type.
 pub type Control = TlsStream<TcpStream>;
 
+/// Idle time before TCP keepalive probes start on a control connection.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
+/// Time between keepalive probes.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// Unanswered probes after which the connection is dead (where the OS lets us set it).
+pub const KEEPALIVE_RETRIES: u32 = 3;
+
 /// Opens the TLS control connection.
 pub async fn connect_tls(opts: &ClientOptions) -> Result<Control, ClientError> {
     let name = ServerName::try_from(opts.server_name.clone())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let tcp = TcpStream::connect(opts.gateway).await?;
     let _ = tcp.set_nodelay(true);
+    // A gateway that vanishes without closing the connection (host down, path gone) is
+    // noticed within about half a minute instead of never: the association's only sign of
+    // life is this connection.
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL);
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "macos",
+        target_os = "freebsd"
+    ))]
+    let keepalive = keepalive.with_retries(KEEPALIVE_RETRIES);
+    let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
     Ok(TlsConnector::from(opts.tls.clone()).connect(name, tcp).await?)
 }
 
@@ -217,15 +272,40 @@ pub async fn negotiate_sudp(
 
 /// A SOCKS5 CONNECT through the gateway; returns the stream, ready for payload bytes.
 pub async fn connect_tcp(opts: &ClientOptions, target: &Address) -> Result<Control, ClientError> {
+    Ok(connect_tcp_bound(opts, target).await?.0)
+}
+
+/// [`connect_tcp`] that also returns the gateway's BND address (the local address of its
+/// connection to the target), for relaying in a SOCKS5 reply.
+pub async fn connect_tcp_bound(
+    opts: &ClientOptions,
+    target: &Address,
+) -> Result<(Control, Address), ClientError> {
     tokio::time::timeout(opts.timeout, async {
         let mut s = connect_tls(opts).await?;
         let creds = opts.credentials.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
         authenticate_plain(&mut s, creds).await?;
-        request(&mut s, Command::Connect, target).await?;
-        Ok(s)
+        let bnd = request(&mut s, Command::Connect, target).await?;
+        Ok((s, bnd))
     })
     .await
     .map_err(|_| ClientError::Timeout)?
+}
+
+/// Where the parts of a record opened in place by [`SecureUdp::recv_in_place`] lie in the
+/// caller's buffer.
+///
+/// The plaintext starts at [`PREFIX_LEN`] (21), so `addr.start >= 3`: a SOCKS5 UDP request
+/// header (RSV, FRAG) fits in front of the address, and `buf[addr.start - 3..payload.end]`
+/// becomes the naked RFC 1928 §7 datagram of the same source without copying the payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    /// Source of the datagram (the target that sent it), IPv4-mapped addresses unmapped.
+    pub from: Address,
+    /// The encoded source address (ATYP, ADDR, PORT) in the buffer.
+    pub addr: Range<usize>,
+    /// The payload in the buffer.
+    pub payload: Range<usize>,
 }
 
 /// A secure UDP association through a gateway.
@@ -238,7 +318,16 @@ pub struct SecureUdp {
     relay: SocketAddr,
     control: JoinHandle<()>,
     closed: tokio::sync::watch::Receiver<bool>,
+    /// Record buffers of `send_to` and of `recv_from` with a small buffer, allocated on first
+    /// use and reused, so neither allocates per datagram.
+    send_scratch: tokio::sync::Mutex<Vec<u8>>,
+    recv_scratch: tokio::sync::Mutex<Vec<u8>>,
+    metrics: Option<Arc<Metrics>>,
 }
+
+/// Size of a buffer that holds any record: [`SecureUdp::recv_in_place`] and
+/// [`SecureUdp::recv_from`] need no scratch buffer of their own when given one this large.
+pub const RECORD_BUF: usize = DATAGRAM_BUF;
 
 impl SecureUdp {
     /// Connects, negotiates, associates and derives keys.
@@ -298,7 +387,16 @@ impl SecureUdp {
             relay,
             control,
             closed,
+            send_scratch: tokio::sync::Mutex::new(Vec::new()),
+            recv_scratch: tokio::sync::Mutex::new(Vec::new()),
+            metrics: None,
         })
+    }
+
+    /// Counts records dropped on receipt (by [`crate::proto::DropReason`]) in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The association id.
@@ -326,16 +424,23 @@ impl SecureUdp {
         *self.closed.borrow()
     }
 
-    /// Seals `payload` for `target` and sends it to the relay.
+    /// Completes once the gateway closed the control connection (the association is gone).
+    pub async fn closed(&self) {
+        let mut rx = self.closed.clone();
+        // An error means the watcher task ended, which it does only after the connection
+        // closed (or when `self` is being dropped): closed either way.
+        let _ = rx.wait_for(|closed| *closed).await;
+    }
+
+    /// Seals `payload` for `target` and sends it to the relay. Reuses one record buffer per
+    /// association (concurrent callers take turns); see [`SecureUdp::send_to_buf`] and
+    /// [`SecureUdp::send_in_place`] for the lock-free forms.
     pub async fn send_to(&self, payload: &[u8], target: &Address) -> Result<(), ClientError> {
-        let mut buf = vec![0u8; crate::proto::record::record_len(payload.len() + 262)];
-        let n =
-            self.send
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .seal(&target.as_ref(), payload, &mut buf)?;
-        self.socket.send(&buf[..n]).await?;
-        Ok(())
+        let mut scratch = self.send_scratch.lock().await;
+        if scratch.len() < RECORD_BUF {
+            scratch.resize(RECORD_BUF, 0);
+        }
+        self.send_to_buf(payload, target, &mut scratch).await
     }
 
     /// Seals into a caller buffer and sends (no allocation).
@@ -354,29 +459,84 @@ impl SecureUdp {
         Ok(())
     }
 
-    /// Receives the next authentic datagram: copies its payload into `buf` and returns its
-    /// length and source. Records that fail any check are dropped and counted in `drops`.
+    /// Seals the plaintext (SOCKS5 address of the target, then the payload) that the caller
+    /// placed at `buf[PREFIX_LEN..PREFIX_LEN + plaintext_len]`, in place, and sends the
+    /// record; returns the record length. `buf` needs room for the record
+    /// ([`crate::proto::record::record_len`]`(plaintext_len)` bytes). No copy, no allocation.
+    ///
+    /// The address is not parsed here: the caller has checked it (a malformed one is
+    /// dropped by the gateway as `bad_address`).
+    pub async fn send_in_place(&self, buf: &mut [u8], plaintext_len: usize) -> Result<usize, ClientError> {
+        let n = self
+            .send
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .seal_in_place(buf, plaintext_len)?;
+        self.socket.send(&buf[..n]).await?;
+        Ok(n)
+    }
+
+    /// Receives the next authentic datagram: copies its payload into `buf` (truncating it to
+    /// `buf.len()`, as a UDP socket does) and returns its length and source. Records that fail
+    /// any check are dropped (and counted, see [`SecureUdp::with_metrics`]).
+    ///
+    /// With `buf` of at least [`RECORD_BUF`] bytes the record is opened in `buf` itself;
+    /// a smaller `buf` uses a record buffer kept by the association. Neither allocates per
+    /// datagram.
     pub async fn recv_from(&self, buf: &mut [u8]) -> Result<(usize, Address), ClientError> {
-        let mut rec = vec![0u8; DATAGRAM_BUF];
+        if buf.len() >= RECORD_BUF {
+            let r = self.recv_in_place(buf).await?;
+            let n = r.payload.len();
+            buf.copy_within(r.payload, 0);
+            return Ok((n, r.from));
+        }
+        let mut rec = self.recv_scratch.lock().await;
+        if rec.len() < RECORD_BUF {
+            rec.resize(RECORD_BUF, 0);
+        }
+        let r = self.recv_in_place(&mut rec).await?;
+        let n = r.payload.len().min(buf.len());
+        buf[..n].copy_from_slice(&rec[r.payload.start..r.payload.start + n]);
+        Ok((n, r.from))
+    }
+
+    /// Receives the next authentic record into `rec` and opens it there; returns where the
+    /// source address and payload lie (see [`Received`]). `rec` should hold [`RECORD_BUF`]
+    /// bytes: a longer record is cut short by the socket and then fails to open.
+    ///
+    /// Cancel-safe: a record is either returned or still in the socket.
+    pub async fn recv_in_place(&self, rec: &mut [u8]) -> Result<Received, ClientError> {
         loop {
-            let n = self.socket.recv(&mut rec).await?;
-            match self.open(&mut rec[..n], buf) {
-                Ok(x) => return Ok(x),
-                Err(e) => tracing::debug!(error = %e, "dropped record from gateway"),
+            let n = self.socket.recv(rec).await?;
+            match self.open(&mut rec[..n]) {
+                Ok(r) => return Ok(r),
+                Err(e) => {
+                    if let Some(m) = &self.metrics {
+                        m.count_drop(e.reason());
+                    }
+                    tracing::debug!(error = %e, "dropped record from gateway");
+                }
             }
         }
     }
 
-    fn open(&self, rec: &mut [u8], buf: &mut [u8]) -> Result<(usize, Address), OpenError> {
+    fn open(&self, rec: &mut [u8]) -> Result<Received, OpenError> {
+        let base = rec.as_ptr() as usize;
         let mut recv = self.recv.lock().unwrap_or_else(|e| e.into_inner());
         let o = recv.open(rec)?;
-        let n = o.payload.len().min(buf.len());
-        buf[..n].copy_from_slice(&o.payload[..n]);
-        let from = match o.addr.to_owned() {
-            Address::Ip(a) => Address::Ip(canonical(a)),
-            d => d,
+        // Offsets from pointers: the opened parts are slices of `rec`.
+        let payload_at = o.payload.as_ptr() as usize - base;
+        let addr_at = payload_at - o.addr.encoded_len();
+        debug_assert_eq!(addr_at, PREFIX_LEN);
+        let from = match o.addr {
+            AddrRef::Ip(a) => Address::Ip(canonical(a)),
+            d => d.to_owned(),
         };
-        Ok((n, from))
+        Ok(Received {
+            from,
+            addr: addr_at..payload_at,
+            payload: payload_at..payload_at + o.payload.len(),
+        })
     }
 }
 

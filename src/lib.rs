@@ -18,4 +18,5 @@ pub mod metrics;
 pub mod net;
 pub mod policy;
 pub mod proto;
+pub mod shim;
 pub mod tls;

@@ -23,6 +23,9 @@ enum Cmd {
     Passwd(sudp::auth::PasswdArgs),
     /// Run the gateway: SOCKS5 over TLS; naked and secure UDP on one relay socket
     Gateway(Box<sudp::config::GatewayArgs>),
+    /// Run the client shim: a local SOCKS5 server and port forwards that reach targets
+    /// through a gateway, UDP as secure records
+    Shim(Box<sudp::config::ShimArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,6 +39,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Cert(args) => sudp::cert::run_cert(args),
         Cmd::Passwd(args) => sudp::auth::run_passwd(args),
         Cmd::Gateway(args) => run_gateway(*args),
+        Cmd::Shim(args) => run_shim(*args),
         Cmd::Limits => {
             use sudp::proto::record;
             println!(
@@ -64,17 +68,49 @@ fn run_gateway(args: sudp::config::GatewayArgs) -> anyhow::Result<()> {
     let settings = sudp::gateway::Settings::from_config(&config)?;
     runtime()?.block_on(async {
         let gateway = sudp::gateway::Gateway::bind(settings).await?;
+        let shutdown = armed_shutdown_signal().await;
         println!("control (TLS) {}", gateway.control_addr());
         println!("relay (UDP) {}", gateway.relay_addr());
         use std::io::Write as _;
         std::io::stdout().flush()?;
-        gateway.run(shutdown_signal()).await?;
+        gateway.run(shutdown).await?;
+        Ok(())
+    })
+}
+
+fn run_shim(args: sudp::config::ShimArgs) -> anyhow::Result<()> {
+    let config = sudp::config::ShimConfig::from_args(args)?;
+    let settings = sudp::shim::ShimSettings::from_config(&config)?;
+    runtime()?.block_on(async {
+        let shim = sudp::shim::Shim::bind(settings).await?;
+        let shutdown = armed_shutdown_signal().await;
+        if let Some(a) = shim.socks_addr() {
+            println!("socks {a}");
+        }
+        for (f, local) in shim.forward_addrs() {
+            println!("forward {} {local} -> {}", f.proto, f.target);
+        }
+        use std::io::Write as _;
+        std::io::stdout().flush()?;
+        shim.run(shutdown).await?;
         Ok(())
     })
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build()
+}
+
+/// [`shutdown_signal`], polled once so that its signal handlers are installed before the
+/// caller prints what it bound: a SIGTERM sent as soon as those lines appear then stops the
+/// process gracefully instead of killing it (the default action of an unhandled SIGTERM).
+async fn armed_shutdown_signal() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    let mut signal = Box::pin(shutdown_signal());
+    tokio::select! {
+        biased;
+        _ = &mut signal => Box::pin(std::future::ready(())),
+        _ = std::future::ready(()) => signal,
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.

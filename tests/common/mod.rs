@@ -90,19 +90,25 @@ pub struct TestGateway {
 
 impl TestGateway {
     pub async fn start(settings: Settings) -> TestGateway {
-        let gw = Gateway::bind(settings).await.unwrap();
+        Self::try_start(settings).await.unwrap()
+    }
+
+    /// [`TestGateway::start`] that reports a bind failure (e.g. restarting on ports that
+    /// are not free yet).
+    pub async fn try_start(settings: Settings) -> std::io::Result<TestGateway> {
+        let gw = Gateway::bind(settings).await?;
         let (control, relay, metrics) = (gw.control_addr(), gw.relay_addr(), gw.metrics());
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(gw.run(async move {
             let _ = rx.await;
         }));
-        TestGateway {
+        Ok(TestGateway {
             control,
             relay,
             metrics,
             stop: Some(tx),
             task: Some(task),
-        }
+        })
     }
 
     pub fn options(&self, pki: &DevPki) -> ClientOptions {

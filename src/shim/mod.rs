@@ -1,0 +1,498 @@
+//! The client shim: runs next to unmodified applications and gives them secure UDP through a
+//! gateway (seed 004: the "modified SOCKS client", FIG. 3B record detector on the client
+//! side).
+//!
+//! ```text
+//!  application ── plain SOCKS5 (loopback) ──┐
+//!  application ── UDP to a forward port ────┼─▶ shim ══ TLS control + secure-UDP records ══▶ gateway ─▶ targets
+//!  application ── TCP to a forward port ────┘
+//! ```
+//!
+//! * [`socks`]: a local SOCKS5 server. CONNECT becomes a SOCKS5 CONNECT inside TLS to the
+//!   gateway; UDP ASSOCIATE gets a local relay socket whose naked RFC 1928 §7 datagrams are
+//!   converted to secure records and back, in place.
+//! * [`forward`]: port forwards. A UDP forward gives each local source address its own flow
+//!   (its own secure association), so replies reach the right local peer; a TCP forward
+//!   opens one CONNECT per accepted connection.
+//! * [`link`]: a secure association that survives its gateway: when the control connection
+//!   drops it reconnects with exponential backoff, failing over along the gateway list,
+//!   while the local sockets stay open.
+//!
+//! [`Shim::bind`] binds every local socket (so port 0 works and the caller can print what
+//! was bound); [`Shim::run`] serves until the shutdown future completes.
+//!
+//! Why one association per local source in a UDP forward: replies from the gateway carry
+//! only the target's address, and the gateway sends every datagram of one association to
+//! the target from one socket, so neither end could tell two local peers' replies apart on
+//! a shared association. A separate association per source keeps them apart at the cost of
+//! one TLS connection each (resumed, so cheap), bounded by `max_flows` and closed after
+//! `idle_timeout`. With one local peer, the usual case, a forward holds exactly one.
+
+pub mod forward;
+pub mod link;
+pub mod socks;
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::client::{self, ClientError, ClientOptions, Control, SecureUdp};
+use crate::config::{Forward, ForwardProto, PasswordLogin, ShimConfig, Trust};
+use crate::metrics::Metrics;
+use crate::proto::socks::Address;
+use crate::proto::CipherSuite;
+use crate::tls::{ClientTlsOptions, ServerTrust};
+
+/// How long shutdown lets local TCP connections finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One gateway of the fail-over list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayEndpoint {
+    /// Control address: an IP socket address, or a name resolved at each connection.
+    pub addr: Address,
+    /// Name the gateway's certificate must carry (SNI).
+    pub server_name: String,
+}
+
+impl GatewayEndpoint {
+    /// An endpoint whose certificate name is its host (the IP for an IP address).
+    pub fn new(addr: Address) -> Self {
+        let server_name = match &addr {
+            Address::Ip(a) => a.ip().to_string(),
+            Address::Domain(host, _) => host.clone(),
+        };
+        GatewayEndpoint { addr, server_name }
+    }
+}
+
+/// Everything the shim needs to run, already validated and loaded.
+///
+/// `Debug` is deliberately not derived: it would print the passwords.
+#[derive(Clone)]
+pub struct ShimSettings {
+    /// Gateways in fail-over order (non-empty).
+    pub gateways: Vec<GatewayEndpoint>,
+    /// TLS client configuration, shared by every connection so sessions resume.
+    pub tls: Arc<rustls::ClientConfig>,
+    /// Username and password for the gateway.
+    pub credentials: Option<(String, String)>,
+    /// Local SOCKS5 listener, if any.
+    pub socks: Option<SocketAddr>,
+    /// Username and password local SOCKS5 clients must give, if any.
+    pub socks_credentials: Option<(String, String)>,
+    /// Port forwards.
+    pub forwards: Vec<Forward>,
+    /// Suites to offer, preferred first.
+    pub suites: Vec<CipherSuite>,
+    /// Replay window for records from the gateway.
+    pub replay_window: usize,
+    /// A UDP forward closes a local source's flow after this long without traffic.
+    pub idle_timeout: Duration,
+    /// Most flows per UDP forward.
+    pub max_flows: usize,
+    /// Most local TCP connections at once.
+    pub max_connections: usize,
+    /// Limit on reaching and negotiating with one gateway.
+    pub connect_timeout: Duration,
+}
+
+impl ShimSettings {
+    /// Settings with the configuration defaults: SOCKS5 on 127.0.0.1:0 (any free port), no
+    /// forwards, no credentials.
+    pub fn new(gateways: Vec<GatewayEndpoint>, tls: Arc<rustls::ClientConfig>) -> Self {
+        ShimSettings {
+            gateways,
+            tls,
+            credentials: None,
+            socks: Some(SocketAddr::new(crate::config::DEFAULT_SOCKS.ip(), 0)),
+            socks_credentials: None,
+            forwards: Vec::new(),
+            suites: CipherSuite::ALL.to_vec(),
+            replay_window: crate::proto::replay::DEFAULT_WINDOW,
+            idle_timeout: crate::config::DEFAULT_FLOW_IDLE_TIMEOUT,
+            max_flows: crate::config::DEFAULT_MAX_FLOWS,
+            max_connections: crate::config::DEFAULT_SHIM_MAX_CONNECTIONS,
+            connect_timeout: crate::config::DEFAULT_CONNECT_TIMEOUT,
+        }
+    }
+
+    /// Loads the files a validated config names (CA, client certificate and key, password
+    /// files) and builds the runtime settings. Errors name the file, never its content.
+    pub fn from_config(cfg: &ShimConfig) -> anyhow::Result<ShimSettings> {
+        let trust = match &cfg.trust {
+            Trust::Ca(path) => ServerTrust::Ca(crate::tls::load_certs(path)?),
+            Trust::Pin(pin) => ServerTrust::Pin(*pin),
+        };
+        let client_auth = match &cfg.client_cert {
+            Some((cert, key)) => Some((crate::tls::load_certs(cert)?, crate::tls::load_key(key)?)),
+            None => None,
+        };
+        let tls = crate::tls::client_config(ClientTlsOptions {
+            trust,
+            client_auth,
+            allow_tls12: cfg.tls12,
+        })?;
+        let gateways = cfg
+            .gateways
+            .iter()
+            .map(|a| {
+                let mut g = GatewayEndpoint::new(a.clone());
+                if let Some(name) = &cfg.server_name {
+                    g.server_name = name.clone();
+                }
+                g
+            })
+            .collect();
+        Ok(ShimSettings {
+            gateways,
+            tls,
+            credentials: cfg.login.as_ref().map(read_login).transpose()?,
+            socks: cfg.socks,
+            socks_credentials: cfg.socks_login.as_ref().map(read_login).transpose()?,
+            forwards: cfg.forwards.clone(),
+            suites: cfg.suites.clone(),
+            replay_window: cfg.replay_window,
+            idle_timeout: cfg.idle_timeout,
+            max_flows: cfg.max_flows,
+            max_connections: cfg.max_connections,
+            connect_timeout: cfg.connect_timeout,
+        })
+    }
+}
+
+/// Reads a login's password: the first line of its file, without the line ending.
+fn read_login(login: &PasswordLogin) -> anyhow::Result<(String, String)> {
+    let path = &login.password_file;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("password file {}: cannot read: {e}", path.display()))?;
+    let password = text.lines().next().unwrap_or("").to_owned();
+    if password.is_empty() {
+        anyhow::bail!("password file {}: the first line is empty", path.display());
+    }
+    if password.len() > 255 {
+        anyhow::bail!(
+            "password file {}: the password is longer than 255 bytes (RFC 1929 limit)",
+            path.display()
+        );
+    }
+    Ok((login.user.clone(), password))
+}
+
+/// Opens connections and associations through the gateway list.
+pub(crate) struct Dialer {
+    gateways: Vec<GatewayEndpoint>,
+    tls: Arc<rustls::ClientConfig>,
+    credentials: Option<(String, String)>,
+    suites: Vec<CipherSuite>,
+    timeout: Duration,
+    replay_window: usize,
+    /// The gateway that worked last: new connections start there.
+    preferred: AtomicUsize,
+    metrics: Arc<Metrics>,
+}
+
+impl Dialer {
+    pub(crate) fn len(&self) -> usize {
+        self.gateways.len()
+    }
+
+    pub(crate) fn preferred(&self) -> usize {
+        self.preferred.load(Ordering::Relaxed) % self.len()
+    }
+
+    pub(crate) fn set_preferred(&self, i: usize) {
+        self.preferred.store(i, Ordering::Relaxed);
+    }
+
+    /// The gateway's address, for logs.
+    pub(crate) fn name(&self, i: usize) -> &Address {
+        &self.gateways[i % self.len()].addr
+    }
+
+    /// Client options for each address of gateway `i` (a name may resolve to several).
+    async fn options(&self, i: usize) -> Result<Vec<ClientOptions>, ClientError> {
+        let g = &self.gateways[i % self.len()];
+        let addrs: Vec<SocketAddr> = match &g.addr {
+            Address::Ip(a) => vec![*a],
+            Address::Domain(host, port) => {
+                tokio::time::timeout(self.timeout, tokio::net::lookup_host((host.as_str(), *port)))
+                    .await
+                    .map_err(|_| ClientError::Timeout)??
+                    .collect()
+            }
+        };
+        if addrs.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::NotFound, format!("{}: no addresses", g.addr)).into());
+        }
+        Ok(addrs
+            .into_iter()
+            .map(|a| ClientOptions {
+                credentials: self.credentials.clone(),
+                suites: self.suites.clone(),
+                timeout: self.timeout,
+                replay_window: self.replay_window,
+                ..ClientOptions::new(a, &g.server_name, self.tls.clone())
+            })
+            .collect())
+    }
+
+    /// Opens a secure association through gateway `i`, trying each of its addresses.
+    pub(crate) async fn udp_via(&self, i: usize) -> Result<SecureUdp, ClientError> {
+        let mut last = None;
+        for opts in self.options(i).await? {
+            match SecureUdp::connect(&opts).await {
+                Ok(u) => return Ok(u.with_metrics(self.metrics.clone())),
+                Err(e) if e.is_gateway_failure() => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or(ClientError::Timeout))
+    }
+
+    /// One round over the gateway list from the preferred one; returns the association and
+    /// the index of the gateway that served it. Stops early on an answer that another
+    /// gateway would give too (refused credentials, no common suite).
+    pub(crate) async fn udp_any(&self) -> Result<(SecureUdp, usize), ClientError> {
+        let start = self.preferred();
+        let mut last = None;
+        for k in 0..self.len() {
+            let i = (start + k) % self.len();
+            match self.udp_via(i).await {
+                Ok(u) => {
+                    self.set_preferred(i);
+                    return Ok((u, i));
+                }
+                Err(e) if e.is_gateway_failure() => {
+                    tracing::info!(gateway = %self.name(i), error = %e, "gateway unavailable");
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or(ClientError::Timeout))
+    }
+
+    /// A CONNECT to `target` through the first gateway that answers; returns the stream and
+    /// the gateway's BND address. A refusal by a gateway (policy, target down) is final.
+    pub(crate) async fn tcp_any(&self, target: &Address) -> Result<(Control, Address), ClientError> {
+        let start = self.preferred();
+        let mut last = None;
+        for k in 0..self.len() {
+            let i = (start + k) % self.len();
+            let opts = match self.options(i).await {
+                Ok(o) => o,
+                Err(e) => {
+                    last = Some(e);
+                    continue;
+                }
+            };
+            for o in opts {
+                match client::connect_tcp_bound(&o, target).await {
+                    Ok(x) => {
+                        self.set_preferred(i);
+                        return Ok(x);
+                    }
+                    Err(e) if e.is_gateway_failure() => {
+                        tracing::info!(gateway = %self.name(i), error = %e, "gateway unavailable");
+                        last = Some(e);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Err(last.unwrap_or(ClientError::Timeout))
+    }
+}
+
+/// State shared by every task of a shim.
+pub(crate) struct Ctx {
+    pub(crate) dialer: Arc<Dialer>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) socks_credentials: Option<(String, String)>,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) max_flows: usize,
+    /// Local TCP connections (SOCKS5 clients and TCP forwards).
+    pub(crate) connections: Arc<Semaphore>,
+}
+
+/// A bound, not yet running shim.
+pub struct Shim {
+    socks: Option<TcpListener>,
+    forwards: Vec<(Forward, Bound)>,
+    ctx: Arc<Ctx>,
+}
+
+enum Bound {
+    Udp(UdpSocket),
+    Tcp(TcpListener),
+}
+
+impl Bound {
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        match self {
+            Bound::Udp(s) => s.local_addr(),
+            Bound::Tcp(l) => l.local_addr(),
+        }
+    }
+}
+
+impl Shim {
+    /// Binds the SOCKS5 listener and every forward's local socket. Errors name the socket.
+    pub async fn bind(settings: ShimSettings) -> io::Result<Shim> {
+        if settings.gateways.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no gateway configured",
+            ));
+        }
+        let named = |what: String| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
+        if let Some(a) = settings.socks {
+            if !a.ip().is_loopback() && settings.socks_credentials.is_none() {
+                tracing::warn!(
+                    listener = %a,
+                    "SOCKS5 listener is not on loopback and asks for no authentication: \
+                     anyone who can reach it can use the gateway with this shim's credentials"
+                );
+            }
+        }
+        let socks = match settings.socks {
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .map_err(named(format!("SOCKS5 listener {a}")))?,
+            ),
+            None => None,
+        };
+        let mut forwards = Vec::new();
+        for f in &settings.forwards {
+            let bound = match f.proto {
+                ForwardProto::Udp => {
+                    Bound::Udp(crate::net::bind_udp(f.local).map_err(named(format!("forward {f}")))?)
+                }
+                ForwardProto::Tcp => Bound::Tcp(
+                    TcpListener::bind(f.local)
+                        .await
+                        .map_err(named(format!("forward {f}")))?,
+                ),
+            };
+            forwards.push((f.clone(), bound));
+        }
+        let metrics = Arc::new(Metrics::default());
+        let dialer = Arc::new(Dialer {
+            gateways: settings.gateways,
+            tls: settings.tls,
+            credentials: settings.credentials,
+            suites: settings.suites,
+            timeout: settings.connect_timeout,
+            replay_window: settings.replay_window,
+            preferred: AtomicUsize::new(0),
+            metrics: metrics.clone(),
+        });
+        Ok(Shim {
+            socks,
+            forwards,
+            ctx: Arc::new(Ctx {
+                dialer,
+                metrics,
+                socks_credentials: settings.socks_credentials,
+                idle_timeout: settings.idle_timeout,
+                max_flows: settings.max_flows.max(1),
+                connections: Arc::new(Semaphore::new(settings.max_connections.max(1))),
+            }),
+        })
+    }
+
+    /// The bound SOCKS5 address, if the listener is on.
+    pub fn socks_addr(&self) -> Option<SocketAddr> {
+        // Invariant: a bound listener has a local address.
+        self.socks
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound listener"))
+    }
+
+    /// Each forward as configured, with the local address it bound (its real port when
+    /// configured with port 0), in configuration order.
+    pub fn forward_addrs(&self) -> Vec<(Forward, SocketAddr)> {
+        self.forwards
+            .iter()
+            // Invariant: a bound socket has a local address.
+            .map(|(f, b)| (f.clone(), b.local_addr().expect("bound socket")))
+            .collect()
+    }
+
+    /// The shim's counters (datagrams forwarded and returned, drops by reason).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.ctx.metrics.clone()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, closes every association
+    /// and gives local TCP connections a bounded time to finish.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+        let Shim { socks, forwards, ctx } = self;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut services = JoinSet::new();
+        if let Some(listener) = socks {
+            services.spawn(socks::serve(ctx.clone(), listener, stop_rx.clone()));
+        }
+        for (spec, bound) in forwards {
+            match bound {
+                Bound::Udp(sock) => {
+                    services.spawn(forward::serve_udp(ctx.clone(), spec, sock, stop_rx.clone()))
+                }
+                Bound::Tcp(listener) => {
+                    services.spawn(forward::serve_tcp(ctx.clone(), spec, listener, stop_rx.clone()))
+                }
+            };
+        }
+        shutdown.await;
+        tracing::info!("shim shutting down");
+        let _ = stop_tx.send(true);
+        let drained = tokio::time::timeout(DRAIN_TIMEOUT + Duration::from_secs(1), async {
+            while services.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            services.shutdown().await;
+        }
+        tracing::info!(
+            forwarded = ctx.metrics.forwarded.load(Ordering::Relaxed),
+            returned = ctx.metrics.returned.load(Ordering::Relaxed),
+            drops = %ctx.metrics.drop_summary(),
+            "shim stopped"
+        );
+        Ok(())
+    }
+}
+
+/// Waits for `stop` to turn true (or its sender to go away).
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Waits for a set of local TCP connection tasks to finish, at most [`DRAIN_TIMEOUT`], then
+/// aborts the rest.
+pub(crate) async fn drain(mut conns: JoinSet<()>, what: &str) {
+    if conns.is_empty() {
+        return;
+    }
+    let done = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if done.is_err() {
+        tracing::info!(
+            what,
+            left = conns.len(),
+            "drain timeout: closing remaining connections"
+        );
+        conns.shutdown().await;
+    }
+}
