@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod bench;
 pub mod cert;
 pub mod client;
 pub mod config;
