@@ -25,12 +25,13 @@ use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::metrics::Metrics;
+use crate::net::batch::BatchSocket;
 use crate::net::{canonical, DATAGRAM_BUF};
 use crate::proto::record::PREFIX_LEN;
 use crate::proto::session::{RecvSession, SendSession};
@@ -310,7 +311,7 @@ pub struct Received {
 
 /// A secure UDP association through a gateway.
 pub struct SecureUdp {
-    socket: UdpSocket,
+    socket: BatchSocket,
     send: Mutex<SendSession>,
     recv: Mutex<RecvSession>,
     assoc: AssociationId,
@@ -379,7 +380,7 @@ impl SecureUdp {
             let _ = closed_tx.send(true);
         });
         Ok(SecureUdp {
-            socket,
+            socket: BatchSocket::new(socket)?,
             send: Mutex::new(SendSession::new(assoc, &keys, Role::Client)),
             recv: Mutex::new(RecvSession::new(assoc, &keys, Role::Client, opts.replay_window)),
             assoc,
@@ -416,7 +417,7 @@ impl SecureUdp {
 
     /// The local UDP address.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.socket.local_addr()
+        self.socket.socket().local_addr()
     }
 
     /// True once the gateway closed the control connection (the association is gone).
@@ -455,7 +456,7 @@ impl SecureUdp {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .seal(&target.as_ref(), payload, scratch)?;
-        self.socket.send(&scratch[..n]).await?;
+        self.socket.socket().send(&scratch[..n]).await?;
         Ok(())
     }
 
@@ -472,8 +473,34 @@ impl SecureUdp {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .seal_in_place(buf, plaintext_len)?;
-        self.socket.send(&buf[..n]).await?;
+        self.socket.socket().send(&buf[..n]).await?;
         Ok(n)
+    }
+
+    /// Seals the plaintext at `buf[PREFIX_LEN..PREFIX_LEN + plaintext_len]` in place without
+    /// sending it, so the caller can gather records into a GSO train
+    /// ([`crate::net::batch::GsoBatch`]) and send them with [`SecureUdp::send_train`].
+    pub fn seal_record(&self, buf: &mut [u8], plaintext_len: usize) -> Result<usize, SealError> {
+        self.send
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .seal_in_place(buf, plaintext_len)
+    }
+
+    /// Records one GSO send may carry to the relay (1 where the kernel has no GSO).
+    pub fn max_gso_segments(&self) -> usize {
+        self.socket.max_gso_segments()
+    }
+
+    /// Sends sealed records to the relay: one record, or a train of `segment`-byte records
+    /// (the last may be shorter) in one system call.
+    pub async fn send_train(&self, bytes: &[u8], segment: Option<usize>) -> io::Result<()> {
+        match self.socket.try_send(self.relay, bytes, segment) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.socket.send(self.relay, bytes, segment).await
+            }
+            r => r,
+        }
     }
 
     /// Receives the next authentic datagram: copies its payload into `buf` (truncating it to
@@ -507,7 +534,7 @@ impl SecureUdp {
     /// Cancel-safe: a record is either returned or still in the socket.
     pub async fn recv_in_place(&self, rec: &mut [u8]) -> Result<Received, ClientError> {
         loop {
-            let n = self.socket.recv(rec).await?;
+            let n = self.socket.socket().recv(rec).await?;
             match self.open(&mut rec[..n]) {
                 Ok(r) => return Ok(r),
                 Err(e) => {

@@ -113,7 +113,33 @@ impl Default for RecvBatch {
     }
 }
 
+/// Position of [`RecvBatch::next`] in a batch.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Cursor {
+    buffer: usize,
+    offset: usize,
+}
+
 impl RecvBatch {
+    /// The next datagram of the batch (GRO trains split at their stride) and its canonical
+    /// source, or `None` when the batch is used up. Unlike [`for_each`](Self::for_each) the
+    /// caller may await between calls.
+    pub fn next(&mut self, cur: &mut Cursor) -> Option<(&mut [u8], SocketAddr)> {
+        while cur.buffer < self.filled {
+            let m = &self.meta[cur.buffer];
+            if cur.offset < m.len {
+                let stride = if m.stride == 0 { m.len } else { m.stride.max(1) };
+                let start = cur.buffer * RECV_BUF + cur.offset;
+                let len = stride.min(m.len - cur.offset);
+                cur.offset += len;
+                return Some((&mut self.storage[start..start + len], canonical(m.addr)));
+            }
+            cur.buffer += 1;
+            cur.offset = 0;
+        }
+        None
+    }
+
     /// Calls `f` with every datagram received (GRO trains split at their stride) and its
     /// canonical source address.
     pub fn for_each(&mut self, mut f: impl FnMut(&mut [u8], SocketAddr)) {
@@ -303,5 +329,29 @@ mod tests {
             });
         }
         assert_eq!(seen, (0..8).collect::<Vec<u8>>());
+    }
+
+    #[tokio::test]
+    async fn cursor_walks_every_datagram() {
+        let rx = BatchSocket::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()).unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let dest = rx.socket().local_addr().unwrap();
+        for i in 0..5u8 {
+            tx.send_to(&vec![i; 10 + i as usize], dest).await.unwrap();
+        }
+        let mut batch = RecvBatch::default();
+        let mut seen = Vec::new();
+        while seen.len() < 5 {
+            tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv_batch(&mut batch))
+                .await
+                .unwrap()
+                .unwrap();
+            let mut cur = Cursor::default();
+            while let Some((d, _)) = batch.next(&mut cur) {
+                assert_eq!(d.len(), 10 + d[0] as usize);
+                seen.push(d[0]);
+            }
+        }
+        assert_eq!(seen, vec![0, 1, 2, 3, 4]);
     }
 }

@@ -29,9 +29,10 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::client::RECORD_BUF;
 use crate::config::Forward;
-use crate::proto::record::{MAX_PLAINTEXT, PREFIX_LEN};
+use crate::net::batch::{BatchSocket, Cursor, GsoBatch, RecvBatch};
+use crate::proto::record::{record_len, MAX_PLAINTEXT, PREFIX_LEN};
 use crate::proto::DropReason;
-use crate::shim::link::Link;
+use crate::shim::link::{Assoc, Link};
 use crate::shim::socks::DATAGRAM_ROOM;
 use crate::shim::{drain, stopped, Ctx};
 
@@ -56,14 +57,29 @@ pub(crate) async fn serve_udp(
     sock: UdpSocket,
     mut stop: watch::Receiver<bool>,
 ) {
-    let sock = Arc::new(sock);
+    let sock = match BatchSocket::new(sock) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            tracing::error!(forward = %spec, error = %e, "cannot set up the local UDP socket");
+            return;
+        }
+    };
     let epoch = Instant::now();
     let now_ms = move || epoch.elapsed().as_millis() as u64;
     let target = spec.target.as_ref();
     let alen = target.encoded_len();
     let at = PREFIX_LEN + alen;
-    // Room for the largest datagram plus the record's padding and tag after it.
+    let mut header = vec![0u8; alen];
+    if target.encode(&mut header).is_err() {
+        // Cannot happen for a validated config (names are checked when parsed).
+        tracing::error!(forward = %spec, "target address cannot be encoded");
+        return;
+    }
+    // Slow path (link down): the plaintext is placed here and handed to the link's queue.
     let mut buf = vec![0u8; at + DATAGRAM_ROOM + 64];
+    buf[PREFIX_LEN..at].copy_from_slice(&header);
+    let mut batch = RecvBatch::default();
+    let mut train = Train::default();
     let mut flows: HashMap<SocketAddr, Flow> = HashMap::new();
     let idle = ctx.idle_timeout;
     let mut sweep =
@@ -71,14 +87,11 @@ pub(crate) async fn serve_udp(
     let too_large_logged = AtomicBool::new(false);
     let m = ctx.metrics.clone();
     loop {
-        let (n, src) = tokio::select! {
-            r = sock.recv_from(&mut buf[at..at + DATAGRAM_ROOM]) => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::debug!(forward = %spec, error = %e, "local UDP receive error");
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                    continue;
-                }
+        tokio::select! {
+            r = sock.recv_batch(&mut batch) => if let Err(e) = r {
+                tracing::debug!(forward = %spec, error = %e, "local UDP receive error");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                continue;
             },
             _ = sweep.tick() => {
                 let cutoff = now_ms().saturating_sub(idle.as_millis() as u64);
@@ -92,50 +105,127 @@ pub(crate) async fn serve_udp(
                 continue;
             }
             _ = stopped(&mut stop) => break,
-        };
-        if alen + n > MAX_PLAINTEXT {
-            m.count_drop(DropReason::TooLarge);
-            if !too_large_logged.swap(true, Ordering::Relaxed) {
-                tracing::warn!(
-                    forward = %spec,
-                    size = n,
-                    max = MAX_PLAINTEXT - alen,
-                    "datagram too large for one secure record: dropped (logged once per forward)"
-                );
+        }
+        // Every datagram of the batch: records for a live association are sealed straight
+        // into a GSO train (one send per run of equal sizes); the rest wait in their link.
+        let mut cur = Cursor::default();
+        while let Some((d, src)) = batch.next(&mut cur) {
+            let n = d.len();
+            if alen + n > MAX_PLAINTEXT {
+                m.count_drop(DropReason::TooLarge);
+                if !too_large_logged.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        forward = %spec,
+                        size = n,
+                        max = MAX_PLAINTEXT - alen,
+                        "datagram too large for one secure record: dropped (logged once per forward)"
+                    );
+                }
+                continue;
             }
-            continue;
-        }
-        if target.encode(&mut buf[PREFIX_LEN..at]).is_err() {
-            // Cannot happen for a validated config (names are checked when parsed).
-            m.count_drop(DropReason::BadAddress);
-            continue;
-        }
-        if !flows.contains_key(&src) && flows.len() >= ctx.max_flows {
-            let oldest = flows
-                .iter()
-                .min_by_key(|(_, f)| f.last.load(Ordering::Relaxed))
-                .map(|(a, _)| *a);
-            if let Some(old) = oldest {
-                tracing::info!(forward = %spec, src = %old, "flow limit reached: closing the least recently active flow");
-                flows.remove(&old);
+            if !flows.contains_key(&src) && flows.len() >= ctx.max_flows {
+                let oldest = flows
+                    .iter()
+                    .min_by_key(|(_, f)| f.last.load(Ordering::Relaxed))
+                    .map(|(a, _)| *a);
+                if let Some(old) = oldest {
+                    tracing::info!(forward = %spec, src = %old, "flow limit reached: closing the least recently active flow");
+                    flows.remove(&old);
+                }
+            }
+            let flow = flows
+                .entry(src)
+                .or_insert_with(|| new_flow(&ctx, &spec, &sock, src, now_ms));
+            flow.last.store(now_ms(), Ordering::Relaxed);
+            match flow.link.current() {
+                Some(assoc) => {
+                    let link = flow.link.clone();
+                    train.push(link, assoc, &header, d).await;
+                }
+                None => {
+                    buf[at..at + n].copy_from_slice(d);
+                    let link = flow.link.clone();
+                    train.flush().await;
+                    link.send(&mut buf, alen + n).await;
+                }
             }
         }
-        let flow = flows
-            .entry(src)
-            .or_insert_with(|| new_flow(&ctx, &spec, &sock, src, now_ms));
-        flow.last.store(now_ms(), Ordering::Relaxed);
-        let link = flow.link.clone();
-        link.send(&mut buf, alen + n).await;
+        train.flush().await;
     }
     let open = flows.len();
     drop(flows);
     tracing::debug!(forward = %spec, flows = open, "UDP forward stopped");
 }
 
+/// Records sealed for one association, waiting to leave in one GSO send.
+struct Train {
+    current: Option<(Arc<Link>, Arc<Assoc>)>,
+    records: GsoBatch,
+    /// Payload bytes of each record in the train, for the counters.
+    payloads: Vec<usize>,
+}
+
+impl Default for Train {
+    fn default() -> Self {
+        Train {
+            current: None,
+            records: GsoBatch::new(1),
+            payloads: Vec::with_capacity(64),
+        }
+    }
+}
+
+impl Train {
+    /// Seals `header` + `payload` for `assoc` into the train, sending the train first when
+    /// the record cannot join it (another association, another size, or full).
+    async fn push(&mut self, link: Arc<Link>, assoc: Arc<Assoc>, header: &[u8], payload: &[u8]) {
+        let relay = assoc.udp.relay();
+        let plaintext_len = header.len() + payload.len();
+        let len = record_len(plaintext_len);
+        let same = self.current.as_ref().is_some_and(|(_, a)| Arc::ptr_eq(a, &assoc));
+        if !same || !self.records.fits(relay, len) {
+            self.flush().await;
+            if !same {
+                self.records = GsoBatch::new(assoc.udp.max_gso_segments());
+            }
+        }
+        let space = self.records.reserve(len);
+        space[PREFIX_LEN..PREFIX_LEN + header.len()].copy_from_slice(header);
+        space[PREFIX_LEN + header.len()..PREFIX_LEN + plaintext_len].copy_from_slice(payload);
+        match assoc.udp.seal_record(space, plaintext_len) {
+            Ok(n) => {
+                self.records.commit(relay, len, n);
+                self.payloads.push(payload.len());
+                self.current = Some((link, assoc));
+            }
+            Err(e) => {
+                self.records.unreserve(len);
+                link.seal_failed(&assoc, e);
+            }
+        }
+    }
+
+    /// Sends what the train holds.
+    async fn flush(&mut self) {
+        if let (Some((link, assoc)), Some((_, bytes, seg))) = (&self.current, self.records.pending()) {
+            match assoc.udp.send_train(bytes, seg).await {
+                Ok(()) => {
+                    for &p in &self.payloads {
+                        link.sent(p);
+                    }
+                }
+                Err(e) => link.send_failed(assoc, self.payloads.len(), &e),
+            }
+        }
+        self.records.clear();
+        self.payloads.clear();
+    }
+}
+
 fn new_flow(
     ctx: &Ctx,
     spec: &Forward,
-    sock: &Arc<UdpSocket>,
+    sock: &Arc<BatchSocket>,
     src: SocketAddr,
     now_ms: impl Fn() -> u64 + Send + 'static,
 ) -> Flow {
@@ -153,7 +243,7 @@ fn new_flow(
         loop {
             let r = rx.recv(&mut rec).await;
             last2.store(now_ms(), Ordering::Relaxed);
-            if sock.send_to(&rec[r.payload], src).await.is_err() {
+            if sock.socket().send_to(&rec[r.payload], src).await.is_err() {
                 m.count_drop(DropReason::SendFailed);
             }
         }

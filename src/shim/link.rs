@@ -107,6 +107,39 @@ impl Link {
         self.shared.current.borrow().is_some()
     }
 
+    /// The association in use, if the link is up (the batched send path seals for it
+    /// directly; see [`Link::sent`] and [`Link::send_failed`]).
+    pub(crate) fn current(&self) -> Option<Arc<Assoc>> {
+        self.shared.current.borrow().clone()
+    }
+
+    /// Notes that a datagram left through [`Link::current`]'s association.
+    pub(crate) fn sent(&self, payload_len: usize) {
+        let s = &self.shared;
+        s.last_send.store(s.now_ms(), Ordering::Relaxed);
+        s.metrics.forwarded(payload_len);
+    }
+
+    /// Reports that sending `count` records through `assoc` failed with `e`: counted, and
+    /// the association given up if the error is fatal (as [`Link::send`] does).
+    pub(crate) fn send_failed(&self, assoc: &Arc<Assoc>, count: usize, e: &std::io::Error) {
+        for _ in 0..count {
+            self.shared.metrics.count_drop(DropReason::SendFailed);
+        }
+        if is_fatal(e) {
+            tracing::debug!(link = %self.shared.label, error = %e, "send failed");
+            self.shared.fail(assoc, "send failed");
+        }
+    }
+
+    /// Reports a record that could not be sealed (a key at its limit ends the association).
+    pub(crate) fn seal_failed(&self, assoc: &Arc<Assoc>, e: SealError) {
+        self.shared.metrics.count_drop(e.reason());
+        if matches!(e, SealError::KeyExhausted { .. }) {
+            self.shared.fail(assoc, "sending key exhausted");
+        }
+    }
+
     /// A receiver of the datagrams the gateway returns, across reconnections.
     pub fn receiver(&self) -> LinkRx {
         LinkRx {
