@@ -23,7 +23,6 @@ use sudp::client::{ClientOptions, SecureUdp};
 use sudp::gateway::{AuthSettings, Gateway, Settings};
 use sudp::policy::{Action, Policy, Rule};
 use sudp::proto::socks::Address;
-use sudp::proto::CipherSuite;
 use sudp::tls::{ClientTlsOptions, ServerTlsOptions, ServerTrust};
 use tokio::net::UdpSocket;
 use tokio::time::timeout;
@@ -35,17 +34,14 @@ async fn main() -> anyhow::Result<()> {
 
     // 2. The gateway. Its default policy refuses loopback destinations (so a client cannot
     //    reach services on the gateway host); allow 127.0.0.1 for this demo.
+    let tls = sudp::tls::server_config(ServerTlsOptions {
+        cert_chain: pki.gateway_chain(),
+        key: pki.gateway_key(),
+        client_ca: None,
+        require_client_cert: false,
+        allow_tls12: false,
+    })?;
     let settings = Settings {
-        listen: "127.0.0.1:0".parse()?,
-        udp_listen: None,
-        advertise: None,
-        tls: sudp::tls::server_config(ServerTlsOptions {
-            cert_chain: pki.gateway_chain(),
-            key: pki.gateway_key(),
-            client_ca: None,
-            require_client_cert: false,
-            allow_tls12: false,
-        })?,
         auth: AuthSettings {
             no_auth: true,
             users: None,
@@ -54,15 +50,10 @@ async fn main() -> anyhow::Result<()> {
             vec![Rule::parse(Action::Allow, "127.0.0.1")?],
             HashMap::new(),
         )),
-        full_cone: false,
-        idle_timeout: Duration::from_secs(30),
         max_associations: 16,
         max_connections: 16,
-        handshake_timeout: Duration::from_secs(5),
-        connect_timeout: Duration::from_secs(5),
-        replay_window: sudp::proto::replay::DEFAULT_WINDOW,
-        suites: CipherSuite::ALL.to_vec(),
         workers: 1,
+        ..Settings::new("127.0.0.1:0".parse()?, tls)
     };
     let gateway = Gateway::bind(settings).await?;
     let control = gateway.control_addr();

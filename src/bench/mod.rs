@@ -48,7 +48,6 @@ use crate::client::{ClientError, ClientOptions, SecureUdp};
 use crate::gateway::{AuthSettings, Gateway, Settings};
 use crate::policy::{Action, Policy, Rule};
 use crate::proto::socks::Address;
-use crate::proto::CipherSuite;
 use crate::tls::{ClientTlsOptions, ServerTlsOptions, ServerTrust};
 use cpu::ThreadClocks;
 use link::Link;
@@ -762,11 +761,6 @@ impl InProcessGateway {
         .map_err(|e| setup(&e))?;
         let loopback = |net: &str| Rule::parse(Action::Allow, net).map_err(|e| setup(&e));
         let settings = Settings {
-            // Invariant: a literal socket address parses.
-            listen: "127.0.0.1:0".parse().expect("literal address"),
-            udp_listen: None,
-            advertise: None,
-            tls,
             auth: AuthSettings {
                 no_auth: true,
                 users: None,
@@ -775,15 +769,11 @@ impl InProcessGateway {
                 vec![loopback("127.0.0.0/8")?, loopback("::1/128")?],
                 HashMap::new(),
             )),
-            full_cone: false,
             idle_timeout: Duration::from_secs(600),
             max_associations: 4 * streams + 8,
             max_connections: 4 * streams + 8,
-            handshake_timeout: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(10),
-            replay_window: crate::proto::replay::DEFAULT_WINDOW,
-            suites: CipherSuite::ALL.to_vec(),
-            workers: crate::gateway::default_workers(),
+            // Invariant: a literal socket address parses.
+            ..Settings::new("127.0.0.1:0".parse().expect("literal address"), tls)
         };
         let clocks = ThreadClocks::default();
         let runtime = gateway_runtime(&clocks)?;

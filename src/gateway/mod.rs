@@ -77,6 +77,31 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// Settings with the documented defaults (docs/CONFIG.md): no authentication method
+    /// enabled (set `auth`), the default destination policy, restricted cone, 120 s idle
+    /// timeout, 4096 associations, 1024 connections, 10 s handshake and connect timeouts,
+    /// window 1024, both suites, one relay worker per core. The way to build settings in
+    /// code: fields added later get their defaults here instead of breaking callers.
+    pub fn new(listen: SocketAddr, tls: Arc<rustls::ServerConfig>) -> Settings {
+        Settings {
+            listen,
+            udp_listen: None,
+            advertise: None,
+            tls,
+            auth: AuthSettings::default(),
+            policy: Arc::new(Policy::default()),
+            full_cone: false,
+            idle_timeout: crate::config::DEFAULT_IDLE_TIMEOUT,
+            max_associations: crate::config::DEFAULT_MAX_ASSOCIATIONS,
+            max_connections: crate::config::DEFAULT_MAX_CONNECTIONS,
+            handshake_timeout: crate::config::DEFAULT_HANDSHAKE_TIMEOUT,
+            connect_timeout: Duration::from_secs(10),
+            replay_window: crate::proto::replay::DEFAULT_WINDOW,
+            suites: CipherSuite::ALL.to_vec(),
+            workers: default_workers(),
+        }
+    }
+
     /// Loads the files a validated config names (certificates, key, users, client CA) and
     /// builds the runtime settings. Errors name the file and the problem.
     pub fn from_config(cfg: &GatewayConfig) -> anyhow::Result<Settings> {

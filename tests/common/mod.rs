@@ -12,7 +12,6 @@ use sudp::client::ClientOptions;
 use sudp::gateway::{AuthSettings, Gateway, Settings};
 use sudp::metrics::Metrics;
 use sudp::policy::{Action, Policy, Rule};
-use sudp::proto::CipherSuite;
 use sudp::tls::{ClientTlsOptions, ServerTlsOptions, ServerTrust};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
@@ -50,24 +49,18 @@ pub fn server_tls(pki: &DevPki, client_ca: bool, require: bool) -> Arc<rustls::S
 
 pub fn settings(pki: &DevPki) -> Settings {
     Settings {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        udp_listen: None,
-        advertise: None,
-        tls: server_tls(pki, false, false),
         auth: AuthSettings {
             no_auth: true,
             users: None,
         },
         policy: Arc::new(loopback_policy()),
-        full_cone: false,
         idle_timeout: Duration::from_secs(30),
         max_associations: 64,
         max_connections: 64,
         handshake_timeout: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(5),
-        replay_window: 1024,
-        suites: CipherSuite::ALL.to_vec(),
         workers: 2,
+        ..Settings::new("127.0.0.1:0".parse().unwrap(), server_tls(pki, false, false))
     }
 }
 
