@@ -532,15 +532,38 @@ impl Relay {
         tokio::spawn(async move {
             match tokio::time::timeout(RESOLVE_TIMEOUT, relay.dns.resolve(&name, port)).await {
                 Ok(Ok(target)) => {
-                    let mut out = Forwarder::default();
-                    out.push(&relay, &assoc, target, &payload);
-                    out.flush(&relay);
+                    if let Some(dest) = admit(&relay, &assoc, target, &mut PeerCache::default()) {
+                        match assoc.outbound.try_send(dest, &payload, None) {
+                            Ok(()) => relay.metrics.forwarded(payload.len()),
+                            Err(_) => relay.metrics.count_drop(DropReason::SendFailed),
+                        }
+                    }
                 }
                 _ => relay.metrics.count_drop(DropReason::ResolveFailed),
             }
             assoc.pending_resolves.fetch_sub(1, Ordering::AcqRel);
         });
     }
+}
+
+/// Policy and restricted-cone bookkeeping for one datagram to `target`; the address to
+/// hand the association's outbound socket, or `None` when policy refuses (counted).
+fn admit(
+    relay: &Relay,
+    assoc: &Association,
+    target: SocketAddr,
+    peers: &mut PeerCache,
+) -> Option<SocketAddr> {
+    let target = canonical(target);
+    if relay.policy.check(assoc.user.as_deref(), target).is_err() {
+        relay.metrics.count_drop(DropReason::PolicyDenied);
+        return None;
+    }
+    if !relay.settings.full_cone && !peers.hit(assoc, target) {
+        assoc.remember(target);
+        peers.set(assoc, target);
+    }
+    Some(for_socket(target, assoc.outbound_v6))
 }
 
 /// Datagrams on their way to targets: runs of equal-sized payloads from one association to
@@ -563,20 +586,14 @@ impl Default for Forwarder {
 
 impl Forwarder {
     fn push(&mut self, relay: &Relay, assoc: &Arc<Association>, target: SocketAddr, payload: &[u8]) {
-        let target = canonical(target);
-        if relay.policy.check(assoc.user.as_deref(), target).is_err() {
-            return relay.metrics.count_drop(DropReason::PolicyDenied);
-        }
-        if !relay.settings.full_cone && !self.peers.hit(assoc, target) {
-            assoc.remember(target);
-            self.peers.set(assoc, target);
-        }
-        let dest = for_socket(target, assoc.outbound_v6);
+        let Some(dest) = admit(relay, assoc, target, &mut self.peers) else {
+            return;
+        };
         let same = self.assoc.as_ref().is_some_and(|a| Arc::ptr_eq(a, assoc));
         if !same || !self.batch.fits(dest, payload.len()) {
             self.flush(relay);
             if !same {
-                self.batch = GsoBatch::new(assoc.outbound.max_gso_segments());
+                self.batch.reset(assoc.outbound.max_gso_segments());
                 self.assoc = Some(assoc.clone());
             }
         }

@@ -179,6 +179,12 @@ impl GsoBatch {
         }
     }
 
+    /// Empties the batch and sets a new segment limit, keeping the buffer (no allocation).
+    pub fn reset(&mut self, max_segments: usize) {
+        self.clear();
+        self.max_segments = max_segments.max(1);
+    }
+
     /// Whether `len` bytes for `dest` can join the batch.
     pub fn fits(&self, dest: SocketAddr, len: usize) -> bool {
         self.count == 0

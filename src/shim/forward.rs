@@ -186,7 +186,7 @@ impl Train {
         if !same || !self.records.fits(relay, len) {
             self.flush().await;
             if !same {
-                self.records = GsoBatch::new(assoc.udp.max_gso_segments());
+                self.records.reset(assoc.udp.max_gso_segments());
             }
         }
         let space = self.records.reserve(len);
