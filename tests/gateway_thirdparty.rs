@@ -8,7 +8,6 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// Plain TCP on 127.0.0.1:0 forwarded into TLS to the gateway.
@@ -23,35 +22,6 @@ async fn tls_wrapper(gw: &TestGateway, pki: &sudp::cert::DevPki) -> std::net::So
                 if let Ok(mut tls) = sudp::client::connect_tls(&opts).await {
                     let _ = tokio::io::copy_bidirectional(&mut plain, &mut tls).await;
                 }
-            });
-        }
-    });
-    addr
-}
-
-/// A minimal HTTP/1.0 server returning `body` for any request.
-async fn http_server(body: Vec<u8>) -> std::net::SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let body = body.clone();
-            tokio::spawn(async move {
-                let mut req = vec![0u8; 4096];
-                let mut have = 0;
-                while !req[..have].windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut req[have..]).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => have += n,
-                    }
-                }
-                let head = format!(
-                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = s.write_all(head.as_bytes()).await;
-                let _ = s.write_all(&body).await;
-                let _ = s.shutdown().await;
             });
         }
     });

@@ -217,35 +217,6 @@ async fn run_process(program: &str, args: Vec<String>) -> std::process::Output {
     }
 }
 
-/// A tiny HTTP/1.0 server: every request gets `body`, then the connection closes.
-async fn http_server(body: Arc<Vec<u8>>) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let body = body.clone();
-            tokio::spawn(async move {
-                let mut req = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => req.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let head = format!(
-                    "HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
-                    body.len()
-                );
-                let _ = s.write_all(head.as_bytes()).await;
-                let _ = s.write_all(&body).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    addr
-}
-
 /// Binds a free port on 127.0.0.1 for both TCP and UDP at this instant (another process may
 /// take it before the caller binds it again; callers retry).
 fn free_tcp_udp_port() -> u16 {
@@ -512,7 +483,7 @@ async fn curl_downloads_through_the_shim_byte_exact() {
     let gw = TestGateway::start(settings(&pki)).await;
     let shim = TestShim::start(shim_settings(&pki, &[gw.control])).await;
     let body: Arc<Vec<u8>> = Arc::new((0..1usize << 20).map(|i| (i * 7 + i / 251) as u8).collect());
-    let http = http_server(body.clone()).await;
+    let http = http_server((*body).clone()).await;
     let socks = shim.socks();
     for host in ["127.0.0.1".to_owned(), "localhost".to_owned()] {
         let out = run_process(
