@@ -1,0 +1,841 @@
+//! The gateway's flags, config file and validated config.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{
+    file_items, file_value, nonzero, nonzero_duration, parse_duration, parse_socket_addr, parse_suite,
+    read_file, replay_window, suites, ConfigError, Origins, Problem,
+};
+use crate::policy::{self, Action, Policy, Rule, RuleError};
+use crate::proto::keys::CipherSuite;
+
+/// Control (TLS) listener address when neither the file nor a flag gives one.
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 1080));
+/// Default idle timeout of a UDP association.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default limit on concurrent UDP associations.
+pub const DEFAULT_MAX_ASSOCIATIONS: usize = 4096;
+/// Default limit on concurrent control connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default time a client has to finish the TLS and SOCKS5 handshakes.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Run the secure-UDP gateway: SOCKS5 over TLS plus a UDP relay for naked and secure UDP.
+///
+/// Every flag is optional, so that a `--config` file can supply it; a flag given on the
+/// command line overrides the file's key of the same name.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct GatewayArgs {
+    /// TOML config file (keys as in docs/CONFIG.md); flags override its keys.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// TLS control listener [default: 127.0.0.1:1080].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+
+    /// TLS certificate chain, PEM (required, with --key).
+    #[arg(long, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+
+    /// TLS private key, PEM (required, with --cert).
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+
+    /// Username/password file for SOCKS5 authentication (RFC 1929).
+    #[arg(long, value_name = "FILE")]
+    pub users: Option<PathBuf>,
+
+    /// CA certificate, PEM, for client certificates (mTLS): a client presenting a
+    /// certificate it signed authenticates by that certificate's identity.
+    #[arg(long, value_name = "FILE")]
+    pub client_ca: Option<PathBuf>,
+
+    /// Accept clients without any authentication. For tests and demos only; cannot be
+    /// combined with --users or --client-ca.
+    #[arg(long)]
+    pub no_auth: bool,
+
+    /// UDP relay socket [default: the --listen IP, port 0 (any free port)].
+    #[arg(long, value_name = "ADDR")]
+    pub udp_listen: Option<SocketAddr>,
+
+    /// Address put in BND.ADDR of UDP ASSOCIATE replies [default: the relay socket's IP, or
+    /// the control connection's local IP when the relay socket is bound to 0.0.0.0 or ::].
+    #[arg(long, value_name = "IP")]
+    pub advertise: Option<IpAddr>,
+
+    /// Allow destinations in CIDR[:PORT[-PORT]] (repeatable).
+    #[arg(long, value_name = "CIDR", value_parser = parse_allow, long_help = rule_long_help(Action::Allow))]
+    pub allow: Vec<Rule>,
+
+    /// Deny destinations in CIDR[:PORT[-PORT]] (repeatable).
+    #[arg(long, value_name = "CIDR", value_parser = parse_deny, long_help = rule_long_help(Action::Deny))]
+    pub deny: Vec<Rule>,
+
+    /// Deny every destination that no allow rule matches (turns the rules into an allow-list).
+    #[arg(long)]
+    pub default_deny: bool,
+
+    /// Accept UDP replies from any source (full cone) [default: only from destinations the
+    /// client has sent to].
+    #[arg(long)]
+    pub full_cone: bool,
+
+    /// Close a UDP association after this long without traffic, e.g. 30s, 5m [default: 120s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub idle_timeout: Option<Duration>,
+
+    /// Most concurrent UDP associations [default: 4096].
+    #[arg(long, value_name = "N")]
+    pub max_associations: Option<usize>,
+
+    /// Most concurrent control connections [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Time a client has to finish the TLS and SOCKS5 handshakes [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub handshake_timeout: Option<Duration>,
+
+    /// Replay window of secure-UDP records, in records, 64..=65536 (rounded up to a multiple
+    /// of 64) [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub replay_window: Option<usize>,
+
+    /// Secure-UDP cipher suites to offer, most preferred first, comma-separated
+    /// [default: aes128-cbc-hmac-sha256,aes256-cbc-hmac-sha256].
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_suite)]
+    pub suites: Vec<CipherSuite>,
+
+    /// Also accept TLS 1.2 on the control connection [default: TLS 1.3 only].
+    #[arg(long)]
+    pub tls12: bool,
+}
+
+/// The gateway's configuration: typed and validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayConfig {
+    /// TLS control listener.
+    pub listen: SocketAddr,
+    /// TLS certificate chain (PEM).
+    pub cert: PathBuf,
+    /// TLS private key (PEM).
+    pub key: PathBuf,
+    /// How clients authenticate.
+    pub auth: Auth,
+    /// UDP relay socket (port 0: any free port).
+    pub udp_listen: SocketAddr,
+    /// Address for BND.ADDR replies; `None`: the relay socket's IP, or the control
+    /// connection's local IP when the relay socket is bound to an unspecified address.
+    pub advertise: Option<IpAddr>,
+    /// Destination policy for CONNECT, naked UDP and secure UDP.
+    pub policy: Policy,
+    /// Accept UDP replies from any source, not only from destinations the client sent to.
+    pub full_cone: bool,
+    /// A UDP association with no traffic for this long is closed (nonzero).
+    pub idle_timeout: Duration,
+    /// Most concurrent UDP associations (nonzero).
+    pub max_associations: usize,
+    /// Most concurrent control connections (nonzero).
+    pub max_connections: usize,
+    /// Time a client has to finish the TLS and SOCKS5 handshakes (nonzero).
+    pub handshake_timeout: Duration,
+    /// Replay window size in records, within
+    /// [`replay::MIN_WINDOW`](crate::proto::replay::MIN_WINDOW)..=
+    /// [`replay::MAX_WINDOW`](crate::proto::replay::MAX_WINDOW).
+    pub replay_window: usize,
+    /// Cipher suites to offer, most preferred first: non-empty, no duplicates.
+    pub suites: Vec<CipherSuite>,
+    /// Accept TLS 1.2 as well as TLS 1.3.
+    pub tls12: bool,
+}
+
+/// How the gateway authenticates clients. At least one method is on, or authentication is
+/// explicitly off; "no method configured" cannot be represented.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Auth {
+    /// `--no-auth`: every client is anonymous (policy: global rules only). Tests and demos.
+    NoAuth,
+    /// SOCKS5 username/password (RFC 1929) checked against this file.
+    Users(PathBuf),
+    /// Client certificates signed by this CA (PEM) are required; the certificate's identity
+    /// is the user name.
+    ClientCert(PathBuf),
+    /// Either: a client presenting a certificate signed by `client_ca` authenticates by its
+    /// identity, any other client with username/password from `users`.
+    UsersOrClientCert {
+        /// Username/password file.
+        users: PathBuf,
+        /// CA for client certificates (PEM).
+        client_ca: PathBuf,
+    },
+}
+
+impl Auth {
+    /// The username/password file, if that method is on.
+    pub fn users(&self) -> Option<&Path> {
+        match self {
+            Auth::Users(users) | Auth::UsersOrClientCert { users, .. } => Some(users),
+            Auth::NoAuth | Auth::ClientCert(_) => None,
+        }
+    }
+
+    /// The client-certificate CA, if that method is on.
+    pub fn client_ca(&self) -> Option<&Path> {
+        match self {
+            Auth::ClientCert(ca) | Auth::UsersOrClientCert { client_ca: ca, .. } => Some(ca),
+            Auth::NoAuth | Auth::Users(_) => None,
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// Builds the configuration from flags and, if `--config` names one, a TOML file: reads
+    /// the file, lets flags override it, applies defaults and validates.
+    pub fn from_args(args: GatewayArgs) -> Result<GatewayConfig, ConfigError> {
+        let file = read_file(args.config.as_deref())?;
+        build(args, file)
+    }
+}
+
+/// The gateway's config file, key for key. Paths stay as written until [`build`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GatewayFile {
+    listen: Option<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    users: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    no_auth: Option<bool>,
+    udp_listen: Option<String>,
+    advertise: Option<String>,
+    allow: Option<Vec<String>>,
+    deny: Option<Vec<String>>,
+    default_deny: Option<bool>,
+    full_cone: Option<bool>,
+    /// A duration string or a number of seconds, hence a raw value.
+    idle_timeout: Option<toml::Value>,
+    max_associations: Option<usize>,
+    max_connections: Option<usize>,
+    handshake_timeout: Option<toml::Value>,
+    replay_window: Option<usize>,
+    suites: Option<Vec<String>>,
+    tls12: Option<bool>,
+    /// Sorted, so that of several bad entries the same one is always reported.
+    users_policy: Option<BTreeMap<String, UserPolicyFile>>,
+}
+
+/// `[users_policy.NAME]`: one user's rules.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserPolicyFile {
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    deny: Vec<String>,
+}
+
+/// Merges flags over the file, applies defaults and validates.
+fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigError> {
+    let o = Origins::new(args.config.as_deref());
+
+    // Every file value is parsed, even one a flag overrides: a broken file is an error.
+    let listen = args
+        .listen
+        .or(file_value(&o, "listen", file.listen, parse_socket_addr)?)
+        .unwrap_or(DEFAULT_LISTEN);
+    let udp_listen = args
+        .udp_listen
+        .or(file_value(&o, "udp_listen", file.udp_listen, parse_socket_addr)?)
+        .unwrap_or(SocketAddr::new(listen.ip(), 0));
+    let advertise = args
+        .advertise
+        .or(file_value(&o, "advertise", file.advertise, parse_ip_addr)?);
+
+    // TLS.
+    let cert = o.path(args.cert, file.cert);
+    let key = o.path(args.key, file.key);
+    let (cert, key) = match (cert, key) {
+        (Some(cert), Some(key)) => (cert, key),
+        (None, Some(_)) => return Err(ConfigError::MissingTls { missing: "`cert`" }),
+        (Some(_), None) => return Err(ConfigError::MissingTls { missing: "`key`" }),
+        (None, None) => {
+            return Err(ConfigError::MissingTls {
+                missing: "`cert` and `key`",
+            })
+        }
+    };
+
+    // Authentication.
+    let users = o.path(args.users, file.users);
+    let client_ca = o.path(args.client_ca, file.client_ca);
+    let no_auth = args.no_auth || file.no_auth.unwrap_or(false);
+    let auth = match (no_auth, users, client_ca) {
+        (true, Some(_), _) => return Err(ConfigError::AuthConflict { with: "users" }),
+        (true, None, Some(_)) => return Err(ConfigError::AuthConflict { with: "client_ca" }),
+        (true, None, None) => Auth::NoAuth,
+        (false, Some(users), Some(client_ca)) => Auth::UsersOrClientCert { users, client_ca },
+        (false, Some(users), None) => Auth::Users(users),
+        (false, None, Some(ca)) => Auth::ClientCert(ca),
+        (false, None, None) => return Err(ConfigError::NoAuthMethod),
+    };
+
+    // Policy: within each scope deny rules come before allow rules (so a deny carves holes in
+    // a wider allow); a flag given at least once replaces the file's list.
+    let file_allow = file_items(&o, "allow", &file.allow.unwrap_or_default(), parse_allow)?;
+    let file_deny = file_items(&o, "deny", &file.deny.unwrap_or_default(), parse_deny)?;
+    let allow = if args.allow.is_empty() {
+        file_allow
+    } else {
+        args.allow
+    };
+    let deny = if args.deny.is_empty() {
+        file_deny
+    } else {
+        args.deny
+    };
+    let mut users_policy = HashMap::new();
+    for (user, rules) in file.users_policy.unwrap_or_default() {
+        let key = |list: &str| format!("users_policy.{user}.{list}");
+        let mut list = file_items(&o, &key("deny"), &rules.deny, parse_deny)?;
+        list.extend(file_items(&o, &key("allow"), &rules.allow, parse_allow)?);
+        users_policy.insert(user, list);
+    }
+    let default_deny = args.default_deny || file.default_deny.unwrap_or(false);
+    let policy =
+        Policy::new(deny.into_iter().chain(allow).collect(), users_policy).deny_by_default(default_deny);
+
+    // Limits.
+    let idle_timeout = nonzero_duration(
+        &o,
+        "idle_timeout",
+        args.idle_timeout,
+        file.idle_timeout,
+        DEFAULT_IDLE_TIMEOUT,
+    )?;
+    let handshake_timeout = nonzero_duration(
+        &o,
+        "handshake_timeout",
+        args.handshake_timeout,
+        file.handshake_timeout,
+        DEFAULT_HANDSHAKE_TIMEOUT,
+    )?;
+    let max_associations = nonzero(
+        &o,
+        "max_associations",
+        args.max_associations,
+        file.max_associations,
+        DEFAULT_MAX_ASSOCIATIONS,
+    )?;
+    let max_connections = nonzero(
+        &o,
+        "max_connections",
+        args.max_connections,
+        file.max_connections,
+        DEFAULT_MAX_CONNECTIONS,
+    )?;
+    let replay_window = replay_window(&o, args.replay_window, file.replay_window)?;
+    let suites = suites(&o, args.suites, file.suites)?;
+
+    Ok(GatewayConfig {
+        listen,
+        cert,
+        key,
+        auth,
+        udp_listen,
+        advertise,
+        policy,
+        full_cone: args.full_cone || file.full_cone.unwrap_or(false),
+        idle_timeout,
+        max_associations,
+        max_connections,
+        handshake_timeout,
+        replay_window,
+        suites,
+        tls12: args.tls12 || file.tls12.unwrap_or(false),
+    })
+}
+
+fn parse_ip_addr(text: &str) -> Result<IpAddr, Problem> {
+    text.trim().parse().map_err(|_| Problem::IpAddr(text.to_owned()))
+}
+
+fn parse_allow(text: &str) -> Result<Rule, RuleError> {
+    Rule::parse(Action::Allow, text)
+}
+
+fn parse_deny(text: &str) -> Result<Rule, RuleError> {
+    Rule::parse(Action::Deny, text)
+}
+
+/// `--help` text of `--allow` and `--deny`: syntax, order and the default policy.
+fn rule_long_help(action: Action) -> String {
+    let (verb, example) = match action {
+        Action::Allow => ("Allow", "--allow 127.0.0.0/8:8000-8999"),
+        Action::Deny => ("Deny", "--deny 10.0.0.0/8 --deny [2001:db8::]/32:53"),
+    };
+    format!(
+        "{verb} destinations in CIDR[:PORT[-PORT]] (repeatable), e.g. {example}. A host is \
+         an address without /LEN; IPv6 with a port needs brackets. Given on the command line, \
+         the list replaces the config file's.\n\n\
+         Order: a user's own rules (config file, [users_policy.NAME]) first, then the global \
+         ones; within each, deny rules before allow rules; the first match wins.\n\n{}",
+        policy::DEFAULT_POLICY_HELP
+    )
+}
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::config::parse_file;
+    use crate::config::testing::{self, check_config_md, sa, CONFIG_MD, SHIM_SECTION};
+
+    type Cli = testing::Cli<GatewayArgs>;
+
+    fn flags(argv: &[&str]) -> GatewayArgs {
+        testing::flags("gateway", argv)
+    }
+
+    /// Builds from `text` as if read from `gateway.toml`, plus `argv` flags.
+    fn from_toml(text: &str, argv: &[&str]) -> Result<GatewayConfig, ConfigError> {
+        testing::from_toml("gateway", build, text, argv)
+    }
+
+    fn error(text: &str, argv: &[&str]) -> String {
+        from_toml(text, argv).unwrap_err().to_string()
+    }
+
+    const MINIMAL: &str = "cert = \"c.pem\"\nkey = \"k.pem\"\nno_auth = true\n";
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_only_with_defaults() {
+        let c = GatewayConfig::from_args(flags(&[
+            "--cert",
+            "c.pem",
+            "--key",
+            "k.pem",
+            "--users",
+            "users.txt",
+        ]))
+        .unwrap();
+        assert_eq!(c.listen, DEFAULT_LISTEN);
+        assert_eq!(c.udp_listen, sa("127.0.0.1:0"));
+        assert_eq!(c.cert, PathBuf::from("c.pem"));
+        assert_eq!(c.key, PathBuf::from("k.pem"));
+        assert_eq!(c.auth, Auth::Users("users.txt".into()));
+        assert_eq!(c.advertise, None);
+        assert_eq!(c.policy, Policy::default());
+        assert!(!c.full_cone && !c.tls12);
+        assert_eq!(c.idle_timeout, Duration::from_secs(120));
+        assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.max_associations, 4096);
+        assert_eq!(c.max_connections, 1024);
+        assert_eq!(c.replay_window, 1024);
+        assert_eq!(c.suites, CipherSuite::ALL.to_vec());
+        assert_eq!(c.suites[0], CipherSuite::Aes128CbcHmacSha256);
+    }
+
+    #[test]
+    fn flags_only_every_flag() {
+        let c = GatewayConfig::from_args(flags(&[
+            "--listen=[::1]:8443",
+            "--cert=c.pem",
+            "--key=k.pem",
+            "--client-ca=ca.pem",
+            "--udp-listen=0.0.0.0:9000",
+            "--advertise=192.0.2.7",
+            "--allow=127.0.0.0/8:7000",
+            "--allow=10.0.0.0/8",
+            "--deny=10.9.0.0/16",
+            "--default-deny",
+            "--full-cone",
+            "--idle-timeout=5m",
+            "--max-associations=10",
+            "--max-connections=20",
+            "--handshake-timeout=1500ms",
+            "--replay-window=64",
+            "--suites=aes256-cbc-hmac-sha256",
+            "--tls12",
+        ]))
+        .unwrap();
+        assert_eq!(c.listen, sa("[::1]:8443"));
+        assert_eq!(c.auth, Auth::ClientCert("ca.pem".into()));
+        assert_eq!(c.udp_listen, sa("0.0.0.0:9000"));
+        assert_eq!(c.advertise, Some("192.0.2.7".parse().unwrap()));
+        assert!(c.full_cone && c.tls12 && c.policy.denies_by_default());
+        assert_eq!(c.idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.handshake_timeout, Duration::from_millis(1500));
+        assert_eq!((c.max_associations, c.max_connections), (10, 20));
+        assert_eq!(c.replay_window, 64);
+        assert_eq!(c.suites, vec![CipherSuite::Aes256CbcHmacSha256]);
+        let rules: Vec<String> = c.policy.global_rules().iter().map(|r| r.to_string()).collect();
+        assert_eq!(
+            rules,
+            ["deny 10.9.0.0/16", "allow 127.0.0.0/8:7000", "allow 10.0.0.0/8"]
+        );
+        assert!(c.policy.check(None, sa("10.9.1.1:1")).is_err());
+        assert!(c.policy.check(None, sa("10.8.1.1:1")).is_ok());
+        assert!(c.policy.check(None, sa("127.0.0.1:7000")).is_ok());
+        assert!(c.policy.check(None, sa("192.0.2.1:1")).is_err());
+    }
+
+    #[test]
+    fn udp_listen_defaults_to_the_listen_ip() {
+        let c = GatewayConfig::from_args(flags(&[
+            "--listen=192.0.2.1:443",
+            "--cert=c",
+            "--key=k",
+            "--no-auth",
+        ]))
+        .unwrap();
+        assert_eq!(c.udp_listen, sa("192.0.2.1:0"));
+        assert_eq!(c.auth, Auth::NoAuth);
+    }
+
+    #[test]
+    fn file_only() {
+        let c = from_toml(
+            r#"
+            listen = "0.0.0.0:1443"
+            cert = "tls/cert.pem"
+            key = "/etc/sudp/key.pem"
+            users = "users.txt"
+            client_ca = "ca.pem"
+            udp_listen = "0.0.0.0:5000"
+            advertise = "2001:db8::1"
+            allow = ["127.0.0.1:9000"]
+            deny = ["192.0.2.0/24", "[2001:db8::]/32:53"]
+            full_cone = true
+            idle_timeout = 30
+            max_associations = 7
+            max_connections = 8
+            handshake_timeout = "2s"
+            replay_window = 65536
+            suites = ["aes256-cbc-hmac-sha256", "aes128-cbc-hmac-sha256"]
+            tls12 = true
+
+            [users_policy.alice]
+            allow = ["192.0.2.0/25"]
+            deny = ["192.0.2.1"]
+
+            [users_policy.bob]
+            deny = ["0.0.0.0/0"]
+            "#,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.listen, sa("0.0.0.0:1443"));
+        // Relative file paths are resolved against the file's directory (here: none).
+        assert_eq!(c.cert, PathBuf::from("tls/cert.pem"));
+        assert_eq!(c.key, PathBuf::from("/etc/sudp/key.pem"));
+        assert_eq!(
+            c.auth,
+            Auth::UsersOrClientCert {
+                users: "users.txt".into(),
+                client_ca: "ca.pem".into()
+            }
+        );
+        assert_eq!(c.auth.users(), Some(Path::new("users.txt")));
+        assert_eq!(c.auth.client_ca(), Some(Path::new("ca.pem")));
+        assert_eq!(c.udp_listen, sa("0.0.0.0:5000"));
+        assert_eq!(c.advertise, Some("2001:db8::1".parse().unwrap()));
+        assert!(c.full_cone && c.tls12 && !c.policy.denies_by_default());
+        assert_eq!(c.idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.handshake_timeout, Duration::from_secs(2));
+        assert_eq!((c.max_associations, c.max_connections), (7, 8));
+        assert_eq!(c.replay_window, 65536);
+        assert_eq!(
+            c.suites,
+            [CipherSuite::Aes256CbcHmacSha256, CipherSuite::Aes128CbcHmacSha256]
+        );
+        let p = &c.policy;
+        assert_eq!(p.global_rules().len(), 3);
+        assert!(p.check(None, sa("127.0.0.1:9000")).is_ok());
+        assert!(p.check(None, sa("192.0.2.9:1")).is_err());
+        assert!(p.check(Some("alice"), sa("192.0.2.9:1")).is_ok());
+        assert!(p.check(Some("alice"), sa("192.0.2.1:1")).is_err());
+        assert!(p.check(Some("alice"), sa("192.0.2.200:1")).is_err());
+        assert!(p.check(Some("bob"), sa("198.51.100.1:1")).is_err());
+        assert!(p.check(Some("carol"), sa("198.51.100.1:1")).is_ok());
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file = r#"
+            listen = "0.0.0.0:1443"
+            cert = "c.pem"
+            key = "k.pem"
+            users = "users.txt"
+            allow = ["10.0.0.0/8"]
+            deny = ["192.0.2.0/24"]
+            idle_timeout = "1h"
+            max_connections = 8
+            suites = ["aes256-cbc-hmac-sha256"]
+        "#;
+        let c = from_toml(
+            file,
+            &[
+                "--listen=127.0.0.2:1",
+                "--key=other.pem",
+                "--allow=172.16.0.0/12",
+                "--allow=198.51.100.0/24",
+                "--idle-timeout=45",
+                "--suites=aes128-cbc-hmac-sha256,aes256-cbc-hmac-sha256",
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.listen, sa("127.0.0.2:1"));
+        assert_eq!(c.udp_listen, sa("127.0.0.2:0"));
+        assert_eq!(c.cert, PathBuf::from("c.pem"));
+        assert_eq!(c.key, PathBuf::from("other.pem"));
+        assert_eq!(c.idle_timeout, Duration::from_secs(45));
+        assert_eq!(c.max_connections, 8);
+        assert_eq!(c.suites, CipherSuite::ALL.to_vec());
+        // --allow replaced the file's allow list; the file's deny list stays.
+        let rules: Vec<String> = c.policy.global_rules().iter().map(|r| r.to_string()).collect();
+        assert_eq!(
+            rules,
+            [
+                "deny 192.0.2.0/24",
+                "allow 172.16.0.0/12",
+                "allow 198.51.100.0/24"
+            ]
+        );
+        // Boolean flags can only switch on.
+        let c = from_toml(MINIMAL, &["--tls12", "--full-cone"]).unwrap();
+        assert!(c.tls12 && c.full_cone);
+    }
+
+    #[test]
+    fn relative_file_paths_resolve_against_the_file() {
+        let mut args = flags(&["--users=flag-users.txt"]);
+        args.config = Some("/etc/sudp/gateway.toml".into());
+        let file = parse_file(
+            Path::new("x"),
+            "cert = \"cert.pem\"\nkey = \"/abs/key.pem\"\nclient_ca = \"ca/ca.pem\"",
+        )
+        .unwrap();
+        let c = build(args, file).unwrap();
+        assert_eq!(c.cert, PathBuf::from("/etc/sudp/cert.pem"));
+        assert_eq!(c.key, PathBuf::from("/abs/key.pem"));
+        assert_eq!(c.auth.client_ca(), Some(Path::new("/etc/sudp/ca/ca.pem")));
+        assert_eq!(c.auth.users(), Some(Path::new("flag-users.txt")));
+    }
+
+    #[test]
+    fn each_value_error_names_file_and_key() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "idle_timeout = \"5 parsecs\"",
+                "gateway.toml: key `idle_timeout`: invalid duration \"5 parsecs\"",
+            ),
+            (
+                "handshake_timeout = \"0s\"",
+                "gateway.toml: key `handshake_timeout`: must be greater than zero",
+            ),
+            (
+                "handshake_timeout = -3",
+                "gateway.toml: key `handshake_timeout`: invalid duration \"-3\"",
+            ),
+            (
+                "idle_timeout = 1.5",
+                "gateway.toml: key `idle_timeout`: expected a duration string",
+            ),
+            (
+                "listen = \"foo\"",
+                "gateway.toml: key `listen`: invalid socket address \"foo\"",
+            ),
+            (
+                "udp_listen = \"1.2.3.4\"",
+                "gateway.toml: key `udp_listen`: invalid socket address \"1.2.3.4\"",
+            ),
+            (
+                "advertise = \"host.example\"",
+                "gateway.toml: key `advertise`: invalid IP address \"host.example\"",
+            ),
+            (
+                "allow = [\"10.0.0.0/33\"]",
+                "gateway.toml: key `allow`: invalid rule \"10.0.0.0/33\": prefix length 33",
+            ),
+            (
+                "deny = [\"nope\"]",
+                "gateway.toml: key `deny`: invalid rule \"nope\"",
+            ),
+            (
+                "[users_policy.alice]\ndeny = [\"10.0.0.1/8\"]",
+                "gateway.toml: key `users_policy.alice.deny`: invalid rule \"10.0.0.1/8\": \
+                 host bits",
+            ),
+            (
+                "max_associations = 0",
+                "gateway.toml: key `max_associations`: must be greater than zero",
+            ),
+            (
+                "max_connections = 0",
+                "gateway.toml: key `max_connections`: must be greater than zero",
+            ),
+            (
+                "replay_window = 32",
+                "gateway.toml: key `replay_window`: 32 is outside 64..=65536",
+            ),
+            (
+                "replay_window = 65537",
+                "gateway.toml: key `replay_window`: 65537 is outside 64..=65536",
+            ),
+            (
+                "suites = []",
+                "gateway.toml: key `suites`: at least one cipher suite",
+            ),
+            (
+                "suites = [\"rot13\"]",
+                "gateway.toml: key `suites`: unknown cipher suite \"rot13\" (known: \
+                 aes128-cbc-hmac-sha256, aes256-cbc-hmac-sha256)",
+            ),
+            (
+                "suites = [\"aes128-cbc-hmac-sha256\", \"aes128-cbc-hmac-sha256\"]",
+                "gateway.toml: key `suites`: cipher suite \"aes128-cbc-hmac-sha256\" is listed",
+            ),
+        ];
+        for (extra, want) in cases {
+            // Keys before MINIMAL's so that a [table] in `extra` does not swallow them.
+            let text = format!("{MINIMAL}{extra}\n");
+            let got = error(&text, &[]);
+            assert!(got.starts_with(want), "{extra}:\n got: {got}\nwant: {want}");
+        }
+    }
+
+    #[test]
+    fn flag_value_errors_name_the_flag() {
+        let got = error(MINIMAL, &["--replay-window=10"]);
+        assert_eq!(got, "flag `--replay-window`: 10 is outside 64..=65536");
+        let got = error(MINIMAL, &["--max-connections=0"]);
+        assert_eq!(got, "flag `--max-connections`: must be greater than zero");
+        let got = error(MINIMAL, &["--idle-timeout=0"]);
+        assert_eq!(got, "flag `--idle-timeout`: must be greater than zero");
+        let got = error(
+            MINIMAL,
+            &["--suites=aes128-cbc-hmac-sha256,aes128-cbc-hmac-sha256"],
+        );
+        assert!(got.starts_with("flag `--suites`: cipher suite"), "{got}");
+        // A broken file is an error even where a flag overrides the broken key.
+        let got = error(&format!("{MINIMAL}idle_timeout = \"x\""), &["--idle-timeout=5s"]);
+        assert!(got.contains("key `idle_timeout`"), "{got}");
+    }
+
+    #[test]
+    fn clap_rejects_malformed_flags() {
+        for argv in [
+            ["--listen", "foo"],
+            ["--idle-timeout", "5 parsecs"],
+            ["--allow", "10.0.0.0/33"],
+            ["--deny", "x"],
+            ["--suites", "rot13"],
+            ["--advertise", "1.2.3.4:5"],
+            ["--max-associations", "x"],
+            ["--max-associations=-1", "--tls12"],
+        ] {
+            let args = std::iter::once("gateway").chain(argv);
+            let err = Cli::try_parse_from(args).err().expect("must fail");
+            let flag = argv[0].split('=').next().unwrap();
+            assert!(err.to_string().contains(flag), "{err}");
+        }
+        let err = Cli::try_parse_from(["gateway", "--deny", "10.0.0.0/8:99999"])
+            .err()
+            .expect("must fail");
+        assert!(
+            err.to_string().contains("invalid rule \"10.0.0.0/8:99999\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_and_mistyped_keys_are_rejected_by_name() {
+        let got = error(&format!("{MINIMAL}idle_timout = \"5s\""), &[]);
+        assert!(got.starts_with("gateway.toml: "), "{got}");
+        assert!(got.contains("idle_timout"), "{got}");
+        let got = error(&format!("{MINIMAL}[users_policy.alice]\npermit = []"), &[]);
+        assert!(got.contains("permit"), "{got}");
+        let got = error(&format!("{MINIMAL}max_connections = \"many\""), &[]);
+        assert!(got.contains("max_connections"), "{got}");
+        let got = error("listen = ", &[]);
+        assert!(got.starts_with("gateway.toml: "), "{got}");
+    }
+
+    #[test]
+    fn tls_files_are_required_together() {
+        let got = error("no_auth = true\ncert = \"c\"", &[]);
+        assert!(got.starts_with("missing `key`"), "{got}");
+        let got = error("no_auth = true\nkey = \"k\"", &[]);
+        assert!(got.starts_with("missing `cert`:"), "{got}");
+        let got = error("no_auth = true", &[]);
+        assert!(got.starts_with("missing `cert` and `key`"), "{got}");
+        assert!(got.contains("--cert"), "{got}");
+    }
+
+    #[test]
+    fn authentication_must_be_chosen() {
+        let got = error("cert = \"c\"\nkey = \"k\"", &[]);
+        assert!(got.contains("no client authentication"), "{got}");
+        assert!(got.contains("--no-auth"), "{got}");
+        let got = error(MINIMAL, &["--users=u.txt"]);
+        assert!(got.contains("`no_auth` (--no-auth) cannot be combined with `users` (--users)"));
+        let got = error(MINIMAL, &["--client-ca=ca.pem"]);
+        assert!(got.contains("with `client_ca` (--client-ca)"), "{got}");
+    }
+
+    #[test]
+    fn missing_file_is_reported_with_its_path() {
+        let args = flags(&["--config=/nonexistent/sudp/gateway.toml"]);
+        let got = GatewayConfig::from_args(args).unwrap_err().to_string();
+        assert!(
+            got.starts_with("/nonexistent/sudp/gateway.toml: cannot read config file"),
+            "{got}"
+        );
+    }
+
+    #[test]
+    fn allow_and_deny_help_states_the_default_policy() {
+        use clap::CommandFactory;
+        let mut cmd = Cli::command();
+        let help = cmd.render_long_help().to_string();
+        assert!(help.contains("Default policy:"), "{help}");
+        assert!(help.contains("first match wins"), "{help}");
+    }
+
+    #[test]
+    fn config_md_documents_every_flag_and_its_snippets_parse() {
+        // The gateway's part; the shim's section is checked in the shim's tests.
+        let doc = CONFIG_MD.split(SHIM_SECTION).next().unwrap();
+        check_config_md::<GatewayArgs>(doc, |toml| {
+            from_toml(&format!("{MINIMAL}{toml}"), &[]).unwrap();
+        });
+    }
+
+    #[test]
+    fn example_config_parses_and_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/gateway.toml");
+        let args = GatewayArgs {
+            config: Some(path.clone()),
+            ..GatewayArgs::default()
+        };
+        let c = GatewayConfig::from_args(args).unwrap();
+        let dir = path.parent().unwrap();
+        assert!(c.cert.starts_with(dir), "{}", c.cert.display());
+        assert!(c.auth.users().is_some());
+        assert!(c.policy.check(None, sa("127.0.0.1:1")).is_err());
+    }
+}
