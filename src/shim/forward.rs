@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::watch;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 
 use crate::client::RECORD_BUF;
 use crate::config::Forward;
@@ -34,7 +34,7 @@ use crate::proto::record::{record_len, MAX_PLAINTEXT, PREFIX_LEN};
 use crate::proto::DropReason;
 use crate::shim::link::{Assoc, Link};
 use crate::shim::socks::DATAGRAM_ROOM;
-use crate::shim::{drain, stopped, Ctx};
+use crate::shim::{accept_loop, stopped, Ctx};
 
 /// One local source of a UDP forward.
 struct Flow {
@@ -256,38 +256,15 @@ pub(crate) async fn serve_tcp(
     ctx: Arc<Ctx>,
     spec: Forward,
     listener: TcpListener,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let spec = Arc::new(spec);
-    let mut conns = JoinSet::new();
-    loop {
-        let permit = tokio::select! {
-            p = ctx.connections.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = stopped(&mut stop) => break,
-        };
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => {
-                    let (ctx, spec) = (ctx.clone(), spec.clone());
-                    conns.spawn(async move {
-                        tcp_conn(&ctx, &spec, tcp, peer).await;
-                        drop(permit);
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(forward = %spec, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            _ = stopped(&mut stop) => break,
-        }
-    }
-    drop(listener);
-    drain(conns, "TCP forward").await;
+    let what = format!("TCP forward {spec}");
+    accept_loop(&ctx.clone(), listener, stop, &what, move |tcp, peer| {
+        let (ctx, spec) = (ctx.clone(), spec.clone());
+        async move { tcp_conn(&ctx, &spec, tcp, peer).await }
+    })
+    .await;
 }
 
 async fn tcp_conn(ctx: &Ctx, spec: &Forward, mut tcp: TcpStream, peer: SocketAddr) {

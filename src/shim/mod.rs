@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
@@ -475,6 +475,50 @@ impl Shim {
 /// Waits for `stop` to turn true (or its sender to go away).
 pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Accepts local TCP connections under the shim's connection limit until `stop`, running
+/// `handle` for each in a task of its own; then drains them. `what` names the listener in
+/// logs.
+pub(crate) async fn accept_loop<F, Fut>(
+    ctx: &Ctx,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+    what: &str,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut conns = JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            p = ctx.connections.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = stopped(&mut stop) => break,
+        };
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    let conn = handle(tcp, peer);
+                    conns.spawn(async move {
+                        conn.await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(listener = what, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            _ = stopped(&mut stop) => break,
+        }
+    }
+    drop(listener);
+    drain(conns, what).await;
 }
 
 /// Waits for a set of local TCP connection tasks to finish, at most [`DRAIN_TIMEOUT`], then

@@ -38,7 +38,7 @@ use crate::proto::record::{MAX_PLAINTEXT, PREFIX_LEN};
 use crate::proto::socks::{self, method, Address, Command, ReplyCode};
 use crate::proto::{DropReason, SocksError};
 use crate::shim::link::Link;
-use crate::shim::{drain, stopped, Ctx};
+use crate::shim::{accept_loop, stopped, Ctx};
 
 /// Time a local client has to finish its greeting, authentication and request.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,36 +48,12 @@ pub(crate) const DATAGRAM_ROOM: usize = 65_536;
 const NAKED_PREFIX: usize = 3;
 
 /// Serves the listener until `stop`; then drains the connections it accepted.
-pub(crate) async fn serve(ctx: Arc<Ctx>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
-    let mut conns = JoinSet::new();
-    loop {
-        let permit = tokio::select! {
-            p = ctx.connections.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = stopped(&mut stop) => break,
-        };
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => {
-                    let (ctx, stop) = (ctx.clone(), stop.clone());
-                    conns.spawn(async move {
-                        serve_conn(ctx, tcp, peer, stop).await;
-                        drop(permit);
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "SOCKS5 accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            _ = stopped(&mut stop) => break,
-        }
-    }
-    drop(listener);
-    drain(conns, "SOCKS5").await;
+pub(crate) async fn serve(ctx: Arc<Ctx>, listener: TcpListener, stop: watch::Receiver<bool>) {
+    let stop_conns = stop.clone();
+    accept_loop(&ctx.clone(), listener, stop, "SOCKS5", move |tcp, peer| {
+        serve_conn(ctx.clone(), tcp, peer, stop_conns.clone())
+    })
+    .await;
 }
 
 /// Why a local client's session ended before a command ran.
