@@ -479,6 +479,9 @@ async fn local_socks_authentication() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_downloads_through_the_shim_byte_exact() {
+    if !have_curl() {
+        return;
+    }
     let pki = pki();
     let gw = TestGateway::start(settings(&pki)).await;
     let shim = TestShim::start(shim_settings(&pki, &[gw.control])).await;
@@ -543,6 +546,9 @@ print("retries", retries)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pysocks_udp_client_through_the_shim() {
+    if !have_python_socks() {
+        return;
+    }
     let pki = pki();
     let gw = TestGateway::start(settings(&pki)).await;
     let shim = TestShim::start(shim_settings(&pki, &[gw.control])).await;
@@ -842,6 +848,9 @@ async fn shim_with_forward_pair(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn iperf3_udp_through_a_tcp_and_udp_forward_pair() {
+    if !have_iperf3() {
+        return;
+    }
     let pki = pki();
     let gw = TestGateway::start(settings(&pki)).await;
     let server_port = free_tcp_udp_port();
@@ -918,6 +927,9 @@ async fn iperf3_udp_through_a_tcp_and_udp_forward_pair() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ffmpeg_mpegts_stream_through_a_udp_forward_is_decodable() {
+    if !have_ffmpeg() {
+        return;
+    }
     let pki = pki();
     let gw = TestGateway::start(settings(&pki)).await;
     // The receiving end: captures every datagram, in order of arrival.

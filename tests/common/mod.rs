@@ -210,3 +210,44 @@ pub async fn http_server(body: Vec<u8>) -> SocketAddr {
     });
     addr
 }
+
+/// Whether a third-party program the test drives is installed. `.ci/run` installs every one
+/// and sets `SUDP_REQUIRE_TOOLS=1`, so in CI a missing tool fails the test; on a machine
+/// with only the Rust toolchain the test says what it skipped and passes.
+pub fn tool_available(what: &str, program: &str, probe: &[&str]) -> bool {
+    let ok = std::process::Command::new(program)
+        .args(probe)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var_os("SUDP_REQUIRE_TOOLS").is_none(),
+            "{what} is required here (SUDP_REQUIRE_TOOLS is set) but `{program}` is missing"
+        );
+        eprintln!("SKIPPED: {what} not installed (`bash .ci/run` installs it)");
+    }
+    ok
+}
+
+pub fn have_curl() -> bool {
+    tool_available("curl", "curl", &["--version"])
+}
+
+pub fn have_python_socks() -> bool {
+    tool_available(
+        "Debian's python3-socks",
+        "/usr/bin/python3",
+        &["-c", "import socks"],
+    )
+}
+
+pub fn have_iperf3() -> bool {
+    tool_available("iperf3", "iperf3", &["--version"])
+}
+
+pub fn have_ffmpeg() -> bool {
+    tool_available("ffmpeg", "ffmpeg", &["-version"]) && tool_available("ffprobe", "ffprobe", &["-version"])
+}
