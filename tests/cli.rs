@@ -143,3 +143,68 @@ fn passwd_prints_a_users_line_without_the_password() {
     let users = sudp::auth::Users::parse(&line, "stdout").unwrap();
     assert!(users.verify(b"alice", b"s3cret-pass"));
 }
+
+/// Passwords and keys never reach the logs, even at trace level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_in_gateway_logs_at_trace_level() {
+    use sudp::client::{authenticate_plain, connect_tls, ClientOptions, SecureUdp};
+    use sudp::tls::{ClientTlsOptions, ServerTrust};
+
+    let dir = tempdir("secrets");
+    let pki = sudp::cert::ephemeral();
+    sudp::cert::write(&pki, &dir).unwrap();
+    let secret = "hunter2-very-secret";
+    let line = format!(
+        "alice:{}\n",
+        sudp::auth::hash_password(secret.as_bytes()).unwrap()
+    );
+    std::fs::write(dir.join("users.txt"), line).unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--allow",
+            "127.0.0.0/8",
+            "--log",
+            "trace",
+        ])
+        .arg("--cert")
+        .arg(dir.join("gateway.pem"))
+        .arg("--key")
+        .arg(dir.join("gateway.key"))
+        .arg("--users")
+        .arg(dir.join("users.txt"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let control = lines.next().unwrap().unwrap();
+    let addr: std::net::SocketAddr = control.rsplit(' ').next().unwrap().parse().unwrap();
+    let tls = sudp::tls::client_config(ClientTlsOptions {
+        trust: ServerTrust::Ca(vec![pki.ca_der()]),
+        client_auth: None,
+        allow_tls12: false,
+    })
+    .unwrap();
+    let mut opts = ClientOptions::new(addr, "localhost", tls);
+    // A wrong password that contains the real one, then the real one, on both methods.
+    let wrong = format!("{secret}-nope");
+    let mut c = connect_tls(&opts).await.unwrap();
+    assert!(authenticate_plain(&mut c, Some(("alice", &wrong))).await.is_err());
+    let mut c = connect_tls(&opts).await.unwrap();
+    authenticate_plain(&mut c, Some(("alice", secret))).await.unwrap();
+    opts.credentials = Some(("alice".into(), secret.into()));
+    let udp = SecureUdp::connect(&opts).await.unwrap();
+    drop(udp);
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("UDP association open"), "trace log captured:\n{log}");
+    assert!(!log.contains(secret), "password in the logs:\n{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
