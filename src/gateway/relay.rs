@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::task::JoinHandle;
 
-use crate::net::batch::{BatchSocket, GsoBatch, RecvBatch};
+use crate::net::batch::{BatchSocket, GsoBatch, RecvBatch, SMALL_BATCH};
 
 use crate::metrics::Metrics;
 use crate::net::dns::Resolver;
@@ -626,7 +626,7 @@ impl Forwarder {
 /// Reads replies from the association's outbound socket and returns them to the client,
 /// sealing a batch of equal-sized records into one GSO send.
 async fn reply_loop(relay: Arc<Relay>, assoc: Arc<Association>, mut send: Option<SendSession>) {
-    let mut batch = RecvBatch::default();
+    let mut batch = RecvBatch::new(SMALL_BATCH);
     let mut out = GsoBatch::new(relay.io().max_gso_segments());
     let mut peers = PeerCache::default();
     loop {

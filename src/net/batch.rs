@@ -51,12 +51,18 @@ impl BatchSocket {
     pub async fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
         loop {
             self.socket.readable().await?;
+            let buffers = batch.buffers;
             let mut rest = batch.storage.chunks_mut(RECV_BUF);
-            let mut iovs: [IoSliceMut<'_>; BATCH] =
-                // Invariant: storage holds exactly BATCH chunks of RECV_BUF bytes.
-                std::array::from_fn(|_| IoSliceMut::new(rest.next().expect("BATCH chunks")));
+            let mut iovs: [IoSliceMut<'_>; BATCH] = std::array::from_fn(|_| {
+                // Chunks past `buffers` are empty slices the call below never sees.
+                IoSliceMut::new(rest.next().unwrap_or(&mut []))
+            });
             let r = self.socket.try_io(Interest::READABLE, || {
-                self.state.recv((&self.socket).into(), &mut iovs, &mut batch.meta)
+                self.state.recv(
+                    (&self.socket).into(),
+                    &mut iovs[..buffers],
+                    &mut batch.meta[..buffers],
+                )
             });
             match r {
                 Ok(n) => {
@@ -97,21 +103,26 @@ impl BatchSocket {
 }
 
 /// Receive buffers and their metadata, reused across calls.
+///
+/// Memory: `buffers` × [`RECV_BUF`] bytes of address space, of which only the pages that
+/// datagrams actually filled become resident (the buffer starts as untouched zero pages).
 pub struct RecvBatch {
     storage: Vec<u8>,
+    buffers: usize,
     meta: [RecvMeta; BATCH],
     filled: usize,
 }
 
 impl Default for RecvBatch {
+    /// [`BATCH`] buffers: for shared loops that serve many peers.
     fn default() -> Self {
-        RecvBatch {
-            storage: vec![0u8; BATCH * RECV_BUF],
-            meta: [RecvMeta::default(); BATCH],
-            filled: 0,
-        }
+        RecvBatch::new(BATCH)
     }
 }
+
+/// Buffers of a per-association receive loop: enough to batch one stream, small enough
+/// that thousands of associations stay cheap.
+pub const SMALL_BATCH: usize = 8;
 
 /// Position of [`RecvBatch::next`] in a batch.
 #[derive(Debug, Default, Clone, Copy)]
@@ -121,6 +132,17 @@ pub struct Cursor {
 }
 
 impl RecvBatch {
+    /// `buffers` receive buffers (1..=[`BATCH`]).
+    pub fn new(buffers: usize) -> Self {
+        let buffers = buffers.clamp(1, BATCH);
+        RecvBatch {
+            storage: vec![0u8; buffers * RECV_BUF],
+            buffers,
+            meta: [RecvMeta::default(); BATCH],
+            filled: 0,
+        }
+    }
+
     /// The next datagram of the batch (GRO trains split at their stride) and its canonical
     /// source, or `None` when the batch is used up. Unlike [`for_each`](Self::for_each) the
     /// caller may await between calls.

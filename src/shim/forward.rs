@@ -27,9 +27,8 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::client::RECORD_BUF;
 use crate::config::Forward;
-use crate::net::batch::{BatchSocket, Cursor, GsoBatch, RecvBatch};
+use crate::net::batch::{BatchSocket, Cursor, GsoBatch, RecvBatch, SMALL_BATCH};
 use crate::proto::record::{record_len, MAX_PLAINTEXT, PREFIX_LEN};
 use crate::proto::DropReason;
 use crate::shim::link::{Assoc, Link};
@@ -239,13 +238,33 @@ fn new_flow(
     let mut rx = link.receiver();
     let (sock, last2, m) = (sock.clone(), last.clone(), ctx.metrics.clone());
     let replies = tokio::spawn(async move {
-        let mut rec = vec![0u8; RECORD_BUF];
+        // Replies arrive in batches and leave for the local peer as GSO trains.
+        let mut batch = RecvBatch::new(SMALL_BATCH);
+        let mut out = GsoBatch::new(sock.max_gso_segments());
         loop {
-            let r = rx.recv(&mut rec).await;
+            rx.recv_batch(&mut batch, &mut |payload, _from| {
+                if !out.fits(src, payload.len()) {
+                    if let Some((dest, bytes, seg)) = out.pending() {
+                        if sock.try_send(dest, bytes, seg).is_err() {
+                            for _ in 0..out.len() {
+                                m.count_drop(DropReason::SendFailed);
+                            }
+                        }
+                    }
+                    out.clear();
+                }
+                out.push(src, payload);
+            })
+            .await;
             last2.store(now_ms(), Ordering::Relaxed);
-            if sock.socket().send_to(&rec[r.payload], src).await.is_err() {
-                m.count_drop(DropReason::SendFailed);
+            if let Some((dest, bytes, seg)) = out.pending() {
+                if sock.send(dest, bytes, seg).await.is_err() {
+                    for _ in 0..out.len() {
+                        m.count_drop(DropReason::SendFailed);
+                    }
+                }
             }
+            out.clear();
         }
     });
     Flow { link, replies, last }

@@ -368,6 +368,48 @@ pub struct LinkRx {
 }
 
 impl LinkRx {
+    /// Receives one batch of datagrams the gateway returns (see
+    /// [`SecureUdp::recv_batch`]), whichever association is current; waits across
+    /// reconnections. `f` gets each payload and its source. Cancel-safe.
+    pub async fn recv_batch(
+        &mut self,
+        batch: &mut crate::net::batch::RecvBatch,
+        f: &mut (dyn FnMut(&[u8], &crate::proto::socks::Address) + Send),
+    ) {
+        loop {
+            let current = self.rx.borrow_and_update().clone();
+            let Some(assoc) = current else {
+                if self.rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+                continue;
+            };
+            let metrics = self.shared.metrics.clone();
+            let mut counted = |p: &[u8], from: &crate::proto::socks::Address| {
+                metrics.returned(p.len());
+                f(p, from);
+            };
+            tokio::select! {
+                r = assoc.udp.recv_batch(batch, &mut counted) => match r {
+                    Ok(0) => continue,
+                    Ok(_) => return,
+                    Err(e) => {
+                        tracing::debug!(link = %self.shared.label, error = %e, "receive failed");
+                        self.shared.fail(&assoc, "receive failed");
+                        if self.rx.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                },
+                changed = self.rx.changed() => {
+                    if changed.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+        }
+    }
+
     /// The next authentic datagram, opened in place in `rec` (see [`Received`]); waits
     /// across reconnections. `rec` should hold [`crate::client::RECORD_BUF`] bytes.
     /// Cancel-safe.
