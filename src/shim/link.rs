@@ -368,6 +368,31 @@ pub struct LinkRx {
 }
 
 impl LinkRx {
+    /// The association in use, waiting while the link is down.
+    async fn current(&mut self) -> Arc<Assoc> {
+        loop {
+            if let Some(a) = self.rx.borrow_and_update().clone() {
+                return a;
+            }
+            self.changed().await;
+        }
+    }
+
+    /// Waits for the supervisor to publish a change (a new association, or none).
+    async fn changed(&mut self) {
+        if self.rx.changed().await.is_err() {
+            // The link is gone; its owner is about to stop us.
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// A receive on `assoc` failed: give it up and wait for its replacement.
+    async fn failed(&mut self, assoc: &Arc<Assoc>, e: &ClientError) {
+        tracing::debug!(link = %self.shared.label, error = %e, "receive failed");
+        self.shared.fail(assoc, "receive failed");
+        self.changed().await;
+    }
+
     /// Receives one batch of datagrams the gateway returns (see
     /// [`SecureUdp::recv_batch`]), whichever association is current; waits across
     /// reconnections. `f` gets each payload and its source. Cancel-safe.
@@ -377,13 +402,7 @@ impl LinkRx {
         f: &mut (dyn FnMut(&[u8], &crate::proto::socks::Address) + Send),
     ) {
         loop {
-            let current = self.rx.borrow_and_update().clone();
-            let Some(assoc) = current else {
-                if self.rx.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-                continue;
-            };
+            let assoc = self.current().await;
             let metrics = self.shared.metrics.clone();
             let mut counted = |p: &[u8], from: &crate::proto::socks::Address| {
                 metrics.returned(p.len());
@@ -391,15 +410,9 @@ impl LinkRx {
             };
             tokio::select! {
                 r = assoc.udp.recv_batch(batch, &mut counted) => match r {
-                    Ok(0) => continue,
+                    Ok(0) => {}
                     Ok(_) => return,
-                    Err(e) => {
-                        tracing::debug!(link = %self.shared.label, error = %e, "receive failed");
-                        self.shared.fail(&assoc, "receive failed");
-                        if self.rx.changed().await.is_err() {
-                            std::future::pending::<()>().await;
-                        }
-                    }
+                    Err(e) => self.failed(&assoc, &e).await,
                 },
                 changed = self.rx.changed() => {
                     if changed.is_err() {
@@ -415,28 +428,14 @@ impl LinkRx {
     /// Cancel-safe.
     pub async fn recv(&mut self, rec: &mut [u8]) -> Received {
         loop {
-            let current = self.rx.borrow_and_update().clone();
-            let Some(assoc) = current else {
-                if self.rx.changed().await.is_err() {
-                    // The link is gone; its owner is about to stop us.
-                    std::future::pending::<()>().await;
-                }
-                continue;
-            };
+            let assoc = self.current().await;
             tokio::select! {
                 r = assoc.udp.recv_in_place(rec) => match r {
                     Ok(r) => {
                         self.shared.metrics.returned(r.payload.len());
                         return r;
                     }
-                    Err(e) => {
-                        tracing::debug!(link = %self.shared.label, error = %e, "receive failed");
-                        self.shared.fail(&assoc, "receive failed");
-                        // Wait for the supervisor to replace the association.
-                        if self.rx.changed().await.is_err() {
-                            std::future::pending::<()>().await;
-                        }
-                    }
+                    Err(e) => self.failed(&assoc, &e).await,
                 },
                 changed = self.rx.changed() => {
                     if changed.is_err() {
