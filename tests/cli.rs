@@ -1,9 +1,11 @@
 //! The binary as a user runs it: `sudp cert`, `sudp gateway` (prints what it bound, stops
 //! gracefully on SIGTERM), config errors that name the key.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sudp");
 
@@ -60,20 +62,7 @@ fn gateway_prints_bound_addresses_and_exits_zero_on_sigterm() {
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
 
     // SIGTERM: stop accepting, drain, exit 0.
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "gateway did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = common::terminate(&mut child, "gateway");
     assert!(status.success(), "{status}");
     let _ = std::fs::remove_dir_all(&dir);
 }

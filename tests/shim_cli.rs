@@ -1,9 +1,10 @@
 //! `sudp shim` as a user runs it: prints what it bound (one line per listener), stops
 //! gracefully on SIGTERM, and refuses bad configurations naming the key or flag.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sudp");
 
@@ -48,20 +49,7 @@ fn shim_prints_bound_listeners_and_exits_zero_on_sigterm() {
     let port: u16 = socks.rsplit(':').next().unwrap().parse().unwrap();
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
 
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "shim did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = common::terminate(&mut child, "shim");
     assert!(status.success(), "{status}");
 }
 

@@ -251,3 +251,24 @@ pub fn have_iperf3() -> bool {
 pub fn have_ffmpeg() -> bool {
     tool_available("ffmpeg", "ffmpeg", &["-version"]) && tool_available("ffprobe", "ffprobe", &["-version"])
 }
+
+/// Sends SIGTERM to `child` and waits (bounded) for it to exit; returns its status.
+pub fn terminate(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
