@@ -157,7 +157,7 @@ pub(crate) async fn serve_udp(
 }
 
 /// Records sealed for one association, waiting to leave in one GSO send.
-struct Train {
+pub(crate) struct Train {
     current: Option<(Arc<Link>, Arc<Assoc>)>,
     records: GsoBatch,
     /// Payload bytes of each record in the train, for the counters.
@@ -177,7 +177,7 @@ impl Default for Train {
 impl Train {
     /// Seals `header` + `payload` for `assoc` into the train, sending the train first when
     /// the record cannot join it (another association, another size, or full).
-    async fn push(&mut self, link: Arc<Link>, assoc: Arc<Assoc>, header: &[u8], payload: &[u8]) {
+    pub(crate) async fn push(&mut self, link: Arc<Link>, assoc: Arc<Assoc>, header: &[u8], payload: &[u8]) {
         let relay = assoc.udp.relay();
         let plaintext_len = header.len() + payload.len();
         let len = record_len(plaintext_len);
@@ -205,7 +205,7 @@ impl Train {
     }
 
     /// Sends what the train holds.
-    async fn flush(&mut self) {
+    pub(crate) async fn flush(&mut self) {
         if let (Some((link, assoc)), Some((_, bytes, seg))) = (&self.current, self.records.pending()) {
             match assoc.udp.send_train(bytes, seg).await {
                 Ok(()) => {

@@ -28,15 +28,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::client::RECORD_BUF;
+use crate::net::batch::{BatchSocket, Cursor, GsoBatch, RecvBatch, SMALL_BATCH};
 use crate::net::canonical;
-use crate::proto::record::{MAX_PLAINTEXT, PREFIX_LEN};
+use crate::proto::record::{MAX_DATAGRAM, MAX_PLAINTEXT, PREFIX_LEN};
 use crate::proto::socks::{self, method, Address, Command, ReplyCode};
 use crate::proto::{DropReason, SocksError};
+use crate::shim::forward::Train;
 use crate::shim::link::Link;
 use crate::shim::{accept_loop, stopped, Ctx};
 
@@ -222,14 +223,14 @@ async fn associate(
     let peer = canonical(peer);
     // The IP the application reached us on: loopback when it connected to loopback.
     let local_ip = canonical(tcp.local_addr()?).ip();
-    let sock = match crate::net::bind_udp(SocketAddr::new(local_ip, 0)) {
+    let sock = match crate::net::bind_udp(SocketAddr::new(local_ip, 0)).and_then(BatchSocket::new) {
         Ok(s) => Arc::new(s),
         Err(e) => {
             tracing::warn!(%peer, error = %e, "cannot bind a local UDP socket");
             return reply(&mut tcp, ReplyCode::GeneralFailure, None).await;
         }
     };
-    let bnd = sock.local_addr()?;
+    let bnd = sock.socket().local_addr()?;
     let first = match ctx.dialer.udp_any().await {
         Ok(x) => x,
         Err(e) => {
@@ -275,83 +276,124 @@ async fn associate(
     Ok(())
 }
 
-/// Naked datagrams from the application, sealed in place and sent to the gateway.
+/// Naked datagrams from the application, received in batches and sealed into GSO trains
+/// towards the gateway (the naked header minus RSV and FRAG is the record's plaintext
+/// address); while the link is down they wait in the link's queue.
 async fn app_to_gateway(
     ctx: Arc<Ctx>,
-    sock: Arc<UdpSocket>,
+    sock: Arc<BatchSocket>,
     app: Arc<AppAddr>,
     link: Arc<Link>,
     label: String,
 ) {
     let m = &ctx.metrics;
     let at = PREFIX_LEN - NAKED_PREFIX;
-    // Room for the largest datagram plus the record's padding and tag after it.
+    // Slow path (link down): the naked datagram is placed so its plaintext starts at
+    // PREFIX_LEN, with room for the record's padding and tag after it.
     let mut buf = vec![0u8; at + DATAGRAM_ROOM + 64];
+    let mut batch = RecvBatch::new(SMALL_BATCH);
+    let mut train = Train::default();
     let too_large_logged = AtomicBool::new(false);
     loop {
-        let (n, src) = match sock.recv_from(&mut buf[at..at + DATAGRAM_ROOM]).await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::debug!(error = %e, "local UDP receive error");
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                continue;
-            }
-        };
-        if !app.accept(canonical(src)) {
-            m.count_drop(DropReason::ForeignSource);
+        if let Err(e) = sock.recv_batch(&mut batch).await {
+            tracing::debug!(error = %e, "local UDP receive error");
+            tokio::time::sleep(Duration::from_millis(1)).await;
             continue;
         }
-        match socks::parse_udp_header(&buf[at..at + n]) {
-            Ok(h) if h.frag != 0 => {
-                m.count_drop(DropReason::Fragmented);
+        let mut cur = Cursor::default();
+        while let Some((d, src)) = batch.next(&mut cur) {
+            if !app.accept(src) {
+                m.count_drop(DropReason::ForeignSource);
                 continue;
             }
-            Ok(_) => {}
-            Err(SocksError::Incomplete { .. }) => {
-                m.count_drop(DropReason::Truncated);
+            let h = match socks::parse_udp_header(d) {
+                Ok(h) if h.frag != 0 => {
+                    m.count_drop(DropReason::Fragmented);
+                    continue;
+                }
+                Ok(h) => h,
+                Err(SocksError::Incomplete { .. }) => {
+                    m.count_drop(DropReason::Truncated);
+                    continue;
+                }
+                Err(_) => {
+                    m.count_drop(DropReason::BadAddress);
+                    continue;
+                }
+            };
+            let plaintext_len = d.len() - NAKED_PREFIX;
+            if plaintext_len > MAX_PLAINTEXT {
+                m.count_drop(DropReason::TooLarge);
+                if !too_large_logged.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        link = %label,
+                        size = d.len(),
+                        max_payload = MAX_PLAINTEXT,
+                        "datagram too large for one secure record: dropped (logged once per association)"
+                    );
+                }
                 continue;
             }
-            Err(_) => {
-                m.count_drop(DropReason::BadAddress);
-                continue;
+            match link.current() {
+                Some(assoc) => {
+                    let (addr, payload) = d[NAKED_PREFIX..].split_at(h.payload_offset - NAKED_PREFIX);
+                    train.push(link.clone(), assoc, addr, payload).await;
+                }
+                None => {
+                    train.flush().await;
+                    buf[at..at + d.len()].copy_from_slice(d);
+                    link.send(&mut buf, plaintext_len).await;
+                }
             }
         }
-        let plaintext_len = n - NAKED_PREFIX;
-        if plaintext_len > MAX_PLAINTEXT {
-            m.count_drop(DropReason::TooLarge);
-            if !too_large_logged.swap(true, Ordering::Relaxed) {
-                tracing::warn!(
-                    link = %label,
-                    size = n,
-                    max_payload = MAX_PLAINTEXT,
-                    "datagram too large for one secure record: dropped (logged once per association)"
-                );
-            }
-            continue;
-        }
-        link.send(&mut buf, plaintext_len).await;
+        train.flush().await;
     }
 }
 
-/// Records from the gateway, opened in place and sent to the application as naked
-/// datagrams with the source's header.
-async fn gateway_to_app(ctx: Arc<Ctx>, sock: Arc<UdpSocket>, app: Arc<AppAddr>, link: Arc<Link>) {
-    let m = &ctx.metrics;
+/// Records from the gateway, received in batches, turned into naked datagrams with the
+/// source's header and sent to the application in GSO trains.
+async fn gateway_to_app(ctx: Arc<Ctx>, sock: Arc<BatchSocket>, app: Arc<AppAddr>, link: Arc<Link>) {
+    let m = ctx.metrics.clone();
     let mut rx = link.receiver();
     drop(link);
-    let mut rec = vec![0u8; RECORD_BUF];
+    let mut batch = RecvBatch::new(SMALL_BATCH);
+    let mut out = GsoBatch::new(sock.max_gso_segments());
     loop {
-        let r = rx.recv(&mut rec).await;
-        let Some(to) = app.addr() else {
-            m.count_drop(DropReason::UnsolicitedReply);
-            continue;
-        };
-        // Invariant: the plaintext starts at PREFIX_LEN (21), so RSV and FRAG fit in front.
-        let start = r.addr.start - NAKED_PREFIX;
-        rec[start..r.addr.start].fill(0);
-        if sock.send_to(&rec[start..r.payload.end], to).await.is_err() {
-            m.count_drop(DropReason::SendFailed);
+        rx.recv_batch(&mut batch, &mut |payload, from| {
+            let Some(to) = app.addr() else {
+                m.count_drop(DropReason::UnsolicitedReply);
+                return;
+            };
+            let len = NAKED_PREFIX + from.as_ref().encoded_len() + payload.len();
+            if len > MAX_DATAGRAM {
+                m.count_drop(DropReason::TooLarge);
+                return;
+            }
+            if !out.fits(to, len) {
+                if let Some((dest, bytes, seg)) = out.pending() {
+                    if sock.try_send(dest, bytes, seg).is_err() {
+                        for _ in 0..out.len() {
+                            m.count_drop(DropReason::SendFailed);
+                        }
+                    }
+                }
+                out.clear();
+            }
+            let space = out.reserve(len);
+            // Invariant: `space` holds the header and the payload (its length is their sum).
+            let h = socks::encode_udp_header(&from.as_ref(), space).expect("room reserved");
+            space[h..].copy_from_slice(payload);
+            out.commit(to, len, len);
+        })
+        .await;
+        if let Some((dest, bytes, seg)) = out.pending() {
+            if sock.send(dest, bytes, seg).await.is_err() {
+                for _ in 0..out.len() {
+                    m.count_drop(DropReason::SendFailed);
+                }
+            }
         }
+        out.clear();
     }
 }
 
