@@ -419,3 +419,43 @@ async fn association_ends_with_its_control_connection_and_on_idle() {
     }
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn association_limit_answers_general_failure_and_frees_on_close() {
+    let pki = pki();
+    let mut s = settings(&pki);
+    s.max_associations = 1;
+    let gw = TestGateway::start(s).await;
+    let first = SecureUdp::connect(&gw.options(&pki)).await.unwrap();
+    let err = SecureUdp::connect(&gw.options(&pki))
+        .await
+        .err()
+        .expect("second association refused");
+    assert!(
+        matches!(err, ClientError::Refused(ReplyCode::GeneralFailure)),
+        "{err}"
+    );
+    // Naked associations count against the same limit.
+    let mut c = connect_tls(&gw.options(&pki)).await.unwrap();
+    authenticate_plain(&mut c, None).await.unwrap();
+    let r = request(
+        &mut c,
+        Command::UdpAssociate,
+        &Address::Ip("0.0.0.0:0".parse().unwrap()),
+    )
+    .await;
+    assert!(matches!(r, Err(ClientError::Refused(ReplyCode::GeneralFailure))));
+    // Closing the first frees the slot.
+    drop(first);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match SecureUdp::connect(&gw.options(&pki)).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(tokio::time::Instant::now() < deadline, "slot never freed: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    gw.stop().await;
+}
