@@ -124,6 +124,44 @@ fn bench_records(c: &mut Criterion) {
     g.finish();
 }
 
+/// Eight 1200-byte records sealed one by one against the interleaved multi-record seal.
+fn bench_many(c: &mut Criterion) {
+    let ks = schedule();
+    let sealer = Sealer::new(AssociationId(7), ks.for_role(Role::Client).0);
+    let mut g = c.benchmark_group("record_many");
+    g.measurement_time(Duration::from_secs(2));
+    g.warm_up_time(Duration::from_millis(500));
+    let n = record::INTERLEAVE;
+    for size in [200usize, 1200] {
+        let pt = plaintext_len(size);
+        let stride = record::record_len(pt);
+        let offsets: Vec<usize> = (0..n).map(|i| i * stride).collect();
+        let pts = vec![pt; n];
+        let mut lens = vec![0usize; n];
+        let mut buf = vec![0x33u8; n * stride];
+        g.throughput(Throughput::Bytes((size * n) as u64));
+        let mut nonce = 0u64;
+        g.bench_function(format!("one_by_one/{n}x{size}"), |b| {
+            b.iter(|| {
+                for &o in &offsets {
+                    nonce += 1;
+                    black_box(sealer.seal_in_place(nonce, &mut buf[o..], pt).expect("fits"));
+                }
+            })
+        });
+        g.bench_function(format!("interleaved/{n}x{size}"), |b| {
+            b.iter(|| {
+                nonce += n as u64;
+                sealer
+                    .seal_many_in_place(nonce, &mut buf, &offsets, &pts, &mut lens)
+                    .expect("fits");
+                black_box(&buf);
+            })
+        });
+    }
+    g.finish();
+}
+
 fn bench_window(c: &mut Criterion) {
     let mut g = c.benchmark_group("replay");
     g.warm_up_time(Duration::from_millis(300));
@@ -186,6 +224,7 @@ fn print_ratios() {
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     bench_records(&mut c);
+    bench_many(&mut c);
     bench_window(&mut c);
     c.final_summary();
     print_ratios();

@@ -251,6 +251,16 @@ impl GsoBatch {
         self.commit(dest, n, n);
     }
 
+    /// Bytes waiting (where the next reserved datagram will start).
+    pub fn byte_len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The waiting bytes, for in-place work on datagrams already committed.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+
     /// Datagrams waiting.
     pub fn len(&self) -> usize {
         self.count

@@ -75,6 +75,21 @@ impl SendSession {
         self.seal_in_place(out, pt_len)
     }
 
+    /// Seals several records at once with consecutive nonces (see
+    /// [`Sealer::seal_many_in_place`] for the layout); faster than one at a time.
+    pub fn seal_many_in_place(
+        &mut self,
+        buf: &mut [u8],
+        offsets: &[usize],
+        plaintext_lens: &[usize],
+        lens: &mut [usize],
+    ) -> Result<(), SealError> {
+        self.sealer
+            .seal_many_in_place(self.next_nonce, buf, offsets, plaintext_lens, lens)?;
+        self.next_nonce += offsets.len() as u64;
+        Ok(())
+    }
+
     /// Seals a plaintext (address header + payload) already placed at
     /// `buf[PREFIX_LEN..PREFIX_LEN + plaintext_len]`.
     pub fn seal_in_place(&mut self, buf: &mut [u8], plaintext_len: usize) -> Result<usize, SealError> {

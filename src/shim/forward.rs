@@ -156,12 +156,18 @@ pub(crate) async fn serve_udp(
     tracing::debug!(forward = %spec, flows = open, "UDP forward stopped");
 }
 
-/// Records sealed for one association, waiting to leave in one GSO send.
+/// Records for one association, waiting to leave in one GSO send. Their plaintexts are
+/// placed as they come and sealed together at [`Train::flush`], so the CBC chains of the
+/// train advance side by side ([`SecureUdp::seal_many`](crate::client::SecureUdp::seal_many)).
 pub(crate) struct Train {
     current: Option<(Arc<Link>, Arc<Assoc>)>,
     records: GsoBatch,
-    /// Payload bytes of each record in the train, for the counters.
+    /// Per record: payload bytes (for the counters), offset in `records`, plaintext length,
+    /// record length (filled by sealing). Reused, never shrunk.
     payloads: Vec<usize>,
+    offsets: Vec<usize>,
+    plaintexts: Vec<usize>,
+    lens: Vec<usize>,
 }
 
 impl Default for Train {
@@ -170,13 +176,17 @@ impl Default for Train {
             current: None,
             records: GsoBatch::new(1),
             payloads: Vec::with_capacity(64),
+            offsets: Vec::with_capacity(64),
+            plaintexts: Vec::with_capacity(64),
+            lens: Vec::with_capacity(64),
         }
     }
 }
 
 impl Train {
-    /// Seals `header` + `payload` for `assoc` into the train, sending the train first when
-    /// the record cannot join it (another association, another size, or full).
+    /// Places `header` + `payload` for `assoc` in the train, sending the train first when
+    /// the record cannot join it (another association, another size, or full). The caller
+    /// has checked that the plaintext fits one record.
     pub(crate) async fn push(&mut self, link: Arc<Link>, assoc: Arc<Assoc>, header: &[u8], payload: &[u8]) {
         let relay = assoc.udp.relay();
         let plaintext_len = header.len() + payload.len();
@@ -188,36 +198,54 @@ impl Train {
                 self.records.reset(assoc.udp.max_gso_segments());
             }
         }
+        let offset = self.records.byte_len();
         let space = self.records.reserve(len);
         space[PREFIX_LEN..PREFIX_LEN + header.len()].copy_from_slice(header);
         space[PREFIX_LEN + header.len()..PREFIX_LEN + plaintext_len].copy_from_slice(payload);
-        match assoc.udp.seal_record(space, plaintext_len) {
-            Ok(n) => {
-                self.records.commit(relay, len, n);
-                self.payloads.push(payload.len());
-                self.current = Some((link, assoc));
-            }
-            Err(e) => {
-                self.records.unreserve(len);
-                link.seal_failed(&assoc, e);
-            }
-        }
+        self.records.commit(relay, len, len);
+        self.payloads.push(payload.len());
+        self.offsets.push(offset);
+        self.plaintexts.push(plaintext_len);
+        self.current = Some((link, assoc));
     }
 
-    /// Sends what the train holds.
+    /// Seals and sends what the train holds.
     pub(crate) async fn flush(&mut self) {
-        if let (Some((link, assoc)), Some((_, bytes, seg))) = (&self.current, self.records.pending()) {
-            match assoc.udp.send_train(bytes, seg).await {
-                Ok(()) => {
-                    for &p in &self.payloads {
-                        link.sent(p);
+        if let Some((link, assoc)) = &self.current {
+            let n = self.offsets.len();
+            if n > 0 {
+                self.lens.resize(n, 0);
+                let sealed = assoc.udp.seal_many(
+                    self.records.bytes_mut(),
+                    &self.offsets,
+                    &self.plaintexts,
+                    &mut self.lens,
+                );
+                match sealed {
+                    Err(e) => {
+                        for _ in 0..n {
+                            link.seal_failed(assoc, e);
+                        }
+                    }
+                    Ok(()) => {
+                        if let Some((_, bytes, seg)) = self.records.pending() {
+                            match assoc.udp.send_train(bytes, seg).await {
+                                Ok(()) => {
+                                    for &p in &self.payloads {
+                                        link.sent(p);
+                                    }
+                                }
+                                Err(e) => link.send_failed(assoc, n, &e),
+                            }
+                        }
                     }
                 }
-                Err(e) => link.send_failed(assoc, self.payloads.len(), &e),
             }
         }
         self.records.clear();
         self.payloads.clear();
+        self.offsets.clear();
+        self.plaintexts.clear();
     }
 }
 
