@@ -44,7 +44,7 @@ use crate::net::{self, canonical, canonical_ip, for_socket};
 use crate::policy::Policy;
 use crate::proto::record;
 use crate::proto::session::{RecvSession, SendSession};
-use crate::proto::socks::{encode_udp_header, parse_udp_header, AddrRef};
+use crate::proto::socks::{parse_udp_header, AddrRef};
 use crate::proto::{classify, AssociationId, DatagramKind, DropReason, KeySchedule, Role, SealError};
 
 /// Destinations remembered per association for the restricted-cone check.
@@ -623,11 +623,12 @@ impl Forwarder {
     }
 }
 
-/// Reads replies from the association's outbound socket and returns them to the client,
-/// sealing a batch of equal-sized records into one GSO send.
+/// Reads replies from the association's outbound socket and returns them to the client:
+/// naked datagrams, or records whose plaintexts are placed as they come and sealed together
+/// (interleaved CBC chains) just before their GSO train leaves.
 async fn reply_loop(relay: Arc<Relay>, assoc: Arc<Association>, mut send: Option<SendSession>) {
     let mut batch = RecvBatch::new(SMALL_BATCH);
-    let mut out = GsoBatch::new(relay.io().max_gso_segments());
+    let mut out = Replies::new(relay.io().max_gso_segments());
     let mut peers = PeerCache::default();
     loop {
         if let Err(e) = assoc.outbound.recv_batch(&mut batch).await {
@@ -651,49 +652,38 @@ async fn reply_loop(relay: Arc<Relay>, assoc: Arc<Association>, mut send: Option
                 peers.set(&assoc, src);
             }
             let n = payload.len();
-            let alen = AddrRef::Ip(src).encoded_len();
+            let from = AddrRef::Ip(src);
+            let alen = from.encoded_len();
             // Exact size of what this datagram becomes, so equal payloads form one train.
-            let max = match send {
-                Some(_) => record::record_len(alen + n),
-                None => 3 + alen + n,
+            let (len, at) = match send {
+                Some(_) if alen + n > record::MAX_PLAINTEXT => {
+                    return relay.metrics.count_drop(DropReason::TooLarge);
+                }
+                Some(_) => (record::record_len(alen + n), record::PREFIX_LEN),
+                None if 3 + alen + n > record::MAX_DATAGRAM => {
+                    return relay.metrics.count_drop(DropReason::TooLarge);
+                }
+                None => (3 + alen + n, 3),
             };
-            if !out.fits(client, max) {
+            if !out.batch.fits(client, len) {
                 // Different size: send what is pending first (non-blocking; a full socket
                 // buffer drops the train, as the kernel would drop datagrams).
-                flush_replies(&relay, &mut out);
+                exhausted = !out.flush_now(&relay, &mut send);
             }
-            let space = out.reserve(max);
-            let len = match &mut send {
-                Some(s) => match s.seal(&AddrRef::Ip(src), payload, space) {
-                    Ok(len) => len,
-                    Err(e @ SealError::KeyExhausted { .. }) => {
-                        relay.metrics.count_drop(e.reason());
-                        exhausted = true;
-                        out.unreserve(max);
-                        return;
-                    }
-                    Err(e) => {
-                        relay.metrics.count_drop(e.reason());
-                        out.unreserve(max);
-                        return;
-                    }
-                },
-                None => {
-                    // Invariant: `space` holds a header (at most 19 bytes) plus the payload.
-                    let h = encode_udp_header(&AddrRef::Ip(src), space).expect("room reserved");
-                    if h + n > record::MAX_DATAGRAM {
-                        relay.metrics.count_drop(DropReason::TooLarge);
-                        out.unreserve(max);
-                        return;
-                    }
-                    space[h..h + n].copy_from_slice(payload);
-                    h + n
-                }
-            };
-            out.commit(client, max, len);
-            relay.metrics.returned(n);
+            let offset = out.batch.byte_len();
+            let space = out.batch.reserve(len);
+            // Invariant: `space` holds the address (at most 19 bytes) and the payload at `at`.
+            from.encode(&mut space[at..]).expect("room reserved");
+            space[at + alen..at + alen + n].copy_from_slice(payload);
+            if send.is_none() {
+                space[..3].fill(0);
+            }
+            out.batch.commit(client, len, len);
+            out.offsets.push(offset);
+            out.plaintexts.push(alen + n);
+            out.payload_bytes += n;
         });
-        flush_replies_wait(&relay, &mut out).await;
+        exhausted |= !out.flush_wait(&relay, &mut send).await;
         assoc.last_active.store(relay.now_ms(), Ordering::Relaxed);
         if exhausted {
             // The key may seal no more: end the association (the control task notices) so
@@ -704,24 +694,102 @@ async fn reply_loop(relay: Arc<Relay>, assoc: Arc<Association>, mut send: Option
     }
 }
 
-fn flush_replies(relay: &Relay, out: &mut GsoBatch) {
-    if let Some((dest, bytes, seg)) = out.pending() {
-        if relay.io().try_send(dest, bytes, seg).is_err() {
-            for _ in 0..out.len() {
-                relay.metrics.count_drop(DropReason::SendFailed);
-            }
-        }
-    }
-    out.clear();
+/// A train of replies for one client.
+struct Replies {
+    batch: GsoBatch,
+    /// Per datagram: offset in `batch` and plaintext length (address + payload); record
+    /// lengths land in `lens` when sealed. Reused, never shrunk.
+    offsets: Vec<usize>,
+    plaintexts: Vec<usize>,
+    lens: Vec<usize>,
+    payload_bytes: usize,
 }
 
-async fn flush_replies_wait(relay: &Relay, out: &mut GsoBatch) {
-    if let Some((dest, bytes, seg)) = out.pending() {
-        if relay.io().send(dest, bytes, seg).await.is_err() {
-            for _ in 0..out.len() {
-                relay.metrics.count_drop(DropReason::SendFailed);
+impl Replies {
+    fn new(max_segments: usize) -> Self {
+        Replies {
+            batch: GsoBatch::new(max_segments),
+            offsets: Vec::with_capacity(64),
+            plaintexts: Vec::with_capacity(64),
+            lens: Vec::with_capacity(64),
+            payload_bytes: 0,
+        }
+    }
+
+    /// Seals the pending records (secure associations); `false` when the key is exhausted
+    /// (the train is then dropped and counted).
+    fn seal(&mut self, relay: &Relay, send: &mut Option<SendSession>) -> bool {
+        let n = self.offsets.len();
+        let Some(s) = send else {
+            return true;
+        };
+        if n == 0 {
+            return true;
+        }
+        self.lens.resize(n, 0);
+        match s.seal_many_in_place(
+            self.batch.bytes_mut(),
+            &self.offsets,
+            &self.plaintexts,
+            &mut self.lens,
+        ) {
+            Ok(()) => true,
+            Err(e) => {
+                for _ in 0..n {
+                    relay.metrics.count_drop(e.reason());
+                }
+                self.clear();
+                !matches!(e, SealError::KeyExhausted { .. })
             }
         }
     }
-    out.clear();
+
+    fn sent(&mut self, relay: &Relay, ok: bool) {
+        let n = self.offsets.len() as u64;
+        if ok {
+            relay.metrics.returned.fetch_add(n, Ordering::Relaxed);
+            relay
+                .metrics
+                .returned_bytes
+                .fetch_add(self.payload_bytes as u64, Ordering::Relaxed);
+        } else {
+            for _ in 0..n {
+                relay.metrics.count_drop(DropReason::SendFailed);
+            }
+        }
+        self.clear();
+    }
+
+    /// Seals and sends without waiting; `false` when the key is exhausted.
+    fn flush_now(&mut self, relay: &Relay, send: &mut Option<SendSession>) -> bool {
+        if !self.seal(relay, send) {
+            return false;
+        }
+        let ok = match self.batch.pending() {
+            Some((dest, bytes, seg)) => relay.io().try_send(dest, bytes, seg).is_ok(),
+            None => true,
+        };
+        self.sent(relay, ok);
+        true
+    }
+
+    /// Seals and sends, waiting for socket space; `false` when the key is exhausted.
+    async fn flush_wait(&mut self, relay: &Relay, send: &mut Option<SendSession>) -> bool {
+        if !self.seal(relay, send) {
+            return false;
+        }
+        let ok = match self.batch.pending() {
+            Some((dest, bytes, seg)) => relay.io().send(dest, bytes, seg).await.is_ok(),
+            None => true,
+        };
+        self.sent(relay, ok);
+        true
+    }
+
+    fn clear(&mut self) {
+        self.batch.clear();
+        self.offsets.clear();
+        self.plaintexts.clear();
+        self.payload_bytes = 0;
+    }
 }
