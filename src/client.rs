@@ -380,7 +380,8 @@ impl SecureUdp {
             let _ = closed_tx.send(true);
         });
         Ok(SecureUdp {
-            socket: BatchSocket::new(socket)?,
+            // Read with plain `recv` too (recv_in_place): no GRO trains on this socket.
+            socket: BatchSocket::without_gro(socket)?,
             send: Mutex::new(SendSession::new(assoc, &keys, Role::Client)),
             recv: Mutex::new(RecvSession::new(assoc, &keys, Role::Client, opts.replay_window)),
             assoc,

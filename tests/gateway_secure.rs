@@ -129,3 +129,36 @@ async fn gateway_refuses_replayed_records_and_accepts_reordered_ones() {
     drop(control);
     gw.stop().await;
 }
+
+/// A target that answers one datagram with a burst: the gateway sends the burst as a GSO
+/// train, and the library client must still see every record on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_of_replies_arrive_as_separate_records() {
+    let pki = pki();
+    let gw = TestGateway::start(settings(&pki)).await;
+    let burst = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let target = burst.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((_, from)) = burst.recv_from(&mut buf).await {
+            for i in 0..40u8 {
+                let _ = burst.send_to(&[i; 1200], from).await;
+            }
+        }
+    });
+    let udp = SecureUdp::connect(&gw.options(&pki)).await.unwrap();
+    udp.send_to(b"go", &Address::Ip(target)).await.unwrap();
+    let mut buf = vec![0u8; 65_536];
+    let mut seen = Vec::new();
+    while seen.len() < 40 {
+        let (n, _) = tokio::time::timeout(WAIT, udp.recv_from(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("only {} of 40 replies arrived", seen.len()))
+            .unwrap();
+        assert_eq!(n, 1200);
+        seen.push(buf[0]);
+    }
+    seen.sort();
+    assert_eq!(seen, (0..40).collect::<Vec<u8>>());
+    gw.stop().await;
+}

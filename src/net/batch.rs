@@ -37,6 +37,32 @@ impl BatchSocket {
         Ok(BatchSocket { socket, state })
     }
 
+    /// Wraps a bound socket for batched sends and `recvmmsg`, with GRO switched off, for
+    /// sockets that are also read with plain `recv` (one datagram per call): with GRO on,
+    /// a plain `recv` could return a train of coalesced datagrams as one.
+    pub fn without_gro(socket: UdpSocket) -> io::Result<Self> {
+        let s = BatchSocket::new(socket)?;
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let off: libc::c_int = 0;
+            // SAFETY: a valid socket descriptor owned by `s`, and a pointer to a c_int of
+            // the size passed.
+            let r = unsafe {
+                libc::setsockopt(
+                    s.socket.as_raw_fd(),
+                    libc::SOL_UDP,
+                    libc::UDP_GRO,
+                    (&off as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            // Kernels without UDP_GRO never coalesce, so a refusal is harmless.
+            let _ = r;
+        }
+        Ok(s)
+    }
+
     /// The plain socket (for single sends, local address).
     pub fn socket(&self) -> &UdpSocket {
         &self.socket
