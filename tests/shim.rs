@@ -306,6 +306,59 @@ impl Drop for AbortOnDrop {
 
 // --- SOCKS5: UDP ASSOCIATE -----------------------------------------------------------------
 
+/// A target that answers one datagram with 40: the gateway and the shim move the burst as
+/// GSO trains, and the application (a plain socket) still gets 40 separate datagrams, in
+/// both the SOCKS5 UDP path and a UDP forward.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_bursts_reach_the_application_as_separate_datagrams() {
+    let pki = pki();
+    let gw = TestGateway::start(settings(&pki)).await;
+    let burst = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let target = burst.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((_, from)) = burst.recv_from(&mut buf).await {
+            for i in 0..40u8 {
+                let _ = burst.send_to(&[i; 1000], from).await;
+            }
+        }
+    });
+    let mut settings = shim_settings(&pki, &[gw.control]);
+    settings.forwards = vec![forward(&format!("udp:127.0.0.1:0={target}"))];
+    let shim = TestShim::start(settings).await;
+
+    let app = NakedClient::associate(shim.socks()).await;
+    app.send(&Address::Ip(target), b"go", 0).await;
+    let mut seen = Vec::new();
+    for _ in 0..40 {
+        let (from, got) = app.recv().await;
+        assert_eq!(from, Address::Ip(target));
+        assert_eq!(got.len(), 1000);
+        seen.push(got[0]);
+    }
+    seen.sort();
+    assert_eq!(seen, (0..40).collect::<Vec<u8>>());
+
+    let local = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    local
+        .send_to(b"go", shim.forward(ForwardProto::Udp))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 2048];
+    for _ in 0..40 {
+        let (n, _) = timeout(WAIT, local.recv_from(&mut buf))
+            .await
+            .expect("burst datagram in time")
+            .unwrap();
+        assert_eq!(n, 1000);
+        seen.push(buf[0]);
+    }
+    seen.sort();
+    assert_eq!(seen, (0..40).collect::<Vec<u8>>());
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socks_udp_ipv4_ipv6_and_domain_targets_every_size() {
     let pki = pki();
