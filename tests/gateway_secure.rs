@@ -81,27 +81,19 @@ async fn malformed_datagrams_are_dropped_counted_and_hurt_no_one() {
 /// reordered (older but unseen) record is still accepted.
 #[tokio::test]
 async fn gateway_refuses_replayed_records_and_accepts_reordered_ones() {
-    use sudp::client::{connect_tls, negotiate_sudp, request};
     use sudp::proto::session::SendSession;
-    use sudp::proto::socks::Command;
     use sudp::proto::Role;
 
     let pki = pki();
     let gw = TestGateway::start(settings(&pki)).await;
     let echo = udp_echo().await;
-    let opts = gw.options(&pki);
-    let mut control = connect_tls(&opts).await.unwrap();
-    let (suite, assoc) = negotiate_sudp(&mut control, &opts).await.unwrap();
-    let keys = sudp::tls::export_keys(control.get_ref().1, assoc, suite).unwrap();
-    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let bnd = request(
-        &mut control,
-        Command::UdpAssociate,
-        &Address::Ip(sock.local_addr().unwrap()),
-    )
-    .await
-    .unwrap();
-    let Address::Ip(relay) = bnd else { panic!() };
+    let RawSecure {
+        control,
+        assoc,
+        keys,
+        socket: sock,
+        relay,
+    } = raw_secure(&gw, &pki).await;
     let mut send = SendSession::new(assoc, &keys, Role::Client);
     let mut records = Vec::new();
     for i in 0..3u8 {

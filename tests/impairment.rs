@@ -11,9 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use sudp::client::{connect_tls, negotiate_sudp, request};
 use sudp::proto::session::{RecvSession, SendSession};
-use sudp::proto::socks::{Address, Command};
+use sudp::proto::socks::Address;
 use sudp::proto::{DropReason, Role};
 use tokio::net::UdpSocket;
 
@@ -68,24 +67,16 @@ async fn loss_reorder_and_duplication_do_no_harm() {
     let pki = pki();
     let gw = TestGateway::start(settings(&pki)).await;
     let echo = udp_echo().await;
-    let opts = gw.options(&pki);
 
     // A secure association built from the library's parts, so its UDP can go through the
     // impairment relay.
-    let mut control = connect_tls(&opts).await.unwrap();
-    let (suite, assoc) = negotiate_sudp(&mut control, &opts).await.unwrap();
-    let keys = sudp::tls::export_keys(control.get_ref().1, assoc, suite).unwrap();
-    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let bnd = request(
-        &mut control,
-        Command::UdpAssociate,
-        &Address::Ip(client.local_addr().unwrap()),
-    )
-    .await
-    .unwrap();
-    let Address::Ip(relay) = bnd else {
-        panic!("BND is a domain")
-    };
+    let RawSecure {
+        control,
+        assoc,
+        keys,
+        socket: client,
+        relay,
+    } = raw_secure(&gw, &pki).await;
     let middle = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
     let middle_addr = middle.local_addr().unwrap();
     let impairer = tokio::spawn(impair(middle, client.local_addr().unwrap(), relay, 0x5eed_1234));

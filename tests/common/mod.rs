@@ -272,3 +272,41 @@ pub fn terminate(child: &mut std::process::Child, what: &str) -> std::process::E
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A secure association built from the library's parts, so a test controls its UDP: the
+/// control connection (keep it: the association lives as long as it), the association id,
+/// the keys, a client socket on 127.0.0.1 and the relay address.
+pub struct RawSecure {
+    pub control: sudp::client::Control,
+    pub assoc: sudp::proto::AssociationId,
+    pub keys: sudp::proto::KeySchedule,
+    pub socket: UdpSocket,
+    pub relay: SocketAddr,
+}
+
+pub async fn raw_secure(gw: &TestGateway, pki: &DevPki) -> RawSecure {
+    use sudp::client::{connect_tls, negotiate_sudp, request};
+    use sudp::proto::socks::{Address, Command};
+    let opts = gw.options(pki);
+    let mut control = connect_tls(&opts).await.unwrap();
+    let (suite, assoc) = negotiate_sudp(&mut control, &opts).await.unwrap();
+    let keys = sudp::tls::export_keys(control.get_ref().1, assoc, suite).unwrap();
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let bnd = request(
+        &mut control,
+        Command::UdpAssociate,
+        &Address::Ip(socket.local_addr().unwrap()),
+    )
+    .await
+    .unwrap();
+    let Address::Ip(relay) = bnd else {
+        panic!("BND is a domain")
+    };
+    RawSecure {
+        control,
+        assoc,
+        keys,
+        socket,
+        relay,
+    }
+}
