@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::task::JoinHandle;
 
-use crate::net::batch::{BatchSocket, GsoBatch, RecvBatch, SMALL_BATCH};
+use crate::net::batch::{BatchSocket, GsoBatch, RecordTrain, RecvBatch, SMALL_BATCH};
 
 use crate::metrics::Metrics;
 use crate::net::dns::Resolver;
@@ -665,22 +665,18 @@ async fn reply_loop(relay: Arc<Relay>, assoc: Arc<Association>, mut send: Option
                 }
                 None => (3 + alen + n, 3),
             };
-            if !out.batch.fits(client, len) {
+            if !out.train.fits(client, len) {
                 // Different size: send what is pending first (non-blocking; a full socket
                 // buffer drops the train, as the kernel would drop datagrams).
                 exhausted = !out.flush_now(&relay, &mut send);
             }
-            let offset = out.batch.byte_len();
-            let space = out.batch.reserve(len);
+            let space = out.train.place(client, len, alen + n);
             // Invariant: `space` holds the address (at most 19 bytes) and the payload at `at`.
             from.encode(&mut space[at..]).expect("room reserved");
             space[at + alen..at + alen + n].copy_from_slice(payload);
             if send.is_none() {
                 space[..3].fill(0);
             }
-            out.batch.commit(client, len, len);
-            out.offsets.push(offset);
-            out.plaintexts.push(alen + n);
             out.payload_bytes += n;
         });
         exhausted |= !out.flush_wait(&relay, &mut send).await;
@@ -696,22 +692,14 @@ async fn reply_loop(relay: Arc<Relay>, assoc: Arc<Association>, mut send: Option
 
 /// A train of replies for one client.
 struct Replies {
-    batch: GsoBatch,
-    /// Per datagram: offset in `batch` and plaintext length (address + payload); record
-    /// lengths land in `lens` when sealed. Reused, never shrunk.
-    offsets: Vec<usize>,
-    plaintexts: Vec<usize>,
-    lens: Vec<usize>,
+    train: RecordTrain,
     payload_bytes: usize,
 }
 
 impl Replies {
     fn new(max_segments: usize) -> Self {
         Replies {
-            batch: GsoBatch::new(max_segments),
-            offsets: Vec::with_capacity(64),
-            plaintexts: Vec::with_capacity(64),
-            lens: Vec::with_capacity(64),
+            train: RecordTrain::new(max_segments),
             payload_bytes: 0,
         }
     }
@@ -719,23 +707,16 @@ impl Replies {
     /// Seals the pending records (secure associations); `false` when the key is exhausted
     /// (the train is then dropped and counted).
     fn seal(&mut self, relay: &Relay, send: &mut Option<SendSession>) -> bool {
-        let n = self.offsets.len();
         let Some(s) = send else {
             return true;
         };
-        if n == 0 {
-            return true;
-        }
-        self.lens.resize(n, 0);
-        match s.seal_many_in_place(
-            self.batch.bytes_mut(),
-            &self.offsets,
-            &self.plaintexts,
-            &mut self.lens,
-        ) {
+        match self
+            .train
+            .seal_with(|buf, offsets, pts, lens| s.seal_many_in_place(buf, offsets, pts, lens))
+        {
             Ok(()) => true,
             Err(e) => {
-                for _ in 0..n {
+                for _ in 0..self.train.len() {
                     relay.metrics.count_drop(e.reason());
                 }
                 self.clear();
@@ -745,7 +726,7 @@ impl Replies {
     }
 
     fn sent(&mut self, relay: &Relay, ok: bool) {
-        let n = self.offsets.len() as u64;
+        let n = self.train.len() as u64;
         if ok {
             relay.metrics.returned.fetch_add(n, Ordering::Relaxed);
             relay
@@ -765,7 +746,7 @@ impl Replies {
         if !self.seal(relay, send) {
             return false;
         }
-        let ok = match self.batch.pending() {
+        let ok = match self.train.pending() {
             Some((dest, bytes, seg)) => relay.io().try_send(dest, bytes, seg).is_ok(),
             None => true,
         };
@@ -778,7 +759,7 @@ impl Replies {
         if !self.seal(relay, send) {
             return false;
         }
-        let ok = match self.batch.pending() {
+        let ok = match self.train.pending() {
             Some((dest, bytes, seg)) => relay.io().send(dest, bytes, seg).await.is_ok(),
             None => true,
         };
@@ -787,9 +768,7 @@ impl Replies {
     }
 
     fn clear(&mut self) {
-        self.batch.clear();
-        self.offsets.clear();
-        self.plaintexts.clear();
+        self.train.clear();
         self.payload_bytes = 0;
     }
 }

@@ -312,6 +312,91 @@ impl GsoBatch {
     }
 }
 
+/// A [`GsoBatch`] of records whose plaintexts are placed as they come and sealed all at
+/// once just before the train leaves (so the sealer can interleave their CBC chains).
+/// Knows nothing of the record format: the caller places bytes and supplies the sealer.
+pub struct RecordTrain {
+    batch: GsoBatch,
+    /// Per record: offset in `batch`, plaintext length, and (once sealed) record length.
+    /// Reused, never shrunk.
+    offsets: Vec<usize>,
+    plaintexts: Vec<usize>,
+    lens: Vec<usize>,
+}
+
+impl RecordTrain {
+    /// An empty train of at most `max_segments` records per send.
+    pub fn new(max_segments: usize) -> Self {
+        RecordTrain {
+            batch: GsoBatch::new(max_segments),
+            offsets: Vec::with_capacity(64),
+            plaintexts: Vec::with_capacity(64),
+            lens: Vec::with_capacity(64),
+        }
+    }
+
+    /// Empties the train and sets a new segment limit (no allocation).
+    pub fn reset(&mut self, max_segments: usize) {
+        self.clear();
+        self.batch.reset(max_segments);
+    }
+
+    /// Whether a `len`-byte record for `dest` can join the train.
+    pub fn fits(&self, dest: SocketAddr, len: usize) -> bool {
+        self.batch.fits(dest, len)
+    }
+
+    /// Adds a `len`-byte record for `dest` whose plaintext (`plaintext_len` bytes) the caller
+    /// writes into the returned space. The caller has checked [`fits`](Self::fits).
+    pub fn place(&mut self, dest: SocketAddr, len: usize, plaintext_len: usize) -> &mut [u8] {
+        let offset = self.batch.byte_len();
+        self.offsets.push(offset);
+        self.plaintexts.push(plaintext_len);
+        self.batch.reserve(len);
+        self.batch.commit(dest, len, len);
+        &mut self.batch.bytes_mut()[offset..offset + len]
+    }
+
+    /// Seals every placed record in place with `seal(buf, offsets, plaintext_lens, lens)`.
+    pub fn seal_with<E>(
+        &mut self,
+        seal: impl FnOnce(&mut [u8], &[usize], &[usize], &mut [usize]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        if self.offsets.is_empty() {
+            return Ok(());
+        }
+        self.lens.resize(self.offsets.len(), 0);
+        seal(
+            self.batch.bytes_mut(),
+            &self.offsets,
+            &self.plaintexts,
+            &mut self.lens,
+        )
+    }
+
+    /// Records in the train.
+    pub fn len(&self) -> usize {
+        self.offsets.len()
+    }
+
+    /// True when the train is empty.
+    pub fn is_empty(&self) -> bool {
+        self.offsets.is_empty()
+    }
+
+    /// The train to send (see [`GsoBatch::pending`]).
+    pub fn pending(&self) -> Option<(SocketAddr, &[u8], Option<usize>)> {
+        self.batch.pending()
+    }
+
+    /// Empties the train.
+    pub fn clear(&mut self) {
+        self.batch.clear();
+        self.offsets.clear();
+        self.plaintexts.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

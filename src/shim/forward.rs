@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Forward;
-use crate::net::batch::{BatchSocket, Cursor, GsoBatch, RecvBatch, SMALL_BATCH};
+use crate::net::batch::{BatchSocket, Cursor, GsoBatch, RecordTrain, RecvBatch, SMALL_BATCH};
 use crate::proto::record::{record_len, MAX_PLAINTEXT, PREFIX_LEN};
 use crate::proto::DropReason;
 use crate::shim::link::{Assoc, Link};
@@ -161,24 +161,17 @@ pub(crate) async fn serve_udp(
 /// train advance side by side ([`SecureUdp::seal_many`](crate::client::SecureUdp::seal_many)).
 pub(crate) struct Train {
     current: Option<(Arc<Link>, Arc<Assoc>)>,
-    records: GsoBatch,
-    /// Per record: payload bytes (for the counters), offset in `records`, plaintext length,
-    /// record length (filled by sealing). Reused, never shrunk.
+    records: RecordTrain,
+    /// Payload bytes of each record, for the counters. Reused, never shrunk.
     payloads: Vec<usize>,
-    offsets: Vec<usize>,
-    plaintexts: Vec<usize>,
-    lens: Vec<usize>,
 }
 
 impl Default for Train {
     fn default() -> Self {
         Train {
             current: None,
-            records: GsoBatch::new(1),
+            records: RecordTrain::new(1),
             payloads: Vec::with_capacity(64),
-            offsets: Vec::with_capacity(64),
-            plaintexts: Vec::with_capacity(64),
-            lens: Vec::with_capacity(64),
         }
     }
 }
@@ -198,45 +191,35 @@ impl Train {
                 self.records.reset(assoc.udp.max_gso_segments());
             }
         }
-        let offset = self.records.byte_len();
-        let space = self.records.reserve(len);
+        let space = self.records.place(relay, len, plaintext_len);
         space[PREFIX_LEN..PREFIX_LEN + header.len()].copy_from_slice(header);
         space[PREFIX_LEN + header.len()..PREFIX_LEN + plaintext_len].copy_from_slice(payload);
-        self.records.commit(relay, len, len);
         self.payloads.push(payload.len());
-        self.offsets.push(offset);
-        self.plaintexts.push(plaintext_len);
         self.current = Some((link, assoc));
     }
 
     /// Seals and sends what the train holds.
     pub(crate) async fn flush(&mut self) {
-        if let Some((link, assoc)) = &self.current {
-            let n = self.offsets.len();
-            if n > 0 {
-                self.lens.resize(n, 0);
-                let sealed = assoc.udp.seal_many(
-                    self.records.bytes_mut(),
-                    &self.offsets,
-                    &self.plaintexts,
-                    &mut self.lens,
-                );
-                match sealed {
-                    Err(e) => {
-                        for _ in 0..n {
-                            link.seal_failed(assoc, e);
-                        }
+        if let (Some((link, assoc)), false) = (&self.current, self.records.is_empty()) {
+            let n = self.records.len();
+            let sealed = self
+                .records
+                .seal_with(|buf, offsets, pts, lens| assoc.udp.seal_many(buf, offsets, pts, lens));
+            match sealed {
+                Err(e) => {
+                    for _ in 0..n {
+                        link.seal_failed(assoc, e);
                     }
-                    Ok(()) => {
-                        if let Some((_, bytes, seg)) = self.records.pending() {
-                            match assoc.udp.send_train(bytes, seg).await {
-                                Ok(()) => {
-                                    for &p in &self.payloads {
-                                        link.sent(p);
-                                    }
+                }
+                Ok(()) => {
+                    if let Some((_, bytes, seg)) = self.records.pending() {
+                        match assoc.udp.send_train(bytes, seg).await {
+                            Ok(()) => {
+                                for &p in &self.payloads {
+                                    link.sent(p);
                                 }
-                                Err(e) => link.send_failed(assoc, n, &e),
                             }
+                            Err(e) => link.send_failed(assoc, n, &e),
                         }
                     }
                 }
@@ -244,8 +227,6 @@ impl Train {
         }
         self.records.clear();
         self.payloads.clear();
-        self.offsets.clear();
-        self.plaintexts.clear();
     }
 }
 
