@@ -26,7 +26,13 @@
 //! payload, 65 507 bytes, so the largest plaintext is [`MAX_PLAINTEXT`] = 65 455 bytes.
 
 use aes::cipher::array::Array;
-use aes::cipher::{BlockCipherEncrypt, BlockModeDecrypt, BlockModeEncrypt, InnerIvInit, KeyInit};
+use aes::cipher::consts::U16;
+#[cfg(test)]
+use aes::cipher::BlockModeEncrypt;
+use aes::cipher::{
+    BlockCipherEncBackend, BlockCipherEncClosure, BlockCipherEncrypt, BlockModeDecrypt, BlockSizeUser,
+    InnerIvInit, KeyInit,
+};
 use aes::{Aes128, Aes256};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -127,7 +133,7 @@ enum Aes {
     A256(Aes256),
 }
 
-type Block = Array<u8, aes::cipher::consts::U16>;
+type Block = Array<u8, U16>;
 
 impl Aes {
     fn new(suite: CipherSuite, key: &[u8]) -> Self {
@@ -150,15 +156,16 @@ impl Aes {
         }
     }
 
-    /// Encrypts independent blocks (ECB) in one call, so the AES unit pipelines them.
-    fn encrypt_blocks(&self, blocks: &mut [Block]) {
+    /// Runs `job` with this key's AES backend (round keys set up once for the whole job).
+    fn encrypt_with(&self, job: CbcJob<'_>) {
         match self {
-            Aes::A128(k) => k.encrypt_blocks(blocks),
-            Aes::A256(k) => k.encrypt_blocks(blocks),
+            Aes::A128(k) => k.encrypt_with_backend(job),
+            Aes::A256(k) => k.encrypt_with_backend(job),
         }
     }
 
-    /// CBC-encrypts whole blocks in place.
+    /// CBC-encrypts whole blocks in place (tests build records by hand with it).
+    #[cfg(test)]
     fn cbc_encrypt(&self, iv: &[u8; 16], data: &mut [u8]) {
         let (blocks, tail) = Block::slice_as_chunks_mut(data);
         debug_assert!(tail.is_empty());
@@ -177,6 +184,45 @@ impl Aes {
         match self {
             Aes::A128(k) => cbc::Decryptor::<&Aes128>::inner_iv_init(k, iv).decrypt_blocks(blocks),
             Aes::A256(k) => cbc::Decryptor::<&Aes256>::inner_iv_init(k, iv).decrypt_blocks(blocks),
+        }
+    }
+}
+
+/// CBC encryption of up to [`INTERLEAVE`] records in one call to the AES backend.
+///
+/// CBC encryption is latency-bound: each block waits for the previous one. Encrypting
+/// the records of a batch row by row (block `b` of every record before block `b + 1` of
+/// any) keeps several independent chains in flight, and running the whole job inside one
+/// backend call sets the round keys up once rather than once per block.
+struct CbcJob<'a> {
+    buf: &'a mut [u8],
+    offsets: &'a [usize],
+    nblocks: [usize; INTERLEAVE],
+    chain: [Block; INTERLEAVE],
+}
+
+impl BlockSizeUser for CbcJob<'_> {
+    type BlockSize = U16;
+}
+
+impl BlockCipherEncClosure for CbcJob<'_> {
+    #[inline(always)]
+    fn call<B: BlockCipherEncBackend<BlockSize = U16>>(mut self, backend: &B) {
+        let k = self.offsets.len();
+        let most = self.nblocks[..k].iter().copied().max().unwrap_or(0);
+        for r in 0..most {
+            for j in 0..k {
+                if r < self.nblocks[j] {
+                    let at = self.offsets[j] + PREFIX_LEN + r * BLOCK_LEN;
+                    let mut x = self.chain[j];
+                    for (c, p) in x.iter_mut().zip(&self.buf[at..at + BLOCK_LEN]) {
+                        *c ^= p;
+                    }
+                    backend.encrypt_block((&mut x).into());
+                    self.buf[at..at + BLOCK_LEN].copy_from_slice(&x);
+                    self.chain[j] = x;
+                }
+            }
         }
     }
 }
@@ -253,11 +299,7 @@ impl Sealer {
     ) -> Result<usize, SealError> {
         let len = self.check(nonce, buf.len(), plaintext_len)?;
         let iv = self.prepare(nonce, buf, plaintext_len);
-        let ct_len = len - PREFIX_LEN - TAG_LEN;
-        self.keys
-            .data
-            .cbc_encrypt(&iv, &mut buf[PREFIX_LEN..PREFIX_LEN + ct_len]);
-        self.finish(buf, len);
+        self.encrypt_and_tag(buf, &[0], &[len], &[iv]);
         Ok(len)
     }
 
@@ -298,12 +340,6 @@ impl Sealer {
         self.keys.iv_for(nonce)
     }
 
-    /// Tags an encrypted record of `len` bytes.
-    fn finish(&self, buf: &mut [u8], len: usize) {
-        let tag = self.keys.tag(&buf[..len - TAG_LEN]);
-        buf[len - TAG_LEN..len].copy_from_slice(&tag);
-    }
-
     /// Seals several records at once, with nonces `first_nonce`, `first_nonce + 1`, ...:
     /// record `i` starts at `buf[offsets[i]..]` with its plaintext of `plaintext_lens[i]`
     /// bytes already at `PREFIX_LEN` from there, and room up to the next offset (or the
@@ -340,53 +376,36 @@ impl Sealer {
                 let i = group + j;
                 *iv = self.prepare(first_nonce + i as u64, &mut buf[offsets[i]..], plaintext_lens[i]);
             }
-            self.cbc_encrypt_interleaved(
+            self.encrypt_and_tag(
                 buf,
                 &offsets[group..group + k],
                 &lens[group..group + k],
                 &ivs[..k],
             );
-            for i in group..group + k {
-                self.finish(&mut buf[offsets[i]..], lens[i]);
-            }
         }
         Ok(())
     }
 
-    /// CBC-encrypts the ciphertext areas of up to [`INTERLEAVE`] records, block `b` of every
-    /// record in one AES call.
-    fn cbc_encrypt_interleaved(&self, buf: &mut [u8], offsets: &[usize], lens: &[usize], ivs: &[[u8; 16]]) {
+    /// CBC-encrypts, then tags, up to [`INTERLEAVE`] prepared records (`lens` are whole
+    /// record lengths, `ivs` their IVs); see [`CbcJob`].
+    fn encrypt_and_tag(&self, buf: &mut [u8], offsets: &[usize], lens: &[usize], ivs: &[[u8; 16]]) {
         let k = offsets.len();
-        let mut chain = [Block::default(); INTERLEAVE];
-        let mut blocks = [Block::default(); INTERLEAVE];
-        let mut nblocks = [0usize; INTERLEAVE];
+        debug_assert!(k <= INTERLEAVE && lens.len() == k && ivs.len() == k);
+        let mut job = CbcJob {
+            buf: &mut *buf,
+            offsets,
+            nblocks: [0; INTERLEAVE],
+            chain: [Block::default(); INTERLEAVE],
+        };
         for j in 0..k {
-            chain[j] = Block::from(ivs[j]);
-            nblocks[j] = (lens[j] - PREFIX_LEN - TAG_LEN) / BLOCK_LEN;
+            job.chain[j] = Block::from(ivs[j]);
+            job.nblocks[j] = (lens[j] - PREFIX_LEN - TAG_LEN) / BLOCK_LEN;
         }
-        let most = nblocks[..k].iter().copied().max().unwrap_or(0);
-        let mut live = [0usize; INTERLEAVE];
-        for b in 0..most {
-            let mut m = 0;
-            for j in 0..k {
-                if b < nblocks[j] {
-                    let at = offsets[j] + PREFIX_LEN + b * BLOCK_LEN;
-                    for (x, (p, c)) in blocks[m]
-                        .iter_mut()
-                        .zip(buf[at..at + BLOCK_LEN].iter().zip(chain[j].iter()))
-                    {
-                        *x = p ^ c;
-                    }
-                    live[m] = j;
-                    m += 1;
-                }
-            }
-            self.keys.data.encrypt_blocks(&mut blocks[..m]);
-            for (q, &j) in live[..m].iter().enumerate() {
-                let at = offsets[j] + PREFIX_LEN + b * BLOCK_LEN;
-                buf[at..at + BLOCK_LEN].copy_from_slice(&blocks[q]);
-                chain[j] = blocks[q];
-            }
+        self.keys.data.encrypt_with(job);
+        for j in 0..k {
+            let record = &mut buf[offsets[j]..offsets[j] + lens[j]];
+            let tag = self.keys.tag(&record[..lens[j] - TAG_LEN]);
+            record[lens[j] - TAG_LEN..].copy_from_slice(&tag);
         }
     }
 
