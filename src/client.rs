@@ -418,7 +418,7 @@ impl SecureUdp {
 
     /// The local UDP address.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.socket.socket().local_addr()
+        self.socket.local_addr()
     }
 
     /// True once the gateway closed the control connection (the association is gone).
@@ -457,7 +457,7 @@ impl SecureUdp {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .seal(&target.as_ref(), payload, scratch)?;
-        self.socket.socket().send(&scratch[..n]).await?;
+        self.socket.send_connected(&scratch[..n]).await?;
         Ok(())
     }
 
@@ -474,7 +474,7 @@ impl SecureUdp {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .seal_in_place(buf, plaintext_len)?;
-        self.socket.socket().send(&buf[..n]).await?;
+        self.socket.send_connected(&buf[..n]).await?;
         Ok(n)
     }
 
@@ -550,7 +550,7 @@ impl SecureUdp {
     /// Cancel-safe: a record is either returned or still in the socket.
     pub async fn recv_in_place(&self, rec: &mut [u8]) -> Result<Received, ClientError> {
         loop {
-            let n = self.socket.socket().recv(rec).await?;
+            let n = self.socket.recv(rec).await?;
             match self.open(&mut rec[..n]) {
                 Ok(r) => return Ok(r),
                 Err(e) => {

@@ -10,8 +10,10 @@
 
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
@@ -24,17 +26,35 @@ pub const RECV_BUF: usize = 65_536;
 /// Largest GSO train we build (the kernel limit for one UDP_SEGMENT send is 64 KiB).
 pub const GSO_MAX_BYTES: usize = 65_000;
 
-/// A tokio UDP socket with quinn-udp's batched, offloaded I/O.
+/// A UDP socket with quinn-udp's batched, offloaded I/O, registered with tokio for
+/// **read readiness only**.
+///
+/// `tokio::net::UdpSocket` registers every socket for both directions, and on Linux each
+/// datagram that leaves a UDP socket frees send-buffer space and so raises an `EPOLLOUT`
+/// edge: one extra `epoll_wait` return, and often one extra wake-up of a parked runtime
+/// thread, per datagram sent, for readiness no task waits on. Here sends go straight to
+/// the kernel; only when it reports a full send buffer ([`BatchSocket::send`]) does the
+/// caller back off and retry (a UDP send buffer drains by itself, without a reader).
 pub struct BatchSocket {
-    socket: UdpSocket,
+    io: AsyncFd<std::net::UdpSocket>,
     state: UdpSocketState,
 }
 
+/// How long [`BatchSocket::send`] waits before retrying a send the kernel refused for a
+/// full send buffer.
+const SEND_RETRY: Duration = Duration::from_millis(1);
+
 impl BatchSocket {
-    /// Wraps a bound socket, probing GSO/GRO support.
+    /// Wraps a bound socket, probing GSO/GRO support. Must be called inside a tokio
+    /// runtime.
     pub fn new(socket: UdpSocket) -> io::Result<Self> {
+        let socket = socket.into_std()?;
         let state = UdpSocketState::new((&socket).into())?;
-        Ok(BatchSocket { socket, state })
+        // SAFETY: `socket` owns its descriptor, which stays open and unchanged until the
+        // AsyncFd (which owns the socket) is dropped.
+        let io = unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        Ok(BatchSocket { io, state })
     }
 
     /// Wraps a bound socket for batched sends and `recvmmsg`, with GRO switched off, for
@@ -50,7 +70,7 @@ impl BatchSocket {
             // the size passed.
             let r = unsafe {
                 libc::setsockopt(
-                    s.socket.as_raw_fd(),
+                    s.io.get_ref().as_raw_fd(),
                     libc::SOL_UDP,
                     libc::UDP_GRO,
                     (&off as *const libc::c_int).cast(),
@@ -63,9 +83,9 @@ impl BatchSocket {
         Ok(s)
     }
 
-    /// The plain socket (for single sends, local address).
-    pub fn socket(&self) -> &UdpSocket {
-        &self.socket
+    /// The local address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.io.get_ref().local_addr()
     }
 
     /// Segments per GSO send the kernel takes (1: no GSO).
@@ -76,27 +96,56 @@ impl BatchSocket {
     /// Receives a batch; returns how many buffers were filled.
     pub async fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
         loop {
-            self.socket.readable().await?;
+            let mut ready = self.io.readable().await?;
             let buffers = batch.buffers;
             let mut rest = batch.storage.chunks_mut(RECV_BUF);
             let mut iovs: [IoSliceMut<'_>; BATCH] = std::array::from_fn(|_| {
                 // Chunks past `buffers` are empty slices the call below never sees.
                 IoSliceMut::new(rest.next().unwrap_or(&mut []))
             });
-            let r = self.socket.try_io(Interest::READABLE, || {
+            let r = ready.try_io(|s| {
                 self.state.recv(
-                    (&self.socket).into(),
+                    s.get_ref().into(),
                     &mut iovs[..buffers],
                     &mut batch.meta[..buffers],
                 )
             });
             match r {
-                Ok(n) => {
+                Ok(Ok(n)) => {
+                    if n < buffers {
+                        // Fewer datagrams than buffers: the queue was empty when the call
+                        // returned, so skip the `recvmmsg` that would only say so. A
+                        // datagram arriving since raises a new edge (epoll is edge-
+                        // triggered, and a readiness event newer than this guard is kept).
+                        ready.clear_ready();
+                    }
                     batch.filled = n;
                     return Ok(n);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+                Ok(Err(e)) => return Err(e),
+                // Readiness was stale: cleared, wait again.
+                Err(_) => continue,
+            }
+        }
+    }
+
+    /// Receives one datagram into `buf` (a connected socket's `recv`); returns its length.
+    pub async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let mut ready = self.io.readable().await?;
+            match ready.try_io(|s| s.get_ref().recv(buf)) {
+                Ok(r) => return r,
+                Err(_) => continue,
+            }
+        }
+    }
+
+    /// Sends one datagram on a connected socket, backing off while the send buffer is full.
+    pub async fn send_connected(&self, datagram: &[u8]) -> io::Result<()> {
+        loop {
+            match self.io.get_ref().send(datagram) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => tokio::time::sleep(SEND_RETRY).await,
+                r => return r.map(|_| ()),
             }
         }
     }
@@ -111,17 +160,14 @@ impl BatchSocket {
             segment_size: segment,
             src_ip: None,
         };
-        self.socket.try_io(Interest::WRITABLE, || {
-            self.state.try_send((&self.socket).into(), &t)
-        })
+        self.state.try_send(self.io.get_ref().into(), &t)
     }
 
-    /// Sends like [`try_send`](Self::try_send), waiting for buffer space.
+    /// Sends like [`try_send`](Self::try_send), backing off while the send buffer is full.
     pub async fn send(&self, dest: SocketAddr, contents: &[u8], segment: Option<usize>) -> io::Result<()> {
         loop {
-            self.socket.writable().await?;
             match self.try_send(dest, contents, segment) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => tokio::time::sleep(SEND_RETRY).await,
                 r => return r,
             }
         }
@@ -450,7 +496,7 @@ mod tests {
     async fn recv_batch_splits_gro_trains() {
         let rx = BatchSocket::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()).unwrap();
         let tx = BatchSocket::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()).unwrap();
-        let dest = rx.socket().local_addr().unwrap();
+        let dest = rx.local_addr().unwrap();
         let mut g = GsoBatch::new(tx.max_gso_segments());
         for i in 0..8u8 {
             if g.fits(dest, 300) {
@@ -472,7 +518,7 @@ mod tests {
                 .unwrap()
                 .unwrap();
             batch.for_each(|d, from| {
-                assert_eq!(from, tx.socket().local_addr().unwrap());
+                assert_eq!(from, tx.local_addr().unwrap());
                 assert_eq!(d.len(), 300);
                 seen.push(d[0]);
             });
@@ -484,7 +530,7 @@ mod tests {
     async fn cursor_walks_every_datagram() {
         let rx = BatchSocket::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()).unwrap();
         let tx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let dest = rx.socket().local_addr().unwrap();
+        let dest = rx.local_addr().unwrap();
         for i in 0..5u8 {
             tx.send_to(&vec![i; 10 + i as usize], dest).await.unwrap();
         }

@@ -230,7 +230,7 @@ async fn associate(
             return reply(&mut tcp, ReplyCode::GeneralFailure, None).await;
         }
     };
-    let bnd = sock.socket().local_addr()?;
+    let bnd = sock.local_addr()?;
     let first = match ctx.dialer.udp_any().await {
         Ok(x) => x,
         Err(e) => {
