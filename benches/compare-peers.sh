@@ -16,6 +16,12 @@ DURATION=${DURATION:-3}
 SIZES=${SIZES:-"1200 200"}
 RATES_1200=${RATES_1200:-"100M 200M 400M 600M 800M 1000M 1500M 2000M"}
 RATES_200=${RATES_200:-"20M 50M 100M 150M 200M 300M 400M"}
+# Socket buffer iperf3 asks for on both ends (-w; the server takes the client's). The
+# default (net.core.rmem_default, 208 KiB here) holds about 90 datagrams of 1200 bytes: a
+# burst from any path, or a moment when the iperf3 server is not scheduled on a busy
+# 2-vCPU machine, overflows it and the loss measured is iperf3's, not the proxy's. The same
+# value applies to every path; set IPERF_WINDOW= (empty) for iperf3's default.
+IPERF_WINDOW=${IPERF_WINDOW-4M}
 WORK=$(mktemp -d /tmp/sudp-compare.XXXXXX)
 PIDS=()
 
@@ -95,7 +101,8 @@ run() { # path port size rate proxy-pids...
   local path=$1 port=$2 size=$3 rate=$4; shift 4
   local before after json
   before=$( (($#)) && cpu_ticks "$@" || echo 0)
-  json=$(iperf3 -c 127.0.0.1 -p "$port" -u -l "$size" -b "$rate" -t "$DURATION" --json 2>/dev/null || true)
+  json=$(iperf3 -c 127.0.0.1 -p "$port" -u -l "$size" -b "$rate" -t "$DURATION" \
+    ${IPERF_WINDOW:+-w "$IPERF_WINDOW"} --json 2>/dev/null || true)
   after=$( (($#)) && cpu_ticks "$@" || echo 0)
   python3 - "$path" "$size" "$rate" "$before" "$after" "$HZ" <<PY >>"$RESULTS"
 import json, sys
