@@ -25,6 +25,7 @@ pub mod record;
 pub mod replay;
 pub mod session;
 pub mod socks;
+pub mod tag;
 
 pub use detect::{classify, DatagramKind};
 pub use error::{DropReason, OpenError, SealError, SocksError};

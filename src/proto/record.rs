@@ -34,11 +34,10 @@ use aes::cipher::{
     InnerIvInit, KeyInit,
 };
 use aes::{Aes128, Aes256};
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
 
 use crate::proto::error::{OpenError, SealError};
 use crate::proto::keys::{AssociationId, CipherSuite, DirectionKeys};
+use crate::proto::tag::TagKey;
 
 /// Content type byte: TLS application_data (0x17) | secure-UDP flag (0x80).
 pub const CONTENT_TYPE: u8 = 0x97;
@@ -233,7 +232,7 @@ impl BlockCipherEncClosure for CbcJob<'_> {
 struct RecordKeys {
     data: Aes,
     iv: Aes,
-    mac: Hmac<Sha256>,
+    mac: TagKey,
     assoc: AssociationId,
 }
 
@@ -242,8 +241,7 @@ impl RecordKeys {
         RecordKeys {
             data: Aes::new(keys.suite(), keys.enc()),
             iv: Aes::new(keys.suite(), keys.iv()),
-            // Invariant: HMAC accepts keys of any length.
-            mac: <Hmac<Sha256> as KeyInit>::new_from_slice(keys.mac()).expect("HMAC takes any key length"),
+            mac: TagKey::new(keys.mac()),
             assoc,
         }
     }
@@ -257,13 +255,9 @@ impl RecordKeys {
         b
     }
 
+    #[cfg(test)]
     fn tag(&self, authenticated: &[u8]) -> [u8; TAG_LEN] {
-        let mut m = self.mac.clone();
-        m.update(authenticated);
-        let full = m.finalize().into_bytes();
-        let mut t = [0u8; TAG_LEN];
-        t.copy_from_slice(&full[..TAG_LEN]);
-        t
+        self.mac.tag(authenticated)
     }
 }
 
@@ -402,10 +396,18 @@ impl Sealer {
             job.nblocks[j] = (lens[j] - PREFIX_LEN - TAG_LEN) / BLOCK_LEN;
         }
         self.keys.data.encrypt_with(job);
+        // Equal-length records (a train) are tagged in lockstep (see `proto::tag`).
+        let mut tags = [[0u8; TAG_LEN]; INTERLEAVE];
+        {
+            let mut msgs: [&[u8]; INTERLEAVE] = [&[]; INTERLEAVE];
+            for j in 0..k {
+                msgs[j] = &buf[offsets[j]..offsets[j] + lens[j] - TAG_LEN];
+            }
+            self.keys.mac.tag_many(&msgs[..k], &mut tags[..k]);
+        }
         for j in 0..k {
-            let record = &mut buf[offsets[j]..offsets[j] + lens[j]];
-            let tag = self.keys.tag(&record[..lens[j] - TAG_LEN]);
-            record[lens[j] - TAG_LEN..].copy_from_slice(&tag);
+            let end = offsets[j] + lens[j];
+            buf[end - TAG_LEN..end].copy_from_slice(&tags[j]);
         }
     }
 
@@ -469,10 +471,11 @@ impl Opener {
     /// [`check_header`](Self::check_header).
     pub fn verify(&self, datagram: &[u8]) -> Result<(), OpenError> {
         let split = datagram.len() - TAG_LEN;
-        let mut m = self.keys.mac.clone();
-        m.update(&datagram[..split]);
-        m.verify_truncated_left(&datagram[split..])
-            .map_err(|_| OpenError::BadMac)
+        if self.keys.mac.verify(&datagram[..split], &datagram[split..]) {
+            Ok(())
+        } else {
+            Err(OpenError::BadMac)
+        }
     }
 
     /// Decrypts a verified record in place and strips the padding; returns the plaintext,
