@@ -76,6 +76,16 @@ fn outer_block(inner: &[u32; 8]) -> [u8; BLOCK] {
     b
 }
 
+/// `msg` as whole 64-byte blocks and the bytes after them.
+fn split_blocks(msg: &[u8]) -> (&[[u8; BLOCK]], &[u8]) {
+    let n = msg.len() / BLOCK;
+    let (head, rest) = msg.split_at(n * BLOCK);
+    // SAFETY: `[u8; 64]` has size 64 and alignment 1, and `head` holds exactly `n * 64`
+    // initialised bytes borrowed for the same lifetime.
+    let blocks = unsafe { std::slice::from_raw_parts(head.as_ptr().cast::<[u8; BLOCK]>(), n) };
+    (blocks, rest)
+}
+
 fn truncate(state: &[u32; 8]) -> [u8; TAG_LEN] {
     let mut t = [0u8; TAG_LEN];
     for (i, w) in state[..4].iter().enumerate() {
@@ -112,7 +122,7 @@ impl TagKey {
     /// The tag of `msg`.
     pub fn tag(&self, msg: &[u8]) -> [u8; TAG_LEN] {
         let mut s = self.inner;
-        let (blocks, rest) = msg.as_chunks::<BLOCK>();
+        let (blocks, rest) = split_blocks(msg);
         compress256(&mut s, blocks);
         compress256(&mut s, Tail::new(rest, BLOCK + msg.len()).blocks());
         let mut o = self.outer;
@@ -158,7 +168,7 @@ mod lanes {
     //! Several SHA-256 compressions side by side with the x86 SHA extensions.
     use std::arch::x86_64::*;
 
-    use super::{outer_block, truncate, TagKey, Tail, BLOCK, TAG_LEN};
+    use super::{outer_block, split_blocks, truncate, TagKey, Tail, BLOCK, TAG_LEN};
 
     const K: [u32; 64] = [
         0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
@@ -184,7 +194,7 @@ mod lanes {
         }
         let len = msgs[0].len();
         let mut states = [key.inner; N];
-        let split: [(&[[u8; BLOCK]], &[u8]); N] = std::array::from_fn(|l| msgs[l].as_chunks::<BLOCK>());
+        let split: [(&[[u8; BLOCK]], &[u8]); N] = std::array::from_fn(|l| split_blocks(msgs[l]));
         let tails: [Tail; N] = std::array::from_fn(|l| Tail::new(split[l].1, BLOCK + len));
         // SAFETY: the CPU has the features `compress` is compiled for (checked above), and
         // every lane has the same number of blocks (equal lengths).
@@ -220,6 +230,7 @@ mod lanes {
             abef[l] = _mm_alignr_epi8(cdab, efgh, 8);
             cdgh[l] = _mm_blend_epi16(efgh, cdab, 0xF0);
         }
+        #[allow(clippy::needless_range_loop, reason = "block b of every lane")]
         for b in 0..n {
             let (abef0, cdgh0) = (abef, cdgh);
             let mut w = [[_mm_setzero_si128(); 4]; N];
