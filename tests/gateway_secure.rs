@@ -154,3 +154,71 @@ async fn bursts_of_replies_arrive_as_separate_records() {
     assert_eq!(seen, (0..40).collect::<Vec<u8>>());
     gw.stop().await;
 }
+
+/// Records that arrive as one train (a GSO send, read back as one GRO buffer) are verified
+/// together; a forged record or a replay inside the train is dropped and counted as it would
+/// be alone, and its neighbours go through.
+#[tokio::test]
+async fn forged_and_replayed_records_inside_a_train_are_dropped_alone() {
+    use sudp::net::batch::{BatchSocket, GsoBatch};
+    use sudp::proto::session::{RecvSession, SendSession};
+    use sudp::proto::Role;
+
+    let pki = pki();
+    let gw = TestGateway::start(settings(&pki)).await;
+    let echo = udp_echo().await;
+    let RawSecure {
+        control,
+        assoc,
+        keys,
+        socket,
+        relay,
+    } = raw_secure(&gw, &pki).await;
+    let sock = BatchSocket::new(socket).unwrap();
+    let mut send = SendSession::new(assoc, &keys, Role::Client);
+    let mut records: Vec<Vec<u8>> = (0..7u8)
+        .map(|i| {
+            let mut b = vec![0u8; 512];
+            let n = send.seal(&Address::Ip(echo).as_ref(), &[i; 300], &mut b).unwrap();
+            b.truncate(n);
+            b
+        })
+        .collect();
+    let len = records[0].len();
+    records[2][len - 3] ^= 0x10; // tag
+    records[5][40] ^= 0x01; // ciphertext
+    records.push(records[1].clone()); // replay of record 1, in the same train
+    let mut train = GsoBatch::new(sock.max_gso_segments());
+    for r in &records {
+        if !train.fits(relay, r.len()) {
+            let (d, b, s) = train.pending().unwrap();
+            sock.send(d, b, s).await.unwrap();
+            train.clear();
+        }
+        train.push(relay, r);
+    }
+    let (d, b, s) = train.pending().unwrap();
+    sock.send(d, b, s).await.unwrap();
+
+    let mut recv = RecvSession::new(assoc, &keys, Role::Client, 64);
+    let mut got = Vec::new();
+    let mut batch = sudp::net::batch::RecvBatch::default();
+    while got.len() < 5 {
+        tokio::time::timeout(WAIT, sock.recv_batch(&mut batch))
+            .await
+            .expect("the neighbours of the bad records come back")
+            .unwrap();
+        batch.for_each(|rec, _| {
+            let o = recv.open(rec).expect("the gateway's replies open");
+            assert_eq!(o.payload.len(), 300);
+            got.push(o.payload[0]);
+        });
+    }
+    got.sort_unstable();
+    assert_eq!(got, [0, 1, 3, 4, 6]);
+    eventually(|| gw.metrics.drops(DropReason::BadMac) == 2 && gw.metrics.drops(DropReason::Duplicate) == 1)
+        .await;
+    assert_eq!(gw.metrics.forwarded.load(std::sync::atomic::Ordering::Relaxed), 5);
+    drop(control);
+    gw.stop().await;
+}

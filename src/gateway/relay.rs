@@ -36,7 +36,10 @@ use std::time::{Duration, Instant};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::task::JoinHandle;
 
-use crate::net::batch::{BatchSocket, GsoBatch, RecordTrain, RecvBatch, SMALL_BATCH};
+use crate::net::batch::{BatchSocket, GsoBatch, RecordTrain, RecvBatch, RUN, SMALL_BATCH};
+
+// A run's records are verified together by `RecvSession::verify_many`.
+const _: () = assert!(RUN <= record::INTERLEAVE);
 
 use crate::metrics::Metrics;
 use crate::net::dns::Resolver;
@@ -427,18 +430,64 @@ impl Relay {
                 tokio::task::yield_now().await;
                 continue;
             }
-            batch.for_each(|d, src| self.handle(d, src, &mut out));
+            batch.for_each_run(|run, src| self.handle_run(run, src, &mut out));
             out.flush(&self);
         }
     }
 
-    /// Routes one datagram from a client; what it forwards may wait in `out` until
-    /// [`Forwarder::flush`].
-    fn handle(self: &Arc<Self>, datagram: &mut [u8], src: SocketAddr, out: &mut Forwarder) {
-        match classify(datagram) {
-            DatagramKind::Secure => self.handle_secure(datagram, src, out),
-            DatagramKind::Naked => self.handle_naked(datagram, src, out),
-            DatagramKind::Unknown => self.metrics.count_drop(DropReason::UnknownKind),
+    /// Routes a run of datagrams from one client; what it forwards may wait in `out` until
+    /// [`Forwarder::flush`]. The tags of equal-length records of one association in the
+    /// run are checked together first ([`RecvSession::verify_many`]).
+    fn handle_run(self: &Arc<Self>, run: &mut [&mut [u8]], src: SocketAddr, out: &mut Forwarder) {
+        let mut tags = [None; RUN];
+        if run.len() > 1 {
+            self.preverify(run, src, &mut tags);
+        }
+        for (datagram, tag) in run.iter_mut().zip(tags) {
+            match classify(datagram) {
+                DatagramKind::Secure => self.handle_secure(datagram, src, out, tag),
+                DatagramKind::Naked => self.handle_naked(datagram, src, out),
+                DatagramKind::Unknown => self.metrics.count_drop(DropReason::UnknownKind),
+            }
+        }
+    }
+
+    /// Checks in lockstep the tags of each stretch of secure records in `run` that name one
+    /// association and have one length (a train); `tags[i]` gets record `i`'s verdict.
+    /// Records outside such stretches keep `None` and are verified one by one later.
+    fn preverify(&self, run: &[&mut [u8]], src: SocketAddr, tags: &mut [Option<bool>; RUN]) {
+        let key = |d: &[u8]| match classify(d) {
+            DatagramKind::Secure => record::parse_header(d).ok().map(|h| (h.assoc, d.len())),
+            _ => None,
+        };
+        let mut i = 0;
+        while i < run.len() {
+            let Some(k) = key(run[i]) else {
+                i += 1;
+                continue;
+            };
+            let mut j = i + 1;
+            while j < run.len() && key(run[j]) == Some(k) {
+                j += 1;
+            }
+            if j - i > 1 {
+                if let Some(assoc) = self.secure.load().get(&k.0).filter(|a| a.client_ip == src.ip()) {
+                    if let Kind::Secure { rx } = &assoc.kind {
+                        let mut msgs: [&[u8]; RUN] = [&[]; RUN];
+                        for (m, d) in msgs.iter_mut().zip(&run[i..j]) {
+                            *m = d;
+                        }
+                        let mut ok = [false; RUN];
+                        rx.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .verify_many(&msgs[..j - i], &mut ok);
+                        for (t, ok) in tags[i..j].iter_mut().zip(ok) {
+                            *t = Some(ok);
+                        }
+                    }
+                }
+            }
+            i = j;
         }
     }
 
@@ -481,7 +530,14 @@ impl Relay {
         Some(assoc)
     }
 
-    fn handle_secure(self: &Arc<Self>, datagram: &mut [u8], src: SocketAddr, out: &mut Forwarder) {
+    /// `tag`: the record's tag verdict when [`Relay::preverify`] checked it already.
+    fn handle_secure(
+        self: &Arc<Self>,
+        datagram: &mut [u8],
+        src: SocketAddr,
+        out: &mut Forwarder,
+        tag: Option<bool>,
+    ) {
         let h = match record::parse_header(datagram) {
             Ok(h) => h,
             Err(e) => return self.metrics.count_drop(e.reason()),
@@ -495,7 +551,12 @@ impl Relay {
         let Kind::Secure { rx } = &assoc.kind else {
             return self.metrics.count_drop(DropReason::UnknownAssociation);
         };
-        let opened = rx.lock().unwrap_or_else(|e| e.into_inner()).open(datagram);
+        let mut rx = rx.lock().unwrap_or_else(|e| e.into_inner());
+        let opened = match tag {
+            Some(ok) => rx.open_verified(datagram, ok),
+            None => rx.open(datagram),
+        };
+        drop(rx);
         match opened {
             Ok(o) => {
                 assoc.set_client(src);

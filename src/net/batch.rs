@@ -21,6 +21,8 @@ use crate::net::canonical;
 
 /// Receive buffers per system call.
 pub const BATCH: usize = 32;
+/// Most datagrams [`RecvBatch::for_each_run`] hands over at once.
+pub const RUN: usize = 8;
 /// Size of one receive buffer: room for a 64 KiB GRO train or the largest datagram.
 pub const RECV_BUF: usize = 65_536;
 /// Largest GSO train we build (the kernel limit for one UDP_SEGMENT send is 64 KiB).
@@ -232,6 +234,33 @@ impl RecvBatch {
             cur.offset = 0;
         }
         None
+    }
+
+    /// Like [`for_each`](Self::for_each), but hands `f` runs of up to [`RUN`] consecutive
+    /// datagrams from one source (a GRO train, or datagrams that queued back to back), so
+    /// the caller can work on them together, e.g. check their tags in lockstep.
+    pub fn for_each_run(&mut self, mut f: impl FnMut(&mut [&mut [u8]], SocketAddr)) {
+        let mut run: [&mut [u8]; RUN] = Default::default();
+        let mut n = 0;
+        let mut from = None;
+        for (i, chunk) in self.storage.chunks_mut(RECV_BUF).take(self.filled).enumerate() {
+            let m = &self.meta[i];
+            let src = canonical(m.addr);
+            let stride = if m.stride == 0 { m.len } else { m.stride };
+            for seg in chunk[..m.len].chunks_mut(stride.max(1)) {
+                if let Some(prev) = from.filter(|&p| n == RUN || p != src) {
+                    f(&mut run[..n], prev);
+                    n = 0;
+                }
+                run[n] = seg;
+                n += 1;
+                from = Some(src);
+            }
+        }
+        if let Some(prev) = from.filter(|_| n > 0) {
+            f(&mut run[..n], prev);
+        }
+        self.filled = 0;
     }
 
     /// Calls `f` with every datagram received (GRO trains split at their stride) and its
@@ -489,6 +518,54 @@ mod tests {
                 .unwrap();
             assert_eq!(len, 500);
             assert_eq!(buf[0], i as u8);
+        }
+    }
+
+    #[tokio::test]
+    async fn runs_group_consecutive_datagrams_of_one_source() {
+        let rx = BatchSocket::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()).unwrap();
+        let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let dest = rx.local_addr().unwrap();
+        let (pa, pb) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+        let mut sent = 0u8;
+        for (sock, count) in [(&a, 3), (&b, 2), (&a, 10)] {
+            for _ in 0..count {
+                sock.send_to(&[sent; 50], dest).await.unwrap();
+                sent += 1;
+            }
+        }
+        let mut batch = RecvBatch::default();
+        let mut runs = Vec::new();
+        let mut seen = 0;
+        while seen < 15 {
+            tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv_batch(&mut batch))
+                .await
+                .unwrap()
+                .unwrap();
+            batch.for_each_run(|run, from| {
+                assert!(!run.is_empty() && run.len() <= RUN);
+                let ids: Vec<u8> = run.iter().map(|d| d[0]).collect();
+                seen += ids.len();
+                runs.push((from, ids));
+            });
+        }
+        // Every datagram once, in order, and a run never mixes sources.
+        let order: Vec<u8> = runs.iter().flat_map(|(_, ids)| ids.clone()).collect();
+        assert_eq!(order, (0..15).collect::<Vec<u8>>());
+        for (from, ids) in &runs {
+            let from_b = |i: u8| (3..5).contains(&i);
+            let want = if from_b(ids[0]) { pb } else { pa };
+            assert_eq!(*from, want, "run {ids:?}");
+            assert!(
+                ids.iter().all(|&i| from_b(i) == (want == pb)),
+                "run {ids:?} mixes sources"
+            );
+        }
+        // All were queued before the one receive: runs of 3, 2, then 8 + 2.
+        if runs.len() == 4 {
+            let lens: Vec<usize> = runs.iter().map(|(_, ids)| ids.len()).collect();
+            assert_eq!(lens, [3, 2, 8, 2]);
         }
     }
 

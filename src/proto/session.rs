@@ -140,9 +140,43 @@ impl RecvSession {
 
     /// Opens one datagram in place, in the order given in the module documentation.
     pub fn open<'a>(&mut self, datagram: &'a mut [u8]) -> Result<Opened<'a>, OpenError> {
+        self.open_with(datagram, None)
+    }
+
+    /// Checks the tags of up to [`crate::proto::record::INTERLEAVE`] records at once (see
+    /// [`Opener::verify_many`]); `ok[i]` is then handed to [`open_verified`](Self::open_verified)
+    /// with record `i`. Records whose header does not parse or names another association get
+    /// `false` (their [`open_verified`](Self::open_verified) reports the header error first).
+    pub fn verify_many(&self, datagrams: &[&[u8]], ok: &mut [bool]) {
+        self.opener.verify_many(datagrams, ok);
+        for (d, ok) in datagrams.iter().zip(ok.iter_mut()) {
+            *ok &= self.opener.check_header(d).is_ok();
+        }
+    }
+
+    /// Opens one datagram like [`open`](Self::open), with its tag already checked by
+    /// [`verify_many`](Self::verify_many) (`tag_ok`) on these very bytes. The checks keep
+    /// their order and their drop reasons: header, then replay window, then the tag.
+    pub fn open_verified<'a>(
+        &mut self,
+        datagram: &'a mut [u8],
+        tag_ok: bool,
+    ) -> Result<Opened<'a>, OpenError> {
+        self.open_with(datagram, Some(tag_ok))
+    }
+
+    fn open_with<'a>(
+        &mut self,
+        datagram: &'a mut [u8],
+        tag_ok: Option<bool>,
+    ) -> Result<Opened<'a>, OpenError> {
         let h = self.opener.check_header(datagram)?;
         let verdict = self.window.check(h.nonce)?;
-        self.opener.verify(datagram)?;
+        match tag_ok {
+            None => self.opener.verify(datagram)?,
+            Some(true) => {}
+            Some(false) => return Err(OpenError::BadMac),
+        }
         self.window.commit(h.nonce);
         let pt: &'a [u8] = self.opener.decrypt_in_place(&h, datagram)?;
         let (addr, used) = AddrRef::parse(pt).map_err(OpenError::BadAddress)?;
@@ -160,6 +194,7 @@ mod tests {
     use super::*;
     use crate::proto::keys::CipherSuite;
     use crate::proto::record::record_len;
+    use crate::proto::DropReason;
     use proptest::prelude::*;
     use std::net::SocketAddr;
 
@@ -225,6 +260,57 @@ mod tests {
         assert_eq!(gr.open(&mut forged).unwrap_err(), OpenError::BadMac);
         assert_eq!(gr.window().top(), 0);
         assert!(gr.open(&mut b[..n]).is_ok());
+    }
+
+    #[test]
+    fn verified_together_opens_like_one_by_one_with_the_same_drop_reasons() {
+        let (mut cs, mut gr, _, _) = ends();
+        let dst: SocketAddr = "198.51.100.7:5004".parse().unwrap();
+        let mut recs: Vec<Vec<u8>> = (0..6u8)
+            .map(|i| {
+                let mut b = vec![0u8; 256];
+                let n = cs.seal(&AddrRef::Ip(dst), &[i; 40], &mut b).unwrap();
+                b.truncate(n);
+                b
+            })
+            .collect();
+        let len = recs[0].len();
+        recs[2][len - 1] ^= 1; // forged tag
+        recs[4][30] ^= 0x80; // forged ciphertext
+        let mut ok = [true; 6];
+        let views: Vec<&[u8]> = recs.iter().map(|r| &r[..]).collect();
+        gr.verify_many(&views, &mut ok);
+        assert_eq!(ok, [true, true, false, true, false, true]);
+        for (i, r) in recs.iter_mut().enumerate() {
+            match gr.open_verified(r, ok[i]) {
+                Ok(o) => assert_eq!((o.nonce, o.payload), (i as u64, &[i as u8; 40][..])),
+                Err(e) => {
+                    assert!(i == 2 || i == 4, "record {i}: {e}");
+                    assert_eq!(e.reason(), DropReason::BadMac);
+                }
+            }
+        }
+        // A replayed record is refused as a duplicate, even with a tag verdict in hand, and
+        // a record of another association gets `false`.
+        let mut replay = recs[0].clone();
+        let mut foreign = recs[1].clone();
+        foreign[5] ^= 1; // association id
+        let mut ok = [true; 2];
+        gr.verify_many(&[&replay, &foreign], &mut ok);
+        assert_eq!(ok, [false, false], "record 0 was decrypted in place above");
+        let mut fresh = vec![0u8; 256];
+        let n = cs.seal(&AddrRef::Ip(dst), &[9; 40], &mut fresh).unwrap();
+        fresh.truncate(n);
+        let copy = fresh.clone();
+        let mut ok = [false; 2];
+        gr.verify_many(&[&fresh, &copy], &mut ok);
+        assert_eq!(ok, [true, true]);
+        assert!(gr.open_verified(&mut fresh, ok[0]).is_ok());
+        replay.copy_from_slice(&copy);
+        assert_eq!(
+            gr.open_verified(&mut replay, ok[1]).unwrap_err().reason(),
+            DropReason::Duplicate
+        );
     }
 
     #[test]
