@@ -31,7 +31,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::metrics::Metrics;
-use crate::net::batch::{BatchSocket, Cursor, RecvBatch};
+use crate::net::batch::{BatchSocket, RecvBatch, RUN};
 use crate::net::{canonical, DATAGRAM_BUF};
 use crate::proto::record::PREFIX_LEN;
 use crate::proto::session::{RecvSession, SendSession};
@@ -573,28 +573,66 @@ impl SecureUdp {
     ) -> Result<usize, ClientError> {
         self.socket.recv_batch(batch).await?;
         let mut delivered = 0;
-        let mut cur = Cursor::default();
-        while let Some((rec, _)) = batch.next(&mut cur) {
-            match self.open(rec) {
-                Ok(r) => {
-                    f(&rec[r.payload.clone()], &r.from);
-                    delivered += 1;
-                }
-                Err(e) => {
-                    if let Some(m) = &self.metrics {
-                        m.count_drop(e.reason());
+        batch.for_each_run(|run, _| {
+            let mut tags = [None; RUN];
+            if run.len() > 1 {
+                self.verify_run(run, &mut tags);
+            }
+            for (rec, tag) in run.iter_mut().zip(tags) {
+                match self.open_checked(rec, tag) {
+                    Ok(r) => {
+                        f(&rec[r.payload.clone()], &r.from);
+                        delivered += 1;
                     }
-                    tracing::debug!(error = %e, "dropped record from gateway");
+                    Err(e) => {
+                        if let Some(m) = &self.metrics {
+                            m.count_drop(e.reason());
+                        }
+                        tracing::debug!(error = %e, "dropped record from gateway");
+                    }
                 }
             }
-        }
+        });
         Ok(delivered)
     }
 
+    /// Checks together the tags of each stretch of equal-length records in `run` (a train
+    /// from the gateway); `tags[i]` gets record `i`'s verdict.
+    fn verify_run(&self, run: &[&mut [u8]], tags: &mut [Option<bool>; RUN]) {
+        let recv = self.recv.lock().unwrap_or_else(|e| e.into_inner());
+        let mut i = 0;
+        while i < run.len() {
+            let mut j = i + 1;
+            while j < run.len() && run[j].len() == run[i].len() {
+                j += 1;
+            }
+            if j - i > 1 {
+                let mut msgs: [&[u8]; RUN] = [&[]; RUN];
+                for (m, d) in msgs.iter_mut().zip(&run[i..j]) {
+                    *m = d;
+                }
+                let mut ok = [false; RUN];
+                recv.verify_many(&msgs[..j - i], &mut ok);
+                for (t, ok) in tags[i..j].iter_mut().zip(ok) {
+                    *t = Some(ok);
+                }
+            }
+            i = j;
+        }
+    }
+
     fn open(&self, rec: &mut [u8]) -> Result<Received, OpenError> {
+        self.open_checked(rec, None)
+    }
+
+    /// Opens `rec`; `tag` is its tag verdict when [`SecureUdp::verify_run`] checked it.
+    fn open_checked(&self, rec: &mut [u8], tag: Option<bool>) -> Result<Received, OpenError> {
         let base = rec.as_ptr() as usize;
         let mut recv = self.recv.lock().unwrap_or_else(|e| e.into_inner());
-        let o = recv.open(rec)?;
+        let o = match tag {
+            Some(ok) => recv.open_verified(rec, ok)?,
+            None => recv.open(rec)?,
+        };
         // Offsets from pointers: the opened parts are slices of `rec`.
         let payload_at = o.payload.as_ptr() as usize - base;
         let addr_at = payload_at - o.addr.encoded_len();
