@@ -107,6 +107,7 @@ pub(crate) async fn serve_udp(
         }
         // Every datagram of the batch: records for a live association are sealed straight
         // into a GSO train (one send per run of equal sizes); the rest wait in their link.
+        let now = now_ms();
         let mut cur = Cursor::default();
         while let Some((d, src)) = batch.next(&mut cur) {
             let n = d.len();
@@ -135,7 +136,7 @@ pub(crate) async fn serve_udp(
             let flow = flows
                 .entry(src)
                 .or_insert_with(|| new_flow(&ctx, &spec, &sock, src, now_ms));
-            flow.last.store(now_ms(), Ordering::Relaxed);
+            flow.last.store(now, Ordering::Relaxed);
             match flow.link.current() {
                 Some(assoc) => {
                     let link = flow.link.clone();
@@ -214,11 +215,7 @@ impl Train {
                 Ok(()) => {
                     if let Some((_, bytes, seg)) = self.records.pending() {
                         match assoc.udp.send_train(bytes, seg).await {
-                            Ok(()) => {
-                                for &p in &self.payloads {
-                                    link.sent(p);
-                                }
-                            }
+                            Ok(()) => link.sent(&self.payloads),
                             Err(e) => link.send_failed(assoc, n, &e),
                         }
                     }

@@ -113,11 +113,16 @@ impl Link {
         self.shared.current.borrow().clone()
     }
 
-    /// Notes that a datagram left through [`Link::current`]'s association.
-    pub(crate) fn sent(&self, payload_len: usize) {
+    /// Notes that datagrams of these payload lengths left through [`Link::current`]'s
+    /// association (one train).
+    pub(crate) fn sent(&self, payload_lens: &[usize]) {
         let s = &self.shared;
         s.last_send.store(s.now_ms(), Ordering::Relaxed);
-        s.metrics.forwarded(payload_len);
+        let m = &s.metrics;
+        m.forwarded
+            .fetch_add(payload_lens.len() as u64, Ordering::Relaxed);
+        m.forwarded_bytes
+            .fetch_add(payload_lens.iter().sum::<usize>() as u64, Ordering::Relaxed);
     }
 
     /// Reports that sending `count` records through `assoc` failed with `e`: counted, and
