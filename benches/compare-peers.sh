@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-3}
 SIZES=${SIZES:-"1200 200"}
-RATES_1200=${RATES_1200:-"100M 200M 400M 600M 800M 1000M 1500M 2000M"}
+RATES_1200=${RATES_1200:-"200M 400M 600M 800M 1000M 1400M 1700M 2000M 2400M"}
 RATES_200=${RATES_200:-"20M 50M 100M 150M 200M 300M 400M"}
 # Socket buffer iperf3 asks for on both ends (-w; the server takes the client's). The
 # default (net.core.rmem_default, 208 KiB here) holds about 90 datagrams of 1200 bytes: a
