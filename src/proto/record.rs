@@ -485,20 +485,19 @@ impl Opener {
     /// one [`verify`](Self::verify) per record. Every comparison is constant-time and every
     /// record is checked (no early exit).
     pub fn verify_many(&self, datagrams: &[&[u8]], ok: &mut [bool]) {
-        assert!(
-            datagrams.len() <= INTERLEAVE && ok.len() >= datagrams.len(),
-            "at most INTERLEAVE records"
-        );
-        let mut msgs: [&[u8]; INTERLEAVE] = [&[]; INTERLEAVE];
-        for (m, d) in msgs.iter_mut().zip(datagrams) {
-            *m = &d[..d.len().saturating_sub(TAG_LEN)];
-        }
-        let mut tags = [[0u8; TAG_LEN]; INTERLEAVE];
-        let n = datagrams.len();
-        self.keys.mac.tag_many(&msgs[..n], &mut tags[..n]);
-        for i in 0..n {
-            let d = datagrams[i];
-            ok[i] = d.len() >= MIN_RECORD && bool::from(tags[i].ct_eq(&d[d.len() - TAG_LEN..]));
+        assert!(ok.len() >= datagrams.len(), "one verdict per record");
+        for (datagrams, ok) in datagrams.chunks(INTERLEAVE).zip(ok.chunks_mut(INTERLEAVE)) {
+            let mut msgs: [&[u8]; INTERLEAVE] = [&[]; INTERLEAVE];
+            for (m, d) in msgs.iter_mut().zip(datagrams) {
+                *m = &d[..d.len().saturating_sub(TAG_LEN)];
+            }
+            let mut tags = [[0u8; TAG_LEN]; INTERLEAVE];
+            let n = datagrams.len();
+            self.keys.mac.tag_many(&msgs[..n], &mut tags[..n]);
+            for i in 0..n {
+                let d = datagrams[i];
+                ok[i] = d.len() >= MIN_RECORD && bool::from(tags[i].ct_eq(&d[d.len() - TAG_LEN..]));
+            }
         }
     }
 
@@ -593,6 +592,27 @@ mod tests {
                 max: MAX_PLAINTEXT
             })
         );
+    }
+
+    #[test]
+    fn verify_many_takes_any_number_of_records() {
+        let (s, o) = pair(CipherSuite::Aes128CbcHmacSha256);
+        let mut recs: Vec<Vec<u8>> = (0..11u64)
+            .map(|n| {
+                let mut b = vec![0u8; 200];
+                let len = s.seal(n, &[n as u8; 100], &mut b).unwrap();
+                b.truncate(len);
+                b
+            })
+            .collect();
+        recs[9][30] ^= 1;
+        recs.push(vec![0x97; 20]); // too short to be a record
+        recs.push(vec![1; 5]); // shorter than a tag
+        let views: Vec<&[u8]> = recs.iter().map(|r| &r[..]).collect();
+        let mut ok = vec![true; views.len()];
+        o.verify_many(&views, &mut ok);
+        let want: Vec<bool> = (0..13).map(|i| i < 11 && i != 9).collect();
+        assert_eq!(ok, want);
     }
 
     #[test]

@@ -143,7 +143,7 @@ impl RecvSession {
         self.open_with(datagram, None)
     }
 
-    /// Checks the tags of up to [`crate::proto::record::INTERLEAVE`] records at once (see
+    /// Checks the tags of several records at once (see
     /// [`Opener::verify_many`]); `ok[i]` is then handed to [`open_verified`](Self::open_verified)
     /// with record `i`. Records whose header does not parse or names another association get
     /// `false` (their [`open_verified`](Self::open_verified) reports the header error first).

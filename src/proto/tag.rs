@@ -127,7 +127,11 @@ impl TagKey {
         compress256(&mut s, Tail::new(rest, BLOCK + msg.len()).blocks());
         let mut o = self.outer;
         compress256(&mut o, &[outer_block(&s)]);
-        truncate(&o)
+        let t = truncate(&o);
+        // Working copies of key-derived state do not outlive the call.
+        s.zeroize();
+        o.zeroize();
+        t
     }
 
     /// True when `tag` is the tag of `msg`; compared in constant time.
@@ -168,6 +172,8 @@ mod lanes {
     //! Several SHA-256 compressions side by side with the x86 SHA extensions.
     use std::arch::x86_64::*;
 
+    use zeroize::Zeroize;
+
     use super::{outer_block, split_blocks, truncate, TagKey, Tail, BLOCK, TAG_LEN};
 
     const K: [u32; 64] = [
@@ -203,10 +209,15 @@ mod lanes {
             compress(&mut states, std::array::from_fn(|l| tails[l].blocks()));
         }
         let mut outers = [key.outer; N];
-        let blocks: [[[u8; BLOCK]; 1]; N] = std::array::from_fn(|l| [outer_block(&states[l])]);
+        let mut blocks: [[[u8; BLOCK]; 1]; N] = std::array::from_fn(|l| [outer_block(&states[l])]);
         // SAFETY: as above; one block per lane.
         unsafe { compress(&mut outers, std::array::from_fn(|l| &blocks[l][..])) };
-        Some(std::array::from_fn(|l| truncate(&outers[l])))
+        let tags = std::array::from_fn(|l| truncate(&outers[l]));
+        // Working copies of key-derived state do not outlive the call.
+        states.zeroize();
+        outers.zeroize();
+        blocks.zeroize();
+        Some(tags)
     }
 
     /// Compresses `blocks[l]` into `states[l]` for every lane, the rounds of all lanes
