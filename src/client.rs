@@ -31,7 +31,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::metrics::Metrics;
-use crate::net::batch::{BatchSocket, RecvBatch, RUN};
+use crate::net::batch::{stretches, BatchSocket, RecvBatch, RUN};
 use crate::net::{canonical, DATAGRAM_BUF};
 use crate::proto::record::PREFIX_LEN;
 use crate::proto::session::{RecvSession, SendSession};
@@ -600,24 +600,8 @@ impl SecureUdp {
     /// from the gateway); `tags[i]` gets record `i`'s verdict.
     fn verify_run(&self, run: &[&mut [u8]], tags: &mut [Option<bool>; RUN]) {
         let recv = self.recv.lock().unwrap_or_else(|e| e.into_inner());
-        let mut i = 0;
-        while i < run.len() {
-            let mut j = i + 1;
-            while j < run.len() && run[j].len() == run[i].len() {
-                j += 1;
-            }
-            if j - i > 1 {
-                let mut msgs: [&[u8]; RUN] = [&[]; RUN];
-                for (m, d) in msgs.iter_mut().zip(&run[i..j]) {
-                    *m = d;
-                }
-                let mut ok = [false; RUN];
-                recv.verify_many(&msgs[..j - i], &mut ok);
-                for (t, ok) in tags[i..j].iter_mut().zip(ok) {
-                    *t = Some(ok);
-                }
-            }
-            i = j;
+        for (range, _) in stretches(run, |d| Some(d.len())) {
+            recv.verify_run(&run[range.clone()], &mut tags[range]);
         }
     }
 

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::task::JoinHandle;
 
-use crate::net::batch::{BatchSocket, GsoBatch, RecordTrain, RecvBatch, RUN, SMALL_BATCH};
+use crate::net::batch::{stretches, BatchSocket, GsoBatch, RecordTrain, RecvBatch, RUN, SMALL_BATCH};
 
 // A run's records are verified together by `RecvSession::verify_many`.
 const _: () = assert!(RUN <= record::INTERLEAVE);
@@ -460,34 +460,16 @@ impl Relay {
             DatagramKind::Secure => record::parse_header(d).ok().map(|h| (h.assoc, d.len())),
             _ => None,
         };
-        let mut i = 0;
-        while i < run.len() {
-            let Some(k) = key(run[i]) else {
-                i += 1;
+        for (range, (id, _)) in stretches(run, key) {
+            let table = self.secure.load();
+            let Some(assoc) = table.get(&id).filter(|a| a.client_ip == src.ip()) else {
                 continue;
             };
-            let mut j = i + 1;
-            while j < run.len() && key(run[j]) == Some(k) {
-                j += 1;
+            if let Kind::Secure { rx } = &assoc.kind {
+                rx.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .verify_run(&run[range.clone()], &mut tags[range]);
             }
-            if j - i > 1 {
-                if let Some(assoc) = self.secure.load().get(&k.0).filter(|a| a.client_ip == src.ip()) {
-                    if let Kind::Secure { rx } = &assoc.kind {
-                        let mut msgs: [&[u8]; RUN] = [&[]; RUN];
-                        for (m, d) in msgs.iter_mut().zip(&run[i..j]) {
-                            *m = d;
-                        }
-                        let mut ok = [false; RUN];
-                        rx.lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .verify_many(&msgs[..j - i], &mut ok);
-                        for (t, ok) in tags[i..j].iter_mut().zip(ok) {
-                            *t = Some(ok);
-                        }
-                    }
-                }
-            }
-            i = j;
         }
     }
 

@@ -10,6 +10,7 @@
 
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::time::Duration;
 
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
@@ -278,6 +279,32 @@ impl RecvBatch {
     }
 }
 
+/// The stretches of two or more consecutive datagrams of `run` that share a key (a datagram
+/// whose key is `None` belongs to none), as index ranges with their key: the trains whose
+/// records can be checked together.
+pub fn stretches<'r, K: PartialEq>(
+    run: &'r [&mut [u8]],
+    key: impl Fn(&[u8]) -> Option<K> + 'r,
+) -> impl Iterator<Item = (Range<usize>, K)> + 'r {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        while i < run.len() {
+            let start = i;
+            i += 1;
+            let Some(k) = key(run[start]) else {
+                continue;
+            };
+            while i < run.len() && key(run[i]).as_ref() == Some(&k) {
+                i += 1;
+            }
+            if i - start > 1 {
+                return Some((start..i, k));
+            }
+        }
+        None
+    })
+}
+
 /// Equal-sized datagrams for one destination, sent in one GSO call.
 pub struct GsoBatch {
     buf: Vec<u8>,
@@ -519,6 +546,20 @@ mod tests {
             assert_eq!(len, 500);
             assert_eq!(buf[0], i as u8);
         }
+    }
+
+    #[test]
+    fn stretches_are_runs_of_two_or_more_with_one_key() {
+        let mut data: Vec<Vec<u8>> = [1u8, 1, 0, 2, 3, 3, 3, 4, 4]
+            .iter()
+            .map(|&k| vec![k; 3])
+            .collect();
+        let run: Vec<&mut [u8]> = data.iter_mut().map(|d| &mut d[..]).collect();
+        let key = |d: &[u8]| (d[0] != 0).then_some(d[0]);
+        let got: Vec<_> = stretches(&run, key).collect();
+        assert_eq!(got, [(0..2, 1), (4..7, 3), (7..9, 4)]);
+        assert_eq!(stretches(&run[..1], key).count(), 0);
+        assert_eq!(stretches(&[], key).count(), 0);
     }
 
     #[tokio::test]

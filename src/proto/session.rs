@@ -11,7 +11,7 @@
 
 use crate::proto::error::{OpenError, SealError};
 use crate::proto::keys::{AssociationId, KeySchedule, Role};
-use crate::proto::record::{Opener, Sealer, MAX_RECORDS_PER_KEY, PREFIX_LEN};
+use crate::proto::record::{Opener, Sealer, INTERLEAVE, MAX_RECORDS_PER_KEY, PREFIX_LEN};
 use crate::proto::replay::{ReplayWindow, Verdict};
 use crate::proto::socks::AddrRef;
 
@@ -151,6 +151,23 @@ impl RecvSession {
         self.opener.verify_many(datagrams, ok);
         for (d, ok) in datagrams.iter().zip(ok.iter_mut()) {
             *ok &= self.opener.check_header(d).is_ok();
+        }
+    }
+
+    /// [`verify_many`](Self::verify_many) for records held as mutable slices (a run of a
+    /// receive batch): `tags[i]` becomes `Some(verdict)` for record `i`.
+    pub fn verify_run(&self, records: &[&mut [u8]], tags: &mut [Option<bool>]) {
+        assert_eq!(records.len(), tags.len(), "one verdict per record");
+        for (records, tags) in records.chunks(INTERLEAVE).zip(tags.chunks_mut(INTERLEAVE)) {
+            let mut msgs: [&[u8]; INTERLEAVE] = [&[]; INTERLEAVE];
+            for (m, r) in msgs.iter_mut().zip(records) {
+                *m = r;
+            }
+            let mut ok = [false; INTERLEAVE];
+            self.verify_many(&msgs[..records.len()], &mut ok);
+            for (t, ok) in tags.iter_mut().zip(ok) {
+                *t = Some(ok);
+            }
         }
     }
 
