@@ -38,9 +38,6 @@ use tokio::task::JoinHandle;
 
 use crate::net::batch::{stretches, BatchSocket, GsoBatch, RecordTrain, RecvBatch, RUN, SMALL_BATCH};
 
-// A run's records are verified together by `RecvSession::verify_many`.
-const _: () = assert!(RUN <= record::INTERLEAVE);
-
 use crate::metrics::Metrics;
 use crate::net::dns::Resolver;
 use crate::net::{self, canonical, canonical_ip, for_socket};
@@ -437,7 +434,7 @@ impl Relay {
 
     /// Routes a run of datagrams from one client; what it forwards may wait in `out` until
     /// [`Forwarder::flush`]. The tags of equal-length records of one association in the
-    /// run are checked together first ([`RecvSession::verify_many`]).
+    /// run are checked together first ([`RecvSession::verify_run`]).
     fn handle_run(self: &Arc<Self>, run: &mut [&mut [u8]], src: SocketAddr, out: &mut Forwarder) {
         let mut tags = [None; RUN];
         if run.len() > 1 {
