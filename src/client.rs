@@ -32,6 +32,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::metrics::Metrics;
 use crate::net::batch::{stretches, BatchSocket, RecvBatch, RUN};
+use crate::net::channel::{Channel, ChannelError, Event, Heartbeat};
 use crate::net::{canonical, DATAGRAM_BUF};
 use crate::proto::record::PREFIX_LEN;
 use crate::proto::session::{RecvSession, SendSession};
@@ -118,10 +119,21 @@ pub struct ClientOptions {
     pub timeout: Duration,
     /// Replay window size for records from the gateway.
     pub replay_window: usize,
+    /// PINGs on the control connection, and the silence after which a gateway that said
+    /// HELLO is taken for gone (PROTOCOL.md §2.4).
+    pub heartbeat: Heartbeat,
 }
 
+/// The client's heartbeat: a PING every 500 ms, a gateway silent for 1.5 s is gone, so a
+/// frozen or partitioned gateway is noticed within 2 s (live video cannot wait longer).
+pub const DEFAULT_HEARTBEAT: Heartbeat = Heartbeat {
+    interval: Duration::from_millis(500),
+    timeout: Duration::from_millis(1500),
+};
+
 impl ClientOptions {
-    /// Options with defaults: no credentials, both suites, 10 s timeout, window 1024.
+    /// Options with defaults: no credentials, both suites, 10 s timeout, window 1024,
+    /// [`DEFAULT_HEARTBEAT`].
     pub fn new(gateway: SocketAddr, server_name: &str, tls: Arc<rustls::ClientConfig>) -> Self {
         ClientOptions {
             gateway,
@@ -131,6 +143,7 @@ impl ClientOptions {
             suites: CipherSuite::ALL.to_vec(),
             timeout: Duration::from_secs(10),
             replay_window: crate::proto::replay::DEFAULT_WINDOW,
+            heartbeat: DEFAULT_HEARTBEAT,
         }
     }
 }
@@ -319,6 +332,8 @@ pub struct SecureUdp {
     relay: SocketAddr,
     control: JoinHandle<()>,
     closed: tokio::sync::watch::Receiver<bool>,
+    /// Why the association ended, once it has.
+    why_closed: Arc<Mutex<Option<String>>>,
     /// Record buffers of `send_to` and of `recv_from` with a small buffer, allocated on first
     /// use and reused, so neither allocates per datagram.
     send_scratch: tokio::sync::Mutex<Vec<u8>>,
@@ -367,18 +382,16 @@ impl SecureUdp {
         };
         socket.connect(relay).await?;
         let (closed_tx, closed) = tokio::sync::watch::channel(false);
-        // The association lives as long as the control connection: hold it open and
-        // notice when the gateway closes it.
-        let control = tokio::spawn(async move {
-            let mut scratch = [0u8; 256];
-            loop {
-                match control.read(&mut scratch).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
-            let _ = closed_tx.send(true);
-        });
+        let why_closed = Arc::new(Mutex::new(None));
+        // The association lives as long as the control connection, which carries frames
+        // (PROTOCOL.md §2.4): the heartbeat both ways and the gateway's CLOSE. A gateway
+        // that closes the connection, sends CLOSE, or falls silent ends the association.
+        let control = tokio::spawn(watch_control(
+            Channel::open(control, opts.heartbeat),
+            assoc,
+            why_closed.clone(),
+            closed_tx,
+        ));
         Ok(SecureUdp {
             // Read with plain `recv` too (recv_in_place): no GRO trains on this socket.
             socket: BatchSocket::without_gro(socket)?,
@@ -389,6 +402,7 @@ impl SecureUdp {
             relay,
             control,
             closed,
+            why_closed,
             send_scratch: tokio::sync::Mutex::new(Vec::new()),
             recv_scratch: tokio::sync::Mutex::new(Vec::new()),
             metrics: None,
@@ -424,6 +438,12 @@ impl SecureUdp {
     /// True once the gateway closed the control connection (the association is gone).
     pub fn is_closed(&self) -> bool {
         *self.closed.borrow()
+    }
+
+    /// Why the association ended (the gateway's CLOSE reason, a heartbeat timeout, the
+    /// connection closing), once [`SecureUdp::is_closed`].
+    pub fn close_reason(&self) -> Option<String> {
+        self.why_closed.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Completes once the gateway closed the control connection (the association is gone).
@@ -631,6 +651,30 @@ impl SecureUdp {
             payload: payload_at..payload_at + o.payload.len(),
         })
     }
+}
+
+/// Runs the client's side of the control channel until the association ends; records why.
+async fn watch_control(
+    mut channel: Channel<Control>,
+    assoc: AssociationId,
+    why: Arc<Mutex<Option<String>>>,
+    closed: tokio::sync::watch::Sender<bool>,
+) {
+    let reason = loop {
+        match channel.next().await {
+            Ok(Event::Hello(h)) => {
+                tracing::debug!(%assoc, version = h.version, ping_ms = h.ping_interval_ms, "control channel: gateway hello");
+            }
+            Ok(Event::Close { assoc: a, reason }) if a == assoc => {
+                break format!("the gateway closed the association: {}", reason.describe());
+            }
+            Ok(Event::Close { .. }) => {}
+            Err(ChannelError::Closed) => break "the gateway closed the control connection".to_owned(),
+            Err(e) => break e.to_string(),
+        }
+    };
+    *why.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+    let _ = closed.send(true);
 }
 
 impl Drop for SecureUdp {

@@ -8,9 +8,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{
-    file_items, file_value, nonzero, nonzero_duration, parse_duration, parse_socket_addr, parse_suite,
-    read_file, replay_window, suites, ConfigError, Origins, Problem,
+    file_items, file_value, heartbeat, nonzero, nonzero_duration, parse_duration, parse_socket_addr,
+    parse_suite, read_file, replay_window, suites, ConfigError, Origins, Problem,
 };
+use crate::net::channel::Heartbeat;
 use crate::policy::{self, Action, Policy, Rule, RuleError};
 use crate::proto::keys::CipherSuite;
 
@@ -116,6 +117,16 @@ pub struct GatewayArgs {
     /// Also accept TLS 1.2 on the control connection [default: TLS 1.3 only].
     #[arg(long)]
     pub tls12: bool,
+
+    /// Time between the gateway's PINGs on a secure control connection; 0 sends none
+    /// [default: 1s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub heartbeat_interval: Option<Duration>,
+
+    /// A client that announced PINGs and is silent this long is dropped, with its
+    /// associations [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub heartbeat_timeout: Option<Duration>,
 }
 
 /// The gateway's configuration: typed and validated.
@@ -154,6 +165,8 @@ pub struct GatewayConfig {
     pub suites: Vec<CipherSuite>,
     /// Accept TLS 1.2 as well as TLS 1.3.
     pub tls12: bool,
+    /// The control channel's heartbeat.
+    pub heartbeat: Heartbeat,
 }
 
 /// How the gateway authenticates clients. At least one method is on, or authentication is
@@ -228,6 +241,8 @@ struct GatewayFile {
     replay_window: Option<usize>,
     suites: Option<Vec<String>>,
     tls12: Option<bool>,
+    heartbeat_interval: Option<toml::Value>,
+    heartbeat_timeout: Option<toml::Value>,
     /// Sorted, so that of several bad entries the same one is always reported.
     users_policy: Option<BTreeMap<String, UserPolicyFile>>,
 }
@@ -343,6 +358,12 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
     )?;
     let replay_window = replay_window(&o, args.replay_window, file.replay_window)?;
     let suites = suites(&o, args.suites, file.suites)?;
+    let heartbeat = heartbeat(
+        &o,
+        (args.heartbeat_interval, file.heartbeat_interval),
+        (args.heartbeat_timeout, file.heartbeat_timeout),
+        crate::gateway::DEFAULT_HEARTBEAT,
+    )?;
 
     Ok(GatewayConfig {
         listen,
@@ -360,6 +381,7 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
         replay_window,
         suites,
         tls12: args.tls12 || file.tls12.unwrap_or(false),
+        heartbeat,
     })
 }
 
@@ -734,6 +756,39 @@ mod tests {
         // A broken file is an error even where a flag overrides the broken key.
         let got = error(&format!("{MINIMAL}idle_timeout = \"x\""), &["--idle-timeout=5s"]);
         assert!(got.contains("key `idle_timeout`"), "{got}");
+    }
+
+    #[test]
+    fn heartbeat_keys() {
+        let c = from_toml(MINIMAL, &[]).unwrap();
+        assert_eq!(c.heartbeat, crate::gateway::DEFAULT_HEARTBEAT);
+        let c = from_toml(
+            &format!("{MINIMAL}heartbeat_interval = \"250ms\"\nheartbeat_timeout = 3\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            c.heartbeat,
+            Heartbeat {
+                interval: Duration::from_millis(250),
+                timeout: Duration::from_secs(3)
+            }
+        );
+        // Zero turns PINGs off; the timeout still bounds writes.
+        let c = from_toml(MINIMAL, &["--heartbeat-interval=0"]).unwrap();
+        assert_eq!(c.heartbeat.interval, Duration::ZERO);
+        let got = error(MINIMAL, &["--heartbeat-timeout=1s"]);
+        assert!(
+            got.starts_with("flag `--heartbeat-timeout`: the heartbeat timeout (1s) must be longer"),
+            "{got}"
+        );
+        let got = error(&format!("{MINIMAL}heartbeat_interval = \"20s\""), &[]);
+        assert!(
+            got.starts_with("gateway.toml: key `heartbeat_interval`:"),
+            "{got}"
+        );
+        let got = error(MINIMAL, &["--heartbeat-timeout=0"]);
+        assert_eq!(got, "flag `--heartbeat-timeout`: must be greater than zero");
     }
 
     #[test]

@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
+use crate::net::channel::Heartbeat;
 use crate::policy::RuleError;
 use crate::proto::keys::CipherSuite;
 use crate::proto::replay;
@@ -230,6 +231,17 @@ pub enum Problem {
     /// Not a TLS server name.
     #[error("invalid TLS server name \"{0}\" (expected a DNS name or an IP address)")]
     ServerName(String),
+    /// A heartbeat timeout not longer than the interval: every peer would look dead.
+    #[error(
+        "the heartbeat timeout ({timeout:?}) must be longer than the heartbeat interval \
+         ({interval:?}); a few intervals is usual"
+    )]
+    HeartbeatOrder {
+        /// The interval.
+        interval: Duration,
+        /// The timeout.
+        timeout: Duration,
+    },
     /// A user name that RFC 1929 cannot carry.
     #[error("a user name must be 1 to 255 bytes")]
     UserName,
@@ -435,6 +447,35 @@ fn nonzero_duration(
         .map(|v| duration_value(v).map_err(|p| value_err(o.file(key), p)))
         .transpose()?;
     nonzero(o, key, flag, file, default)
+}
+
+/// The heartbeat of the control channel (PROTOCOL.md §2.4): `heartbeat_interval` (zero: no
+/// PINGs) and `heartbeat_timeout` (nonzero, longer than the interval), each the flag's, else
+/// the file's (a duration string or seconds), else `default`'s.
+fn heartbeat(
+    o: &Origins,
+    interval: (Option<Duration>, Option<toml::Value>),
+    timeout: (Option<Duration>, Option<toml::Value>),
+    default: Heartbeat,
+) -> Result<Heartbeat, ConfigError> {
+    let file_interval = interval
+        .1
+        .map(|v| duration_value(v).map_err(|p| value_err(o.file("heartbeat_interval"), p)))
+        .transpose()?;
+    let (interval, interval_from_flag) = pick(interval.0, file_interval).unwrap_or((default.interval, false));
+    let timeout_given = timeout.0.is_some() || timeout.1.is_some();
+    let timeout_from_flag = timeout.0.is_some();
+    let timeout = nonzero_duration(o, "heartbeat_timeout", timeout.0, timeout.1, default.timeout)?;
+    if timeout <= interval {
+        // Blame the key that was set: the timeout if it was, else the interval.
+        let at = if timeout_given {
+            o.at("heartbeat_timeout", timeout_from_flag)
+        } else {
+            o.at("heartbeat_interval", interval_from_flag)
+        };
+        return Err(value_err(at, Problem::HeartbeatOrder { interval, timeout }));
+    }
+    Ok(Heartbeat { interval, timeout })
 }
 
 /// The replay window: the flag's, else the file's, else the default; within

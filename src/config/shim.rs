@@ -8,9 +8,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{
-    file_list, file_value, nonzero, nonzero_duration, parse_duration, parse_socket_addr, parse_suite, pick,
-    pick_list, read_file, replay_window, suites, value_err, ConfigError, Origins, Problem,
+    file_list, file_value, heartbeat, nonzero, nonzero_duration, parse_duration, parse_socket_addr,
+    parse_suite, pick, pick_list, read_file, replay_window, suites, value_err, ConfigError, Origins, Problem,
 };
+use crate::net::channel::Heartbeat;
 use crate::proto::keys::CipherSuite;
 use crate::proto::socks::Address;
 
@@ -124,6 +125,16 @@ pub struct ShimArgs {
     /// Also offer TLS 1.2 to the gateway [default: TLS 1.3 only].
     #[arg(long)]
     pub tls12: bool,
+
+    /// Time between the shim's PINGs on each secure control connection; 0 sends none
+    /// [default: 500ms].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub heartbeat_interval: Option<Duration>,
+
+    /// A gateway that said HELLO and is then silent this long is gone: the shim moves on to
+    /// the next gateway [default: 1500ms].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub heartbeat_timeout: Option<Duration>,
 }
 
 /// A port forward: a local socket whose traffic goes to one target through the gateway.
@@ -220,6 +231,8 @@ pub struct ShimConfig {
     pub connect_timeout: Duration,
     /// Offer TLS 1.2 as well as TLS 1.3.
     pub tls12: bool,
+    /// The control channel's heartbeat.
+    pub heartbeat: Heartbeat,
 }
 
 /// Parses `HOST:PORT`: an IP socket address (`192.0.2.1:443`, `[2001:db8::1]:443`) or a
@@ -299,6 +312,8 @@ struct ShimFile {
     max_connections: Option<usize>,
     connect_timeout: Option<toml::Value>,
     tls12: Option<bool>,
+    heartbeat_interval: Option<toml::Value>,
+    heartbeat_timeout: Option<toml::Value>,
 }
 
 impl ShimConfig {
@@ -458,6 +473,12 @@ fn build(args: ShimArgs, file: ShimFile) -> Result<ShimConfig, ConfigError> {
         file.max_connections,
         DEFAULT_SHIM_MAX_CONNECTIONS,
     )?;
+    let heartbeat = heartbeat(
+        &o,
+        (args.heartbeat_interval, file.heartbeat_interval),
+        (args.heartbeat_timeout, file.heartbeat_timeout),
+        crate::client::DEFAULT_HEARTBEAT,
+    )?;
 
     Ok(ShimConfig {
         gateways,
@@ -475,6 +496,7 @@ fn build(args: ShimArgs, file: ShimFile) -> Result<ShimConfig, ConfigError> {
         max_connections,
         connect_timeout,
         tls12: args.tls12 || file.tls12.unwrap_or(false),
+        heartbeat,
     })
 }
 

@@ -22,6 +22,8 @@ use tokio_rustls::server::TlsStream;
 
 use crate::gateway::Shared;
 use crate::net::canonical;
+use crate::net::channel::{Channel, ChannelError, Event};
+use crate::proto::frame::{CloseReason, Frame};
 use crate::proto::socks::{self, choose_suite, method, sudp_status, SudpAccept, SudpHello};
 use crate::proto::{AssociationId, KeySchedule, SocksError};
 
@@ -366,27 +368,62 @@ async fn udp_associate(
 
     let idle = shared.settings.idle_timeout;
     let mut tick = tokio::time::interval(idle.min(Duration::from_secs(1)).max(Duration::from_millis(50)));
-    let mut scratch = [0u8; 512];
-    let why = loop {
-        tokio::select! {
-            r = stream.read(&mut scratch) => match r {
-                Ok(0) | Err(_) => break "control connection closed",
-                // RFC 1928 leaves the control connection idle; bytes on it are ignored.
-                Ok(_) => continue,
-            },
-            _ = tick.tick() => {
-                if handle.idle_for() >= idle {
-                    break "idle timeout";
+    // Why the association ends: the CLOSE reason told to a framing client, and a log text.
+    let why: (Option<CloseReason>, String) = if session.secure.is_some() {
+        // A secure association's control connection carries frames (PROTOCOL.md §2.4).
+        let mut channel = Channel::open(stream, shared.settings.heartbeat);
+        let why = loop {
+            tokio::select! {
+                ev = channel.next() => match ev {
+                    Ok(Event::Hello(h)) => {
+                        tracing::debug!(%peer, assoc = %handle.id(), version = h.version, ping_ms = h.ping_interval_ms, "control channel: client hello");
+                    }
+                    // Only the gateway ends associations with CLOSE; one from a client is ignored.
+                    Ok(Event::Close { .. }) => {}
+                    Err(ChannelError::Closed) => break (None, "control connection closed".to_owned()),
+                    Err(e) => break (None, e.to_string()),
+                },
+                _ = tick.tick() => {
+                    if handle.idle_for() >= idle {
+                        break (Some(CloseReason::Idle), "idle timeout".to_owned());
+                    }
+                    if handle.is_dead() {
+                        break (Some(CloseReason::KeyExhausted), "sending key exhausted".to_owned());
+                    }
                 }
-                if handle.is_dead() {
-                    break "sending key exhausted";
-                }
+                _ = shutdown.changed() => break (Some(CloseReason::Shutdown), "gateway shutting down".to_owned()),
             }
-            _ = shutdown.changed() => break "gateway shutting down",
+        };
+        if let Some(reason) = why.0 {
+            let _ = channel.send(&Frame::Close {
+                assoc: handle.id(),
+                reason,
+            });
         }
+        channel.close().await;
+        why
+    } else {
+        let mut scratch = [0u8; 512];
+        let why = loop {
+            tokio::select! {
+                r = stream.read(&mut scratch) => match r {
+                    Ok(0) | Err(_) => break "control connection closed",
+                    // RFC 1928 leaves the control connection idle; bytes on it are ignored.
+                    Ok(_) => continue,
+                },
+                _ = tick.tick() => {
+                    if handle.idle_for() >= idle {
+                        break "idle timeout";
+                    }
+                }
+                _ = shutdown.changed() => break "gateway shutting down",
+            }
+        };
+        let _ = stream.shutdown().await;
+        (None, why.to_owned())
     };
-    tracing::info!(%peer, assoc = %handle.id(), reason = why, "UDP association closed");
+    let why = why.1;
+    tracing::info!(%peer, assoc = %handle.id(), reason = %why, "UDP association closed");
     drop(handle);
-    let _ = stream.shutdown().await;
     Ok(())
 }

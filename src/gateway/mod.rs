@@ -23,6 +23,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::auth::Users;
 use crate::config::{Auth, GatewayConfig};
 use crate::metrics::Metrics;
+use crate::net::channel::Heartbeat;
 use crate::net::dns::Resolver;
 use crate::policy::Policy;
 use crate::proto::CipherSuite;
@@ -74,7 +75,17 @@ pub struct Settings {
     pub suites: Vec<CipherSuite>,
     /// Relay receive workers (sockets sharing the relay port through SO_REUSEPORT).
     pub workers: usize,
+    /// PINGs on secure control connections, and the silence after which a client that
+    /// announced PINGs is dropped (PROTOCOL.md §2.4).
+    pub heartbeat: Heartbeat,
 }
+
+/// The gateway's heartbeat: a PING every second, a client silent for 10 s is gone. Clients
+/// ping more often (ours every 500 ms) when they need to notice a dead gateway quickly.
+pub const DEFAULT_HEARTBEAT: Heartbeat = Heartbeat {
+    interval: Duration::from_secs(1),
+    timeout: Duration::from_secs(10),
+};
 
 impl Settings {
     /// Settings with the documented defaults (docs/CONFIG.md): no authentication method
@@ -99,6 +110,7 @@ impl Settings {
             replay_window: crate::proto::replay::DEFAULT_WINDOW,
             suites: CipherSuite::ALL.to_vec(),
             workers: default_workers(),
+            heartbeat: DEFAULT_HEARTBEAT,
         }
     }
 
@@ -143,6 +155,7 @@ impl Settings {
             replay_window: cfg.replay_window,
             suites: cfg.suites.clone(),
             workers: default_workers(),
+            heartbeat: cfg.heartbeat,
         })
     }
 }

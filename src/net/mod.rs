@@ -1,6 +1,7 @@
 //! Socket helpers shared by the gateway, the shim and the bench. Knows nothing of either.
 
 pub mod batch;
+pub mod channel;
 pub mod dns;
 
 use std::io;

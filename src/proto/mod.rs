@@ -14,12 +14,14 @@
 //! * [`session`]: one association's send and receive halves (sealer + nonce counter,
 //!   opener + replay window).
 //! * [`detect`]: the record detector that routes a datagram to naked or secure processing.
+//! * [`frame`]: the framed control channel that follows a secure UDP ASSOCIATE.
 //! * [`error`]: typed errors and drop reasons.
 //!
 //! `docs/PROTOCOL.md` is the wire contract these modules implement.
 
 pub mod detect;
 pub mod error;
+pub mod frame;
 pub mod keys;
 pub mod record;
 pub mod replay;

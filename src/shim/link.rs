@@ -350,15 +350,18 @@ async fn supervise(shared: Arc<Shared>, mut first: Option<(SecureUdp, usize)>) {
         });
         shared.publish(assoc.clone()).await;
         let why = tokio::select! {
-            _ = assoc.udp.closed() => "the gateway closed the control connection",
-            _ = assoc.failed.notified() => "send or receive failed",
+            _ = assoc.udp.closed() => assoc
+                .udp
+                .close_reason()
+                .unwrap_or_else(|| "the gateway closed the control connection".to_owned()),
+            _ = assoc.failed.notified() => "send or receive failed".to_owned(),
         };
         shared.current.send_replace(None);
         tracing::warn!(
             link = %shared.label,
             gateway = %dialer.name(gw),
             assoc = %assoc.udp.assoc(),
-            reason = why,
+            reason = %why,
             "secure association lost: reconnecting"
         );
         lost_at = Some(Instant::now());
@@ -488,6 +491,7 @@ mod tests {
             suites: crate::proto::CipherSuite::ALL.to_vec(),
             timeout: Duration::from_secs(1),
             replay_window: 1024,
+            heartbeat: crate::client::DEFAULT_HEARTBEAT,
             preferred: AtomicUsize::new(0),
             metrics,
         })

@@ -46,6 +46,7 @@ use tokio::task::JoinSet;
 use crate::client::{self, ClientError, ClientOptions, Control, SecureUdp};
 use crate::config::{Forward, ForwardProto, PasswordLogin, ShimConfig, Trust};
 use crate::metrics::Metrics;
+use crate::net::channel::Heartbeat;
 use crate::proto::socks::Address;
 use crate::proto::CipherSuite;
 use crate::tls::{ClientTlsOptions, ServerTrust};
@@ -102,6 +103,8 @@ pub struct ShimSettings {
     pub max_connections: usize,
     /// Limit on reaching and negotiating with one gateway.
     pub connect_timeout: Duration,
+    /// The control channel's heartbeat towards each gateway.
+    pub heartbeat: Heartbeat,
 }
 
 impl ShimSettings {
@@ -121,6 +124,7 @@ impl ShimSettings {
             max_flows: crate::config::DEFAULT_MAX_FLOWS,
             max_connections: crate::config::DEFAULT_SHIM_MAX_CONNECTIONS,
             connect_timeout: crate::config::DEFAULT_CONNECT_TIMEOUT,
+            heartbeat: crate::client::DEFAULT_HEARTBEAT,
         }
     }
 
@@ -164,6 +168,7 @@ impl ShimSettings {
             max_flows: cfg.max_flows,
             max_connections: cfg.max_connections,
             connect_timeout: cfg.connect_timeout,
+            heartbeat: cfg.heartbeat,
         })
     }
 }
@@ -194,6 +199,7 @@ pub(crate) struct Dialer {
     suites: Vec<CipherSuite>,
     timeout: Duration,
     replay_window: usize,
+    heartbeat: Heartbeat,
     /// The gateway that worked last: new connections start there.
     preferred: AtomicUsize,
     metrics: Arc<Metrics>,
@@ -239,6 +245,7 @@ impl Dialer {
                 suites: self.suites.clone(),
                 timeout: self.timeout,
                 replay_window: self.replay_window,
+                heartbeat: self.heartbeat,
                 ..ClientOptions::new(a, &g.server_name, self.tls.clone())
             })
             .collect())
@@ -393,6 +400,7 @@ impl Shim {
             suites: settings.suites,
             timeout: settings.connect_timeout,
             replay_window: settings.replay_window,
+            heartbeat: settings.heartbeat,
             preferred: AtomicUsize::new(0),
             metrics: metrics.clone(),
         });

@@ -1,0 +1,390 @@
+//! The framed control channel's I/O (`docs/PROTOCOL.md` §2.4) over any byte stream (the TLS
+//! control connection), for the gateway and the client alike.
+//!
+//! [`Channel::open`] splits the stream: a writer task sends queued frames (each write bounded
+//! by the heartbeat timeout, so a peer that stops reading cannot block us), and
+//! [`Channel::next`] reads and decodes frames ([`crate::proto::frame::Decoder`]), answers
+//! PINGs, sends our own PINGs on schedule and watches the peer's liveness. It returns only
+//! what the caller must act on. `next` is cancel-safe: it can sit in a `select!` beside other
+//! events without losing or tearing a frame.
+//!
+//! Liveness: once the peer's HELLO said it sends PINGs, a silence (no byte at all) longer than
+//! our `timeout` means the peer is gone ([`ChannelError::Silent`]): a frozen process or a
+//! partition, which TCP alone would notice only after minutes. Our own PINGs make the peer
+//! answer with PONGs, so with `interval` well below the timeout a live peer is never silent
+//! that long. A peer that sent no HELLO (an older version) is never timed out.
+
+use std::io;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::proto::frame::{self, Decoder, Frame, FrameError, Hello};
+
+/// Frames queued for the writer; a peer that lets this many pile up is not reading.
+const QUEUE: usize = 64;
+
+/// How often to ping and how long a silence means the peer is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// Time between our PINGs; zero sends none.
+    pub interval: Duration,
+    /// Silence after which a peer that announced PINGs is declared gone.
+    pub timeout: Duration,
+}
+
+impl Heartbeat {
+    /// No PINGs, and a timeout only as a bound on writes.
+    pub const OFF: Heartbeat = Heartbeat {
+        interval: Duration::ZERO,
+        timeout: Duration::from_secs(30),
+    };
+}
+
+/// What the peer sent that the caller must act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The peer's capabilities (once, first).
+    Hello(Hello),
+    /// The gateway ended an association.
+    Close {
+        /// The association.
+        assoc: crate::proto::AssociationId,
+        /// Why.
+        reason: frame::CloseReason,
+    },
+}
+
+/// Why the channel ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// The peer closed the connection.
+    #[error("the peer closed the control connection")]
+    Closed,
+    /// Reading or writing failed.
+    #[error("control connection: {0}")]
+    Io(#[from] io::Error),
+    /// The peer sent a malformed frame.
+    #[error("control connection: {0}")]
+    Protocol(#[from] FrameError),
+    /// No byte from a peer that promised PINGs for longer than the heartbeat timeout.
+    #[error("no heartbeat from the peer for {0:?}")]
+    Silent(Duration),
+    /// A write did not complete within the heartbeat timeout (the peer stopped reading).
+    #[error("the peer stopped reading the control connection")]
+    Stalled,
+}
+
+/// One side of a framed control channel.
+pub struct Channel<S> {
+    reader: ReadHalf<S>,
+    decoder: Decoder,
+    tx: mpsc::Sender<Vec<u8>>,
+    writer: JoinHandle<()>,
+    heartbeat: Heartbeat,
+    peer: Option<Hello>,
+    last_rx: Instant,
+    next_ping: Instant,
+    pings: u64,
+    /// Frames of types this version does not know, skipped.
+    unknown: u64,
+}
+
+impl<S: AsyncRead + AsyncWrite + Send + 'static> Channel<S> {
+    /// Starts the channel on `stream` and queues our HELLO.
+    pub fn open(stream: S, heartbeat: Heartbeat) -> Channel<S> {
+        let (reader, writer) = tokio::io::split(stream);
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let writer = tokio::spawn(write_loop(writer, rx, heartbeat.timeout));
+        let now = Instant::now();
+        let ch = Channel {
+            reader,
+            decoder: Decoder::default(),
+            tx,
+            writer,
+            heartbeat,
+            peer: None,
+            last_rx: now,
+            next_ping: now + heartbeat.interval,
+            pings: 0,
+            unknown: 0,
+        };
+        let hello = Frame::Hello(Hello {
+            version: frame::VERSION,
+            ping_interval_ms: heartbeat.interval.as_millis().min(u16::MAX as u128) as u16,
+            features: Vec::new(),
+        });
+        // Invariant: the queue is empty, so a fresh channel always has room for its HELLO.
+        ch.queue(&hello).expect("room for the HELLO");
+        ch
+    }
+
+    /// The peer's HELLO, once it arrived.
+    pub fn peer(&self) -> Option<&Hello> {
+        self.peer.as_ref()
+    }
+
+    /// Frames of unknown types skipped so far.
+    pub fn unknown_frames(&self) -> u64 {
+        self.unknown
+    }
+
+    /// Queues a frame for the writer; `Err(Stalled)` when the peer has stopped reading.
+    pub fn send(&self, f: &Frame<'_>) -> Result<(), ChannelError> {
+        self.queue(f)
+    }
+
+    fn queue(&self, f: &Frame<'_>) -> Result<(), ChannelError> {
+        let mut out = Vec::with_capacity(16);
+        f.encode(&mut out)?;
+        self.tx.try_send(out).map_err(|_| ChannelError::Stalled)
+    }
+
+    /// Sends what is queued, then closes our sending side (TLS close_notify), bounded by the
+    /// heartbeat timeout.
+    pub async fn close(mut self) {
+        // Replacing the sender with a closed one drops ours: the writer sends what is queued,
+        // then shuts the stream down.
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.tx, closed));
+        let _ = tokio::time::timeout(self.heartbeat.timeout, &mut self.writer).await;
+    }
+
+    /// Waits for the next event: reads and decodes, answers PINGs, sends ours, and watches
+    /// the peer's liveness. Cancel-safe.
+    pub async fn next(&mut self) -> Result<Event, ChannelError> {
+        loop {
+            if let Some(ev) = self.take_buffered()? {
+                return Ok(ev);
+            }
+            let silent_after = match &self.peer {
+                Some(p) if p.ping_interval_ms > 0 => Some(self.last_rx + self.heartbeat.timeout),
+                _ => None,
+            };
+            let pinging = !self.heartbeat.interval.is_zero();
+            let Channel {
+                reader,
+                decoder,
+                next_ping,
+                ..
+            } = self;
+            tokio::select! {
+                r = reader.read(decoder.space()) => match r {
+                    Ok(0) => return Err(ChannelError::Closed),
+                    Ok(n) => {
+                        decoder.filled(n);
+                        self.last_rx = Instant::now();
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+                _ = tokio::time::sleep_until(*next_ping), if pinging => {
+                    self.pings += 1;
+                    self.queue(&Frame::Ping(self.pings.to_be_bytes()))?;
+                    self.next_ping = Instant::now() + self.heartbeat.interval;
+                }
+                _ = sleep_until_opt(silent_after) => {
+                    return Err(ChannelError::Silent(self.last_rx.elapsed()));
+                }
+                _ = self.tx.closed() => return Err(ChannelError::Stalled),
+            }
+        }
+    }
+
+    /// Handles the frames already received; the first that needs the caller is returned.
+    fn take_buffered(&mut self) -> Result<Option<Event>, ChannelError> {
+        loop {
+            let Some(f) = self.decoder.next()? else {
+                return Ok(None);
+            };
+            match f {
+                Frame::Hello(h) => {
+                    if self.peer.is_none() {
+                        self.peer = Some(h.clone());
+                        return Ok(Some(Event::Hello(h)));
+                    }
+                    // A second HELLO changes nothing (the first one is binding).
+                }
+                Frame::Ping(b) => {
+                    let pong = Frame::Pong(b);
+                    self.queue(&pong)?;
+                }
+                Frame::Pong(_) => {}
+                Frame::Close { assoc, reason } => return Ok(Some(Event::Close { assoc, reason })),
+                Frame::Unknown { .. } => self.unknown += 1,
+            }
+        }
+    }
+}
+
+impl<S> Drop for Channel<S> {
+    fn drop(&mut self) {
+        self.writer.abort();
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn write_loop<S: AsyncWrite>(mut w: WriteHalf<S>, mut rx: mpsc::Receiver<Vec<u8>>, limit: Duration) {
+    while let Some(bytes) = rx.recv().await {
+        let wrote = tokio::time::timeout(limit, async {
+            w.write_all(&bytes).await?;
+            w.flush().await
+        })
+        .await;
+        if !matches!(wrote, Ok(Ok(()))) {
+            // Dropping the receiver tells `Channel::next` (through `tx.closed()`).
+            return;
+        }
+    }
+    let _ = tokio::time::timeout(limit, w.shutdown()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FAST: Heartbeat = Heartbeat {
+        interval: Duration::from_millis(50),
+        timeout: Duration::from_millis(300),
+    };
+
+    #[tokio::test]
+    async fn hellos_cross_and_pings_keep_both_sides_alive() {
+        let (a, b) = tokio::io::duplex(4096);
+        let mut a = Channel::open(a, FAST);
+        let mut b = Channel::open(b, FAST);
+        let ea = tokio::time::timeout(Duration::from_secs(5), a.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let eb = tokio::time::timeout(Duration::from_secs(5), b.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            ea,
+            Event::Hello(Hello {
+                version: 1,
+                ping_interval_ms: 50,
+                ..
+            })
+        ));
+        assert!(matches!(eb, Event::Hello(_)));
+        // Both keep reading for well over the timeout: pings and pongs keep them alive.
+        let both = async {
+            tokio::select! {
+                r = a.next() => r,
+                r = b.next() => r,
+            }
+        };
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), both).await.is_err(),
+            "a live peer was declared gone"
+        );
+        assert!(a.pings >= 10 && b.pings >= 10);
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_is_noticed_after_the_timeout() {
+        let (a, mut raw) = tokio::io::duplex(4096);
+        let mut a = Channel::open(a, FAST);
+        // The peer says HELLO with PINGs promised, then goes quiet (a frozen process).
+        let mut hello = Vec::new();
+        Frame::Hello(Hello {
+            version: 1,
+            ping_interval_ms: 50,
+            features: vec![],
+        })
+        .encode(&mut hello)
+        .unwrap();
+        raw.write_all(&hello).await.unwrap();
+        assert!(matches!(a.next().await.unwrap(), Event::Hello(_)));
+        let start = Instant::now();
+        // Keep draining what `a` writes so that only the silence can end it.
+        let drain = tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while raw.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        });
+        let err = tokio::time::timeout(Duration::from_secs(5), a.next())
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(err, ChannelError::Silent(_)), "{err}");
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+        drain.abort();
+    }
+
+    #[tokio::test]
+    async fn a_peer_without_hello_is_never_timed_out_and_unknown_frames_are_skipped() {
+        let (a, mut raw) = tokio::io::duplex(4096);
+        let mut a = Channel::open(a, FAST);
+        let mut bytes = Vec::new();
+        Frame::Unknown {
+            kind: 0x70,
+            body: b"future",
+        }
+        .encode(&mut bytes)
+        .unwrap();
+        Frame::Close {
+            assoc: crate::proto::AssociationId(7),
+            reason: frame::CloseReason::Idle,
+        }
+        .encode(&mut bytes)
+        .unwrap();
+        raw.write_all(&bytes).await.unwrap();
+        let ev = a.next().await.unwrap();
+        assert_eq!(
+            ev,
+            Event::Close {
+                assoc: crate::proto::AssociationId(7),
+                reason: frame::CloseReason::Idle
+            }
+        );
+        assert_eq!(a.unknown_frames(), 1);
+        let drain = tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while raw.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        });
+        // No HELLO from the peer: silence is not a failure.
+        assert!(tokio::time::timeout(Duration::from_millis(700), a.next())
+            .await
+            .is_err());
+        drain.abort();
+    }
+
+    #[tokio::test]
+    async fn a_malformed_frame_ends_the_channel() {
+        let (a, mut raw) = tokio::io::duplex(4096);
+        let mut a = Channel::open(a, FAST);
+        raw.write_all(&[frame::kind::PING, 0, 2, 1, 2]).await.unwrap();
+        let err = a.next().await.unwrap_err();
+        assert!(
+            matches!(err, ChannelError::Protocol(FrameError::Malformed { .. })),
+            "{err}"
+        );
+        drop(raw);
+    }
+
+    #[tokio::test]
+    async fn eof_is_closed() {
+        let (a, raw) = tokio::io::duplex(4096);
+        let mut a = Channel::open(a, FAST);
+        drop(raw);
+        assert!(matches!(
+            a.next().await.unwrap_err(),
+            ChannelError::Closed | ChannelError::Stalled
+        ));
+    }
+}

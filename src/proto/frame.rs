@@ -1,0 +1,638 @@
+//! Control frames: the framed control channel that follows a secure UDP ASSOCIATE on the
+//! TLS control connection (`docs/PROTOCOL.md` §2.4).
+//!
+//! RFC 1928 leaves the control connection idle after the UDP ASSOCIATE reply. A connection
+//! that negotiated the sudp method (0x80) instead carries typed, length-prefixed frames in
+//! both directions, each direction independent:
+//!
+//! ```text
+//! +------+------------+---------------------+
+//! | TYPE | LEN u16 BE | BODY (LEN bytes)    |
+//! +------+------------+---------------------+
+//! |  1   |     2      | 0 to 65 535         |
+//! +------+------------+---------------------+
+//! ```
+//!
+//! * The first frame each side sends is [`Hello`]: a version, how often the sender will send
+//!   [`Frame::Ping`] and the features it speaks. A side sends other frames only after it has
+//!   received the peer's HELLO, and of the optional kinds only those both sides listed.
+//! * A frame of a type this version does not know is skipped (its LEN says how far) and
+//!   counted, never an error: that is what lets a newer peer talk to an older one.
+//! * A known type whose body does not parse is a protocol error: the receiver closes the
+//!   control connection (and with it every association it carries).
+//! * Frames about an association carry its 8-byte id first in the body; frames about the
+//!   connection (HELLO, PING, PONG) name none.
+//!
+//! Parsers take `&[u8]`, tell [`FrameError::Incomplete`] (read more) apart from every other
+//! error, reject trailing bytes inside a body, and never panic on peer input.
+
+use crate::proto::keys::AssociationId;
+
+/// Bytes of the frame header (TYPE, LEN).
+pub const HEADER_LEN: usize = 3;
+/// Largest body a frame carries.
+pub const MAX_BODY: usize = u16::MAX as usize;
+/// The control-channel version this implementation speaks.
+pub const VERSION: u8 = 1;
+/// Most features a HELLO may list.
+pub const MAX_FEATURES: usize = 32;
+
+/// Frame type bytes (the table of `docs/PROTOCOL.md` §2.4).
+pub mod kind {
+    /// Capabilities; the first frame of each direction.
+    pub const HELLO: u8 = 0x01;
+    /// Liveness probe; the peer answers with PONG.
+    pub const PING: u8 = 0x02;
+    /// Answer to a PING, echoing its body.
+    pub const PONG: u8 = 0x03;
+    /// An association ends, and why (gateway to client).
+    pub const CLOSE: u8 = 0x07;
+}
+
+/// Why a gateway ended an association ([`Frame::Close`]); unknown codes are kept as
+/// [`CloseReason::Other`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// No datagram either way for the idle timeout.
+    Idle,
+    /// The gateway's sending key reached its record limit (§8).
+    KeyExhausted,
+    /// The gateway is shutting down.
+    Shutdown,
+    /// The peer stopped answering heartbeats.
+    Heartbeat,
+    /// A code this version does not name.
+    Other(u8),
+}
+
+impl CloseReason {
+    /// The wire code.
+    pub fn code(self) -> u8 {
+        match self {
+            CloseReason::Idle => 0x01,
+            CloseReason::KeyExhausted => 0x02,
+            CloseReason::Shutdown => 0x03,
+            CloseReason::Heartbeat => 0x04,
+            CloseReason::Other(c) => c,
+        }
+    }
+
+    /// The reason of a wire code.
+    pub fn from_code(code: u8) -> Self {
+        match code {
+            0x01 => CloseReason::Idle,
+            0x02 => CloseReason::KeyExhausted,
+            0x03 => CloseReason::Shutdown,
+            0x04 => CloseReason::Heartbeat,
+            c => CloseReason::Other(c),
+        }
+    }
+
+    /// A short description for logs.
+    pub fn describe(self) -> &'static str {
+        match self {
+            CloseReason::Idle => "idle timeout",
+            CloseReason::KeyExhausted => "sending key exhausted",
+            CloseReason::Shutdown => "gateway shutting down",
+            CloseReason::Heartbeat => "heartbeat timeout",
+            CloseReason::Other(_) => "unknown reason",
+        }
+    }
+}
+
+/// The capabilities a side announces in its first frame.
+///
+/// ```text
+/// +---------+------------------+-------+----------------+
+/// | VERSION | PING_INTERVAL_MS | NFEAT | FEATURES       |
+/// +---------+------------------+-------+----------------+
+/// |    1    |     2 (BE)       |   1   | NFEAT x 1 byte |
+/// +---------+------------------+-------+----------------+
+/// ```
+///
+/// PING_INTERVAL_MS is how often the sender will send PING (0: it sends none); the receiver
+/// may then declare the sender dead after a silence several times that long. FEATURES are
+/// one-byte ids of optional frame kinds; this version defines none, so it sends NFEAT = 0
+/// and ignores ids it does not know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Highest control-channel version the sender speaks.
+    pub version: u8,
+    /// How often the sender sends PING, in milliseconds; 0 for never.
+    pub ping_interval_ms: u16,
+    /// Optional features the sender speaks (ids, at most [`MAX_FEATURES`], no duplicates).
+    pub features: Vec<u8>,
+}
+
+impl Hello {
+    /// Whether the sender listed `feature`.
+    pub fn has(&self, feature: u8) -> bool {
+        self.features.contains(&feature)
+    }
+}
+
+/// One decoded frame. Bodies of unknown types are borrowed from the input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame<'a> {
+    /// Capabilities.
+    Hello(Hello),
+    /// Liveness probe with an opaque 8-byte body.
+    Ping([u8; 8]),
+    /// Answer to the PING with this body.
+    Pong([u8; 8]),
+    /// The gateway ended association `assoc`.
+    Close {
+        /// The association.
+        assoc: AssociationId,
+        /// Why.
+        reason: CloseReason,
+    },
+    /// A type this version does not know; skipped by the receiver.
+    Unknown {
+        /// The TYPE byte.
+        kind: u8,
+        /// The body, unread.
+        body: &'a [u8],
+    },
+}
+
+impl Frame<'_> {
+    /// The TYPE byte.
+    pub fn kind(&self) -> u8 {
+        match self {
+            Frame::Hello(_) => kind::HELLO,
+            Frame::Ping(_) => kind::PING,
+            Frame::Pong(_) => kind::PONG,
+            Frame::Close { .. } => kind::CLOSE,
+            Frame::Unknown { kind, .. } => *kind,
+        }
+    }
+
+    /// Appends the encoded frame to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), FrameError> {
+        let start = out.len();
+        out.extend_from_slice(&[self.kind(), 0, 0]);
+        match self {
+            Frame::Hello(h) => {
+                if h.features.len() > MAX_FEATURES {
+                    out.truncate(start);
+                    return Err(FrameError::TooManyFeatures(h.features.len()));
+                }
+                out.push(h.version);
+                out.extend_from_slice(&h.ping_interval_ms.to_be_bytes());
+                out.push(h.features.len() as u8);
+                out.extend_from_slice(&h.features);
+            }
+            Frame::Ping(b) | Frame::Pong(b) => out.extend_from_slice(b),
+            Frame::Close { assoc, reason } => {
+                out.extend_from_slice(&assoc.to_bytes());
+                out.push(reason.code());
+            }
+            Frame::Unknown { body, .. } => {
+                if body.len() > MAX_BODY {
+                    out.truncate(start);
+                    return Err(FrameError::TooLong(body.len()));
+                }
+                out.extend_from_slice(body);
+            }
+        }
+        let len = out.len() - start - HEADER_LEN;
+        // Invariant: every known body is far below MAX_BODY and unknown ones were checked.
+        let len = u16::try_from(len).expect("body length checked");
+        out[start + 1..start + 3].copy_from_slice(&len.to_be_bytes());
+        Ok(())
+    }
+}
+
+/// Why a frame could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// More bytes are needed; not an error on a stream.
+    #[error("incomplete frame: need at least {need} bytes")]
+    Incomplete {
+        /// Total bytes needed (a lower bound).
+        need: usize,
+    },
+    /// A known frame type whose body is malformed: close the connection.
+    #[error("malformed {kind:#04x} frame: {problem}")]
+    Malformed {
+        /// The TYPE byte.
+        kind: u8,
+        /// What is wrong.
+        problem: &'static str,
+    },
+    /// A HELLO listing more than [`MAX_FEATURES`] features (encoding).
+    #[error("a HELLO lists at most {MAX_FEATURES} features, not {0}")]
+    TooManyFeatures(usize),
+    /// A body longer than [`MAX_BODY`] (encoding).
+    #[error("a frame body is at most {MAX_BODY} bytes, not {0}")]
+    TooLong(usize),
+}
+
+/// The TYPE and body length of the frame starting at `buf[0]`, from its 3-byte header.
+pub fn parse_header(buf: &[u8]) -> Result<(u8, usize), FrameError> {
+    if buf.len() < HEADER_LEN {
+        return Err(FrameError::Incomplete { need: HEADER_LEN });
+    }
+    Ok((buf[0], u16::from_be_bytes([buf[1], buf[2]]) as usize))
+}
+
+/// Parses the frame at the start of `buf`; returns it and the bytes it took (header and
+/// body). Bytes after the frame are left for the next call.
+pub fn parse(buf: &[u8]) -> Result<(Frame<'_>, usize), FrameError> {
+    let (ty, len) = parse_header(buf)?;
+    let total = HEADER_LEN + len;
+    if buf.len() < total {
+        return Err(FrameError::Incomplete { need: total });
+    }
+    Ok((parse_body(ty, &buf[HEADER_LEN..total])?, total))
+}
+
+/// Decodes the body of a frame of type `ty` (the whole body: trailing bytes are an error).
+pub fn parse_body(ty: u8, body: &[u8]) -> Result<Frame<'_>, FrameError> {
+    let bad = |problem| FrameError::Malformed { kind: ty, problem };
+    match ty {
+        kind::HELLO => {
+            if body.len() < 4 {
+                return Err(bad("shorter than 4 bytes"));
+            }
+            let version = body[0];
+            if version == 0 {
+                return Err(bad("version 0"));
+            }
+            let ping_interval_ms = u16::from_be_bytes([body[1], body[2]]);
+            let n = body[3] as usize;
+            if n > MAX_FEATURES {
+                return Err(bad("more than 32 features"));
+            }
+            if body.len() != 4 + n {
+                return Err(bad("NFEAT disagrees with the body length"));
+            }
+            let features = body[4..].to_vec();
+            if features
+                .iter()
+                .enumerate()
+                .any(|(i, f)| features[..i].contains(f))
+            {
+                return Err(bad("a feature listed twice"));
+            }
+            Ok(Frame::Hello(Hello {
+                version,
+                ping_interval_ms,
+                features,
+            }))
+        }
+        kind::PING | kind::PONG => {
+            let b: [u8; 8] = body.try_into().map_err(|_| bad("body is not 8 bytes"))?;
+            Ok(if ty == kind::PING {
+                Frame::Ping(b)
+            } else {
+                Frame::Pong(b)
+            })
+        }
+        kind::CLOSE => {
+            if body.len() != 9 {
+                return Err(bad("body is not 9 bytes"));
+            }
+            let mut id = [0u8; 8];
+            id.copy_from_slice(&body[..8]);
+            Ok(Frame::Close {
+                assoc: AssociationId::from_bytes(id),
+                reason: CloseReason::from_code(body[8]),
+            })
+        }
+        kind => Ok(Frame::Unknown { kind, body }),
+    }
+}
+
+/// Incremental frame reader over a byte stream (sans-IO): the caller reads from its socket
+/// into [`Decoder::space`], reports how much arrived with [`Decoder::filled`], and takes whole
+/// frames out with [`Decoder::next`]. It holds at most one partial frame plus one read, and
+/// grows its buffer only to the size of the frame being read (a peer announcing a large
+/// frame costs memory only as its bytes arrive).
+#[derive(Debug)]
+pub struct Decoder {
+    buf: Vec<u8>,
+    /// Start of the bytes not yet taken.
+    start: usize,
+    /// End of the bytes received.
+    end: usize,
+}
+
+/// Buffer size a [`Decoder`] starts with and shrinks back to.
+const SMALL: usize = 512;
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Decoder {
+            buf: vec![0; SMALL],
+            start: 0,
+            end: 0,
+        }
+    }
+}
+
+impl Decoder {
+    /// Room to read into: never empty. Moves pending bytes to the front and grows the buffer
+    /// to hold the frame being read when that frame is larger than the buffer.
+    pub fn space(&mut self) -> &mut [u8] {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+            if self.buf.len() > 8 * SMALL {
+                self.buf.truncate(SMALL);
+                self.buf.shrink_to(SMALL);
+            }
+        } else if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let need = match parse_header(&self.buf[..self.end]) {
+            Ok((_, len)) => HEADER_LEN + len,
+            Err(_) => HEADER_LEN,
+        };
+        if self.buf.len() < need.max(self.end + 1) {
+            self.buf.resize(need.max(self.end + 1), 0);
+        }
+        &mut self.buf[self.end..]
+    }
+
+    /// Records that `n` bytes were read into the slice [`Decoder::space`] returned.
+    pub fn filled(&mut self, n: usize) {
+        self.end = (self.end + n).min(self.buf.len());
+    }
+
+    /// The next whole frame, if one has arrived; `Err` on a malformed known frame (close the
+    /// connection).
+    pub fn next(&mut self) -> Result<Option<Frame<'_>>, FrameError> {
+        let (start, end) = (self.start, self.end);
+        match parse(&self.buf[start..end]) {
+            Ok((frame, n)) => {
+                self.start = start + n;
+                Ok(Some(frame))
+            }
+            Err(FrameError::Incomplete { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Bytes received and not yet taken as frames.
+    pub fn pending(&self) -> usize {
+        self.end - self.start
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn encoded(f: &Frame<'_>) -> Vec<u8> {
+        let mut out = Vec::new();
+        f.encode(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn known_bytes() {
+        let hello = Frame::Hello(Hello {
+            version: 1,
+            ping_interval_ms: 500,
+            features: vec![],
+        });
+        assert_eq!(encoded(&hello), [0x01, 0x00, 0x04, 0x01, 0x01, 0xf4, 0x00]);
+        let ping = Frame::Ping(*b"\x00\x01\x02\x03\x04\x05\x06\x07");
+        assert_eq!(encoded(&ping), [0x02, 0x00, 0x08, 0, 1, 2, 3, 4, 5, 6, 7]);
+        let close = Frame::Close {
+            assoc: AssociationId(0x5344_5550_0000_0001),
+            reason: CloseReason::Idle,
+        };
+        assert_eq!(
+            encoded(&close),
+            [0x07, 0x00, 0x09, 0x53, 0x44, 0x55, 0x50, 0, 0, 0, 1, 0x01]
+        );
+    }
+
+    #[test]
+    fn incomplete_is_told_apart() {
+        let bytes = encoded(&Frame::Pong([9; 8]));
+        for cut in 0..bytes.len() {
+            let need = if cut < HEADER_LEN { HEADER_LEN } else { bytes.len() };
+            assert_eq!(
+                parse(&bytes[..cut]),
+                Err(FrameError::Incomplete { need }),
+                "{cut}"
+            );
+        }
+        assert_eq!(parse(&bytes).unwrap(), (Frame::Pong([9; 8]), bytes.len()));
+    }
+
+    #[test]
+    fn malformed_known_bodies_are_errors_unknown_types_are_skipped() {
+        let cases: &[(&[u8], &str)] = &[
+            (&[0x01, 0, 3, 1, 0, 0], "shorter than 4 bytes"),
+            (&[0x01, 0, 4, 0, 0, 0, 0], "version 0"),
+            (
+                &[0x01, 0, 5, 1, 0, 0, 2, 9],
+                "NFEAT disagrees with the body length",
+            ),
+            (
+                &[0x01, 0, 5, 1, 0, 0, 0, 9],
+                "NFEAT disagrees with the body length",
+            ),
+            (&[0x01, 0, 6, 1, 0, 0, 2, 9, 9], "a feature listed twice"),
+            (&[0x02, 0, 7, 0, 0, 0, 0, 0, 0, 0], "body is not 8 bytes"),
+            (&[0x03, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0], "body is not 8 bytes"),
+            (&[0x07, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0], "body is not 9 bytes"),
+        ];
+        for (bytes, problem) in cases {
+            assert_eq!(
+                parse(bytes),
+                Err(FrameError::Malformed {
+                    kind: bytes[0],
+                    problem
+                }),
+                "{bytes:?}"
+            );
+        }
+        let mut many = vec![0x01, 0, 37, 1, 0, 0, 33];
+        many.extend(0..33u8);
+        assert!(matches!(parse(&many), Err(FrameError::Malformed { .. })));
+        // Unknown types, including an empty body, are returned whole so they can be skipped.
+        let (f, n) = parse(&[0x7f, 0, 2, 0xaa, 0xbb, 0x02]).unwrap();
+        assert_eq!(
+            f,
+            Frame::Unknown {
+                kind: 0x7f,
+                body: &[0xaa, 0xbb]
+            }
+        );
+        assert_eq!(n, 5);
+        assert_eq!(parse(&[0x00, 0, 0]).unwrap().1, 3);
+    }
+
+    #[test]
+    fn close_reasons_round_trip() {
+        for code in 0..=255u8 {
+            assert_eq!(CloseReason::from_code(code).code(), code);
+        }
+        assert_eq!(CloseReason::from_code(2), CloseReason::KeyExhausted);
+    }
+
+    #[test]
+    fn encoding_refuses_what_cannot_be_framed() {
+        let mut out = vec![0xee];
+        let hello = Frame::Hello(Hello {
+            version: 1,
+            ping_interval_ms: 0,
+            features: (0..33).collect(),
+        });
+        assert_eq!(hello.encode(&mut out), Err(FrameError::TooManyFeatures(33)));
+        let big = vec![0u8; MAX_BODY + 1];
+        let unknown = Frame::Unknown {
+            kind: 0x70,
+            body: &big,
+        };
+        assert_eq!(unknown.encode(&mut out), Err(FrameError::TooLong(MAX_BODY + 1)));
+        assert_eq!(out, [0xee], "a refused frame leaves nothing behind");
+    }
+
+    #[test]
+    fn decoder_takes_frames_from_any_split_of_the_stream() {
+        let mut stream = Vec::new();
+        Frame::Ping([1; 8]).encode(&mut stream).unwrap();
+        Frame::Unknown {
+            kind: 0x70,
+            body: &[7u8; 3000],
+        }
+        .encode(&mut stream)
+        .unwrap();
+        Frame::Pong([2; 8]).encode(&mut stream).unwrap();
+        for chunk in [1usize, 2, 3, 7, 100, 5000] {
+            let mut d = Decoder::default();
+            let mut kinds = Vec::new();
+            let mut fed = 0;
+            while fed < stream.len() {
+                let space = d.space();
+                let n = space.len().min(chunk).min(stream.len() - fed);
+                space[..n].copy_from_slice(&stream[fed..fed + n]);
+                d.filled(n);
+                fed += n;
+                while let Some(f) = d.next().unwrap() {
+                    if let Frame::Unknown { body, .. } = &f {
+                        assert_eq!(body.len(), 3000);
+                    }
+                    kinds.push(f.kind());
+                }
+            }
+            assert_eq!(kinds, [kind::PING, 0x70, kind::PONG], "chunk {chunk}");
+            assert_eq!(d.pending(), 0);
+            // Back to its small buffer once the large frame is gone.
+            d.space();
+            assert!(d.buf.len() <= 8 * SMALL);
+        }
+    }
+
+    #[test]
+    fn decoder_grows_only_with_the_frame_it_reads() {
+        let mut d = Decoder::default();
+        let space = d.space();
+        space[..3].copy_from_slice(&[0x70, 0xff, 0xff]);
+        d.filled(3);
+        assert!(d.next().unwrap().is_none());
+        assert_eq!(d.space().len(), MAX_BODY, "room for exactly the announced body");
+        let mut d = Decoder::default();
+        let space = d.space();
+        space[..4].copy_from_slice(&[0x02, 0, 7, 0]);
+        d.filled(4);
+        assert!(d.next().unwrap().is_none());
+        let space = d.space();
+        space[..6].fill(0);
+        d.filled(6);
+        assert_eq!(
+            d.next(),
+            Err(FrameError::Malformed {
+                kind: kind::PING,
+                problem: "body is not 8 bytes"
+            })
+        );
+    }
+
+    fn any_frame() -> impl Strategy<Value = (u8, Vec<u8>)> {
+        // (type, body): every known type with a valid body, and unknown types.
+        prop_oneof![
+            (
+                any::<u16>(),
+                proptest::collection::btree_set(any::<u8>(), 0..=MAX_FEATURES),
+                1..=255u8
+            )
+                .prop_map(|(ms, feats, v)| {
+                    let mut b = vec![v];
+                    b.extend_from_slice(&ms.to_be_bytes());
+                    b.push(feats.len() as u8);
+                    b.extend(feats);
+                    (kind::HELLO, b)
+                }),
+            any::<[u8; 8]>().prop_map(|b| (kind::PING, b.to_vec())),
+            any::<[u8; 8]>().prop_map(|b| (kind::PONG, b.to_vec())),
+            any::<[u8; 9]>().prop_map(|b| (kind::CLOSE, b.to_vec())),
+            (any::<u8>(), proptest::collection::vec(any::<u8>(), 0..64)).prop_filter_map(
+                "unknown types only",
+                |(t, b)| (![kind::HELLO, kind::PING, kind::PONG, kind::CLOSE].contains(&t)).then_some((t, b))
+            ),
+        ]
+    }
+
+    proptest! {
+        /// A stream of valid frames parses frame by frame, each re-encodes to exactly its
+        /// bytes, and cutting the stream anywhere yields `Incomplete`, never a wrong frame.
+        #[test]
+        fn streams_of_frames_parse_and_re_encode_exactly(frames in proptest::collection::vec(any_frame(), 1..8), cut in any::<prop::sample::Index>()) {
+            let mut stream = Vec::new();
+            for (t, b) in &frames {
+                stream.push(*t);
+                stream.extend_from_slice(&(b.len() as u16).to_be_bytes());
+                stream.extend_from_slice(b);
+            }
+            let mut at = 0;
+            for (t, b) in &frames {
+                let (f, n) = parse(&stream[at..]).unwrap();
+                prop_assert_eq!(f.kind(), *t);
+                prop_assert_eq!(n, HEADER_LEN + b.len());
+                prop_assert_eq!(encoded(&f), &stream[at..at + n]);
+                at += n;
+            }
+            prop_assert_eq!(at, stream.len());
+            let c = cut.index(stream.len());
+            let (t, b) = &frames[0];
+            if c < HEADER_LEN + b.len() {
+                let incomplete = matches!(parse(&stream[..c]), Err(FrameError::Incomplete { .. }));
+                prop_assert!(incomplete);
+            } else {
+                prop_assert_eq!(parse(&stream[..c]).unwrap().0.kind(), *t);
+            }
+        }
+
+        /// Mutating one byte of a valid known frame's body gives either a frame that
+        /// re-encodes to the mutated bytes, or `Malformed`; never a panic or a silent change.
+        #[test]
+        fn one_mutated_byte_is_parsed_faithfully_or_refused((t, b) in any_frame(), pos in any::<prop::sample::Index>(), x in any::<u8>()) {
+            let mut bytes = vec![t];
+            bytes.extend_from_slice(&(b.len() as u16).to_be_bytes());
+            bytes.extend_from_slice(&b);
+            let i = HEADER_LEN + pos.index(b.len().max(1)).min(b.len().saturating_sub(1));
+            if i < bytes.len() {
+                bytes[i] ^= x;
+            }
+            match parse(&bytes) {
+                Ok((f, n)) => {
+                    prop_assert_eq!(n, bytes.len());
+                    prop_assert_eq!(encoded(&f), bytes);
+                }
+                Err(FrameError::Malformed { kind, .. }) => prop_assert_eq!(kind, t),
+                Err(e) => prop_assert!(false, "unexpected {e}"),
+            }
+        }
+    }
+}
