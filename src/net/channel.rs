@@ -196,7 +196,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Channel<S> {
     /// Handles the frames already received; the first that needs the caller is returned.
     fn take_buffered(&mut self) -> Result<Option<Event>, ChannelError> {
         loop {
-            let Some(f) = self.decoder.next()? else {
+            let Some(f) = self.decoder.next_frame()? else {
                 return Ok(None);
             };
             match f {

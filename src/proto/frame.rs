@@ -307,7 +307,7 @@ pub fn parse_body(ty: u8, body: &[u8]) -> Result<Frame<'_>, FrameError> {
 
 /// Incremental frame reader over a byte stream (sans-IO): the caller reads from its socket
 /// into [`Decoder::space`], reports how much arrived with [`Decoder::filled`], and takes whole
-/// frames out with [`Decoder::next`]. It holds at most one partial frame plus one read, and
+/// frames out with [`Decoder::next_frame`]. It holds at most one partial frame plus one read, and
 /// grows its buffer only to the size of the frame being read (a peer announcing a large
 /// frame costs memory only as its bytes arrive).
 #[derive(Debug)]
@@ -365,7 +365,7 @@ impl Decoder {
 
     /// The next whole frame, if one has arrived; `Err` on a malformed known frame (close the
     /// connection).
-    pub fn next(&mut self) -> Result<Option<Frame<'_>>, FrameError> {
+    pub fn next_frame(&mut self) -> Result<Option<Frame<'_>>, FrameError> {
         let (start, end) = (self.start, self.end);
         match parse(&self.buf[start..end]) {
             Ok((frame, n)) => {
@@ -519,7 +519,7 @@ mod tests {
                 space[..n].copy_from_slice(&stream[fed..fed + n]);
                 d.filled(n);
                 fed += n;
-                while let Some(f) = d.next().unwrap() {
+                while let Some(f) = d.next_frame().unwrap() {
                     if let Frame::Unknown { body, .. } = &f {
                         assert_eq!(body.len(), 3000);
                     }
@@ -540,18 +540,18 @@ mod tests {
         let space = d.space();
         space[..3].copy_from_slice(&[0x70, 0xff, 0xff]);
         d.filled(3);
-        assert!(d.next().unwrap().is_none());
+        assert!(d.next_frame().unwrap().is_none());
         assert_eq!(d.space().len(), MAX_BODY, "room for exactly the announced body");
         let mut d = Decoder::default();
         let space = d.space();
         space[..4].copy_from_slice(&[0x02, 0, 7, 0]);
         d.filled(4);
-        assert!(d.next().unwrap().is_none());
+        assert!(d.next_frame().unwrap().is_none());
         let space = d.space();
         space[..6].fill(0);
         d.filled(6);
         assert_eq!(
-            d.next(),
+            d.next_frame(),
             Err(FrameError::Malformed {
                 kind: kind::PING,
                 problem: "body is not 8 bytes"
