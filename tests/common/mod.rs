@@ -310,3 +310,98 @@ pub async fn raw_secure(gw: &TestGateway, pki: &DevPki) -> RawSecure {
         relay,
     }
 }
+
+/// A `sudp gateway` process (real binary), killed and reaped when dropped.
+pub struct GatewayProcess {
+    pub child: std::process::Child,
+    pub control: SocketAddr,
+    pub relay: SocketAddr,
+    /// The directory holding its certificate, key and any other files it was given.
+    pub dir: std::path::PathBuf,
+}
+
+impl GatewayProcess {
+    /// Writes the gateway's certificate and key from `pki` into a fresh temp dir, starts
+    /// `sudp gateway --listen 127.0.0.1:0 --cert .. --key ..` plus `args`, and waits (bounded)
+    /// for the two lines that name the bound addresses. Stderr goes to `DIR/stderr.log`.
+    pub fn start(pki: &DevPki, tag: &str, args: &[&str]) -> GatewayProcess {
+        use std::io::BufRead as _;
+        let dir = std::env::temp_dir().join(format!(
+            "sudp-{tag}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("gateway.pem"), &pki.gateway_cert_pem).unwrap();
+        std::fs::write(dir.join("gateway.key"), &pki.gateway_key_pem).unwrap();
+        let stderr = std::fs::File::create(dir.join("stderr.log")).unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sudp"))
+            .args(["gateway", "--listen", "127.0.0.1:0", "--cert"])
+            .arg(dir.join("gateway.pem"))
+            .arg("--key")
+            .arg(dir.join("gateway.key"))
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let addr = |prefix: &str| -> SocketAddr {
+            let line = rx
+                .recv_timeout(WAIT)
+                .unwrap_or_else(|_| panic!("gateway {tag} did not print `{prefix}` in time"));
+            line.strip_prefix(prefix)
+                .unwrap_or_else(|| panic!("unexpected line {line:?}"))
+                .parse()
+                .unwrap()
+        };
+        let control = addr("control (TLS) ");
+        let relay = addr("relay (UDP) ");
+        GatewayProcess {
+            child,
+            control,
+            relay,
+            dir,
+        }
+    }
+
+    /// Sends `signal` (e.g. "STOP", "CONT", "KILL") to the process.
+    pub fn signal(&self, signal: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{signal} failed");
+    }
+
+    /// What the gateway logged so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        // A stopped process must be continued to die promptly on SIGKILL's reaping.
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
