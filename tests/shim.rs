@@ -1081,3 +1081,170 @@ async fn ffmpeg_mpegts_stream_through_a_udp_forward_is_decodable() {
     shim.stop().await;
     gw.stop().await;
 }
+
+/// A UDP socket on 127.0.0.1 with a 4 MiB receive buffer (so that the test's receiver is
+/// never the one dropping) that collects datagrams until a second of silence after the
+/// first (bounded overall by `WAIT` plus that second per datagram batch).
+async fn big_sink() -> (SocketAddr, JoinHandle<Vec<Vec<u8>>>) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+    s.set_recv_buffer_size(4 << 20).unwrap();
+    s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    s.set_nonblocking(true).unwrap();
+    let sink = UdpSocket::from_std(s.into()).unwrap();
+    let addr = sink.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 65_536];
+        if let Ok(Ok(n)) = timeout(WAIT, sink.recv(&mut buf)).await {
+            got.push(buf[..n].to_vec());
+            while let Ok(Ok(n)) = timeout(Duration::from_secs(1), sink.recv(&mut buf)).await {
+                got.push(buf[..n].to_vec());
+            }
+        }
+        got
+    });
+    (addr, task)
+}
+
+/// The first burst of a new flow (an unpaced video start) waits in the flow-start queue while
+/// the flow's association opens, and is delivered whole and in order. Before the queue was
+/// bounded in bytes, only the first 64 datagrams survived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpaced_burst_on_a_new_flow_is_delivered_whole_and_in_order() {
+    let pki = pki();
+    let gw = TestGateway::start(settings(&pki)).await;
+    let (sink, capture) = big_sink().await;
+    let mut s = shim_settings(&pki, &[gw.control]);
+    s.socks = None;
+    s.forwards = vec![forward(&format!("udp:127.0.0.1:0={sink}"))];
+    let shim = TestShim::start(s).await;
+    let local = shim.forward(ForwardProto::Udp);
+    // 1 000 datagrams of 1 316 bytes (a 1.3 MB MPEG-TS start, 15 times what the old queue held),
+    // sent as fast as the socket
+    // takes them, from a source the shim has never seen.
+    let app = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+    app.set_send_buffer_size(4 << 20).unwrap();
+    app.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    app.set_nonblocking(true).unwrap();
+    let app = UdpSocket::from_std(app.into()).unwrap();
+    app.connect(local).await.unwrap();
+    const N: u32 = 1000;
+    let mut d = vec![0x47u8; 1316];
+    for i in 0..N {
+        d[..4].copy_from_slice(&i.to_be_bytes());
+        app.send(&d).await.unwrap();
+    }
+    let got = timeout(WAIT + Duration::from_secs(5), capture)
+        .await
+        .unwrap()
+        .unwrap();
+    let seqs: Vec<u32> = got
+        .iter()
+        .map(|d| u32::from_be_bytes(d[..4].try_into().unwrap()))
+        .collect();
+    eprintln!(
+        "burst on a new flow: {} of {N} delivered; shim drops: {}; gateway drops: {}",
+        seqs.len(),
+        shim.metrics.drop_summary(),
+        gw.metrics.drop_summary(),
+    );
+    assert_eq!(seqs, (0..N).collect::<Vec<_>>(), "every datagram, in order");
+    assert_eq!(shim.metrics.total_drops(), 0);
+    shim.stop().await;
+    gw.stop().await;
+}
+
+/// The case with a real encoder: ffmpeg sends an MPEG-TS stream unpaced (no `-re`)
+/// to a new flow of a UDP forward; every frame arrives decodable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ffmpeg_unpaced_burst_on_a_new_flow_delivers_every_frame() {
+    if !have_ffmpeg() {
+        return;
+    }
+    let pki = pki();
+    let gw = TestGateway::start(settings(&pki)).await;
+    let (sink, capture) = big_sink().await;
+    let mut s = shim_settings(&pki, &[gw.control]);
+    s.socks = None;
+    s.forwards = vec![forward(&format!("udp:127.0.0.1:0={sink}"))];
+    let shim = TestShim::start(s).await;
+    let local = shim.forward(ForwardProto::Udp);
+    // 250 frames (10 s at 25 fps) of a 2 Mbit/s MPEG-2 picture, encoded as fast as ffmpeg can
+    // and sent as it goes: about 2 MB in about a second.
+    let out = run_process(
+        "ffmpeg",
+        [
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=640x480:rate=25",
+            "-t",
+            "10",
+            "-c:v",
+            "mpeg2video",
+            "-b:v",
+            "2M",
+            "-pix_fmt",
+            "yuv420p",
+            "-f",
+            "mpegts",
+        ]
+        .map(String::from)
+        .into_iter()
+        .chain([format!("udp://{local}?pkt_size=1316")])
+        .collect(),
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "ffmpeg: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = timeout(WAIT + Duration::from_secs(5), capture)
+        .await
+        .unwrap()
+        .unwrap();
+    let ts: Vec<u8> = got.concat();
+    let file = std::env::temp_dir().join(format!("sudp-burst-{}.ts", std::process::id()));
+    std::fs::write(&file, &ts).unwrap();
+    let probe = run_process(
+        "ffprobe",
+        vec![
+            "-v".into(),
+            "error".into(),
+            "-count_frames".into(),
+            "-select_streams".into(),
+            "v:0".into(),
+            "-show_entries".into(),
+            "stream=nb_read_frames".into(),
+            "-of".into(),
+            "csv=p=0".into(),
+            file.display().to_string(),
+        ],
+    )
+    .await;
+    let _ = std::fs::remove_file(&file);
+    let text = String::from_utf8_lossy(&probe.stdout);
+    // csv=p=0 prints "250," (one field, then the separator).
+    let frames: u32 = text
+        .lines()
+        .next()
+        .and_then(|l| l.split(',').next())
+        .and_then(|f| f.trim().parse().ok())
+        .unwrap_or(0);
+    eprintln!(
+        "ffmpeg unpaced burst on a new flow: {} datagrams, {} bytes, {frames} of 250 frames; shim drops: {}",
+        got.len(),
+        ts.len(),
+        shim.metrics.drop_summary()
+    );
+    assert_eq!(frames, 250, "{text}");
+    assert_eq!(shim.metrics.total_drops(), 0);
+    shim.stop().await;
+    gw.stop().await;
+}

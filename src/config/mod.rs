@@ -161,6 +161,9 @@ pub enum Problem {
     /// Not a duration.
     #[error(transparent)]
     Duration(#[from] DurationError),
+    /// Not a size.
+    #[error(transparent)]
+    Size(#[from] SizeError),
     /// Not an `IP:PORT` socket address.
     #[error("invalid socket address \"{0}\" (expected IP:PORT, e.g. 127.0.0.1:1080 or [::1]:1080)")]
     SocketAddr(String),
@@ -273,6 +276,47 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
         "m" => secs(60),
         "h" => secs(3600),
         _ => Err(bad()),
+    }
+}
+
+/// Text that is not a size (see [`parse_size`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid size \"{0}\" (expected a number of bytes with an optional unit B, KiB, MiB or \
+     GiB (also K, M, G, KB, MB, GB as powers of 1024), e.g. 4MiB or 524288)"
+)]
+pub struct SizeError(pub String);
+
+/// Parses `"4MiB"`, `"512KiB"`, `"1G"`, `"65536"` (bytes). Units are powers of 1024, whatever
+/// the spelling; whitespace around the text and between number and unit is ignored.
+pub fn parse_size(text: &str) -> Result<usize, SizeError> {
+    let bad = || SizeError(text.to_owned());
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    if number.is_empty() {
+        return Err(bad());
+    }
+    let n: usize = number.parse().map_err(|_| bad())?;
+    let shift = match unit.trim_start() {
+        "" | "B" => 0,
+        "K" | "KB" | "KiB" | "k" | "kB" => 10,
+        "M" | "MB" | "MiB" => 20,
+        "G" | "GB" | "GiB" => 30,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(1usize << shift).ok_or_else(bad)
+}
+
+/// A TOML size: a string for [`parse_size`] or a non-negative number of bytes.
+fn size_value(v: toml::Value) -> Result<usize, Problem> {
+    match v {
+        toml::Value::String(s) => Ok(parse_size(&s)?),
+        toml::Value::Integer(n) => usize::try_from(n).map_err(|_| SizeError(n.to_string()).into()),
+        other => Err(Problem::Type {
+            expected: "a size string such as \"4MiB\" or a number of bytes",
+            found: other.type_str(),
+        }),
     }
 }
 
@@ -596,6 +640,29 @@ mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes() {
+        let ok = |s: &str| parse_size(s).unwrap();
+        assert_eq!(ok("4MiB"), 4 << 20);
+        assert_eq!(ok("4 MB"), 4 << 20);
+        assert_eq!(ok("512KiB"), 512 << 10);
+        assert_eq!(ok("1G"), 1 << 30);
+        assert_eq!(ok(" 1000 "), 1000);
+        assert_eq!(ok("0"), 0);
+        for bad in [
+            "",
+            "MiB",
+            "4 parsecs",
+            "1.5M",
+            "-1",
+            "4 M B",
+            "99999999999999999999",
+            "18446744073709551615G",
+        ] {
+            assert_eq!(parse_size(bad), Err(SizeError(bad.into())), "{bad:?}");
+        }
+    }
 
     #[test]
     fn durations() {

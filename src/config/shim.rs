@@ -8,8 +8,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{
-    file_list, file_value, heartbeat, nonzero, nonzero_duration, parse_duration, parse_socket_addr,
-    parse_suite, pick, pick_list, read_file, replay_window, suites, value_err, ConfigError, Origins, Problem,
+    file_list, file_value, heartbeat, nonzero, nonzero_duration, parse_duration, parse_size,
+    parse_socket_addr, parse_suite, pick, pick_list, read_file, replay_window, size_value, suites, value_err,
+    ConfigError, Origins, Problem,
 };
 use crate::net::channel::Heartbeat;
 use crate::proto::keys::CipherSuite;
@@ -135,6 +136,11 @@ pub struct ShimArgs {
     /// the next gateway [default: 1500ms].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub heartbeat_timeout: Option<Duration>,
+
+    /// Bytes each flow may hold while its association opens (e.g. 4MiB, 512KiB, 1000000);
+    /// what does not fit is dropped and counted [default: 4MiB].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub flow_queue: Option<usize>,
 }
 
 /// A port forward: a local socket whose traffic goes to one target through the gateway.
@@ -233,6 +239,8 @@ pub struct ShimConfig {
     pub tls12: bool,
     /// The control channel's heartbeat.
     pub heartbeat: Heartbeat,
+    /// Bytes each flow may queue while its association opens (nonzero).
+    pub flow_queue: usize,
 }
 
 /// Parses `HOST:PORT`: an IP socket address (`192.0.2.1:443`, `[2001:db8::1]:443`) or a
@@ -314,6 +322,8 @@ struct ShimFile {
     tls12: Option<bool>,
     heartbeat_interval: Option<toml::Value>,
     heartbeat_timeout: Option<toml::Value>,
+    /// A size string such as "4MiB" or a number of bytes, hence a raw value.
+    flow_queue: Option<toml::Value>,
 }
 
 impl ShimConfig {
@@ -480,6 +490,18 @@ fn build(args: ShimArgs, file: ShimFile) -> Result<ShimConfig, ConfigError> {
         crate::client::DEFAULT_HEARTBEAT,
     )?;
 
+    let flow_queue = file
+        .flow_queue
+        .map(|v| size_value(v).map_err(|p| value_err(o.file("flow_queue"), p)))
+        .transpose()?;
+    let flow_queue = nonzero(
+        &o,
+        "flow_queue",
+        args.flow_queue,
+        flow_queue,
+        crate::shim::link::DEFAULT_FLOW_QUEUE,
+    )?;
+
     Ok(ShimConfig {
         gateways,
         trust,
@@ -497,6 +519,7 @@ fn build(args: ShimArgs, file: ShimFile) -> Result<ShimConfig, ConfigError> {
         connect_timeout,
         tls12: args.tls12 || file.tls12.unwrap_or(false),
         heartbeat,
+        flow_queue,
     })
 }
 

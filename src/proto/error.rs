@@ -48,11 +48,16 @@ pub enum DropReason {
     TooLarge,
     /// The outbound socket refused the datagram.
     SendFailed,
+    /// A datagram that arrived while its flow's association was opening found the flow-start
+    /// queue full (client side).
+    QueueFull,
+    /// A datagram waited in the flow-start queue longer than its age limit (client side).
+    QueueExpired,
 }
 
 impl DropReason {
     /// Number of reasons; counters are arrays of this length.
-    pub const COUNT: usize = DropReason::SendFailed as usize + 1;
+    pub const COUNT: usize = DropReason::QueueExpired as usize + 1;
 
     /// Every reason, in index order.
     pub const ALL: [DropReason; DropReason::COUNT] = [
@@ -75,6 +80,8 @@ impl DropReason {
         DropReason::UnsolicitedReply,
         DropReason::TooLarge,
         DropReason::SendFailed,
+        DropReason::QueueFull,
+        DropReason::QueueExpired,
     ];
 
     /// Index into a counter array.
@@ -104,6 +111,8 @@ impl DropReason {
             DropReason::UnsolicitedReply => "unsolicited_reply",
             DropReason::TooLarge => "too_large",
             DropReason::SendFailed => "send_failed",
+            DropReason::QueueFull => "queue_full",
+            DropReason::QueueExpired => "queue_expired",
         }
     }
 }

@@ -14,10 +14,15 @@
 //! ```
 //!
 //! The backoff is reset after every success. Local sockets belong to the link's owner and
-//! stay open throughout, so an application sees only the datagrams lost meanwhile. Up to
-//! [`MAX_PENDING`] datagrams sent while the link is down wait (oldest dropped first, none
-//! older than [`PENDING_MAX_AGE`]) and go out as soon as an association is up: the first
-//! datagrams of a new flow are not lost to the handshake.
+//! stay open throughout, so an application sees only the datagrams lost meanwhile. What an
+//! application sends while the link is down (a new flow's first burst, while its association
+//! opens; or a reconnection) waits in the **flow-start queue**, bounded in bytes (the shim's
+//! `flow_queue`, [`DEFAULT_FLOW_QUEUE`] by default; none older than [`PENDING_MAX_AGE`]), and
+//! goes out in order as soon as an association is up: an unpaced video burst at the start of a
+//! flow is delivered whole. What still does not fit is dropped from the tail (the start of a
+//! stream, with its codec headers and first key frame, matters most, and what is kept stays
+//! contiguous), counted (`queue_full`, `queue_expired`) and logged once per opening, with a
+//! summary when the queue drains.
 //!
 //! Each step is logged once: the loss, each failed attempt, the recovery. A link without
 //! traffic for [`DORMANT_AFTER`] does not reconnect until it has something to send, so an
@@ -41,10 +46,9 @@ use crate::shim::Dialer;
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Longest wait between attempts.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// Datagrams kept while the link is down.
-pub const MAX_PENDING: usize = 64;
-/// Bytes of plaintext kept while the link is down.
-pub const MAX_PENDING_BYTES: usize = 512 * 1024;
+/// Bytes of records the flow-start queue of one link holds by default (4 MiB: a couple of
+/// seconds of an unpaced HD video start).
+pub const DEFAULT_FLOW_QUEUE: usize = 4 << 20;
 /// Datagrams that waited longer than this are dropped rather than sent late.
 pub const PENDING_MAX_AGE: Duration = Duration::from_secs(2);
 /// A lost link idle this long reconnects only when it has something to send.
@@ -74,13 +78,18 @@ struct Shared {
     /// Milliseconds since `epoch` of the last send.
     last_send: AtomicU64,
     metrics: Arc<crate::metrics::Metrics>,
+    /// Bytes the flow-start queue may hold.
+    queue_limit: usize,
 }
 
 #[derive(Default)]
 struct Pending {
     /// Record buffers with the plaintext at `PREFIX_LEN`, its length, and when queued.
     queue: VecDeque<(Vec<u8>, usize, Instant)>,
+    /// Bytes of the record buffers held (what the queue costs in memory).
     bytes: usize,
+    /// Datagrams and bytes dropped since the queue last drained (for the log summary).
+    dropped: (u64, u64),
 }
 
 impl Link {
@@ -88,6 +97,7 @@ impl Link {
     /// through gateway `first.1` is used until it is lost; without, the supervisor opens one.
     pub(crate) fn spawn(dialer: Arc<Dialer>, label: String, first: Option<(SecureUdp, usize)>) -> Link {
         let metrics = dialer.metrics.clone();
+        let queue_limit = dialer.flow_queue;
         let shared = Arc::new(Shared {
             label,
             dialer,
@@ -97,6 +107,7 @@ impl Link {
             epoch: Instant::now(),
             last_send: AtomicU64::new(0),
             metrics,
+            queue_limit,
         });
         let supervisor = tokio::spawn(supervise(shared.clone(), first));
         Link { shared, supervisor }
@@ -200,18 +211,29 @@ impl Shared {
         if let Some(a) = self.current.borrow().clone() {
             return Some(a);
         }
-        while p.queue.len() >= MAX_PENDING || p.bytes + plaintext.len() > MAX_PENDING_BYTES {
-            match p.queue.pop_front() {
-                Some((_, len, _)) => {
-                    p.bytes -= len;
-                    self.metrics.count_drop(DropReason::SendFailed);
-                }
-                None => break,
+        let need = record_len(plaintext.len());
+        if p.bytes + need > self.queue_limit {
+            // Tail drop: what is queued stays contiguous from the start of the stream.
+            self.metrics.count_drop(DropReason::QueueFull);
+            if p.dropped.0 == 0 {
+                tracing::warn!(
+                    link = %self.label,
+                    queued = p.queue.len(),
+                    bytes = p.bytes,
+                    limit = self.queue_limit,
+                    "flow-start queue full while the association opens: dropping datagrams \
+                     (raise `flow_queue`, or pace the sender)"
+                );
             }
+            p.dropped.0 += 1;
+            p.dropped.1 += plaintext.len() as u64;
+            drop(p);
+            self.wake.notify_one();
+            return None;
         }
-        let mut rec = vec![0u8; record_len(plaintext.len())];
+        let mut rec = vec![0u8; need];
         rec[PREFIX_LEN..PREFIX_LEN + plaintext.len()].copy_from_slice(plaintext);
-        p.bytes += plaintext.len();
+        p.bytes += need;
         p.queue.push_back((rec, plaintext.len(), Instant::now()));
         drop(p);
         self.wake.notify_one();
@@ -252,11 +274,20 @@ impl Shared {
                 let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
                 match p.queue.pop_front() {
                     Some(item) => {
-                        p.bytes -= item.1;
+                        p.bytes -= item.0.len();
                         Some(item)
                     }
                     None => {
                         self.current.send_replace(Some(assoc.clone()));
+                        let (n, bytes) = std::mem::take(&mut p.dropped);
+                        if n > 0 {
+                            tracing::warn!(
+                                link = %self.label,
+                                dropped = n,
+                                bytes,
+                                "flow-start queue drained; datagrams were dropped while the association opened"
+                            );
+                        }
                         None
                     }
                 }
@@ -265,7 +296,10 @@ impl Shared {
                 return;
             };
             if queued.elapsed() > PENDING_MAX_AGE {
-                self.metrics.count_drop(DropReason::SendFailed);
+                self.metrics.count_drop(DropReason::QueueExpired);
+                let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                p.dropped.0 += 1;
+                p.dropped.1 += len as u64;
                 continue;
             }
             self.send_on(&assoc, &mut rec, len).await;
@@ -476,7 +510,7 @@ mod tests {
         assert_eq!(next_backoff(BACKOFF_MAX), BACKOFF_MAX);
     }
 
-    fn dead_dialer(metrics: Arc<Metrics>) -> Arc<Dialer> {
+    fn dead_dialer(metrics: Arc<Metrics>, flow_queue: usize) -> Arc<Dialer> {
         // Port 9 on loopback: nothing listens, connections are refused at once.
         let tls = crate::tls::client_config(crate::tls::ClientTlsOptions {
             trust: crate::tls::ServerTrust::Pin([0; 32]),
@@ -492,40 +526,52 @@ mod tests {
             timeout: Duration::from_secs(1),
             replay_window: 1024,
             heartbeat: crate::client::DEFAULT_HEARTBEAT,
+            flow_queue,
             preferred: AtomicUsize::new(0),
             metrics,
         })
     }
 
     #[tokio::test]
-    async fn datagrams_wait_while_down_bounded_oldest_dropped_first() {
+    async fn datagrams_wait_while_down_in_order_bounded_in_bytes_tail_dropped() {
         let metrics = Arc::new(Metrics::default());
-        let link = Link::spawn(dead_dialer(metrics.clone()), "test".into(), None);
+        let link = Link::spawn(dead_dialer(metrics.clone(), 64 * 1024), "test".into(), None);
         assert!(!link.is_up());
-        let mut buf = vec![0u8; 256];
-        for i in 0..(MAX_PENDING + 10) {
-            buf[PREFIX_LEN] = i as u8;
-            link.send(&mut buf, 1 + i % 100).await;
+        let mut buf = vec![0u8; 2048];
+        // 1000-byte plaintexts make 1053-byte records: 62 fit in 64 KiB.
+        for i in 0..100u32 {
+            buf[PREFIX_LEN..PREFIX_LEN + 4].copy_from_slice(&i.to_be_bytes());
+            link.send(&mut buf, 1000).await;
         }
         let p = link.shared.pending.lock().unwrap();
-        assert_eq!(p.queue.len(), MAX_PENDING);
-        // The oldest ten went first.
-        assert_eq!(p.queue.front().unwrap().0[PREFIX_LEN], 10);
-        assert_eq!(p.bytes, p.queue.iter().map(|(_, n, _)| n).sum::<usize>());
-        assert_eq!(metrics.drops(DropReason::SendFailed), 10);
+        let fit = 64 * 1024 / record_len(1000);
+        assert_eq!(p.queue.len(), fit);
+        assert_eq!(p.bytes, fit * record_len(1000));
+        // The first ones are kept, in order: the start of the stream.
+        for (i, (rec, len, _)) in p.queue.iter().enumerate() {
+            assert_eq!(rec[PREFIX_LEN..PREFIX_LEN + 4], (i as u32).to_be_bytes());
+            assert_eq!(*len, 1000);
+        }
+        assert_eq!(metrics.drops(DropReason::QueueFull), (100 - fit) as u64);
+        assert_eq!(p.dropped, ((100 - fit) as u64, (100 - fit) as u64 * 1000));
+        assert_eq!(metrics.drops(DropReason::SendFailed), 0);
     }
 
     #[tokio::test]
-    async fn queue_is_bounded_in_bytes_too() {
+    async fn the_default_queue_holds_an_unpaced_video_start() {
+        // The burst of the issue: a 1.97 MB MPEG-TS start in 1316-byte datagrams.
         let metrics = Arc::new(Metrics::default());
-        let link = Link::spawn(dead_dialer(metrics.clone()), "test".into(), None);
-        let mut buf = vec![0u8; record_len(60_000)];
-        for _ in 0..20 {
-            link.send(&mut buf, 60_000).await;
+        let link = Link::spawn(
+            dead_dialer(metrics.clone(), DEFAULT_FLOW_QUEUE),
+            "test".into(),
+            None,
+        );
+        let mut buf = vec![0u8; 2048];
+        let n = 1_970_000 / 1316 + 1;
+        for _ in 0..n {
+            link.send(&mut buf, 7 + 1316).await;
         }
-        let p = link.shared.pending.lock().unwrap();
-        assert!(p.bytes <= MAX_PENDING_BYTES);
-        assert_eq!(p.queue.len(), MAX_PENDING_BYTES / 60_000);
-        assert_eq!(metrics.drops(DropReason::SendFailed), 20 - p.queue.len() as u64);
+        assert_eq!(link.shared.pending.lock().unwrap().queue.len(), n);
+        assert_eq!(metrics.total_drops(), 0);
     }
 }

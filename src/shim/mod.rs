@@ -105,6 +105,8 @@ pub struct ShimSettings {
     pub connect_timeout: Duration,
     /// The control channel's heartbeat towards each gateway.
     pub heartbeat: Heartbeat,
+    /// Bytes each flow may queue while its association opens ([`link::DEFAULT_FLOW_QUEUE`]).
+    pub flow_queue: usize,
 }
 
 impl ShimSettings {
@@ -125,6 +127,7 @@ impl ShimSettings {
             max_connections: crate::config::DEFAULT_SHIM_MAX_CONNECTIONS,
             connect_timeout: crate::config::DEFAULT_CONNECT_TIMEOUT,
             heartbeat: crate::client::DEFAULT_HEARTBEAT,
+            flow_queue: link::DEFAULT_FLOW_QUEUE,
         }
     }
 
@@ -169,6 +172,7 @@ impl ShimSettings {
             max_connections: cfg.max_connections,
             connect_timeout: cfg.connect_timeout,
             heartbeat: cfg.heartbeat,
+            flow_queue: cfg.flow_queue,
         })
     }
 }
@@ -200,6 +204,8 @@ pub(crate) struct Dialer {
     timeout: Duration,
     replay_window: usize,
     heartbeat: Heartbeat,
+    /// Bytes a link's flow-start queue may hold.
+    pub(crate) flow_queue: usize,
     /// The gateway that worked last: new connections start there.
     preferred: AtomicUsize,
     metrics: Arc<Metrics>,
@@ -401,6 +407,7 @@ impl Shim {
             timeout: settings.connect_timeout,
             replay_window: settings.replay_window,
             heartbeat: settings.heartbeat,
+            flow_queue: settings.flow_queue,
             preferred: AtomicUsize::new(0),
             metrics: metrics.clone(),
         });
