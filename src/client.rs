@@ -409,8 +409,10 @@ impl SecureUdp {
         })
     }
 
-    /// Counts records dropped on receipt (by [`crate::proto::DropReason`]) in `metrics`.
+    /// Counts records dropped on receipt (by [`crate::proto::DropReason`]) in `metrics`,
+    /// and the datagrams the kernel drops at this association's socket (as `outbound`).
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.socket.set_drop_tracker(&metrics.socket_drops.outbound);
         self.metrics = Some(metrics);
         self
     }

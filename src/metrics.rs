@@ -6,6 +6,9 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::net::drops::DropTracker;
 
 use crate::proto::DropReason;
 
@@ -27,6 +30,36 @@ pub struct Metrics {
     pub associations: AtomicU64,
     /// Authentication failures.
     pub auth_failures: AtomicU64,
+    /// Datagrams the kernel dropped at our own sockets' receive queues, by socket role.
+    pub socket_drops: SocketDrops,
+}
+
+/// Kernel receive-queue drops at sudp's own sockets ([`crate::net::drops`]), by role.
+#[derive(Debug, Default)]
+pub struct SocketDrops {
+    /// Gateway: the relay sockets (datagrams from clients).
+    pub relay: Arc<DropTracker>,
+    /// Gateway: the per-association sockets (replies from targets). Shim: the sockets of
+    /// its secure associations (records from the gateway).
+    pub outbound: Arc<DropTracker>,
+    /// Shim: the sockets applications send to (forwards, SOCKS5 UDP relays).
+    pub local: Arc<DropTracker>,
+}
+
+impl SocketDrops {
+    /// Each role's name (a metric label) and tracker.
+    pub fn by_role(&self) -> [(&'static str, &Arc<DropTracker>); 3] {
+        [
+            ("relay", &self.relay),
+            ("outbound", &self.outbound),
+            ("local", &self.local),
+        ]
+    }
+
+    /// Every role's drops, read now.
+    pub fn total(&self) -> u64 {
+        self.by_role().iter().map(|(_, t)| t.total()).sum()
+    }
 }
 
 impl Metrics {
@@ -52,6 +85,12 @@ impl Metrics {
             let n = self.drops(r);
             if n > 0 {
                 let _ = write!(s, "{}{}={}", if s.is_empty() { "" } else { " " }, r.name(), n);
+            }
+        }
+        for (role, t) in self.socket_drops.by_role() {
+            let n = t.total();
+            if n > 0 {
+                let _ = write!(s, "{}kernel_{role}={n}", if s.is_empty() { "" } else { " " });
             }
         }
         if s.is_empty() {
@@ -93,6 +132,14 @@ impl Metrics {
             ("associations_total", &self.associations),
             ("auth_failures_total", &self.auth_failures),
         ];
+        let _ = writeln!(s, "# TYPE {prefix}_kernel_dropped_datagrams_total counter");
+        for (role, t) in self.socket_drops.by_role() {
+            let _ = writeln!(
+                s,
+                "{prefix}_kernel_dropped_datagrams_total{{socket=\"{role}\"}} {}",
+                t.total()
+            );
+        }
         for (name, c) in plain {
             let _ = writeln!(
                 s,

@@ -5,8 +5,9 @@ mod common;
 use std::net::SocketAddr;
 
 use common::*;
+use std::time::Duration;
 use sudp::client::SecureUdp;
-use sudp::proto::socks::Address;
+use sudp::proto::socks::{AddrRef, Address};
 use sudp::proto::DropReason;
 
 #[tokio::test]
@@ -220,5 +221,72 @@ async fn forged_and_replayed_records_inside_a_train_are_dropped_alone() {
         .await;
     assert_eq!(gw.metrics.forwarded.load(std::sync::atomic::Ordering::Relaxed), 5);
     drop(control);
+    gw.stop().await;
+}
+
+/// No loss inside the gateway goes uncounted: with a deliberately tiny relay receive buffer
+/// (`udp_buffer`), a burst overflows the relay socket, and the kernel's drops are counted, so
+/// that every datagram sent is either forwarded or counted as dropped, exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_socket_overflow_is_counted_exactly() {
+    use std::sync::atomic::Ordering;
+    let pki = pki();
+    let mut s = settings(&pki);
+    s.udp_buffer = 1; // the kernel's minimum: a couple of datagrams
+    s.workers = 1;
+    let gw = TestGateway::start(s).await;
+    let raw = raw_secure(&gw, &pki).await;
+    // The target: counts what arrives (a large buffer, so it drops nothing itself).
+    let sink = {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+        s.set_recv_buffer_size(4 << 20).unwrap();
+        s.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into())
+            .unwrap();
+        s.set_nonblocking(true).unwrap();
+        tokio::net::UdpSocket::from_std(s.into()).unwrap()
+    };
+    let target = sink.local_addr().unwrap();
+    let mut send = sudp::proto::SendSession::new(raw.assoc, &raw.keys, sudp::proto::Role::Client);
+    const N: u64 = 5000;
+    let mut rec = vec![0u8; 2048];
+    for i in 0..N {
+        let n = send
+            .seal(&AddrRef::Ip(target), &i.to_be_bytes().repeat(100), &mut rec)
+            .unwrap();
+        raw.socket.send_to(&rec[..n], raw.relay).await.unwrap();
+    }
+    let m = gw.metrics.clone();
+    let accounted = || m.forwarded.load(Ordering::Relaxed) + m.total_drops() + m.socket_drops.relay.total();
+    eventually(|| accounted() == N).await;
+    let kernel = m.socket_drops.relay.total();
+    let forwarded = m.forwarded.load(Ordering::Relaxed);
+    let mut arrived = 0u64;
+    let mut buf = [0u8; 2048];
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            if sink.recv(&mut buf).await.is_ok() {
+                arrived += 1;
+            }
+        }
+    })
+    .await;
+    eprintln!(
+        "relay overflow: sent {N}, forwarded {forwarded}, kernel drops at the relay socket \
+         {kernel}, other drops {}, arrived {arrived}; exit line: {}",
+        m.total_drops(),
+        m.drop_summary()
+    );
+    assert!(kernel > 0, "the burst did not overflow the tiny buffer");
+    assert_eq!(forwarded + kernel + m.total_drops(), N);
+    assert_eq!(arrived, forwarded);
+    assert!(m.drop_summary().contains(&format!("kernel_relay={kernel}")));
+    let text = m.render_prometheus("sudp_gateway");
+    assert!(
+        text.contains(&format!(
+            "sudp_gateway_kernel_dropped_datagrams_total{{socket=\"relay\"}} {kernel}"
+        )),
+        "{text}"
+    );
+    drop(raw);
     gw.stop().await;
 }

@@ -127,6 +127,11 @@ pub struct GatewayArgs {
     /// associations [default: 10s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub heartbeat_timeout: Option<Duration>,
+
+    /// Receive buffer asked of the kernel for each relay socket, e.g. 4MiB (it grants at most
+    /// net.core.rmem_max) [default: 4MiB].
+    #[arg(long, value_name = "SIZE", value_parser = super::parse_size)]
+    pub udp_buffer: Option<usize>,
 }
 
 /// The gateway's configuration: typed and validated.
@@ -167,6 +172,8 @@ pub struct GatewayConfig {
     pub tls12: bool,
     /// The control channel's heartbeat.
     pub heartbeat: Heartbeat,
+    /// Receive buffer asked for each relay socket, in bytes (nonzero).
+    pub udp_buffer: usize,
 }
 
 /// How the gateway authenticates clients. At least one method is on, or authentication is
@@ -243,6 +250,8 @@ struct GatewayFile {
     tls12: Option<bool>,
     heartbeat_interval: Option<toml::Value>,
     heartbeat_timeout: Option<toml::Value>,
+    /// A size string such as "4MiB" or a number of bytes, hence a raw value.
+    udp_buffer: Option<toml::Value>,
     /// Sorted, so that of several bad entries the same one is always reported.
     users_policy: Option<BTreeMap<String, UserPolicyFile>>,
 }
@@ -365,6 +374,18 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
         crate::gateway::DEFAULT_HEARTBEAT,
     )?;
 
+    let udp_buffer = file
+        .udp_buffer
+        .map(|v| super::size_value(v).map_err(|p| super::value_err(o.file("udp_buffer"), p)))
+        .transpose()?;
+    let udp_buffer = nonzero(
+        &o,
+        "udp_buffer",
+        args.udp_buffer,
+        udp_buffer,
+        crate::net::UDP_BUFFER,
+    )?;
+
     Ok(GatewayConfig {
         listen,
         cert,
@@ -382,6 +403,7 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
         suites,
         tls12: args.tls12 || file.tls12.unwrap_or(false),
         heartbeat,
+        udp_buffer,
     })
 }
 

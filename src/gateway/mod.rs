@@ -75,6 +75,9 @@ pub struct Settings {
     pub suites: Vec<CipherSuite>,
     /// Relay receive workers (sockets sharing the relay port through SO_REUSEPORT).
     pub workers: usize,
+    /// Receive buffer asked for each relay socket, in bytes (the kernel may grant less; see
+    /// `net.core.rmem_max`).
+    pub udp_buffer: usize,
     /// PINGs on secure control connections, and the silence after which a client that
     /// announced PINGs is dropped (PROTOCOL.md §2.4).
     pub heartbeat: Heartbeat,
@@ -111,6 +114,7 @@ impl Settings {
             suites: CipherSuite::ALL.to_vec(),
             workers: default_workers(),
             heartbeat: DEFAULT_HEARTBEAT,
+            udp_buffer: crate::net::UDP_BUFFER,
         }
     }
 
@@ -156,6 +160,7 @@ impl Settings {
             suites: cfg.suites.clone(),
             workers: default_workers(),
             heartbeat: cfg.heartbeat,
+            udp_buffer: cfg.udp_buffer,
         })
     }
 }
@@ -195,6 +200,7 @@ impl Gateway {
                 max_associations: settings.max_associations,
                 replay_window: settings.replay_window,
                 workers: settings.workers,
+                recv_buffer: settings.udp_buffer,
             },
             metrics.clone(),
             dns.clone(),

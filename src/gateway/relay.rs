@@ -76,6 +76,8 @@ pub struct RelaySettings {
     pub replay_window: usize,
     /// Receive workers (relay sockets sharing the port); at least 1.
     pub workers: usize,
+    /// Receive buffer asked for each relay socket, in bytes (the kernel may grant less).
+    pub recv_buffer: usize,
 }
 
 /// The relay: shared socket, association tables, counters.
@@ -218,7 +220,10 @@ impl Relay {
         let local = sockets[0].local_addr()?;
         let ios = sockets
             .into_iter()
-            .map(BatchSocket::new)
+            .map(|s| {
+                net::set_recv_buffer(&s, settings.recv_buffer)?;
+                Ok(BatchSocket::new(s)?.track_drops(&metrics.socket_drops.relay))
+            })
             .collect::<io::Result<Vec<_>>>()?;
         Ok(Arc::new(Relay {
             ios,
@@ -279,14 +284,16 @@ impl Relay {
         kind: Kind,
     ) -> Result<Arc<Association>, AssocError> {
         self.reserve()?;
-        let (outbound, outbound_v6) =
-            match net::bind_outbound().and_then(|(s, v6)| Ok((BatchSocket::new(s)?, v6))) {
-                Ok(s) => s,
-                Err(e) => {
-                    self.live.fetch_sub(1, Ordering::AcqRel);
-                    return Err(e.into());
-                }
-            };
+        let (outbound, outbound_v6) = match net::bind_outbound().and_then(|(s, v6)| {
+            let s = BatchSocket::new(s)?.track_drops(&self.metrics.socket_drops.outbound);
+            Ok((s, v6))
+        }) {
+            Ok(s) => s,
+            Err(e) => {
+                self.live.fetch_sub(1, Ordering::AcqRel);
+                return Err(e.into());
+            }
+        };
         self.metrics.associations.fetch_add(1, Ordering::Relaxed);
         Ok(Arc::new(Association {
             id,

@@ -18,7 +18,10 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
+use std::sync::Arc;
+
 use crate::net::canonical;
+use crate::net::drops::{DropTracker, Tracked};
 
 /// Receive buffers per system call.
 pub const BATCH: usize = 32;
@@ -41,6 +44,8 @@ pub const GSO_MAX_BYTES: usize = 65_000;
 pub struct BatchSocket {
     io: AsyncFd<std::net::UdpSocket>,
     state: UdpSocketState,
+    /// Counts what the kernel drops at this socket's receive queue, once tracked.
+    drops: Option<Arc<Tracked>>,
 }
 
 /// How long [`BatchSocket::send`] waits before retrying a send the kernel refused for a
@@ -57,7 +62,27 @@ impl BatchSocket {
         // AsyncFd (which owns the socket) is dropped.
         let io = unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }
             .map_err(|e| e.into_parts().1)?;
-        Ok(BatchSocket { io, state })
+        Ok(BatchSocket {
+            io,
+            state,
+            drops: None,
+        })
+    }
+
+    /// Counts the datagrams the kernel drops at this socket's receive queue in `tracker`
+    /// (see [`crate::net::drops`]).
+    pub fn track_drops(mut self, tracker: &Arc<DropTracker>) -> Self {
+        self.set_drop_tracker(tracker);
+        self
+    }
+
+    /// [`BatchSocket::track_drops`] in place.
+    pub fn set_drop_tracker(&mut self, tracker: &Arc<DropTracker>) {
+        use std::os::fd::AsRawFd;
+        if let Some(old) = self.drops.take() {
+            old.close();
+        }
+        self.drops = Some(tracker.track(self.io.get_ref().as_raw_fd()));
     }
 
     /// Wraps a bound socket for batched sends and `recvmmsg`, with GRO switched off, for
@@ -123,6 +148,10 @@ impl BatchSocket {
                         ready.clear_ready();
                     }
                     batch.filled = n;
+                    if let Some(d) = &self.drops {
+                        // A full batch means a backlog: the one time the queue can overflow.
+                        d.maybe_sync(n == buffers);
+                    }
                     return Ok(n);
                 }
                 Ok(Err(e)) => return Err(e),
@@ -137,7 +166,12 @@ impl BatchSocket {
         loop {
             let mut ready = self.io.readable().await?;
             match ready.try_io(|s| s.get_ref().recv(buf)) {
-                Ok(r) => return r,
+                Ok(r) => {
+                    if let Some(d) = &self.drops {
+                        d.maybe_sync(false);
+                    }
+                    return r;
+                }
                 Err(_) => continue,
             }
         }
@@ -173,6 +207,15 @@ impl BatchSocket {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => tokio::time::sleep(SEND_RETRY).await,
                 r => return r,
             }
+        }
+    }
+}
+
+impl Drop for BatchSocket {
+    fn drop(&mut self) {
+        // Before the descriptor closes (the fields drop after this).
+        if let Some(d) = &self.drops {
+            d.close();
         }
     }
 }

@@ -3,6 +3,7 @@
 pub mod batch;
 pub mod channel;
 pub mod dns;
+pub mod drops;
 
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -75,6 +76,12 @@ fn bind_udp_opts(addr: SocketAddr, reuse_port: bool) -> io::Result<UdpSocket> {
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     UdpSocket::from_std(s.into())
+}
+
+/// Asks the kernel for a receive buffer of `bytes` on `socket` (it grants at most
+/// `net.core.rmem_max`, and at least its own minimum).
+pub fn set_recv_buffer(socket: &UdpSocket, bytes: usize) -> io::Result<()> {
+    socket2::SockRef::from(socket).set_recv_buffer_size(bytes)
 }
 
 /// An unconnected outbound UDP socket that reaches IPv4 and, where the host has IPv6,

@@ -57,7 +57,7 @@ pub(crate) async fn serve_udp(
     mut stop: watch::Receiver<bool>,
 ) {
     let sock = match BatchSocket::new(sock) {
-        Ok(s) => Arc::new(s),
+        Ok(s) => Arc::new(s.track_drops(&ctx.metrics.socket_drops.local)),
         Err(e) => {
             tracing::error!(forward = %spec, error = %e, "cannot set up the local UDP socket");
             return;

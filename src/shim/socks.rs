@@ -224,7 +224,7 @@ async fn associate(
     // The IP the application reached us on: loopback when it connected to loopback.
     let local_ip = canonical(tcp.local_addr()?).ip();
     let sock = match crate::net::bind_udp(SocketAddr::new(local_ip, 0)).and_then(BatchSocket::new) {
-        Ok(s) => Arc::new(s),
+        Ok(s) => Arc::new(s.track_drops(&ctx.metrics.socket_drops.local)),
         Err(e) => {
             tracing::warn!(%peer, error = %e, "cannot bind a local UDP socket");
             return reply(&mut tcp, ReplyCode::GeneralFailure, None).await;
