@@ -75,6 +75,9 @@ fn run_gateway(args: sudp::config::GatewayArgs) -> anyhow::Result<()> {
         let shutdown = armed_shutdown_signal().await;
         println!("control (TLS) {}", gateway.control_addr());
         println!("relay (UDP) {}", gateway.relay_addr());
+        if let Some(a) = gateway.metrics_addr() {
+            println!("metrics (HTTP) {a}");
+        }
         use std::io::Write as _;
         std::io::stdout().flush()?;
         gateway.run(shutdown).await?;
@@ -93,6 +96,9 @@ fn run_shim(args: sudp::config::ShimArgs) -> anyhow::Result<()> {
         }
         for (f, local) in shim.forward_addrs() {
             println!("forward {} {local} -> {}", f.proto, f.target);
+        }
+        if let Some(a) = shim.metrics_addr() {
+            println!("metrics (HTTP) {a}");
         }
         use std::io::Write as _;
         std::io::stdout().flush()?;

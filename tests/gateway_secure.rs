@@ -280,7 +280,7 @@ async fn a_relay_socket_overflow_is_counted_exactly() {
     assert_eq!(forwarded + kernel + m.total_drops(), N);
     assert_eq!(arrived, forwarded);
     assert!(m.drop_summary().contains(&format!("kernel_relay={kernel}")));
-    let text = m.render_prometheus("sudp_gateway");
+    let text = sudp::metrics::export::Exporter::new("sudp_gateway", m.clone(), Vec::new()).render();
     assert!(
         text.contains(&format!(
             "sudp_gateway_kernel_dropped_datagrams_total{{socket=\"relay\"}} {kernel}"

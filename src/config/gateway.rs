@@ -128,6 +128,11 @@ pub struct GatewayArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub heartbeat_timeout: Option<Duration>,
 
+    /// Serve Prometheus metrics (GET /metrics) and a health check (GET /healthz) over HTTP
+    /// on this address, e.g. 127.0.0.1:9108 [default: off].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+
     /// Receive buffer asked of the kernel for each relay socket, e.g. 4MiB (it grants at most
     /// net.core.rmem_max) [default: 4MiB].
     #[arg(long, value_name = "SIZE", value_parser = super::parse_size)]
@@ -174,6 +179,8 @@ pub struct GatewayConfig {
     pub heartbeat: Heartbeat,
     /// Receive buffer asked for each relay socket, in bytes (nonzero).
     pub udp_buffer: usize,
+    /// Where to serve `/metrics` and `/healthz`, if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// How the gateway authenticates clients. At least one method is on, or authentication is
@@ -252,6 +259,7 @@ struct GatewayFile {
     heartbeat_timeout: Option<toml::Value>,
     /// A size string such as "4MiB" or a number of bytes, hence a raw value.
     udp_buffer: Option<toml::Value>,
+    metrics: Option<String>,
     /// Sorted, so that of several bad entries the same one is always reported.
     users_policy: Option<BTreeMap<String, UserPolicyFile>>,
 }
@@ -404,6 +412,9 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
         tls12: args.tls12 || file.tls12.unwrap_or(false),
         heartbeat,
         udp_buffer,
+        metrics: args
+            .metrics
+            .or(file_value(&o, "metrics", file.metrics, parse_socket_addr)?),
     })
 }
 

@@ -137,6 +137,11 @@ pub struct ShimArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub heartbeat_timeout: Option<Duration>,
 
+    /// Serve Prometheus metrics (GET /metrics) and a health check (GET /healthz) over HTTP
+    /// on this address, e.g. 127.0.0.1:9109 [default: off].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+
     /// Bytes each flow may hold while its association opens (e.g. 4MiB, 512KiB, 1000000);
     /// what does not fit is dropped and counted [default: 4MiB].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -241,6 +246,8 @@ pub struct ShimConfig {
     pub heartbeat: Heartbeat,
     /// Bytes each flow may queue while its association opens (nonzero).
     pub flow_queue: usize,
+    /// Where to serve `/metrics` and `/healthz`, if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Parses `HOST:PORT`: an IP socket address (`192.0.2.1:443`, `[2001:db8::1]:443`) or a
@@ -324,6 +331,7 @@ struct ShimFile {
     heartbeat_timeout: Option<toml::Value>,
     /// A size string such as "4MiB" or a number of bytes, hence a raw value.
     flow_queue: Option<toml::Value>,
+    metrics: Option<String>,
 }
 
 impl ShimConfig {
@@ -520,6 +528,9 @@ fn build(args: ShimArgs, file: ShimFile) -> Result<ShimConfig, ConfigError> {
         tls12: args.tls12 || file.tls12.unwrap_or(false),
         heartbeat,
         flow_queue,
+        metrics: args
+            .metrics
+            .or(file_value(&o, "metrics", file.metrics, parse_socket_addr)?),
     })
 }
 

@@ -22,7 +22,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::auth::Users;
 use crate::config::{Auth, GatewayConfig};
-use crate::metrics::Metrics;
+use crate::metrics::{GaugeGuard, Metrics};
 use crate::net::channel::Heartbeat;
 use crate::net::dns::Resolver;
 use crate::policy::Policy;
@@ -75,6 +75,8 @@ pub struct Settings {
     pub suites: Vec<CipherSuite>,
     /// Relay receive workers (sockets sharing the relay port through SO_REUSEPORT).
     pub workers: usize,
+    /// Where to serve `/metrics` and `/healthz` over HTTP, if anywhere.
+    pub metrics: Option<SocketAddr>,
     /// Receive buffer asked for each relay socket, in bytes (the kernel may grant less; see
     /// `net.core.rmem_max`).
     pub udp_buffer: usize,
@@ -115,6 +117,7 @@ impl Settings {
             workers: default_workers(),
             heartbeat: DEFAULT_HEARTBEAT,
             udp_buffer: crate::net::UDP_BUFFER,
+            metrics: None,
         }
     }
 
@@ -161,6 +164,7 @@ impl Settings {
             workers: default_workers(),
             heartbeat: cfg.heartbeat,
             udp_buffer: cfg.udp_buffer,
+            metrics: cfg.metrics,
         })
     }
 }
@@ -182,6 +186,7 @@ pub(crate) struct Shared {
 /// A bound, not yet running gateway.
 pub struct Gateway {
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     shared: Arc<Shared>,
 }
 
@@ -207,8 +212,13 @@ impl Gateway {
             settings.policy.clone(),
         )?;
         let acceptor = TlsAcceptor::from(settings.tls.clone());
+        let metrics_listener = match settings.metrics {
+            Some(a) => Some(crate::metrics::http::bind(a).await?),
+            None => None,
+        };
         Ok(Gateway {
             listener,
+            metrics_listener,
             shared: Arc::new(Shared {
                 settings,
                 acceptor,
@@ -230,6 +240,14 @@ impl Gateway {
         self.shared.relay.local_addr()
     }
 
+    /// The bound metrics (HTTP) address, if `--metrics` is on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        // Invariant: a bound listener has a local address.
+        self.metrics_listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound listener"))
+    }
+
     /// The gateway's counters.
     pub fn metrics(&self) -> Arc<Metrics> {
         self.shared.metrics.clone()
@@ -237,8 +255,37 @@ impl Gateway {
 
     /// Serves until `shutdown` completes, then drains and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
-        let Gateway { listener, shared } = self;
+        let Gateway {
+            listener,
+            metrics_listener,
+            shared,
+        } = self;
         let relay_task = tokio::spawn(shared.relay.clone().run());
+        let (draining_tx, draining) = watch::channel(false);
+        let metrics_task = metrics_listener.map(|l| {
+            let exporter = crate::metrics::export::Exporter::new(
+                "sudp_gateway",
+                shared.metrics.clone(),
+                vec![(
+                    "relay_workers",
+                    "Relay receive workers",
+                    Box::new({
+                        let n = shared.relay.workers() as i64;
+                        move || n
+                    }),
+                )],
+            );
+            let draining = draining.clone();
+            let endpoints = Arc::new(crate::metrics::http::Endpoints {
+                metrics: Box::new(move || exporter.render()),
+                healthy: Box::new(move || !*draining.borrow()),
+            });
+            let mut stop = draining_tx.subscribe();
+            tokio::spawn(crate::metrics::http::serve(l, endpoints, async move {
+                // Served through the drain, so the last figures can be scraped; ends with it.
+                let _ = stop.wait_for(|_| false).await;
+            }))
+        });
         let limit = Arc::new(Semaphore::new(shared.settings.max_connections));
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut conns = JoinSet::new();
@@ -254,8 +301,10 @@ impl Gateway {
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
                         shared.metrics.connections.fetch_add(1, Ordering::Relaxed);
+                        let active = GaugeGuard::new(shared.metrics.clone(), |m| &m.connections_active);
                         let (shared, stop) = (shared.clone(), stop_rx.clone());
                         conns.spawn(async move {
+                            let _active = active;
                             control::serve(shared, tcp, peer, stop).await;
                             drop(permit);
                         });
@@ -270,6 +319,7 @@ impl Gateway {
             }
         }
         tracing::info!(connections = conns.len(), "shutting down: draining");
+        let _ = draining_tx.send(true);
         drop(listener);
         let _ = stop_tx.send(true);
         let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
@@ -281,6 +331,9 @@ impl Gateway {
             conns.shutdown().await;
         }
         relay_task.abort();
+        if let Some(t) = metrics_task {
+            t.abort();
+        }
         tracing::info!(
             forwarded = shared.metrics.forwarded.load(Ordering::Relaxed),
             returned = shared.metrics.returned.load(Ordering::Relaxed),

@@ -38,7 +38,7 @@ use tokio::task::JoinHandle;
 
 use crate::net::batch::{stretches, BatchSocket, GsoBatch, RecordTrain, RecvBatch, RUN, SMALL_BATCH};
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Path};
 use crate::net::dns::Resolver;
 use crate::net::{self, canonical, canonical_ip, for_socket};
 use crate::policy::Policy;
@@ -127,6 +127,14 @@ impl Association {
     /// The association id (secure: the wire id; naked: an internal one).
     pub fn id(&self) -> AssociationId {
         self.id
+    }
+
+    /// The path its client datagrams take, for the counters.
+    fn path(&self) -> Path {
+        match self.kind {
+            Kind::Naked => Path::Naked,
+            Kind::Secure { .. } => Path::Secure,
+        }
     }
 
     fn client_addr(&self) -> Option<SocketAddr> {
@@ -295,6 +303,7 @@ impl Relay {
             }
         };
         self.metrics.associations.fetch_add(1, Ordering::Relaxed);
+        self.metrics.associations_active.fetch_add(1, Ordering::Relaxed);
         Ok(Arc::new(Association {
             id,
             user,
@@ -405,6 +414,7 @@ impl Relay {
             }
         }
         self.live.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.associations_active.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Runs one receive loop per relay socket until the task is aborted.
@@ -434,8 +444,17 @@ impl Relay {
                 tokio::task::yield_now().await;
                 continue;
             }
-            batch.for_each_run(|run, src| self.handle_run(run, src, &mut out));
+            let started = Instant::now();
+            let mut datagrams = 0u64;
+            batch.for_each_run(|run, src| {
+                datagrams += run.len() as u64;
+                self.handle_run(run, src, &mut out)
+            });
             out.flush(&self);
+            if datagrams > 0 {
+                let each = started.elapsed() / datagrams as u32;
+                self.metrics.processing.observe_many(each, datagrams);
+            }
         }
     }
 
@@ -581,7 +600,7 @@ impl Relay {
                 Ok(Ok(target)) => {
                     if let Some(dest) = admit(&relay, &assoc, target, &mut PeerCache::default()) {
                         match assoc.outbound.try_send(dest, &payload, None) {
-                            Ok(()) => relay.metrics.forwarded(payload.len()),
+                            Ok(()) => relay.metrics.forwarded_on(assoc.path(), 1, payload.len() as u64),
                             Err(_) => relay.metrics.count_drop(DropReason::SendFailed),
                         }
                     }
@@ -653,13 +672,9 @@ impl Forwarder {
         };
         let n = self.batch.len();
         match assoc.outbound.try_send(dest, bytes, seg) {
-            Ok(()) => {
-                relay.metrics.forwarded.fetch_add(n as u64, Ordering::Relaxed);
-                relay
-                    .metrics
-                    .forwarded_bytes
-                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            }
+            Ok(()) => relay
+                .metrics
+                .forwarded_on(assoc.path(), n as u64, bytes.len() as u64),
             Err(_) => {
                 for _ in 0..n {
                     relay.metrics.count_drop(DropReason::SendFailed);
@@ -772,14 +787,10 @@ impl Replies {
         }
     }
 
-    fn sent(&mut self, relay: &Relay, ok: bool) {
+    fn sent(&mut self, relay: &Relay, path: Path, ok: bool) {
         let n = self.train.len() as u64;
         if ok {
-            relay.metrics.returned.fetch_add(n, Ordering::Relaxed);
-            relay
-                .metrics
-                .returned_bytes
-                .fetch_add(self.payload_bytes as u64, Ordering::Relaxed);
+            relay.metrics.returned_on(path, n, self.payload_bytes as u64);
         } else {
             for _ in 0..n {
                 relay.metrics.count_drop(DropReason::SendFailed);
@@ -797,7 +808,7 @@ impl Replies {
             Some((dest, bytes, seg)) => relay.io().try_send(dest, bytes, seg).is_ok(),
             None => true,
         };
-        self.sent(relay, ok);
+        self.sent(relay, if send.is_some() { Path::Secure } else { Path::Naked }, ok);
         true
     }
 
@@ -810,7 +821,7 @@ impl Replies {
             Some((dest, bytes, seg)) => relay.io().send(dest, bytes, seg).await.is_ok(),
             None => true,
         };
-        self.sent(relay, ok);
+        self.sent(relay, if send.is_some() { Path::Secure } else { Path::Naked }, ok);
         true
     }
 

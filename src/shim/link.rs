@@ -37,6 +37,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::client::{ClientError, Received, SecureUdp};
+use crate::metrics::Path;
 use crate::proto::record::{record_len, PREFIX_LEN};
 use crate::proto::socks::AddrRef;
 use crate::proto::{DropReason, SealError};
@@ -129,11 +130,11 @@ impl Link {
     pub(crate) fn sent(&self, payload_lens: &[usize]) {
         let s = &self.shared;
         s.last_send.store(s.now_ms(), Ordering::Relaxed);
-        let m = &s.metrics;
-        m.forwarded
-            .fetch_add(payload_lens.len() as u64, Ordering::Relaxed);
-        m.forwarded_bytes
-            .fetch_add(payload_lens.iter().sum::<usize>() as u64, Ordering::Relaxed);
+        s.metrics.forwarded_on(
+            Path::Secure,
+            payload_lens.len() as u64,
+            payload_lens.iter().sum::<usize>() as u64,
+        );
     }
 
     /// Reports that sending `count` records through `assoc` failed with `e`: counted, and
@@ -234,6 +235,9 @@ impl Shared {
         let mut rec = vec![0u8; need];
         rec[PREFIX_LEN..PREFIX_LEN + plaintext.len()].copy_from_slice(plaintext);
         p.bytes += need;
+        self.metrics
+            .flow_queue_bytes
+            .fetch_add(need as u64, Ordering::Relaxed);
         p.queue.push_back((rec, plaintext.len(), Instant::now()));
         drop(p);
         self.wake.notify_one();
@@ -246,7 +250,7 @@ impl Shared {
         let payload_len = AddrRef::parse(&buf[PREFIX_LEN..PREFIX_LEN + plaintext_len])
             .map_or(plaintext_len, |(_, n)| plaintext_len - n);
         match assoc.udp.send_in_place(buf, plaintext_len).await {
-            Ok(_) => self.metrics.forwarded(payload_len),
+            Ok(_) => self.metrics.forwarded_on(Path::Secure, 1, payload_len as u64),
             Err(ClientError::Seal(e @ SealError::KeyExhausted { .. })) => {
                 self.metrics.count_drop(e.reason());
                 self.fail(assoc, "sending key exhausted");
@@ -275,6 +279,9 @@ impl Shared {
                 match p.queue.pop_front() {
                     Some(item) => {
                         p.bytes -= item.0.len();
+                        self.metrics
+                            .flow_queue_bytes
+                            .fetch_sub(item.0.len() as u64, Ordering::Relaxed);
                         Some(item)
                     }
                     None => {
@@ -447,7 +454,7 @@ impl LinkRx {
             let assoc = self.current().await;
             let metrics = self.shared.metrics.clone();
             let mut counted = |p: &[u8], from: &crate::proto::socks::Address| {
-                metrics.returned(p.len());
+                metrics.returned_on(Path::Secure, 1, p.len() as u64);
                 f(p, from);
             };
             tokio::select! {
@@ -474,7 +481,7 @@ impl LinkRx {
             tokio::select! {
                 r = assoc.udp.recv_in_place(rec) => match r {
                     Ok(r) => {
-                        self.shared.metrics.returned(r.payload.len());
+                        self.shared.metrics.returned_on(Path::Secure, 1, r.payload.len() as u64);
                         return r;
                     }
                     Err(e) => self.failed(&assoc, &e).await,

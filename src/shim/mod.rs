@@ -107,6 +107,8 @@ pub struct ShimSettings {
     pub heartbeat: Heartbeat,
     /// Bytes each flow may queue while its association opens ([`link::DEFAULT_FLOW_QUEUE`]).
     pub flow_queue: usize,
+    /// Where to serve `/metrics` and `/healthz` over HTTP, if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl ShimSettings {
@@ -128,6 +130,7 @@ impl ShimSettings {
             connect_timeout: crate::config::DEFAULT_CONNECT_TIMEOUT,
             heartbeat: crate::client::DEFAULT_HEARTBEAT,
             flow_queue: link::DEFAULT_FLOW_QUEUE,
+            metrics: None,
         }
     }
 
@@ -173,6 +176,7 @@ impl ShimSettings {
             connect_timeout: cfg.connect_timeout,
             heartbeat: cfg.heartbeat,
             flow_queue: cfg.flow_queue,
+            metrics: cfg.metrics,
         })
     }
 }
@@ -339,6 +343,7 @@ pub(crate) struct Ctx {
 /// A bound, not yet running shim.
 pub struct Shim {
     socks: Option<TcpListener>,
+    metrics_listener: Option<TcpListener>,
     forwards: Vec<(Forward, Bound)>,
     ctx: Arc<Ctx>,
 }
@@ -411,8 +416,13 @@ impl Shim {
             preferred: AtomicUsize::new(0),
             metrics: metrics.clone(),
         });
+        let metrics_listener = match settings.metrics {
+            Some(a) => Some(crate::metrics::http::bind(a).await?),
+            None => None,
+        };
         Ok(Shim {
             socks,
+            metrics_listener,
             forwards,
             ctx: Arc::new(Ctx {
                 dialer,
@@ -443,6 +453,14 @@ impl Shim {
             .collect()
     }
 
+    /// The bound metrics (HTTP) address, if `--metrics` is on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        // Invariant: a bound listener has a local address.
+        self.metrics_listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound listener"))
+    }
+
     /// The shim's counters (datagrams forwarded and returned, drops by reason).
     pub fn metrics(&self) -> Arc<Metrics> {
         self.ctx.metrics.clone()
@@ -451,9 +469,27 @@ impl Shim {
     /// Serves until `shutdown` completes, then stops accepting, closes every association
     /// and gives local TCP connections a bounded time to finish.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
-        let Shim { socks, forwards, ctx } = self;
+        let Shim {
+            socks,
+            metrics_listener,
+            forwards,
+            ctx,
+        } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut services = JoinSet::new();
+        if let Some(l) = metrics_listener {
+            let exporter =
+                crate::metrics::export::Exporter::new("sudp_shim", ctx.metrics.clone(), Vec::new());
+            let stopping = stop_rx.clone();
+            let endpoints = Arc::new(crate::metrics::http::Endpoints {
+                metrics: Box::new(move || exporter.render()),
+                healthy: Box::new(move || !*stopping.borrow()),
+            });
+            let mut stop = stop_rx.clone();
+            services.spawn(crate::metrics::http::serve(l, endpoints, async move {
+                stopped(&mut stop).await
+            }));
+        }
         if let Some(listener) = socks {
             services.spawn(socks::serve(ctx.clone(), listener, stop_rx.clone()));
         }

@@ -248,6 +248,14 @@ pub fn have_iperf3() -> bool {
     tool_available("iperf3", "iperf3", &["--version"])
 }
 
+pub fn have_python_prometheus() -> bool {
+    tool_available(
+        "Python's prometheus_client (Debian's python3-prometheus-client)",
+        "/usr/bin/python3",
+        &["-c", "import prometheus_client.parser"],
+    )
+}
+
 pub fn have_ffmpeg() -> bool {
     tool_available("ffmpeg", "ffmpeg", &["-version"]) && tool_available("ffprobe", "ffprobe", &["-version"])
 }
@@ -316,6 +324,8 @@ pub struct GatewayProcess {
     pub child: std::process::Child,
     pub control: SocketAddr,
     pub relay: SocketAddr,
+    /// The metrics (HTTP) address, when started with `--metrics`.
+    pub metrics: Option<SocketAddr>,
     /// The directory holding its certificate, key and any other files it was given.
     pub dir: std::path::PathBuf,
 }
@@ -370,10 +380,12 @@ impl GatewayProcess {
         };
         let control = addr("control (TLS) ");
         let relay = addr("relay (UDP) ");
+        let metrics = args.contains(&"--metrics").then(|| addr("metrics (HTTP) "));
         GatewayProcess {
             child,
             control,
             relay,
+            metrics,
             dir,
         }
     }

@@ -1,0 +1,207 @@
+//! The Prometheus text exposition of a [`Metrics`]: one `prometheus-client` registry whose
+//! collector reads the atomics at scrape time, so the datagram path never takes a lock for
+//! metrics. Gauges that live elsewhere (associations in the relay table, ...) are read through
+//! closures the owner registers.
+//!
+//! Every metric is listed, with its meaning, in `docs/OPERATIONS.md`.
+
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::metrics::{Metrics, Path};
+use crate::proto::DropReason;
+
+/// A gauge read at scrape time: name (without prefix), help, reader.
+type GaugeFn = (&'static str, &'static str, Box<dyn Fn() -> i64 + Send + Sync>);
+
+/// Renders a [`Metrics`] (and registered gauges) in the Prometheus text format.
+pub struct Exporter {
+    registry: Registry,
+}
+
+impl fmt::Debug for Exporter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Exporter").finish_non_exhaustive()
+    }
+}
+
+struct Collector {
+    metrics: Arc<Metrics>,
+    gauges: Vec<GaugeFn>,
+}
+
+impl fmt::Debug for Collector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Collector").finish_non_exhaustive()
+    }
+}
+
+impl Exporter {
+    /// An exporter of `metrics` whose names start with `prefix` (`sudp_gateway`,
+    /// `sudp_shim`), with extra gauges read at each scrape.
+    pub fn new(prefix: &str, metrics: Arc<Metrics>, gauges: Vec<GaugeFn>) -> Exporter {
+        let mut registry = Registry::with_prefix(prefix);
+        registry.register_collector(Box::new(Collector { metrics, gauges }));
+        Exporter { registry }
+    }
+
+    /// The text exposition, format 0.0.4 (`text/plain; version=0.0.4`).
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        // Invariant: writing to a String cannot fail, and the collector only formats numbers.
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
+            .expect("formatting into a String");
+        out
+    }
+}
+
+fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> fmt::Result {
+    let c = ConstCounter::new(v);
+    c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> fmt::Result {
+    let g = ConstGauge::new(v);
+    g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+impl prometheus_client::collector::Collector for Collector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let m = &self.metrics;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+
+        {
+            let mut family = enc.encode_descriptor(
+                "dropped_datagrams",
+                "Datagrams dropped by sudp, by reason (PROTOCOL.md section 7)",
+                None,
+                MetricType::Counter,
+            )?;
+            for r in DropReason::ALL {
+                let labels = [("reason", r.name())];
+                ConstCounter::new(m.drops(r)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut family = enc.encode_descriptor(
+                "kernel_dropped_datagrams",
+                "Datagrams the kernel dropped at the receive queue of sudp's own sockets, by socket role",
+                None,
+                MetricType::Counter,
+            )?;
+            for (role, t) in m.socket_drops.by_role() {
+                let labels = [("socket", role)];
+                ConstCounter::new(t.total()).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        for (name, help, flows) in [
+            (
+                "datagrams",
+                "Datagrams relayed, by direction (forwarded: client to target; returned: target to client) and path",
+                0usize,
+            ),
+            ("payload_bytes", "Payload bytes relayed, by direction and path", 1),
+        ] {
+            let mut family = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (direction, by) in [("forwarded", &m.forwarded_by), ("returned", &m.returned_by)] {
+                for p in Path::ALL {
+                    let f = &by[p as usize];
+                    let v = if flows == 0 { load(&f.datagrams) } else { load(&f.bytes) };
+                    let labels = [("direction", direction), ("path", p.name())];
+                    ConstCounter::new(v).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        counter(
+            &mut enc,
+            "connections",
+            "Control connections accepted (gateway) or TCP connections opened through the gateway (shim)",
+            load(&m.connections),
+        )?;
+        counter(
+            &mut enc,
+            "associations",
+            "UDP associations opened",
+            load(&m.associations),
+        )?;
+        counter(
+            &mut enc,
+            "auth_failures",
+            "Authentication attempts refused",
+            load(&m.auth_failures),
+        )?;
+        gauge(
+            &mut enc,
+            "associations_active",
+            "UDP associations open now",
+            load(&m.associations_active) as i64,
+        )?;
+        gauge(
+            &mut enc,
+            "connections_active",
+            "Control connections open now",
+            load(&m.connections_active) as i64,
+        )?;
+        gauge(
+            &mut enc,
+            "flow_queue_bytes",
+            "Bytes waiting in flow-start queues while associations open (shim)",
+            load(&m.flow_queue_bytes) as i64,
+        )?;
+        for (name, help, read) in &self.gauges {
+            gauge(&mut enc, name, help, read())?;
+        }
+        let (sum, count, buckets) = m.processing.snapshot();
+        let mut h = enc.encode_descriptor(
+            "record_processing_seconds",
+            "Gateway time per datagram received from clients (checks, decryption, forwarding), measured per receive batch",
+            None,
+            MetricType::Histogram,
+        )?;
+        h.encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_family_with_the_counts() {
+        let m = Arc::new(Metrics::default());
+        m.count_drop(DropReason::Duplicate);
+        m.forwarded_on(Path::Secure, 3, 300);
+        m.returned_on(Path::Naked, 1, 10);
+        m.processing.observe_many(std::time::Duration::from_micros(3), 4);
+        let e = Exporter::new(
+            "sudp_gateway",
+            m.clone(),
+            vec![("relay_workers", "Relay receive workers", Box::new(|| 2))],
+        );
+        let text = e.render();
+        for line in [
+            "sudp_gateway_dropped_datagrams_total{reason=\"duplicate\"} 1",
+            "sudp_gateway_dropped_datagrams_total{reason=\"bad_mac\"} 0",
+            "sudp_gateway_kernel_dropped_datagrams_total{socket=\"relay\"} 0",
+            "sudp_gateway_datagrams_total{direction=\"forwarded\",path=\"secure\"} 3",
+            "sudp_gateway_payload_bytes_total{direction=\"forwarded\",path=\"secure\"} 300",
+            "sudp_gateway_datagrams_total{direction=\"returned\",path=\"naked\"} 1",
+            "sudp_gateway_relay_workers 2",
+            "sudp_gateway_record_processing_seconds_count 4",
+            "sudp_gateway_record_processing_seconds_bucket{le=\"2e-06\"} 0",
+            "sudp_gateway_record_processing_seconds_bucket{le=\"4e-06\"} 4",
+            "sudp_gateway_record_processing_seconds_bucket{le=\"+Inf\"} 4",
+            "# TYPE sudp_gateway_record_processing_seconds histogram",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+}
