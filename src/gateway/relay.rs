@@ -41,7 +41,7 @@ use crate::net::batch::{stretches, BatchSocket, GsoBatch, RecordTrain, RecvBatch
 use crate::metrics::Metrics;
 use crate::net::dns::Resolver;
 use crate::net::{self, canonical, canonical_ip, for_socket};
-use crate::policy::Policy;
+use crate::policy::{LocalAddrs, Policy};
 use crate::proto::record;
 use crate::proto::session::{RecvSession, SendSession};
 use crate::proto::socks::{parse_udp_header, AddrRef};
@@ -53,6 +53,9 @@ const MAX_PEERS: usize = 4096;
 const MAX_PENDING_RESOLVES: usize = 16;
 /// How long a name resolution may take.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the host's interface addresses are enumerated again for the policy (they
+/// change with DHCP, VPNs, containers).
+const LOCAL_ADDRS_REFRESH: Duration = Duration::from_secs(30);
 
 /// Why an association could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -220,6 +223,7 @@ impl Relay {
             .into_iter()
             .map(BatchSocket::new)
             .collect::<io::Result<Vec<_>>>()?;
+        refresh_local_addrs(&policy)?;
         Ok(Arc::new(Relay {
             ios,
             local,
@@ -400,13 +404,32 @@ impl Relay {
         self.live.fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// Runs one receive loop per relay socket until the task is aborted.
+    /// Runs one receive loop per relay socket until the task is aborted; also refreshes
+    /// the host's own addresses in the policy every [`LOCAL_ADDRS_REFRESH`].
     pub async fn run(self: Arc<Self>) {
         let mut workers = tokio::task::JoinSet::new();
         for i in 0..self.ios.len() {
             workers.spawn(self.clone().receive_loop(i));
         }
+        let policy = self.policy.clone();
+        workers.spawn(async move {
+            let mut tick = tokio::time::interval(LOCAL_ADDRS_REFRESH);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Err(e) = refresh_local_addrs(&policy) {
+                    tracing::warn!(error = %e, "cannot enumerate interface addresses; keeping the previous set");
+                }
+            }
+        });
         while workers.join_next().await.is_some() {}
+    }
+
+    /// Enumerates the host's interface addresses now and hands them to the policy (which
+    /// denies them by default). The relay does this when it binds and every
+    /// [`LOCAL_ADDRS_REFRESH`] while it runs.
+    pub fn refresh_local_addrs(&self) -> io::Result<()> {
+        refresh_local_addrs(&self.policy)
     }
 
     /// Receive workers in use.
@@ -584,6 +607,12 @@ impl Relay {
             assoc.pending_resolves.fetch_sub(1, Ordering::AcqRel);
         });
     }
+}
+
+fn refresh_local_addrs(policy: &Policy) -> io::Result<()> {
+    let addrs = crate::net::ifaddrs::interface_addrs()?;
+    policy.set_local_addrs(LocalAddrs::new(addrs));
+    Ok(())
 }
 
 /// Policy and restricted-cone bookkeeping for one datagram to `target`; the address to

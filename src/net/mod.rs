@@ -2,6 +2,7 @@
 
 pub mod batch;
 pub mod dns;
+pub mod ifaddrs;
 
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
