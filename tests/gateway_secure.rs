@@ -81,7 +81,6 @@ async fn malformed_datagrams_are_dropped_counted_and_hurt_no_one() {
 /// reordered (older but unseen) record is still accepted.
 #[tokio::test]
 async fn gateway_refuses_replayed_records_and_accepts_reordered_ones() {
-    use sudp::proto::session::SendSession;
     use sudp::proto::Role;
 
     let pki = pki();
@@ -94,7 +93,7 @@ async fn gateway_refuses_replayed_records_and_accepts_reordered_ones() {
         socket: sock,
         relay,
     } = raw_secure(&gw, &pki).await;
-    let mut send = SendSession::new(assoc, &keys, Role::Client);
+    let (mut send, _) = keys.into_sessions(assoc, Role::Client, 1024);
     let mut records = Vec::new();
     for i in 0..3u8 {
         let mut b = vec![0u8; 256];
@@ -161,7 +160,6 @@ async fn bursts_of_replies_arrive_as_separate_records() {
 #[tokio::test]
 async fn forged_and_replayed_records_inside_a_train_are_dropped_alone() {
     use sudp::net::batch::{BatchSocket, GsoBatch};
-    use sudp::proto::session::{RecvSession, SendSession};
     use sudp::proto::Role;
 
     let pki = pki();
@@ -175,7 +173,7 @@ async fn forged_and_replayed_records_inside_a_train_are_dropped_alone() {
         relay,
     } = raw_secure(&gw, &pki).await;
     let sock = BatchSocket::new(socket).unwrap();
-    let mut send = SendSession::new(assoc, &keys, Role::Client);
+    let (mut send, mut recv) = keys.into_sessions(assoc, Role::Client, 64);
     let mut records: Vec<Vec<u8>> = (0..7u8)
         .map(|i| {
             let mut b = vec![0u8; 512];
@@ -200,7 +198,6 @@ async fn forged_and_replayed_records_inside_a_train_are_dropped_alone() {
     let (d, b, s) = train.pending().unwrap();
     sock.send(d, b, s).await.unwrap();
 
-    let mut recv = RecvSession::new(assoc, &keys, Role::Client, 64);
     let mut got = Vec::new();
     let mut batch = sudp::net::batch::RecvBatch::default();
     while got.len() < 5 {

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use sudp::proto::session::{RecvSession, SendSession};
 use sudp::proto::socks::Address;
 use sudp::proto::{DropReason, Role};
 use tokio::net::UdpSocket;
@@ -81,8 +80,7 @@ async fn loss_reorder_and_duplication_do_no_harm() {
     let middle_addr = middle.local_addr().unwrap();
     let impairer = tokio::spawn(impair(middle, client.local_addr().unwrap(), relay, 0x5eed_1234));
 
-    let mut send = SendSession::new(assoc, &keys, Role::Client);
-    let mut recv = RecvSession::new(assoc, &keys, Role::Client, 1024);
+    let (mut send, mut recv) = keys.into_sessions(assoc, Role::Client, 1024);
     const COUNT: u32 = 600;
     let target = Address::Ip(echo);
     let mut out = vec![0u8; 512];

@@ -265,14 +265,28 @@ impl RecordKeys {
 /// Seals plaintexts into records for one association and direction.
 ///
 /// The sealer takes the nonce as an argument; [`crate::proto::SendSession`] owns the counter.
-#[derive(Clone)]
+/// So that no library user can seal two records under one nonce, a sealer is built only
+/// inside the crate (by the send session) and is not `Clone`.
 pub struct Sealer {
     keys: RecordKeys,
 }
 
 impl Sealer {
-    /// A sealer with `keys` for association `assoc`.
+    /// A sealer with `keys` for association `assoc`. Crate-private (the send session
+    /// builds one per key); public only with the crate's test doors, for the benches.
+    #[cfg(not(feature = "test-doors"))]
+    pub(crate) fn new(assoc: AssociationId, keys: &DirectionKeys) -> Self {
+        Self::with_keys(assoc, keys)
+    }
+
+    /// A sealer with `keys` for association `assoc` (the benches' door: feature
+    /// `test-doors`, never enabled for library users).
+    #[cfg(feature = "test-doors")]
     pub fn new(assoc: AssociationId, keys: &DirectionKeys) -> Self {
+        Self::with_keys(assoc, keys)
+    }
+
+    fn with_keys(assoc: AssociationId, keys: &DirectionKeys) -> Self {
         Sealer {
             keys: RecordKeys::new(assoc, keys),
         }

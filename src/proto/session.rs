@@ -16,22 +16,30 @@ use crate::proto::replay::{ReplayWindow, Verdict};
 use crate::proto::socks::AddrRef;
 
 /// The sending half: seals with a fresh nonce each time.
-#[derive(Clone)]
+///
+/// Deliberately not `Clone`, and made only from a [`KeySchedule`] taken by value
+/// ([`KeySchedule::into_sessions`]): two senders with one key would reuse nonces, hence
+/// IVs and (for equal plaintexts) whole records. Inside the crate, the gateway and the
+/// client build exactly one per association.
 pub struct SendSession {
     sealer: Sealer,
     next_nonce: u64,
 }
 
 impl SendSession {
-    /// Sending half for `role`, starting at nonce 0.
-    pub fn new(assoc: AssociationId, keys: &KeySchedule, role: Role) -> Self {
+    /// Sending half for `role`, starting at nonce 0. Crate-private: the caller promises to
+    /// build one per key (library users go through [`KeySchedule::into_sessions`]).
+    pub(crate) fn new(assoc: AssociationId, keys: &KeySchedule, role: Role) -> Self {
         SendSession {
             sealer: Sealer::new(assoc, keys.for_role(role).0),
             next_nonce: 0,
         }
     }
 
-    /// Sending half that continues from `next_nonce` (a resumed association).
+    /// Sending half that continues from `next_nonce`. A door for tests (the known-answer
+    /// vectors seal at chosen nonces): compiled only for the crate's own tests, since a
+    /// chosen nonce is a reused nonce in any other hands.
+    #[cfg(any(test, feature = "test-doors"))]
     pub fn resume(assoc: AssociationId, keys: &KeySchedule, role: Role, next_nonce: u64) -> Self {
         SendSession {
             next_nonce,
