@@ -100,7 +100,7 @@ fn bench_records(c: &mut Criterion) {
                     r
                 },
                 |r| {
-                    black_box(recv.open(r).expect("valid record").payload.len());
+                    black_box(recv.open(r).expect("valid record").data().map(|d| d.1.len()));
                 },
                 BatchSize::SmallInput,
             )

@@ -33,8 +33,9 @@ use tokio_rustls::TlsConnector;
 use crate::metrics::Metrics;
 use crate::net::batch::{stretches, BatchSocket, RecvBatch, RUN};
 use crate::net::{canonical, DATAGRAM_BUF};
-use crate::proto::record::PREFIX_LEN;
-use crate::proto::session::{RecvSession, SendSession};
+use crate::proto::path::ControlMessage;
+use crate::proto::record::{record_len, PREFIX_LEN};
+use crate::proto::session::{Content, RecvSession, SendSession};
 use crate::proto::socks::{
     self, method, sudp_status, AddrRef, Address, Command, ReplyCode, SudpAccept, SudpHello,
 };
@@ -552,7 +553,9 @@ impl SecureUdp {
         loop {
             let n = self.socket.recv(rec).await?;
             match self.open(&mut rec[..n]) {
-                Ok(r) => return Ok(r),
+                Ok(Some(r)) => return Ok(r),
+                // A control record, answered already: nothing for the application.
+                Ok(None) => {}
                 Err(e) => {
                     if let Some(m) = &self.metrics {
                         m.count_drop(e.reason());
@@ -580,10 +583,11 @@ impl SecureUdp {
             }
             for (rec, tag) in run.iter_mut().zip(tags) {
                 match self.open_checked(rec, tag) {
-                    Ok(r) => {
+                    Ok(Some(r)) => {
                         f(&rec[r.payload.clone()], &r.from);
                         delivered += 1;
                     }
+                    Ok(None) => {}
                     Err(e) => {
                         if let Some(m) = &self.metrics {
                             m.count_drop(e.reason());
@@ -605,31 +609,72 @@ impl SecureUdp {
         }
     }
 
-    fn open(&self, rec: &mut [u8]) -> Result<Received, OpenError> {
+    fn open(&self, rec: &mut [u8]) -> Result<Option<Received>, OpenError> {
         self.open_checked(rec, None)
     }
 
     /// Opens `rec`; `tag` is its tag verdict when [`SecureUdp::verify_run`] checked it.
-    fn open_checked(&self, rec: &mut [u8], tag: Option<bool>) -> Result<Received, OpenError> {
+    /// `Ok(None)`: a control record, handled here (a PATH_CHALLENGE is answered from this
+    /// association's socket) and never delivered.
+    fn open_checked(&self, rec: &mut [u8], tag: Option<bool>) -> Result<Option<Received>, OpenError> {
         let base = rec.as_ptr() as usize;
         let mut recv = self.recv.lock().unwrap_or_else(|e| e.into_inner());
         let o = match tag {
             Some(ok) => recv.open_verified(rec, ok)?,
             None => recv.open(rec)?,
         };
+        drop(recv);
+        let (addr, payload) = match o.content {
+            Content::Data { addr, payload } => (addr, payload),
+            Content::Control(ControlMessage::PathChallenge(token)) => {
+                self.answer_challenge(token);
+                return Ok(None);
+            }
+            // A response travels c2g only.
+            Content::Control(ControlMessage::PathResponse(_)) => {
+                return Err(OpenError::BadControl {
+                    kind: crate::proto::path::PATH_RESPONSE,
+                })
+            }
+        };
         // Offsets from pointers: the opened parts are slices of `rec`.
-        let payload_at = o.payload.as_ptr() as usize - base;
-        let addr_at = payload_at - o.addr.encoded_len();
+        let payload_at = payload.as_ptr() as usize - base;
+        let addr_at = payload_at - addr.encoded_len();
         debug_assert_eq!(addr_at, PREFIX_LEN);
-        let from = match o.addr {
+        let from = match addr {
             AddrRef::Ip(a) => Address::Ip(canonical(a)),
             d => d.to_owned(),
         };
-        Ok(Received {
+        Ok(Some(Received {
             from,
             addr: addr_at..payload_at,
-            payload: payload_at..payload_at + o.payload.len(),
-        })
+            payload: payload_at..payload_at + payload.len(),
+        }))
+    }
+
+    /// Answers a PATH_CHALLENGE with its token, from this socket (wherever the network now
+    /// maps it: that is the path the gateway validates). Without waiting: a full socket
+    /// buffer drops the answer and the gateway challenges again.
+    fn answer_challenge(&self, token: [u8; crate::proto::path::TOKEN_LEN]) {
+        let mut buf = [0u8; record_len(crate::proto::path::PATH_MESSAGE_LEN)];
+        let sealed = self
+            .send
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .seal_control(&ControlMessage::PathResponse(token), &mut buf);
+        let sent = match sealed {
+            Ok(n) => self
+                .socket
+                .try_send(self.relay, &buf[..n], None)
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = sent {
+            if let Some(m) = &self.metrics {
+                m.count_drop(crate::proto::DropReason::SendFailed);
+            }
+            tracing::debug!(error = %e, "could not answer a path challenge");
+        }
     }
 }
 

@@ -207,8 +207,8 @@ async fn forged_and_replayed_records_inside_a_train_are_dropped_alone() {
             .unwrap();
         batch.for_each(|rec, _| {
             let o = recv.open(rec).expect("the gateway's replies open");
-            assert_eq!(o.payload.len(), 300);
-            got.push(o.payload[0]);
+            assert_eq!(o.data().unwrap().1.len(), 300);
+            got.push(o.data().unwrap().1[0]);
         });
     }
     got.sort_unstable();

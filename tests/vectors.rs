@@ -255,8 +255,9 @@ fn valid_vectors_seal_and_open() {
         let mut rec = want.clone();
         let o = recv.open(&mut rec).unwrap();
         assert_eq!(o.nonce, nonce);
-        assert_eq!(o.addr.to_owned(), addr);
-        assert_eq!(o.payload, &payload[..]);
+        let (o_addr, o_payload) = o.data().unwrap();
+        assert_eq!(o_addr.to_owned(), addr);
+        assert_eq!(o_payload, &payload[..]);
         let mut again = want.clone();
         assert_eq!(
             recv.open(&mut again).unwrap_err(),

@@ -58,6 +58,8 @@ pub struct Settings {
     pub policy: Arc<Policy>,
     /// Accept UDP replies from any source.
     pub full_cone: bool,
+    /// Refuse naked UDP associations whose request gives no client port (DST.PORT 0).
+    pub naked_require_port: bool,
     /// An association with no traffic this long is closed.
     pub idle_timeout: Duration,
     /// Most associations at once.
@@ -91,6 +93,7 @@ impl Settings {
             auth: AuthSettings::default(),
             policy: Arc::new(Policy::default()),
             full_cone: false,
+            naked_require_port: false,
             idle_timeout: crate::config::DEFAULT_IDLE_TIMEOUT,
             max_associations: crate::config::DEFAULT_MAX_ASSOCIATIONS,
             max_connections: crate::config::DEFAULT_MAX_CONNECTIONS,
@@ -135,6 +138,7 @@ impl Settings {
             },
             policy: Arc::new(cfg.policy.clone()),
             full_cone: cfg.full_cone,
+            naked_require_port: cfg.naked_require_port,
             idle_timeout: cfg.idle_timeout,
             max_associations: cfg.max_associations,
             max_connections: cfg.max_connections,
@@ -182,6 +186,7 @@ impl Gateway {
                 max_associations: settings.max_associations,
                 replay_window: settings.replay_window,
                 workers: settings.workers,
+                naked_require_port: settings.naked_require_port,
             },
             metrics.clone(),
             dns.clone(),

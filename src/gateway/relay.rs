@@ -42,8 +42,9 @@ use crate::metrics::Metrics;
 use crate::net::dns::Resolver;
 use crate::net::{self, canonical, canonical_ip, for_socket};
 use crate::policy::{LocalAddrs, Policy};
+use crate::proto::path::{ControlMessage, PathAction, PathValidator, PATH_MESSAGE_LEN, TOKEN_LEN};
 use crate::proto::record;
-use crate::proto::session::{RecvSession, SendSession};
+use crate::proto::session::{Content, RecvSession, SendSession};
 use crate::proto::socks::{parse_udp_header, AddrRef};
 use crate::proto::{classify, AssociationId, DatagramKind, DropReason, KeySchedule, Role, SealError};
 
@@ -66,6 +67,13 @@ pub enum AssocError {
     /// No outbound socket could be bound.
     #[error("cannot bind an outbound socket: {0}")]
     Io(#[from] io::Error),
+    /// The association id is in use by a live association (a collision of two random
+    /// 64-bit ids: practically never, but refused rather than shared).
+    #[error("association id in use")]
+    IdInUse,
+    /// A naked association without the client's port while `naked_require_port` is set.
+    #[error("the client did not announce its UDP port (DST.PORT 0) and the gateway requires it")]
+    PortRequired,
 }
 
 /// Relay-wide settings.
@@ -79,6 +87,9 @@ pub struct RelaySettings {
     pub replay_window: usize,
     /// Receive workers (relay sockets sharing the port); at least 1.
     pub workers: usize,
+    /// Refuse naked associations whose UDP ASSOCIATE gives no port (DST.PORT 0), rather
+    /// than binding the port of the first datagram from the client's IP.
+    pub naked_require_port: bool,
 }
 
 /// The relay: shared socket, association tables, counters.
@@ -94,6 +105,8 @@ pub struct Relay {
     /// serialises every writer of the two maps above.
     naked_pending: Mutex<HashMap<IpAddr, VecDeque<Arc<Association>>>>,
     live: AtomicUsize,
+    /// The ids of every live association, naked and secure: an id is unique among them.
+    ids: Mutex<HashSet<AssociationId>>,
     settings: RelaySettings,
     metrics: Arc<Metrics>,
     dns: Arc<Resolver>,
@@ -106,8 +119,8 @@ pub struct Association {
     id: AssociationId,
     user: Option<String>,
     client_ip: IpAddr,
-    /// Where replies go: naked, the client's port once known; secure, the source of the
-    /// latest authenticated record.
+    /// Where replies go: naked, the client's port once known; secure, the path its
+    /// [`PathValidator`] holds (announced, first record, or validated since).
     client: ArcSwapOption<SocketAddr>,
     outbound: BatchSocket,
     outbound_v6: bool,
@@ -121,7 +134,18 @@ pub struct Association {
 
 enum Kind {
     Naked,
-    Secure { rx: Box<Mutex<RecvSession>> },
+    Secure {
+        rx: Box<Mutex<SecureRx>>,
+        /// The g2c sender: the reply task seals trains with it, the receive loop a path
+        /// challenge now and then.
+        tx: Box<Mutex<SendSession>>,
+    },
+}
+
+/// What the receive loop keeps per secure association, under one lock.
+struct SecureRx {
+    session: RecvSession,
+    path: PathValidator,
 }
 
 impl Association {
@@ -231,6 +255,7 @@ impl Relay {
             naked_by_addr: ArcSwap::from_pointee(HashMap::new()),
             naked_pending: Mutex::new(HashMap::new()),
             live: AtomicUsize::new(0),
+            ids: Mutex::new(HashSet::new()),
             settings,
             metrics,
             dns,
@@ -253,12 +278,15 @@ impl Relay {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// A fresh random association id not in use on this relay.
+    /// A fresh association id from the operating system's CSPRNG (`rand`'s thread RNG,
+    /// seeded from it) that no live association uses. Opening the association checks again
+    /// ([`AssocError::IdInUse`]), so two negotiations that drew the same id at once cannot
+    /// both get it.
     pub fn new_assoc_id(&self) -> AssociationId {
-        let table = self.secure.load();
+        let ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             let id = AssociationId(rand::random::<u64>());
-            if !table.contains_key(&id) {
+            if !ids.contains(&id) {
                 return id;
             }
         }
@@ -291,6 +319,10 @@ impl Relay {
                     return Err(e.into());
                 }
             };
+        if !self.ids.lock().unwrap_or_else(|e| e.into_inner()).insert(id) {
+            self.live.fetch_sub(1, Ordering::AcqRel);
+            return Err(AssocError::IdInUse);
+        }
         self.metrics.associations.fetch_add(1, Ordering::Relaxed);
         Ok(Arc::new(Association {
             id,
@@ -308,18 +340,27 @@ impl Relay {
     }
 
     /// Opens a secure association with keys exported from the control connection.
+    /// `client_port`: the port the client announced in its UDP ASSOCIATE (DST.PORT, if not
+    /// 0); replies start there, else at the source of the first authenticated record
+    /// (PROTOCOL.md §6.3).
     pub fn open_secure(
         self: &Arc<Self>,
         id: AssociationId,
         keys: &KeySchedule,
         client_ip: IpAddr,
+        client_port: Option<u16>,
         user: Option<String>,
     ) -> Result<AssociationHandle, AssocError> {
-        let rx = RecvSession::new(id, keys, Role::Gateway, self.settings.replay_window);
+        let announced = client_port.map(|p| SocketAddr::new(canonical_ip(client_ip), p));
+        let rx = SecureRx {
+            session: RecvSession::new(id, keys, Role::Gateway, self.settings.replay_window),
+            path: PathValidator::new(announced),
+        };
         let kind = Kind::Secure {
             rx: Box::new(Mutex::new(rx)),
+            tx: Box::new(Mutex::new(SendSession::new(id, keys, Role::Gateway))),
         };
-        let assoc = self.new_association(id, user, client_ip, None, kind)?;
+        let assoc = self.new_association(id, user, client_ip, announced, kind)?;
         {
             // Writers of the tables serialise on this lock.
             let _writers = self.naked_pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -329,8 +370,7 @@ impl Relay {
                 t
             });
         }
-        let send = SendSession::new(id, keys, Role::Gateway);
-        let reply_task = tokio::spawn(reply_loop(self.clone(), assoc.clone(), Some(send)));
+        let reply_task = tokio::spawn(reply_loop(self.clone(), assoc.clone()));
         Ok(AssociationHandle {
             relay: self.clone(),
             assoc,
@@ -346,9 +386,19 @@ impl Relay {
         client_port: Option<u16>,
         user: Option<String>,
     ) -> Result<AssociationHandle, AssocError> {
-        let id = AssociationId(rand::random::<u64>());
+        if client_port.is_none() && self.settings.naked_require_port {
+            return Err(AssocError::PortRequired);
+        }
         let client = client_port.map(|p| SocketAddr::new(canonical_ip(client_ip), p));
-        let assoc = self.new_association(id, user, client_ip, client, Kind::Naked)?;
+        // Naked ids never go on the wire but key the reply path's caches: unique too. A
+        // concurrent open may take the id drawn here; draw again then.
+        let assoc = loop {
+            let id = self.new_assoc_id();
+            match self.new_association(id, user.clone(), client_ip, client, Kind::Naked) {
+                Err(AssocError::IdInUse) => continue,
+                r => break r?,
+            }
+        };
         {
             let mut pending = self.naked_pending.lock().unwrap_or_else(|e| e.into_inner());
             match client {
@@ -365,7 +415,7 @@ impl Relay {
                     .push_back(assoc.clone()),
             }
         }
-        let reply_task = tokio::spawn(reply_loop(self.clone(), assoc.clone(), None));
+        let reply_task = tokio::spawn(reply_loop(self.clone(), assoc.clone()));
         Ok(AssociationHandle {
             relay: self.clone(),
             assoc,
@@ -401,6 +451,10 @@ impl Relay {
                 }
             }
         }
+        self.ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&assoc.id);
         self.live.fetch_sub(1, Ordering::AcqRel);
     }
 
@@ -485,9 +539,10 @@ impl Relay {
             let Some(assoc) = table.get(&id).filter(|a| a.client_ip == src.ip()) else {
                 continue;
             };
-            if let Kind::Secure { rx } = &assoc.kind {
+            if let Kind::Secure { rx, .. } = &assoc.kind {
                 rx.lock()
                     .unwrap_or_else(|e| e.into_inner())
+                    .session
                     .verify_run(&run[range.clone()], &mut tags[range]);
             }
         }
@@ -550,20 +605,69 @@ impl Relay {
         if src.ip() != assoc.client_ip {
             return self.metrics.count_drop(DropReason::ForeignSource);
         }
-        let Kind::Secure { rx } = &assoc.kind else {
+        let Kind::Secure { rx, tx } = &assoc.kind else {
             return self.metrics.count_drop(DropReason::UnknownAssociation);
         };
         let mut rx = rx.lock().unwrap_or_else(|e| e.into_inner());
         let opened = match tag {
-            Some(ok) => rx.open_verified(datagram, ok),
-            None => rx.open(datagram),
+            Some(ok) => rx.session.open_verified(datagram, ok),
+            None => rx.session.open(datagram),
         };
+        let o = match opened {
+            Ok(o) => o,
+            Err(e) => return self.metrics.count_drop(e.reason()),
+        };
+        let now = self.now_ms();
+        // The reply path (PROTOCOL.md §6.3): only the newest records from a new source
+        // start a validation, and only its answer moves the path.
+        let (action, moved) = match o.content {
+            Content::Data { .. } => (rx.path.on_record(src, o.is_newest(), now, rand::random), false),
+            Content::Control(ControlMessage::PathResponse(token)) => {
+                (PathAction::None, rx.path.on_response(src, token))
+            }
+            Content::Control(ControlMessage::PathChallenge(_)) => {
+                drop(rx);
+                // A challenge travels g2c only.
+                return self.metrics.count_drop(DropReason::BadControl);
+            }
+        };
+        let current = rx.path.current();
         drop(rx);
-        match opened {
-            Ok(o) => {
-                assoc.set_client(src);
-                assoc.last_active.store(self.now_ms(), Ordering::Relaxed);
-                self.forward(&assoc, o.addr, o.payload, out);
+        if let Some(path) = current {
+            assoc.set_client(path);
+        }
+        if moved {
+            tracing::info!(assoc = %assoc.id, path = %src, "reply path moved (validated)");
+        }
+        assoc.last_active.store(now, Ordering::Relaxed);
+        if let PathAction::Challenge { to, token } = action {
+            self.challenge(&assoc, tx, to, token);
+        }
+        if let Some((addr, payload)) = o.data() {
+            self.forward(&assoc, addr, payload, out);
+        }
+    }
+
+    /// Sends a PATH_CHALLENGE to `to`, sealed with the association's g2c key (one record,
+    /// without waiting: a full socket buffer loses it and a later record triggers another).
+    fn challenge(
+        &self,
+        assoc: &Association,
+        tx: &Mutex<SendSession>,
+        to: SocketAddr,
+        token: [u8; TOKEN_LEN],
+    ) {
+        let mut buf = [0u8; record::record_len(PATH_MESSAGE_LEN)];
+        let sealed = tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .seal_control(&ControlMessage::PathChallenge(token), &mut buf);
+        match sealed {
+            Ok(n) => {
+                tracing::debug!(assoc = %assoc.id, candidate = %to, "path challenge");
+                if self.io().try_send(to, &buf[..n], None).is_err() {
+                    self.metrics.count_drop(DropReason::SendFailed);
+                }
             }
             Err(e) => self.metrics.count_drop(e.reason()),
         }
@@ -695,7 +799,11 @@ impl Forwarder {
 /// Reads replies from the association's outbound socket and returns them to the client:
 /// naked datagrams, or records whose plaintexts are placed as they come and sealed together
 /// (interleaved CBC chains) just before their GSO train leaves.
-async fn reply_loop(relay: Arc<Relay>, assoc: Arc<Association>, mut send: Option<SendSession>) {
+async fn reply_loop(relay: Arc<Relay>, assoc: Arc<Association>) {
+    let send = match &assoc.kind {
+        Kind::Secure { tx, .. } => Some(&**tx),
+        Kind::Naked => None,
+    };
     let mut batch = RecvBatch::new(SMALL_BATCH);
     let mut out = Replies::new(relay.io().max_gso_segments());
     let mut peers = PeerCache::default();
@@ -737,7 +845,7 @@ async fn reply_loop(relay: Arc<Relay>, assoc: Arc<Association>, mut send: Option
             if !out.train.fits(client, len) {
                 // Different size: send what is pending first (non-blocking; a full socket
                 // buffer drops the train, as the kernel would drop datagrams).
-                exhausted = !out.flush_now(&relay, &mut send);
+                exhausted = !out.flush_now(&relay, send);
             }
             let space = out.train.place(client, len, alen + n);
             // Invariant: `space` holds the address (at most 19 bytes) and the payload at `at`.
@@ -748,7 +856,7 @@ async fn reply_loop(relay: Arc<Relay>, assoc: Arc<Association>, mut send: Option
             }
             out.payload_bytes += n;
         });
-        exhausted |= !out.flush_wait(&relay, &mut send).await;
+        exhausted |= !out.flush_wait(&relay, send).await;
         assoc.last_active.store(relay.now_ms(), Ordering::Relaxed);
         if exhausted {
             // The key may seal no more: end the association (the control task notices) so
@@ -775,10 +883,12 @@ impl Replies {
 
     /// Seals the pending records (secure associations); `false` when the key is exhausted
     /// (the train is then dropped and counted).
-    fn seal(&mut self, relay: &Relay, send: &mut Option<SendSession>) -> bool {
+    fn seal(&mut self, relay: &Relay, send: Option<&Mutex<SendSession>>) -> bool {
         let Some(s) = send else {
             return true;
         };
+        // One lock per train; the receive loop takes it only to seal a path challenge.
+        let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
         match self
             .train
             .seal_with(|buf, offsets, pts, lens| s.seal_many_in_place(buf, offsets, pts, lens))
@@ -811,7 +921,7 @@ impl Replies {
     }
 
     /// Seals and sends without waiting; `false` when the key is exhausted.
-    fn flush_now(&mut self, relay: &Relay, send: &mut Option<SendSession>) -> bool {
+    fn flush_now(&mut self, relay: &Relay, send: Option<&Mutex<SendSession>>) -> bool {
         if !self.seal(relay, send) {
             return false;
         }
@@ -824,7 +934,7 @@ impl Replies {
     }
 
     /// Seals and sends, waiting for socket space; `false` when the key is exhausted.
-    async fn flush_wait(&mut self, relay: &Relay, send: &mut Option<SendSession>) -> bool {
+    async fn flush_wait(&mut self, relay: &Relay, send: Option<&Mutex<SendSession>>) -> bool {
         if !self.seal(relay, send) {
             return false;
         }

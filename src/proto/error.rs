@@ -48,11 +48,14 @@ pub enum DropReason {
     TooLarge,
     /// The outbound socket refused the datagram.
     SendFailed,
+    /// Authenticated control plaintext (ATYP 0x00) with an unknown KIND, a KIND not sent
+    /// in this direction, or a malformed body.
+    BadControl,
 }
 
 impl DropReason {
     /// Number of reasons; counters are arrays of this length.
-    pub const COUNT: usize = DropReason::SendFailed as usize + 1;
+    pub const COUNT: usize = DropReason::BadControl as usize + 1;
 
     /// Every reason, in index order.
     pub const ALL: [DropReason; DropReason::COUNT] = [
@@ -75,6 +78,7 @@ impl DropReason {
         DropReason::UnsolicitedReply,
         DropReason::TooLarge,
         DropReason::SendFailed,
+        DropReason::BadControl,
     ];
 
     /// Index into a counter array.
@@ -104,6 +108,7 @@ impl DropReason {
             DropReason::UnsolicitedReply => "unsolicited_reply",
             DropReason::TooLarge => "too_large",
             DropReason::SendFailed => "send_failed",
+            DropReason::BadControl => "bad_control",
         }
     }
 }
@@ -182,6 +187,13 @@ pub enum OpenError {
     /// The plaintext's address header is malformed.
     #[error("malformed address header in plaintext: {0}")]
     BadAddress(SocksError),
+    /// A control plaintext (ATYP 0x00) this receiver does not take: unknown KIND, a KIND
+    /// of the other direction, or a malformed body.
+    #[error("control message of kind {kind:#04x} not accepted")]
+    BadControl {
+        /// The KIND byte (0 when missing).
+        kind: u8,
+    },
 }
 
 impl OpenError {
@@ -199,6 +211,7 @@ impl OpenError {
             OpenError::BadMac => DropReason::BadMac,
             OpenError::BadPadding => DropReason::BadPadding,
             OpenError::BadAddress(_) => DropReason::BadAddress,
+            OpenError::BadControl { .. } => DropReason::BadControl,
         }
     }
 }
