@@ -683,3 +683,115 @@ impl Drop for SecureUdp {
         self.control.abort();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::path::ControlMessage;
+    use crate::proto::{DropReason, KeySchedule};
+    use tokio::net::UdpSocket;
+
+    /// A `SecureUdp` whose "relay" is a socket of the test, with the gateway's halves.
+    async fn pair() -> (SecureUdp, UdpSocket, SendSession, RecvSession, Arc<Metrics>) {
+        let suite = CipherSuite::Aes128CbcHmacSha256;
+        let m: Vec<u8> = (0..suite.exporter_len()).map(|i| (i * 7) as u8).collect();
+        let ks = KeySchedule::from_exporter(suite, &m).unwrap();
+        let assoc = AssociationId(0x5344_5550);
+        let gw = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let relay = gw.local_addr().unwrap();
+        let sock = crate::net::bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
+        sock.connect(relay).await.unwrap();
+        let (closed_tx, closed) = tokio::sync::watch::channel(false);
+        let metrics = Arc::new(Metrics::default());
+        let udp = SecureUdp {
+            socket: BatchSocket::without_gro(sock).unwrap(),
+            send: Mutex::new(SendSession::new(assoc, &ks, Role::Client)),
+            recv: Mutex::new(RecvSession::new(assoc, &ks, Role::Client, 1024)),
+            assoc,
+            suite,
+            relay,
+            control: tokio::spawn(async move {
+                let _keep = closed_tx;
+                std::future::pending::<()>().await
+            }),
+            closed,
+            send_scratch: tokio::sync::Mutex::new(Vec::new()),
+            recv_scratch: tokio::sync::Mutex::new(Vec::new()),
+            metrics: Some(metrics.clone()),
+        };
+        let gw_send = SendSession::new(assoc, &ks, Role::Gateway);
+        let gw_recv = RecvSession::new(assoc, &ks, Role::Gateway, 1024);
+        (udp, gw, gw_send, gw_recv, metrics)
+    }
+
+    /// Sends, g2c: a challenge, an unknown control kind, a (misdirected) response, data.
+    async fn send_mix(gw: &UdpSocket, tx: &mut SendSession, to: SocketAddr, token: [u8; 8]) {
+        let mut b = vec![0u8; 256];
+        let n = tx
+            .seal_control(&ControlMessage::PathChallenge(token), &mut b)
+            .unwrap();
+        gw.send_to(&b[..n], to).await.unwrap();
+        let pt = [0u8, 0x42, 1, 2, 3, 4, 5, 6, 7, 8];
+        b[PREFIX_LEN..PREFIX_LEN + pt.len()].copy_from_slice(&pt);
+        let n = tx.seal_in_place(&mut b, pt.len()).unwrap();
+        gw.send_to(&b[..n], to).await.unwrap();
+        let n = tx
+            .seal_control(&ControlMessage::PathResponse(token), &mut b)
+            .unwrap();
+        gw.send_to(&b[..n], to).await.unwrap();
+        let src: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let n = tx.seal(&AddrRef::Ip(src), b"data", &mut b).unwrap();
+        gw.send_to(&b[..n], to).await.unwrap();
+    }
+
+    async fn expect_response(gw: &UdpSocket, rx: &mut RecvSession, token: [u8; 8], from: SocketAddr) {
+        let mut b = vec![0u8; 256];
+        let (n, src) = tokio::time::timeout(Duration::from_secs(5), gw.recv_from(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(src, from, "answered from the association's own socket");
+        let o = rx.open(&mut b[..n]).unwrap();
+        assert_eq!(o.content, Content::Control(ControlMessage::PathResponse(token)));
+    }
+
+    #[tokio::test]
+    async fn recv_from_answers_a_challenge_and_delivers_only_data() {
+        let (udp, gw, mut tx, mut rx, metrics) = pair().await;
+        let me = udp.local_addr().unwrap();
+        send_mix(&gw, &mut tx, me, [3; 8]).await;
+        let mut buf = vec![0u8; 64];
+        let (n, from) = tokio::time::timeout(Duration::from_secs(5), udp.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (&buf[..n], from),
+            (&b"data"[..], Address::Ip("127.0.0.1:9".parse().unwrap()))
+        );
+        expect_response(&gw, &mut rx, [3; 8], me).await;
+        // The unknown kind and the response sent the wrong way are dropped and counted.
+        assert_eq!(metrics.drops(DropReason::BadControl), 2);
+    }
+
+    #[tokio::test]
+    async fn recv_batch_answers_a_challenge_and_delivers_only_data() {
+        let (udp, gw, mut tx, mut rx, metrics) = pair().await;
+        let me = udp.local_addr().unwrap();
+        send_mix(&gw, &mut tx, me, [4; 8]).await;
+        let mut batch = RecvBatch::default();
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while got.is_empty() {
+            assert!(tokio::time::Instant::now() < deadline);
+            let mut f = |p: &[u8], _: &Address| got.push(p.to_vec());
+            tokio::time::timeout(Duration::from_secs(5), udp.recv_batch(&mut batch, &mut f))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        assert_eq!(got, vec![b"data".to_vec()]);
+        expect_response(&gw, &mut rx, [4; 8], me).await;
+        assert_eq!(metrics.drops(DropReason::BadControl), 2);
+    }
+}
