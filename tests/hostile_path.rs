@@ -283,3 +283,24 @@ async fn deny_rules_and_the_default_policy_refuse_end_to_end() {
     }
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn empty_and_one_byte_datagrams_are_counted_under_one_reason_each() {
+    // PROTOCOL.md §5/§7: an empty datagram is `unknown_kind`; a single byte with the flag
+    // bit is a secure datagram cut short, `truncated`; a single 0x00 is `unknown_kind`.
+    let pki = pki();
+    let gw = TestGateway::start(settings(&pki)).await;
+    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    s.send_to(b"", gw.relay).await.unwrap();
+    s.send_to(b"\x97", gw.relay).await.unwrap();
+    s.send_to(b"\x00", gw.relay).await.unwrap();
+    eventually(|| {
+        gw.metrics.drops(DropReason::UnknownKind) == 2 && gw.metrics.drops(DropReason::Truncated) == 1
+    })
+    .await;
+    // A naked header cut short is `truncated` too, never also `bad_address`.
+    s.send_to(b"\x00\x00\x00\x01\x7f", gw.relay).await.unwrap();
+    eventually(|| gw.metrics.drops(DropReason::Truncated) == 2).await;
+    assert_eq!(gw.metrics.drops(DropReason::BadAddress), 0);
+    gw.stop().await;
+}
