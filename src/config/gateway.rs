@@ -849,5 +849,10 @@ mod tests {
         assert!(c.cert.starts_with(dir), "{}", c.cert.display());
         assert!(c.auth.users().is_some());
         assert!(c.policy.check(None, sa("127.0.0.1:1")).is_err());
+        assert!(c.policy.check(None, sa("10.20.0.1:1")).is_err());
+        assert!(c.policy.check(Some("ops"), sa("10.20.0.1:1")).is_ok());
+        assert!(c.policy.check(None, sa("10.0.53.1:53")).is_ok());
+        assert!(c.policy.check(None, sa("198.51.100.9:5000")).is_err());
+        assert!(c.policy.check(None, sa("198.51.100.8:5000")).is_ok());
     }
 }
