@@ -52,10 +52,7 @@ fn main() -> anyhow::Result<()> {
             );
             // PROTOCOL.md §4.6: the largest record a sender makes (a whole number of blocks
             // below the largest datagram), then the datagram bound itself.
-            println!(
-                "largest record: {} bytes",
-                record::record_len(record::MAX_PLAINTEXT)
-            );
+            println!("largest record: {} bytes", record::MAX_RECORD);
             println!(
                 "largest datagram (UDP payload over IPv4): {} bytes",
                 record::MAX_DATAGRAM
