@@ -304,3 +304,180 @@ async fn empty_and_one_byte_datagrams_are_counted_under_one_reason_each() {
     assert_eq!(gw.metrics.drops(DropReason::BadAddress), 0);
     gw.stop().await;
 }
+
+/// A user-space NAT on loopback: the client talks to `front` (the address the gateway
+/// advertises), the NAT forwards from its current `back` socket on 127.0.0.1 to the relay
+/// and carries the answers back. `rebind` replaces the back socket (a new port; the old
+/// mapping dies), as a NAT that lost its state would.
+struct Nat {
+    back: Arc<std::sync::Mutex<Option<(Arc<UdpSocket>, tokio::task::JoinHandle<()>)>>>,
+    client: Arc<std::sync::Mutex<Option<SocketAddr>>>,
+    front: Arc<UdpSocket>,
+    relay: SocketAddr,
+    front_task: tokio::task::JoinHandle<()>,
+    /// Datagrams that came back from the relay, per back port.
+    returned: Arc<std::sync::Mutex<Vec<(u16, usize)>>>,
+}
+
+impl Nat {
+    async fn new(front: SocketAddr, relay: SocketAddr) -> Nat {
+        let front = Arc::new(UdpSocket::bind(front).await.unwrap());
+        let back: Arc<std::sync::Mutex<Option<(Arc<UdpSocket>, tokio::task::JoinHandle<()>)>>> =
+            Arc::default();
+        let client: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
+        let front_task = tokio::spawn({
+            let (front, back, client) = (front.clone(), back.clone(), client.clone());
+            async move {
+                let mut buf = vec![0u8; 70_000];
+                while let Ok((n, from)) = front.recv_from(&mut buf).await {
+                    *client.lock().unwrap() = Some(from);
+                    let b = back.lock().unwrap().as_ref().map(|(s, _)| s.clone());
+                    if let Some(b) = b {
+                        let _ = b.send_to(&buf[..n], relay).await;
+                    }
+                }
+            }
+        });
+        let nat = Nat {
+            back,
+            client,
+            front,
+            relay,
+            front_task,
+            returned: Arc::default(),
+        };
+        nat.rebind().await;
+        nat
+    }
+
+    async fn rebind(&self) -> u16 {
+        let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let port = sock.local_addr().unwrap().port();
+        let task = tokio::spawn({
+            let (sock, front, client, returned) = (
+                sock.clone(),
+                self.front.clone(),
+                self.client.clone(),
+                self.returned.clone(),
+            );
+            let relay = self.relay;
+            async move {
+                let mut buf = vec![0u8; 70_000];
+                while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+                    if from != relay {
+                        continue;
+                    }
+                    returned.lock().unwrap().push((port, n));
+                    let to = *client.lock().unwrap();
+                    if let Some(to) = to {
+                        let _ = front.send_to(&buf[..n], to).await;
+                    }
+                }
+            }
+        });
+        if let Some((_, old)) = self.back.lock().unwrap().replace((sock, task)) {
+            old.abort();
+        }
+        port
+    }
+}
+
+impl Drop for Nat {
+    fn drop(&mut self) {
+        self.front_task.abort();
+        if let Some((_, t)) = self.back.lock().unwrap().take() {
+            t.abort();
+        }
+    }
+}
+
+#[tokio::test]
+async fn secure_udp_behind_a_nat_follows_a_rebinding() {
+    // The library client end to end: the gateway advertises 127.0.0.5 (the NAT's front),
+    // so SecureUdp's records reach the relay from the NAT's port, not from the port the
+    // client announced. The first record starts a validation that SecureUdp answers; after
+    // the NAT rebinds, the next does again, and the stream carries on.
+    let pki = pki();
+    let mut s = settings(&pki);
+    s.advertise = Some("127.0.0.5".parse().unwrap());
+    let gw = TestGateway::start(s).await;
+    let nat = Nat::new(
+        SocketAddr::new("127.0.0.5".parse().unwrap(), gw.relay.port()),
+        gw.relay,
+    )
+    .await;
+    let to = target().await;
+    let metrics = Arc::new(sudp::metrics::Metrics::default());
+    let udp = SecureUdp::connect(&gw.options(&pki))
+        .await
+        .unwrap()
+        .with_metrics(metrics.clone());
+    assert_eq!(udp.relay().ip().to_string(), "127.0.0.5");
+
+    // Sends `tag` datagrams, one per `wait`, until one comes back (replies to a path not
+    // validated yet are lost, as through a real NAT); returns how many it took. Late
+    // replies to earlier tags are skipped.
+    async fn until_answered(udp: &SecureUdp, to: SocketAddr, tag: u8, wait: Duration) -> usize {
+        let mut buf = vec![0u8; 2048];
+        for attempt in 1..=50 {
+            udp.send_to(&[tag, attempt as u8], &Address::Ip(to))
+                .await
+                .unwrap();
+            let deadline = tokio::time::Instant::now() + wait;
+            while let Ok(r) = tokio::time::timeout_at(deadline, udp.recv_from(&mut buf)).await {
+                let (n, from) = r.unwrap();
+                assert_eq!(from, Address::Ip(to));
+                assert_eq!(&buf[..6], b"reply:", "only data reaches the application");
+                assert_eq!(n, 8);
+                if buf[6] == tag {
+                    return attempt;
+                }
+            }
+        }
+        panic!("no reply through the NAT")
+    }
+    let short = Duration::from_millis(100);
+    let first = nat
+        .back
+        .lock()
+        .unwrap()
+        .as_ref()
+        .unwrap()
+        .0
+        .local_addr()
+        .unwrap()
+        .port();
+    until_answered(&udp, to, 1, short).await;
+    // A steady stream on the validated path: nothing lost.
+    for i in 0..5 {
+        assert_eq!(until_answered(&udp, to, 10 + i, WAIT).await, 1);
+    }
+    let second = nat.rebind().await;
+    until_answered(&udp, to, 3, short).await;
+    for i in 0..5 {
+        assert_eq!(
+            until_answered(&udp, to, 20 + i, WAIT).await,
+            1,
+            "the stream continues after the move"
+        );
+    }
+    // Each back port got a challenge (one 53-byte record) before its replies.
+    let returned = nat.returned.lock().unwrap().clone();
+    for port in [first, second] {
+        let from_port: Vec<usize> = returned
+            .iter()
+            .filter(|(p, _)| *p == port)
+            .map(|(_, n)| *n)
+            .collect();
+        assert_eq!(
+            from_port.first(),
+            Some(&sudp::proto::record::MIN_RECORD),
+            "{port}: {from_port:?}"
+        );
+        assert!(from_port.len() > 1, "{port}: replies followed the challenge");
+    }
+    assert_eq!(metrics.drops(DropReason::BadControl), 0);
+    assert_eq!(gw.metrics.drops(DropReason::BadControl), 0);
+    drop(udp);
+    gw.stop().await;
+}
