@@ -420,15 +420,16 @@ async fn secure_udp_behind_a_nat_follows_a_rebinding() {
     async fn until_answered(udp: &SecureUdp, to: SocketAddr, tag: u8, wait: Duration) -> usize {
         let mut buf = vec![0u8; 2048];
         for attempt in 1..=50 {
-            udp.send_to(&[tag, attempt as u8], &Address::Ip(to))
-                .await
-                .unwrap();
+            // 20 bytes: the reply's record (69 bytes) is longer than a challenge's (53).
+            let mut payload = [0u8; 20];
+            payload[..2].copy_from_slice(&[tag, attempt as u8]);
+            udp.send_to(&payload, &Address::Ip(to)).await.unwrap();
             let deadline = tokio::time::Instant::now() + wait;
             while let Ok(r) = tokio::time::timeout_at(deadline, udp.recv_from(&mut buf)).await {
                 let (n, from) = r.unwrap();
                 assert_eq!(from, Address::Ip(to));
                 assert_eq!(&buf[..6], b"reply:", "only data reaches the application");
-                assert_eq!(n, 8);
+                assert_eq!(n, 26);
                 if buf[6] == tag {
                     return attempt;
                 }
