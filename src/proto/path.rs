@@ -198,6 +198,70 @@ impl PathValidator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Parse accepts exactly the encodings of the two messages and never panics.
+        #[test]
+        fn parse_accepts_exactly_what_encode_makes(body in proptest::collection::vec(any::<u8>(), 0..20)) {
+            let mut pt = vec![CONTROL_ATYP];
+            pt.extend_from_slice(&body);
+            match ControlMessage::parse(&pt) {
+                Ok(m) => {
+                    let mut out = [0u8; PATH_MESSAGE_LEN];
+                    let n = m.encode(&mut out);
+                    prop_assert_eq!(&out[..n], &pt[..]);
+                }
+                Err(e) => {
+                    let bad_control = matches!(e, OpenError::BadControl { .. });
+                    prop_assert!(bad_control);
+                }
+            }
+        }
+
+        /// Whatever arrives, in whatever order, the path only ever becomes the announced
+        /// address or an address that answered, from itself, the token the validator chose
+        /// for it; and only newer records from a new address make challenges.
+        #[test]
+        fn the_path_moves_only_to_an_address_that_answered_its_token(
+            events in proptest::collection::vec((0u8..3, 0u16..4, any::<bool>(), 0u64..500, any::<u8>()), 1..60)
+        ) {
+            let addr = |p: u16| SocketAddr::from(([192, 0, 2, 1], 5000 + p));
+            let mut v = PathValidator::new(Some(addr(0)));
+            let mut now = 0;
+            let mut issued: Vec<(SocketAddr, [u8; 8])> = Vec::new();
+            let mut draws = 0u8;
+            for (kind, port, newer, dt, guess) in events {
+                now += dt;
+                let src = addr(port);
+                let before = v.current();
+                match kind {
+                    0 | 1 => {
+                        let act = v.on_record(src, newer, now, || { draws = draws.wrapping_add(1); [draws; 8] });
+                        if let PathAction::Challenge { to, token } = act {
+                            prop_assert!(newer && Some(to) != before && to == src);
+                            issued.push((to, token));
+                        }
+                        prop_assert_eq!(v.current(), before.or(Some(src)));
+                    }
+                    _ => {
+                        // An answer: sometimes a guess, sometimes a real token (from any address).
+                        let token = match issued.get(guess as usize % (issued.len() + 1)) {
+                            Some((_, t)) => *t,
+                            None => [guess; 8],
+                        };
+                        let moved = v.on_response(src, token);
+                        if moved {
+                            prop_assert!(issued.contains(&(src, token)));
+                            prop_assert_eq!(v.current(), Some(src));
+                        } else {
+                            prop_assert_eq!(v.current(), before);
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()
