@@ -6,6 +6,11 @@
 //! target as secure records. [`connect_tcp`] does a SOCKS5 CONNECT through the same kind of
 //! control connection.
 //!
+//! The receive paths also answer the gateway's PATH_CHALLENGE records (docs/PROTOCOL.md
+//! §6.3) from the association's socket, so that the gateway follows the client to a new
+//! port (a NAT rebinding) once it has proven it is there; control records are never
+//! handed to the application.
+//!
 //! ```no_run
 //! # async fn demo(tls: std::sync::Arc<rustls::ClientConfig>) -> anyhow::Result<()> {
 //! use sudp::client::{ClientOptions, SecureUdp};
