@@ -951,3 +951,76 @@ impl Replies {
         self.payload_bytes = 0;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::CipherSuite;
+
+    fn relay(naked_require_port: bool) -> Arc<Relay> {
+        Relay::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            RelaySettings {
+                full_cone: false,
+                max_associations: 16,
+                replay_window: 64,
+                workers: 1,
+                naked_require_port,
+            },
+            Arc::new(Metrics::default()),
+            Arc::new(Resolver::new(Duration::from_secs(1), 8)),
+            Arc::new(Policy::default()),
+        )
+        .unwrap()
+    }
+
+    fn keys() -> KeySchedule {
+        let suite = CipherSuite::Aes128CbcHmacSha256;
+        KeySchedule::from_exporter(suite, &vec![1; suite.exporter_len()]).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_id_is_unique_among_live_associations() {
+        let r = relay(false);
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let id = r.new_assoc_id();
+        let a = r.open_secure(id, &keys(), ip, Some(4000), None).unwrap();
+        // The same id again (two negotiations that drew it at once) is refused, not shared.
+        assert!(matches!(
+            r.open_secure(id, &keys(), ip, None, None),
+            Err(AssocError::IdInUse)
+        ));
+        assert_eq!(r.live(), 1);
+        // Naked ids come from the same set.
+        let n = r.open_naked(ip, Some(4001), None).unwrap();
+        assert_ne!(n.id(), a.id());
+        assert_eq!(r.ids.lock().unwrap().len(), 2);
+        drop(a);
+        // Freed with its association.
+        assert_eq!(r.ids.lock().unwrap().len(), 1);
+        let again = r.open_secure(id, &keys(), ip, None, None).unwrap();
+        assert_eq!(again.id(), id);
+        assert_eq!(r.live(), 2);
+    }
+
+    #[tokio::test]
+    async fn naked_require_port_refuses_only_port_zero() {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let r = relay(true);
+        assert!(matches!(
+            r.open_naked(ip, None, None),
+            Err(AssocError::PortRequired)
+        ));
+        assert_eq!(r.live(), 0);
+        assert!(r.open_naked(ip, Some(4000), None).is_ok());
+        assert!(relay(false).open_naked(ip, None, None).is_ok());
+    }
+
+    #[tokio::test]
+    async fn binding_hands_the_host_addresses_to_the_policy() {
+        let r = relay(false);
+        assert!(r.policy.local_addrs().is_local("127.0.0.1".parse().unwrap()));
+        r.refresh_local_addrs().unwrap();
+        assert!(!r.policy.local_addrs().is_empty());
+    }
+}
