@@ -305,12 +305,15 @@ async fn empty_and_one_byte_datagrams_are_counted_under_one_reason_each() {
     gw.stop().await;
 }
 
+/// The NAT's current outbound socket and the task carrying its answers back.
+type Back = Arc<std::sync::Mutex<Option<(Arc<UdpSocket>, tokio::task::JoinHandle<()>)>>>;
+
 /// A user-space NAT on loopback: the client talks to `front` (the address the gateway
 /// advertises), the NAT forwards from its current `back` socket on 127.0.0.1 to the relay
 /// and carries the answers back. `rebind` replaces the back socket (a new port; the old
 /// mapping dies), as a NAT that lost its state would.
 struct Nat {
-    back: Arc<std::sync::Mutex<Option<(Arc<UdpSocket>, tokio::task::JoinHandle<()>)>>>,
+    back: Back,
     client: Arc<std::sync::Mutex<Option<SocketAddr>>>,
     front: Arc<UdpSocket>,
     relay: SocketAddr,
@@ -322,8 +325,7 @@ struct Nat {
 impl Nat {
     async fn new(front: SocketAddr, relay: SocketAddr) -> Nat {
         let front = Arc::new(UdpSocket::bind(front).await.unwrap());
-        let back: Arc<std::sync::Mutex<Option<(Arc<UdpSocket>, tokio::task::JoinHandle<()>)>>> =
-            Arc::default();
+        let back: Back = Arc::default();
         let client: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
         let front_task = tokio::spawn({
             let (front, back, client) = (front.clone(), back.clone(), client.clone());
