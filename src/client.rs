@@ -6,6 +6,11 @@
 //! target as secure records. [`connect_tcp`] does a SOCKS5 CONNECT through the same kind of
 //! control connection.
 //!
+//! The receive paths also answer the gateway's PATH_CHALLENGE records (docs/PROTOCOL.md
+//! §6.3) from the association's socket, so that the gateway follows the client to a new
+//! port (a NAT rebinding) once it has proven it is there; control records are never
+//! handed to the application.
+//!
 //! ```no_run
 //! # async fn demo(tls: std::sync::Arc<rustls::ClientConfig>) -> anyhow::Result<()> {
 //! use sudp::client::{ClientOptions, SecureUdp};
@@ -34,8 +39,9 @@ use crate::metrics::Metrics;
 use crate::net::batch::{stretches, BatchSocket, RecvBatch, RUN};
 use crate::net::channel::{Channel, ChannelError, Event, Heartbeat};
 use crate::net::{canonical, DATAGRAM_BUF};
-use crate::proto::record::PREFIX_LEN;
-use crate::proto::session::{RecvSession, SendSession};
+use crate::proto::path::ControlMessage;
+use crate::proto::record::{record_len, PREFIX_LEN};
+use crate::proto::session::{Content, RecvSession, SendSession};
 use crate::proto::socks::{
     self, method, sudp_status, AddrRef, Address, Command, ReplyCode, SudpAccept, SudpHello,
 };
@@ -574,7 +580,9 @@ impl SecureUdp {
         loop {
             let n = self.socket.recv(rec).await?;
             match self.open(&mut rec[..n]) {
-                Ok(r) => return Ok(r),
+                Ok(Some(r)) => return Ok(r),
+                // A control record, answered already: nothing for the application.
+                Ok(None) => {}
                 Err(e) => {
                     if let Some(m) = &self.metrics {
                         m.count_drop(e.reason());
@@ -602,10 +610,11 @@ impl SecureUdp {
             }
             for (rec, tag) in run.iter_mut().zip(tags) {
                 match self.open_checked(rec, tag) {
-                    Ok(r) => {
+                    Ok(Some(r)) => {
                         f(&rec[r.payload.clone()], &r.from);
                         delivered += 1;
                     }
+                    Ok(None) => {}
                     Err(e) => {
                         if let Some(m) = &self.metrics {
                             m.count_drop(e.reason());
@@ -627,31 +636,72 @@ impl SecureUdp {
         }
     }
 
-    fn open(&self, rec: &mut [u8]) -> Result<Received, OpenError> {
+    fn open(&self, rec: &mut [u8]) -> Result<Option<Received>, OpenError> {
         self.open_checked(rec, None)
     }
 
     /// Opens `rec`; `tag` is its tag verdict when [`SecureUdp::verify_run`] checked it.
-    fn open_checked(&self, rec: &mut [u8], tag: Option<bool>) -> Result<Received, OpenError> {
+    /// `Ok(None)`: a control record, handled here (a PATH_CHALLENGE is answered from this
+    /// association's socket) and never delivered.
+    fn open_checked(&self, rec: &mut [u8], tag: Option<bool>) -> Result<Option<Received>, OpenError> {
         let base = rec.as_ptr() as usize;
         let mut recv = self.recv.lock().unwrap_or_else(|e| e.into_inner());
         let o = match tag {
             Some(ok) => recv.open_verified(rec, ok)?,
             None => recv.open(rec)?,
         };
+        drop(recv);
+        let (addr, payload) = match o.content {
+            Content::Data { addr, payload } => (addr, payload),
+            Content::Control(ControlMessage::PathChallenge(token)) => {
+                self.answer_challenge(token);
+                return Ok(None);
+            }
+            // A response travels c2g only.
+            Content::Control(ControlMessage::PathResponse(_)) => {
+                return Err(OpenError::BadControl {
+                    kind: crate::proto::path::PATH_RESPONSE,
+                })
+            }
+        };
         // Offsets from pointers: the opened parts are slices of `rec`.
-        let payload_at = o.payload.as_ptr() as usize - base;
-        let addr_at = payload_at - o.addr.encoded_len();
+        let payload_at = payload.as_ptr() as usize - base;
+        let addr_at = payload_at - addr.encoded_len();
         debug_assert_eq!(addr_at, PREFIX_LEN);
-        let from = match o.addr {
+        let from = match addr {
             AddrRef::Ip(a) => Address::Ip(canonical(a)),
             d => d.to_owned(),
         };
-        Ok(Received {
+        Ok(Some(Received {
             from,
             addr: addr_at..payload_at,
-            payload: payload_at..payload_at + o.payload.len(),
-        })
+            payload: payload_at..payload_at + payload.len(),
+        }))
+    }
+
+    /// Answers a PATH_CHALLENGE with its token, from this socket (wherever the network now
+    /// maps it: that is the path the gateway validates). Without waiting: a full socket
+    /// buffer drops the answer and the gateway challenges again.
+    fn answer_challenge(&self, token: [u8; crate::proto::path::TOKEN_LEN]) {
+        let mut buf = [0u8; record_len(crate::proto::path::PATH_MESSAGE_LEN)];
+        let sealed = self
+            .send
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .seal_control(&ControlMessage::PathResponse(token), &mut buf);
+        let sent = match sealed {
+            Ok(n) => self
+                .socket
+                .try_send(self.relay, &buf[..n], None)
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = sent {
+            if let Some(m) = &self.metrics {
+                m.count_drop(crate::proto::DropReason::SendFailed);
+            }
+            tracing::debug!(error = %e, "could not answer a path challenge");
+        }
     }
 }
 
@@ -682,5 +732,118 @@ async fn watch_control(
 impl Drop for SecureUdp {
     fn drop(&mut self) {
         self.control.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::path::ControlMessage;
+    use crate::proto::{DropReason, KeySchedule};
+    use tokio::net::UdpSocket;
+
+    /// A `SecureUdp` whose "relay" is a socket of the test, with the gateway's halves.
+    async fn pair() -> (SecureUdp, UdpSocket, SendSession, RecvSession, Arc<Metrics>) {
+        let suite = CipherSuite::Aes128CbcHmacSha256;
+        let m: Vec<u8> = (0..suite.exporter_len()).map(|i| (i * 7) as u8).collect();
+        let ks = KeySchedule::from_exporter(suite, &m).unwrap();
+        let assoc = AssociationId(0x5344_5550);
+        let gw = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let relay = gw.local_addr().unwrap();
+        let sock = crate::net::bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
+        sock.connect(relay).await.unwrap();
+        let (closed_tx, closed) = tokio::sync::watch::channel(false);
+        let metrics = Arc::new(Metrics::default());
+        let udp = SecureUdp {
+            socket: BatchSocket::without_gro(sock).unwrap(),
+            send: Mutex::new(SendSession::new(assoc, &ks, Role::Client)),
+            recv: Mutex::new(RecvSession::new(assoc, &ks, Role::Client, 1024)),
+            assoc,
+            suite,
+            relay,
+            control: tokio::spawn(async move {
+                let _keep = closed_tx;
+                std::future::pending::<()>().await
+            }),
+            closed,
+            why_closed: Arc::new(Mutex::new(None)),
+            send_scratch: tokio::sync::Mutex::new(Vec::new()),
+            recv_scratch: tokio::sync::Mutex::new(Vec::new()),
+            metrics: Some(metrics.clone()),
+        };
+        let gw_send = SendSession::new(assoc, &ks, Role::Gateway);
+        let gw_recv = RecvSession::new(assoc, &ks, Role::Gateway, 1024);
+        (udp, gw, gw_send, gw_recv, metrics)
+    }
+
+    /// Sends, g2c: a challenge, an unknown control kind, a (misdirected) response, data.
+    async fn send_mix(gw: &UdpSocket, tx: &mut SendSession, to: SocketAddr, token: [u8; 8]) {
+        let mut b = vec![0u8; 256];
+        let n = tx
+            .seal_control(&ControlMessage::PathChallenge(token), &mut b)
+            .unwrap();
+        gw.send_to(&b[..n], to).await.unwrap();
+        let pt = [0u8, 0x42, 1, 2, 3, 4, 5, 6, 7, 8];
+        b[PREFIX_LEN..PREFIX_LEN + pt.len()].copy_from_slice(&pt);
+        let n = tx.seal_in_place(&mut b, pt.len()).unwrap();
+        gw.send_to(&b[..n], to).await.unwrap();
+        let n = tx
+            .seal_control(&ControlMessage::PathResponse(token), &mut b)
+            .unwrap();
+        gw.send_to(&b[..n], to).await.unwrap();
+        let src: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let n = tx.seal(&AddrRef::Ip(src), b"data", &mut b).unwrap();
+        gw.send_to(&b[..n], to).await.unwrap();
+    }
+
+    async fn expect_response(gw: &UdpSocket, rx: &mut RecvSession, token: [u8; 8], from: SocketAddr) {
+        let mut b = vec![0u8; 256];
+        let (n, src) = tokio::time::timeout(Duration::from_secs(5), gw.recv_from(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(src, from, "answered from the association's own socket");
+        let o = rx.open(&mut b[..n]).unwrap();
+        assert_eq!(o.content, Content::Control(ControlMessage::PathResponse(token)));
+    }
+
+    #[tokio::test]
+    async fn recv_from_answers_a_challenge_and_delivers_only_data() {
+        let (udp, gw, mut tx, mut rx, metrics) = pair().await;
+        let me = udp.local_addr().unwrap();
+        send_mix(&gw, &mut tx, me, [3; 8]).await;
+        let mut buf = vec![0u8; 64];
+        let (n, from) = tokio::time::timeout(Duration::from_secs(5), udp.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (&buf[..n], from),
+            (&b"data"[..], Address::Ip("127.0.0.1:9".parse().unwrap()))
+        );
+        expect_response(&gw, &mut rx, [3; 8], me).await;
+        // The unknown kind and the response sent the wrong way are dropped and counted.
+        assert_eq!(metrics.drops(DropReason::BadControl), 2);
+    }
+
+    #[tokio::test]
+    async fn recv_batch_answers_a_challenge_and_delivers_only_data() {
+        let (udp, gw, mut tx, mut rx, metrics) = pair().await;
+        let me = udp.local_addr().unwrap();
+        send_mix(&gw, &mut tx, me, [4; 8]).await;
+        let mut batch = RecvBatch::default();
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while got.is_empty() {
+            assert!(tokio::time::Instant::now() < deadline);
+            let mut f = |p: &[u8], _: &Address| got.push(p.to_vec());
+            tokio::time::timeout(Duration::from_secs(5), udp.recv_batch(&mut batch, &mut f))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        assert_eq!(got, vec![b"data".to_vec()]);
+        expect_response(&gw, &mut rx, [4; 8], me).await;
+        assert_eq!(metrics.drops(DropReason::BadControl), 2);
     }
 }

@@ -50,7 +50,13 @@ fn main() -> anyhow::Result<()> {
                 "record overhead: {} bytes + 1..16 padding",
                 record::PREFIX_LEN + record::TAG_LEN
             );
-            println!("largest record: {} bytes", record::MAX_DATAGRAM);
+            // PROTOCOL.md §4.6: the largest record a sender makes (a whole number of blocks
+            // below the largest datagram), then the datagram bound itself.
+            println!("largest record: {} bytes", record::MAX_RECORD);
+            println!(
+                "largest datagram (UDP payload over IPv4): {} bytes",
+                record::MAX_DATAGRAM
+            );
             println!(
                 "largest plaintext (address header + payload): {} bytes",
                 record::MAX_PLAINTEXT

@@ -7,9 +7,17 @@
 //! A [`Rule`] is an action ([`Action::Allow`] or [`Action::Deny`]), a network and an optional
 //! inclusive port range. [`Policy::check`] walks the user's own rules, then the global rules,
 //! taking the first match in each list; when nothing matches, the built-in default decides:
-//! loopback, link-local and unspecified addresses are denied (so a client cannot reach
-//! services bound to the gateway host itself, or cloud metadata endpoints such as
-//! 169.254.169.254), everything else is allowed. [`DEFAULT_POLICY_HELP`] says this in words.
+//! every address that is not a public unicast address is denied (see [`DefaultDeny`] for the
+//! classes: loopback, link-local, unspecified, private, CGNAT, unique-local, multicast,
+//! broadcast), and so are the gateway host's own interface addresses and the directed
+//! broadcast addresses of its interfaces, so that a client reaches neither the networks
+//! behind the gateway nor the services of the gateway host itself (nor cloud metadata
+//! endpoints such as 169.254.169.254). Everything else is allowed. [`DEFAULT_POLICY_HELP`]
+//! says this in words; `--allow` rules open what an operator wants.
+//!
+//! The policy stays pure: it does not ask the system for the host's addresses. Whoever runs
+//! it hands them in as a [`LocalAddrs`] ([`Policy::set_local_addrs`], which every clone of
+//! the policy sees, so the gateway can refresh them while it runs).
 //!
 //! IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) are treated as the IPv4 address they carry,
 //! both for destinations and for rule networks. Otherwise `::ffff:127.0.0.1` would slip past
@@ -28,18 +36,24 @@
 //! [2001:db8::1]:443     an IPv6 host with a port
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
+use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use ipnet::{IpNet, Ipv4Net};
 
 /// The built-in default in one or two sentences, for `--help` and the docs.
 pub const DEFAULT_POLICY_HELP: &str = "Default policy: a destination that no rule matches is \
-    allowed, except loopback (127.0.0.0/8, ::1), link-local (169.254.0.0/16, fe80::/10) and \
-    unspecified (0.0.0.0, ::) addresses, including their IPv4-mapped IPv6 forms, which are \
-    denied unless an allow rule matches them (or everything is denied with --default-deny).";
+    allowed only if it is a public address. Denied unless an allow rule matches them: \
+    loopback (127.0.0.0/8, ::1), link-local (169.254.0.0/16, fe80::/10), unspecified \
+    (0.0.0.0, ::), private (10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16), CGNAT \
+    (100.64.0.0/10), unique-local (fc00::/7), multicast (224.0.0.0/4, ff00::/8), broadcast \
+    (255.255.255.255 and the directed broadcast of the gateway's interfaces) and the \
+    gateway host's own interface addresses, each also in its IPv4-mapped IPv6 form. With \
+    --default-deny everything no allow rule matches is denied.";
 
 /// What a matching rule does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -176,6 +190,19 @@ pub enum DefaultDeny {
     LinkLocal,
     /// 0.0.0.0 or ::.
     Unspecified,
+    /// 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16 (RFC 1918).
+    Private,
+    /// 100.64.0.0/10, carrier-grade NAT shared space (RFC 6598).
+    Cgnat,
+    /// fc00::/7 (RFC 4193).
+    UniqueLocal,
+    /// 224.0.0.0/4 or ff00::/8.
+    Multicast,
+    /// 255.255.255.255, or the directed broadcast address of one of the gateway's
+    /// interfaces.
+    Broadcast,
+    /// An address of one of the gateway host's own interfaces.
+    LocalAddress,
     /// The policy denies everything no rule allows ([`Policy::deny_by_default`]).
     All,
 }
@@ -186,6 +213,12 @@ impl fmt::Display for DefaultDeny {
             DefaultDeny::Loopback => "loopback address (127.0.0.0/8, ::1)",
             DefaultDeny::LinkLocal => "link-local address (169.254.0.0/16, fe80::/10)",
             DefaultDeny::Unspecified => "unspecified address (0.0.0.0, ::)",
+            DefaultDeny::Private => "private address (10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16)",
+            DefaultDeny::Cgnat => "shared CGNAT address (100.64.0.0/10)",
+            DefaultDeny::UniqueLocal => "unique-local address (fc00::/7)",
+            DefaultDeny::Multicast => "multicast address (224.0.0.0/4, ff00::/8)",
+            DefaultDeny::Broadcast => "broadcast address",
+            DefaultDeny::LocalAddress => "an address of the gateway host itself",
             DefaultDeny::All => "no allow rule matches (default deny)",
         })
     }
@@ -227,14 +260,80 @@ pub struct Denied {
     pub by: DeniedBy,
 }
 
+/// The gateway host's own addresses, which the built-in default denies: the address of
+/// each interface and, for IPv4 interfaces with a broadcast domain, its directed broadcast
+/// address. Built by the caller (the gateway enumerates its interfaces); stored canonical.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LocalAddrs {
+    addrs: HashSet<IpAddr>,
+    broadcasts: HashSet<IpAddr>,
+}
+
+impl LocalAddrs {
+    /// The set of `interfaces`, each an address and its prefix length (the netmask). An
+    /// IPv4 interface whose prefix is shorter than /31 also contributes its directed
+    /// broadcast address (host bits all set; /31 and /32 have none, RFC 3021).
+    pub fn new(interfaces: impl IntoIterator<Item = (IpAddr, u8)>) -> LocalAddrs {
+        let mut set = LocalAddrs::default();
+        for (ip, prefix) in interfaces {
+            let ip = canonical_ip(ip);
+            set.addrs.insert(ip);
+            if let IpAddr::V4(v4) = ip {
+                if let Ok(net) = Ipv4Net::new(v4, prefix) {
+                    if prefix < 31 {
+                        set.broadcasts.insert(IpAddr::V4(net.broadcast()));
+                    }
+                }
+            }
+        }
+        set
+    }
+
+    /// Whether `ip` (canonical) is one of the host's interface addresses.
+    pub fn is_local(&self, ip: IpAddr) -> bool {
+        self.addrs.contains(&ip)
+    }
+
+    /// Whether `ip` (canonical) is the directed broadcast address of a host interface.
+    pub fn is_directed_broadcast(&self, ip: IpAddr) -> bool {
+        self.broadcasts.contains(&ip)
+    }
+
+    /// Number of interface addresses.
+    pub fn len(&self) -> usize {
+        self.addrs.len()
+    }
+
+    /// True when no interface address is known.
+    pub fn is_empty(&self) -> bool {
+        self.addrs.is_empty()
+    }
+}
+
+/// The host's addresses as the policy sees them: shared by every clone of a [`Policy`], so
+/// that replacing them ([`Policy::set_local_addrs`]) reaches the control connections and
+/// the relay at once. Reads are lock-free.
+#[derive(Debug, Clone, Default)]
+struct SharedLocal(Arc<ArcSwap<LocalAddrs>>);
+
+impl PartialEq for SharedLocal {
+    fn eq(&self, other: &Self) -> bool {
+        *self.0.load() == *other.0.load()
+    }
+}
+
+impl Eq for SharedLocal {}
+
 /// The destination policy: per-user rules, global rules and the built-in default.
 ///
-/// `Policy::default()` has no rules: only the built-in default applies.
+/// `Policy::default()` has no rules: only the built-in default applies (with no host
+/// addresses known until [`Policy::set_local_addrs`] is called).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Policy {
     global: Vec<Rule>,
     users: HashMap<String, Vec<Rule>>,
     deny_all_by_default: bool,
+    local: SharedLocal,
 }
 
 impl Policy {
@@ -245,7 +344,19 @@ impl Policy {
             global,
             users,
             deny_all_by_default: false,
+            local: SharedLocal::default(),
         }
+    }
+
+    /// Replaces the host's own addresses that the built-in default denies. Every clone of
+    /// this policy sees the new set.
+    pub fn set_local_addrs(&self, local: LocalAddrs) {
+        self.local.0.store(Arc::new(local));
+    }
+
+    /// The host's own addresses the built-in default denies now.
+    pub fn local_addrs(&self) -> Arc<LocalAddrs> {
+        self.local.0.load_full()
     }
 
     /// With `deny` set, a destination that no rule matches is denied ([`DefaultDeny::All`])
@@ -300,7 +411,7 @@ impl Policy {
         if self.deny_all_by_default {
             return deny(DeniedBy::Default(DefaultDeny::All));
         }
-        match default_denial(ip) {
+        match default_denial(ip, &self.local.0.load()) {
             Some(why) => deny(DeniedBy::Default(why)),
             None => Ok(()),
         }
@@ -309,17 +420,41 @@ impl Policy {
 
 pub use crate::net::canonical_ip;
 
-/// The built-in default's verdict on a canonical address.
-fn default_denial(ip: IpAddr) -> Option<DefaultDeny> {
-    match ip {
+/// The built-in default's verdict on a canonical address, given the host's own addresses.
+/// The address classes come first, so a loopback address of the host is reported as
+/// loopback; the host's own addresses catch what no class covers (its public addresses).
+pub fn default_denial(ip: IpAddr, local: &LocalAddrs) -> Option<DefaultDeny> {
+    let class = match ip {
         IpAddr::V4(v4) if v4.is_loopback() => Some(DefaultDeny::Loopback),
         IpAddr::V4(v4) if v4.is_link_local() => Some(DefaultDeny::LinkLocal),
         IpAddr::V4(v4) if v4.is_unspecified() => Some(DefaultDeny::Unspecified),
+        // 10/8, 172.16/12, 192.168/16.
+        IpAddr::V4(v4) if v4.is_private() => Some(DefaultDeny::Private),
+        IpAddr::V4(v4) if is_cgnat(v4) => Some(DefaultDeny::Cgnat),
+        IpAddr::V4(v4) if v4.is_multicast() => Some(DefaultDeny::Multicast),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some(DefaultDeny::Broadcast),
         IpAddr::V6(v6) if v6.is_loopback() => Some(DefaultDeny::Loopback),
         IpAddr::V6(v6) if v6.is_unicast_link_local() => Some(DefaultDeny::LinkLocal),
         IpAddr::V6(v6) if v6.is_unspecified() => Some(DefaultDeny::Unspecified),
+        IpAddr::V6(v6) if v6.is_unique_local() => Some(DefaultDeny::UniqueLocal),
+        IpAddr::V6(v6) if v6.is_multicast() => Some(DefaultDeny::Multicast),
         _ => None,
-    }
+    };
+    class.or_else(|| {
+        if local.is_directed_broadcast(ip) {
+            Some(DefaultDeny::Broadcast)
+        } else if local.is_local(ip) {
+            Some(DefaultDeny::LocalAddress)
+        } else {
+            None
+        }
+    })
+}
+
+/// 100.64.0.0/10 (RFC 6598 shared address space).
+fn is_cgnat(v4: Ipv4Addr) -> bool {
+    let [a, b, ..] = v4.octets();
+    a == 100 && (b & 0xc0) == 64
 }
 
 /// Splits rule text into a canonical network and an optional port range.
@@ -548,7 +683,7 @@ mod tests {
     }
 
     #[test]
-    fn default_denies_loopback_link_local_unspecified() {
+    fn default_denies_every_non_public_class() {
         let policy = Policy::default();
         for (dst, why) in [
             ("127.0.0.1:80", DefaultDeny::Loopback),
@@ -562,22 +697,147 @@ mod tests {
             ("0.0.0.0:80", DefaultDeny::Unspecified),
             ("[::]:80", DefaultDeny::Unspecified),
             ("[::ffff:0.0.0.0]:80", DefaultDeny::Unspecified),
+            // Private (RFC 1918), both ends of each block.
+            ("10.0.0.0:1", DefaultDeny::Private),
+            ("10.255.255.255:1", DefaultDeny::Private),
+            ("172.16.0.0:1", DefaultDeny::Private),
+            ("172.31.255.255:1", DefaultDeny::Private),
+            ("192.168.0.0:1", DefaultDeny::Private),
+            ("192.168.255.255:1", DefaultDeny::Private),
+            ("[::ffff:10.1.2.3]:1", DefaultDeny::Private),
+            ("[::ffff:192.168.1.1]:1", DefaultDeny::Private),
+            // CGNAT (RFC 6598).
+            ("100.64.0.0:1", DefaultDeny::Cgnat),
+            ("100.127.255.255:1", DefaultDeny::Cgnat),
+            ("[::ffff:100.100.100.100]:1", DefaultDeny::Cgnat),
+            // Unique-local (RFC 4193).
+            ("[fc00::]:1", DefaultDeny::UniqueLocal),
+            (
+                "[fdff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:1",
+                DefaultDeny::UniqueLocal,
+            ),
+            // Multicast.
+            ("224.0.0.0:1", DefaultDeny::Multicast),
+            ("239.255.255.255:1", DefaultDeny::Multicast),
+            ("[::ffff:224.0.0.251]:5353", DefaultDeny::Multicast),
+            ("[ff00::]:1", DefaultDeny::Multicast),
+            ("[ff02::fb]:5353", DefaultDeny::Multicast),
+            (
+                "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:1",
+                DefaultDeny::Multicast,
+            ),
+            // Limited broadcast.
+            ("255.255.255.255:67", DefaultDeny::Broadcast),
+            ("[::ffff:255.255.255.255]:67", DefaultDeny::Broadcast),
         ] {
             let err = policy.check(None, sa(dst)).unwrap_err();
             assert_eq!(err.by, DeniedBy::Default(why), "{dst}");
             assert_eq!(err.dst, sa(dst));
         }
+        // The other side of every boundary is an ordinary public address.
         for dst in [
             "192.0.2.1:80",
-            "10.0.0.1:53",
+            "9.255.255.255:1",
+            "11.0.0.0:1",
+            "172.15.255.255:1",
+            "172.32.0.0:1",
+            "192.167.255.255:1",
+            "192.169.0.0:1",
+            "100.63.255.255:1",
+            "100.128.0.0:1",
+            "223.255.255.255:1",
+            "240.0.0.0:1",
+            "255.255.255.254:1",
+            "126.255.255.255:1",
+            "128.0.0.0:1",
+            "169.253.255.255:1",
+            "169.255.0.0:1",
+            "0.0.0.1:1",
             "[2001:db8::1]:443",
+            "[fbff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:1",
+            "[fe00::]:1",
             "[fec0::1]:80",
+            "[feff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:1",
             "[::ffff:192.0.2.1]:80",
+            "[::ffff:172.15.255.255]:80",
             // IPv4-compatible, not mapped: an ordinary (unroutable) IPv6 address.
             "[::7f00:1]:80",
         ] {
             assert_eq!(policy.check(None, sa(dst)), Ok(()), "{dst}");
         }
+    }
+
+    #[test]
+    fn default_denies_the_hosts_own_addresses_and_directed_broadcasts() {
+        let policy = Policy::default();
+        let ifaces: [(IpAddr, u8); 4] = [
+            ("127.0.0.1".parse().unwrap(), 8),
+            ("198.51.100.7".parse().unwrap(), 24),
+            ("2001:db8::7".parse().unwrap(), 64),
+            ("203.0.113.9".parse().unwrap(), 31),
+        ];
+        // Before the host's addresses are known they are ordinary public addresses.
+        assert_eq!(policy.check(None, sa("198.51.100.7:22")), Ok(()));
+        let clone = policy.clone();
+        policy.set_local_addrs(LocalAddrs::new(ifaces));
+        assert_eq!(policy.local_addrs().len(), 4);
+        for p in [&policy, &clone] {
+            for (dst, why) in [
+                ("198.51.100.7:22", DefaultDeny::LocalAddress),
+                ("[::ffff:198.51.100.7]:22", DefaultDeny::LocalAddress),
+                ("[2001:db8::7]:22", DefaultDeny::LocalAddress),
+                ("203.0.113.9:22", DefaultDeny::LocalAddress),
+                ("198.51.100.255:9", DefaultDeny::Broadcast),
+                ("[::ffff:198.51.100.255]:9", DefaultDeny::Broadcast),
+                // The classes win over the host's own addresses.
+                ("127.0.0.1:22", DefaultDeny::Loopback),
+            ] {
+                let err = p.check(None, sa(dst)).unwrap_err();
+                assert_eq!(err.by, DeniedBy::Default(why), "{dst}");
+            }
+            // Neighbours on the same networks are not the host; a /31 has no broadcast.
+            for dst in [
+                "198.51.100.8:22",
+                "198.51.100.0:22",
+                "203.0.113.8:1",
+                "[2001:db8::8]:22",
+            ] {
+                assert_eq!(p.check(None, sa(dst)), Ok(()), "{dst}");
+            }
+        }
+        // An allow rule opens the host's own address, as any other default denial.
+        let open = Policy::new(vec![allow("198.51.100.7/32:53")], HashMap::new());
+        open.set_local_addrs(LocalAddrs::new(ifaces));
+        assert_eq!(open.check(None, sa("198.51.100.7:53")), Ok(()));
+        assert!(open.check(None, sa("198.51.100.7:54")).is_err());
+        let err = Policy::default();
+        err.set_local_addrs(LocalAddrs::new(ifaces));
+        assert_eq!(
+            err.check(None, sa("198.51.100.7:22")).unwrap_err().to_string(),
+            "destination 198.51.100.7:22 denied by the default policy: \
+             an address of the gateway host itself"
+        );
+    }
+
+    #[test]
+    fn allow_rules_open_each_default_class() {
+        let policy = Policy::new(
+            vec![
+                allow("10.0.0.0/8"),
+                allow("172.16.0.0/12:53"),
+                allow("100.64.0.0/10"),
+                allow("fc00::/7"),
+                allow("224.0.0.0/4"),
+            ],
+            HashMap::new(),
+        );
+        assert_eq!(policy.check(None, sa("10.9.9.9:1")), Ok(()));
+        assert_eq!(policy.check(None, sa("172.20.0.1:53")), Ok(()));
+        assert!(policy.check(None, sa("172.20.0.1:54")).is_err());
+        assert_eq!(policy.check(None, sa("100.64.1.1:1")), Ok(()));
+        assert_eq!(policy.check(None, sa("[fd00::1]:1")), Ok(()));
+        assert_eq!(policy.check(None, sa("239.1.1.1:1")), Ok(()));
+        assert!(policy.check(None, sa("192.168.1.1:1")).is_err());
     }
 
     #[test]

@@ -27,6 +27,23 @@ fn version_and_help() {
 }
 
 #[test]
+fn limits_prints_the_largest_record_as_protocol_md_gives_it() {
+    let out = Command::new(BIN).arg("limits").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    // PROTOCOL.md §4.6: largest record 65 493 bytes; the datagram bound is 65 507.
+    assert!(text.contains("largest record: 65493 bytes"), "{text}");
+    assert!(
+        text.contains("largest datagram (UDP payload over IPv4): 65507 bytes"),
+        "{text}"
+    );
+    assert!(
+        text.contains("largest plaintext (address header + payload): 65455 bytes"),
+        "{text}"
+    );
+}
+
+#[test]
 fn gateway_prints_bound_addresses_and_exits_zero_on_sigterm() {
     let dir = tempdir("gw");
     let out = Command::new(BIN)

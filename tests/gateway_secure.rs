@@ -82,7 +82,6 @@ async fn malformed_datagrams_are_dropped_counted_and_hurt_no_one() {
 /// reordered (older but unseen) record is still accepted.
 #[tokio::test]
 async fn gateway_refuses_replayed_records_and_accepts_reordered_ones() {
-    use sudp::proto::session::SendSession;
     use sudp::proto::Role;
 
     let pki = pki();
@@ -95,7 +94,7 @@ async fn gateway_refuses_replayed_records_and_accepts_reordered_ones() {
         socket: sock,
         relay,
     } = raw_secure(&gw, &pki).await;
-    let mut send = SendSession::new(assoc, &keys, Role::Client);
+    let (mut send, _) = keys.into_sessions(assoc, Role::Client, 1024);
     let mut records = Vec::new();
     for i in 0..3u8 {
         let mut b = vec![0u8; 256];
@@ -162,7 +161,6 @@ async fn bursts_of_replies_arrive_as_separate_records() {
 #[tokio::test]
 async fn forged_and_replayed_records_inside_a_train_are_dropped_alone() {
     use sudp::net::batch::{BatchSocket, GsoBatch};
-    use sudp::proto::session::{RecvSession, SendSession};
     use sudp::proto::Role;
 
     let pki = pki();
@@ -176,7 +174,7 @@ async fn forged_and_replayed_records_inside_a_train_are_dropped_alone() {
         relay,
     } = raw_secure(&gw, &pki).await;
     let sock = BatchSocket::new(socket).unwrap();
-    let mut send = SendSession::new(assoc, &keys, Role::Client);
+    let (mut send, mut recv) = keys.into_sessions(assoc, Role::Client, 64);
     let mut records: Vec<Vec<u8>> = (0..7u8)
         .map(|i| {
             let mut b = vec![0u8; 512];
@@ -201,7 +199,6 @@ async fn forged_and_replayed_records_inside_a_train_are_dropped_alone() {
     let (d, b, s) = train.pending().unwrap();
     sock.send(d, b, s).await.unwrap();
 
-    let mut recv = RecvSession::new(assoc, &keys, Role::Client, 64);
     let mut got = Vec::new();
     let mut batch = sudp::net::batch::RecvBatch::default();
     while got.len() < 5 {
@@ -211,8 +208,8 @@ async fn forged_and_replayed_records_inside_a_train_are_dropped_alone() {
             .unwrap();
         batch.for_each(|rec, _| {
             let o = recv.open(rec).expect("the gateway's replies open");
-            assert_eq!(o.payload.len(), 300);
-            got.push(o.payload[0]);
+            assert_eq!(o.data().unwrap().1.len(), 300);
+            got.push(o.data().unwrap().1[0]);
         });
     }
     got.sort_unstable();
@@ -246,14 +243,21 @@ async fn a_relay_socket_overflow_is_counted_exactly() {
         tokio::net::UdpSocket::from_std(s.into()).unwrap()
     };
     let target = sink.local_addr().unwrap();
-    let mut send = sudp::proto::SendSession::new(raw.assoc, &raw.keys, sudp::proto::Role::Client);
+    let RawSecure {
+        control,
+        assoc,
+        keys,
+        socket,
+        relay,
+    } = raw;
+    let (mut send, _) = keys.into_sessions(assoc, sudp::proto::Role::Client, 1024);
     const N: u64 = 5000;
     let mut rec = vec![0u8; 2048];
     for i in 0..N {
         let n = send
             .seal(&AddrRef::Ip(target), &i.to_be_bytes().repeat(100), &mut rec)
             .unwrap();
-        raw.socket.send_to(&rec[..n], raw.relay).await.unwrap();
+        socket.send_to(&rec[..n], relay).await.unwrap();
     }
     let m = gw.metrics.clone();
     let accounted = || m.forwarded.load(Ordering::Relaxed) + m.total_drops() + m.socket_drops.relay.total();
@@ -287,6 +291,6 @@ async fn a_relay_socket_overflow_is_counted_exactly() {
         )),
         "{text}"
     );
-    drop(raw);
+    drop(control);
     gw.stop().await;
 }

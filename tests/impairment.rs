@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use sudp::proto::session::{RecvSession, SendSession};
 use sudp::proto::socks::Address;
 use sudp::proto::{DropReason, Role};
 use tokio::net::UdpSocket;
@@ -81,8 +80,7 @@ async fn loss_reorder_and_duplication_do_no_harm() {
     let middle_addr = middle.local_addr().unwrap();
     let impairer = tokio::spawn(impair(middle, client.local_addr().unwrap(), relay, 0x5eed_1234));
 
-    let mut send = SendSession::new(assoc, &keys, Role::Client);
-    let mut recv = RecvSession::new(assoc, &keys, Role::Client, 1024);
+    let (mut send, mut recv) = keys.into_sessions(assoc, Role::Client, 1024);
     const COUNT: u32 = 600;
     let target = Address::Ip(echo);
     let mut out = vec![0u8; 512];
@@ -97,8 +95,9 @@ async fn loss_reorder_and_duplication_do_no_harm() {
         while let Ok((m, _)) = client.try_recv_from(&mut rec) {
             match recv.open(&mut rec[..m]) {
                 Ok(o) => {
-                    assert_eq!(o.addr.to_owned(), target);
-                    let seq = u32::from_be_bytes(o.payload[..4].try_into().unwrap());
+                    let (addr, payload) = o.data().expect("no control record: nothing to validate");
+                    assert_eq!(addr.to_owned(), target);
+                    let seq = u32::from_be_bytes(payload[..4].try_into().unwrap());
                     assert!(got.insert(seq), "sequence {seq} delivered twice");
                 }
                 Err(sudp::proto::OpenError::Duplicate { .. }) => client_duplicates += 1,
@@ -115,7 +114,7 @@ async fn loss_reorder_and_duplication_do_no_harm() {
         match tokio::time::timeout(Duration::from_millis(300), client.recv_from(&mut rec)).await {
             Ok(Ok((m, _))) => match recv.open(&mut rec[..m]) {
                 Ok(o) => {
-                    let seq = u32::from_be_bytes(o.payload[..4].try_into().unwrap());
+                    let seq = u32::from_be_bytes(o.data().unwrap().1[..4].try_into().unwrap());
                     assert!(got.insert(seq), "sequence {seq} delivered twice");
                 }
                 Err(sudp::proto::OpenError::Duplicate { .. }) => client_duplicates += 1,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use sudp::client::{connect_tls, negotiate_sudp, request, ClientOptions};
 use sudp::proto::socks::{AddrRef, Address, Command};
-use sudp::proto::{RecvSession, Role, SendSession};
+use sudp::proto::Role;
 use tokio::net::UdpSocket;
 
 /// Scrapes `/metrics` with curl and parses it with prometheus_client; returns every sample
@@ -93,8 +93,7 @@ async fn counters_move_as_the_stream_and_a_replay_say() {
     .unwrap() else {
         panic!("BND is a domain")
     };
-    let mut tx = SendSession::new(assoc, &keys, Role::Client);
-    let mut rx = RecvSession::new(assoc, &keys, Role::Client, 1024);
+    let (mut tx, mut rx) = keys.into_sessions(assoc, Role::Client, 1024);
     const N: usize = 200;
     let mut rec = vec![0u8; 2048];
     let mut first = Vec::new();
@@ -110,7 +109,7 @@ async fn counters_move_as_the_stream_and_a_replay_say() {
             .unwrap()
             .unwrap();
         let opened = rx.open(&mut buf[..m]).unwrap();
-        assert_eq!(opened.payload, &[i as u8; 100]);
+        assert_eq!(opened.data().unwrap().1, &[i as u8; 100]);
     }
     // The replay: the first record again. Dropped as a duplicate, never echoed.
     sock.send_to(&first, relay).await.unwrap();

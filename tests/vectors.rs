@@ -140,10 +140,44 @@ fn generate() -> Value {
     // drop reason (docs/PROTOCOL.md §7) a receiver with those keys and a fresh window gives.
     let base = hex::decode(valid[1]["record"].as_str().unwrap()).unwrap();
     let mut invalid = Vec::new();
-    let mut push = |name: &str, rec: Vec<u8>, expect: &str| {
-        invalid.push(
-            json!({"name": name, "of": valid[1]["name"], "record": hex::encode(rec), "expect": expect}),
-        );
+    let mut push_after = |name: &str, after: &[Vec<u8>], rec: Vec<u8>, expect: &str| {
+        let mut v =
+            json!({"name": name, "of": valid[1]["name"], "record": hex::encode(rec), "expect": expect});
+        if !after.is_empty() {
+            v["after"] = json!(after.iter().map(hex::encode).collect::<Vec<_>>());
+        }
+        invalid.push(v);
+    };
+    let mut push = |name: &str, rec: Vec<u8>, expect: &str| push_after(name, &[], rec, expect);
+    // Records of vector 1's association and direction whose tags verify, sealed (at the
+    // nonce given) around a plaintext placed by hand, so it need not be a valid one.
+    let ks1 = KeySchedule::from_exporter(
+        CipherSuite::Aes128CbcHmacSha256,
+        &exporter_material(CipherSuite::Aes128CbcHmacSha256, 1),
+    )
+    .unwrap();
+    let assoc1 = AssociationId(0x5344_5550_0000_0001);
+    let crafted = |nonce: u64, pt: &[u8]| -> Vec<u8> {
+        let mut send = SendSession::resume(assoc1, &ks1, Role::Client, nonce);
+        let mut b = vec![0u8; 1024];
+        b[record::PREFIX_LEN..record::PREFIX_LEN + pt.len()].copy_from_slice(pt);
+        let n = send.seal_in_place(&mut b, pt.len()).unwrap();
+        b.truncate(n);
+        b
+    };
+    // A record whose padding is malformed and whose tag still verifies: seal 32 bytes (two
+    // blocks, then a full block of padding), drop the padding block (CBC decrypts the first
+    // two unchanged: same IV, same chain), fix the length and tag the result again.
+    let bad_padding = |nonce: u64, last_block: [u8; 16]| -> Vec<u8> {
+        let mut pt = [0x11u8; 32];
+        pt[16..].copy_from_slice(&last_block);
+        let mut r = crafted(nonce, &pt);
+        r.truncate(record::PREFIX_LEN + 32);
+        let l = (r.len() + record::TAG_LEN - record::HEADER_LEN) as u16;
+        r[3..5].copy_from_slice(&l.to_be_bytes());
+        let tag = sudp::proto::tag::TagKey::new(ks1.c2g.mac()).tag(&r);
+        r.extend_from_slice(&tag);
+        r
     };
     let mut r = base.clone();
     let last = r.len() - 1;
@@ -180,6 +214,41 @@ fn generate() -> Value {
     let mut r = base.clone();
     r[record::NONCE_OFFSET..record::PREFIX_LEN].copy_from_slice(&record::MAX_RECORDS_PER_KEY.to_be_bytes());
     push("nonce-at-limit", r, "nonce_limit");
+    // Authenticated records a correct sender never makes (§6.1 steps 10-11, §4.1).
+    let mut last = [0x22u8; 16];
+    last[15] = 0x00;
+    push("padding-byte-zero", bad_padding(2, last), "bad_padding");
+    let mut last = [0x22u8; 16];
+    last[15] = 0x03;
+    push("padding-bytes-differ", bad_padding(3, last), "bad_padding");
+    let mut last = [0x22u8; 16];
+    last[15] = 0x11;
+    push("padding-byte-above-16", bad_padding(4, last), "bad_padding");
+    push(
+        "unknown-atyp",
+        crafted(5, &[0x05, 192, 0, 2, 10, 0x13, 0x8c, 0xde, 0xad]),
+        "bad_address",
+    );
+    push("address-cut-short", crafted(6, &[0x01, 192, 0, 2]), "bad_address");
+    push(
+        "domain-length-zero",
+        crafted(7, &[0x03, 0x00, 0x13, 0x8c]),
+        "bad_address",
+    );
+    push(
+        "control-unknown-kind",
+        crafted(8, &[0x00, 0x42, 1, 2, 3, 4, 5, 6, 7, 8]),
+        "bad_control",
+    );
+    push(
+        "control-challenge-short-token",
+        crafted(9, &[0x00, 0x01, 1, 2, 3, 4, 5, 6, 7]),
+        "bad_control",
+    );
+    // Left of the window: the receiver first accepts nonce 2000 (the `after` record), so
+    // nonce 1 is below 2001 - 1024.
+    let ahead = crafted(2000, &[0x01, 192, 0, 2, 10, 0x13, 0x8c, 0x01]);
+    push_after("left-of-window", &[ahead], base.clone(), "too_old");
     json!({
         "format": "sudp record vectors v1; hex strings; see docs/PROTOCOL.md section 9",
         "valid": valid,
@@ -255,8 +324,9 @@ fn valid_vectors_seal_and_open() {
         let mut rec = want.clone();
         let o = recv.open(&mut rec).unwrap();
         assert_eq!(o.nonce, nonce);
-        assert_eq!(o.addr.to_owned(), addr);
-        assert_eq!(o.payload, &payload[..]);
+        let (o_addr, o_payload) = o.data().unwrap();
+        assert_eq!(o_addr.to_owned(), addr);
+        assert_eq!(o_payload, &payload[..]);
         let mut again = want.clone();
         assert_eq!(
             recv.open(&mut again).unwrap_err(),
@@ -276,9 +346,22 @@ fn invalid_vectors_are_refused_for_the_stated_reason() {
     let ks = KeySchedule::from_exporter(suite, &material).unwrap();
     let invalid = v["invalid"].as_array().unwrap();
     assert!(invalid.len() >= 10);
+    for name in [
+        "padding-byte-zero",
+        "unknown-atyp",
+        "control-unknown-kind",
+        "left-of-window",
+    ] {
+        assert!(invalid.iter().any(|c| c["name"] == name), "{name} missing");
+    }
     for c in invalid {
         let mut rec = hex::decode(c["record"].as_str().unwrap()).unwrap();
         let mut recv = RecvSession::new(assoc, &ks, Role::Gateway, 1024);
+        // Records the receiver accepts first (e.g. to move the window).
+        for first in c["after"].as_array().into_iter().flatten() {
+            let mut first = hex::decode(first.as_str().unwrap()).unwrap();
+            recv.open(&mut first).unwrap();
+        }
         let err = recv.open(&mut rec).unwrap_err();
         assert_eq!(
             err.reason().name(),

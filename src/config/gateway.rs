@@ -88,6 +88,12 @@ pub struct GatewayArgs {
     #[arg(long)]
     pub full_cone: bool,
 
+    /// Refuse a standard client's UDP ASSOCIATE that gives no port (DST.PORT 0) with reply
+    /// 0x02 [default: accept it and bind the port of the first datagram from the client's
+    /// IP, which another program on a shared IP could claim first].
+    #[arg(long)]
+    pub naked_require_port: bool,
+
     /// Close a UDP association after this long without traffic, e.g. 30s, 5m [default: 120s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub idle_timeout: Option<Duration>,
@@ -159,6 +165,8 @@ pub struct GatewayConfig {
     pub policy: Policy,
     /// Accept UDP replies from any source, not only from destinations the client sent to.
     pub full_cone: bool,
+    /// Refuse naked UDP associations whose request gives no client port (DST.PORT 0).
+    pub naked_require_port: bool,
     /// A UDP association with no traffic for this long is closed (nonzero).
     pub idle_timeout: Duration,
     /// Most concurrent UDP associations (nonzero).
@@ -247,6 +255,7 @@ struct GatewayFile {
     deny: Option<Vec<String>>,
     default_deny: Option<bool>,
     full_cone: Option<bool>,
+    naked_require_port: Option<bool>,
     /// A duration string or a number of seconds, hence a raw value.
     idle_timeout: Option<toml::Value>,
     max_associations: Option<usize>,
@@ -403,6 +412,7 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
         advertise,
         policy,
         full_cone: args.full_cone || file.full_cone.unwrap_or(false),
+        naked_require_port: args.naked_require_port || file.naked_require_port.unwrap_or(false),
         idle_timeout,
         max_associations,
         max_connections,
@@ -494,7 +504,7 @@ mod tests {
         assert_eq!(c.auth, Auth::Users("users.txt".into()));
         assert_eq!(c.advertise, None);
         assert_eq!(c.policy, Policy::default());
-        assert!(!c.full_cone && !c.tls12);
+        assert!(!c.full_cone && !c.tls12 && !c.naked_require_port);
         assert_eq!(c.idle_timeout, Duration::from_secs(120));
         assert_eq!(c.handshake_timeout, Duration::from_secs(10));
         assert_eq!(c.max_associations, 4096);
@@ -575,6 +585,7 @@ mod tests {
             allow = ["127.0.0.1:9000"]
             deny = ["192.0.2.0/24", "[2001:db8::]/32:53"]
             full_cone = true
+            naked_require_port = true
             idle_timeout = 30
             max_associations = 7
             max_connections = 8
@@ -609,6 +620,7 @@ mod tests {
         assert_eq!(c.udp_listen, sa("0.0.0.0:5000"));
         assert_eq!(c.advertise, Some("2001:db8::1".parse().unwrap()));
         assert!(c.full_cone && c.tls12 && !c.policy.denies_by_default());
+        assert!(c.naked_require_port);
         assert_eq!(c.idle_timeout, Duration::from_secs(30));
         assert_eq!(c.handshake_timeout, Duration::from_secs(2));
         assert_eq!((c.max_associations, c.max_connections), (7, 8));
@@ -925,5 +937,10 @@ mod tests {
         assert!(c.cert.starts_with(dir), "{}", c.cert.display());
         assert!(c.auth.users().is_some());
         assert!(c.policy.check(None, sa("127.0.0.1:1")).is_err());
+        assert!(c.policy.check(None, sa("10.20.0.1:1")).is_err());
+        assert!(c.policy.check(Some("ops"), sa("10.20.0.1:1")).is_ok());
+        assert!(c.policy.check(None, sa("10.0.53.1:53")).is_ok());
+        assert!(c.policy.check(None, sa("198.51.100.9:5000")).is_err());
+        assert!(c.policy.check(None, sa("198.51.100.8:5000")).is_ok());
     }
 }

@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 
+use crate::gateway::relay::AssocError;
 use crate::gateway::Shared;
 use crate::net::canonical;
 use crate::net::channel::{Channel, ChannelError, Event};
@@ -340,19 +341,19 @@ async fn udp_associate(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let relay = &shared.relay;
+    // The port the client says it will send from, if it says one (PROTOCOL.md §2.3).
+    let port = match target {
+        TargetAddr::Ip(a) if a.port() != 0 => Some(a.port()),
+        _ => None,
+    };
     let opened = match &session.secure {
-        Some((id, keys)) => relay.open_secure(*id, keys, peer.ip(), session.user.clone()),
-        None => {
-            // The port the client says it will send from, if it says one.
-            let port = match target {
-                TargetAddr::Ip(a) if a.port() != 0 => Some(a.port()),
-                _ => None,
-            };
-            relay.open_naked(peer.ip(), port, session.user.clone())
-        }
+        Some((id, keys)) => relay.open_secure(*id, keys, peer.ip(), port, session.user.clone()),
+        None => relay.open_naked(peer.ip(), port, session.user.clone()),
     };
     let handle = match opened {
         Ok(h) => h,
+        // `naked_require_port`: a rule refuses it, RFC 1928's 0x02.
+        Err(AssocError::PortRequired) => return refuse(proto, Refusal::Policy).await,
         Err(e) => return refuse(proto, Refusal::Association(e.to_string())).await,
     };
     let relay_addr = relay.local_addr();

@@ -59,6 +59,8 @@ pub struct Settings {
     pub policy: Arc<Policy>,
     /// Accept UDP replies from any source.
     pub full_cone: bool,
+    /// Refuse naked UDP associations whose request gives no client port (DST.PORT 0).
+    pub naked_require_port: bool,
     /// An association with no traffic this long is closed.
     pub idle_timeout: Duration,
     /// Most associations at once.
@@ -107,6 +109,7 @@ impl Settings {
             auth: AuthSettings::default(),
             policy: Arc::new(Policy::default()),
             full_cone: false,
+            naked_require_port: false,
             idle_timeout: crate::config::DEFAULT_IDLE_TIMEOUT,
             max_associations: crate::config::DEFAULT_MAX_ASSOCIATIONS,
             max_connections: crate::config::DEFAULT_MAX_CONNECTIONS,
@@ -154,6 +157,7 @@ impl Settings {
             },
             policy: Arc::new(cfg.policy.clone()),
             full_cone: cfg.full_cone,
+            naked_require_port: cfg.naked_require_port,
             idle_timeout: cfg.idle_timeout,
             max_associations: cfg.max_associations,
             max_connections: cfg.max_connections,
@@ -206,6 +210,7 @@ impl Gateway {
                 replay_window: settings.replay_window,
                 workers: settings.workers,
                 recv_buffer: settings.udp_buffer,
+                naked_require_port: settings.naked_require_port,
             },
             metrics.clone(),
             dns.clone(),

@@ -41,9 +41,10 @@ use crate::net::batch::{stretches, BatchSocket, GsoBatch, RecordTrain, RecvBatch
 use crate::metrics::{Metrics, Path};
 use crate::net::dns::Resolver;
 use crate::net::{self, canonical, canonical_ip, for_socket};
-use crate::policy::Policy;
+use crate::policy::{LocalAddrs, Policy};
+use crate::proto::path::{ControlMessage, PathAction, PathValidator, PATH_MESSAGE_LEN, TOKEN_LEN};
 use crate::proto::record;
-use crate::proto::session::{RecvSession, SendSession};
+use crate::proto::session::{Content, RecvSession, SendSession};
 use crate::proto::socks::{parse_udp_header, AddrRef};
 use crate::proto::{classify, AssociationId, DatagramKind, DropReason, KeySchedule, Role, SealError};
 
@@ -53,6 +54,9 @@ const MAX_PEERS: usize = 4096;
 const MAX_PENDING_RESOLVES: usize = 16;
 /// How long a name resolution may take.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the host's interface addresses are enumerated again for the policy (they
+/// change with DHCP, VPNs, containers).
+const LOCAL_ADDRS_REFRESH: Duration = Duration::from_secs(30);
 
 /// Why an association could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +67,13 @@ pub enum AssocError {
     /// No outbound socket could be bound.
     #[error("cannot bind an outbound socket: {0}")]
     Io(#[from] io::Error),
+    /// The association id is in use by a live association (a collision of two random
+    /// 64-bit ids: practically never, but refused rather than shared).
+    #[error("association id in use")]
+    IdInUse,
+    /// A naked association without the client's port while `naked_require_port` is set.
+    #[error("the client did not announce its UDP port (DST.PORT 0) and the gateway requires it")]
+    PortRequired,
 }
 
 /// Relay-wide settings.
@@ -78,6 +89,9 @@ pub struct RelaySettings {
     pub workers: usize,
     /// Receive buffer asked for each relay socket, in bytes (the kernel may grant less).
     pub recv_buffer: usize,
+    /// Refuse naked associations whose UDP ASSOCIATE gives no port (DST.PORT 0), rather
+    /// than binding the port of the first datagram from the client's IP.
+    pub naked_require_port: bool,
 }
 
 /// The relay: shared socket, association tables, counters.
@@ -93,6 +107,8 @@ pub struct Relay {
     /// serialises every writer of the two maps above.
     naked_pending: Mutex<HashMap<IpAddr, VecDeque<Arc<Association>>>>,
     live: AtomicUsize,
+    /// The ids of every live association, naked and secure: an id is unique among them.
+    ids: Mutex<HashSet<AssociationId>>,
     settings: RelaySettings,
     metrics: Arc<Metrics>,
     dns: Arc<Resolver>,
@@ -105,8 +121,8 @@ pub struct Association {
     id: AssociationId,
     user: Option<String>,
     client_ip: IpAddr,
-    /// Where replies go: naked, the client's port once known; secure, the source of the
-    /// latest authenticated record.
+    /// Where replies go: naked, the client's port once known; secure, the path its
+    /// [`PathValidator`] holds (announced, first record, or validated since).
     client: ArcSwapOption<SocketAddr>,
     outbound: BatchSocket,
     outbound_v6: bool,
@@ -120,7 +136,18 @@ pub struct Association {
 
 enum Kind {
     Naked,
-    Secure { rx: Box<Mutex<RecvSession>> },
+    Secure {
+        rx: Box<Mutex<SecureRx>>,
+        /// The g2c sender: the reply task seals trains with it, the receive loop a path
+        /// challenge now and then.
+        tx: Box<Mutex<SendSession>>,
+    },
+}
+
+/// What the receive loop keeps per secure association, under one lock.
+struct SecureRx {
+    session: RecvSession,
+    path: PathValidator,
 }
 
 impl Association {
@@ -233,6 +260,7 @@ impl Relay {
                 Ok(BatchSocket::new(s)?.track_drops(&metrics.socket_drops.relay))
             })
             .collect::<io::Result<Vec<_>>>()?;
+        refresh_local_addrs(&policy)?;
         Ok(Arc::new(Relay {
             ios,
             local,
@@ -240,6 +268,7 @@ impl Relay {
             naked_by_addr: ArcSwap::from_pointee(HashMap::new()),
             naked_pending: Mutex::new(HashMap::new()),
             live: AtomicUsize::new(0),
+            ids: Mutex::new(HashSet::new()),
             settings,
             metrics,
             dns,
@@ -262,12 +291,15 @@ impl Relay {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// A fresh random association id not in use on this relay.
+    /// A fresh association id from the operating system's CSPRNG (`rand`'s thread RNG,
+    /// seeded from it) that no live association uses. Opening the association checks again
+    /// ([`AssocError::IdInUse`]), so two negotiations that drew the same id at once cannot
+    /// both get it.
     pub fn new_assoc_id(&self) -> AssociationId {
-        let table = self.secure.load();
+        let ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             let id = AssociationId(rand::random::<u64>());
-            if !table.contains_key(&id) {
+            if !ids.contains(&id) {
                 return id;
             }
         }
@@ -302,6 +334,10 @@ impl Relay {
                 return Err(e.into());
             }
         };
+        if !self.ids.lock().unwrap_or_else(|e| e.into_inner()).insert(id) {
+            self.live.fetch_sub(1, Ordering::AcqRel);
+            return Err(AssocError::IdInUse);
+        }
         self.metrics.associations.fetch_add(1, Ordering::Relaxed);
         self.metrics.associations_active.fetch_add(1, Ordering::Relaxed);
         Ok(Arc::new(Association {
@@ -320,18 +356,27 @@ impl Relay {
     }
 
     /// Opens a secure association with keys exported from the control connection.
+    /// `client_port`: the port the client announced in its UDP ASSOCIATE (DST.PORT, if not
+    /// 0); replies start there, else at the source of the first authenticated record
+    /// (PROTOCOL.md §6.3).
     pub fn open_secure(
         self: &Arc<Self>,
         id: AssociationId,
         keys: &KeySchedule,
         client_ip: IpAddr,
+        client_port: Option<u16>,
         user: Option<String>,
     ) -> Result<AssociationHandle, AssocError> {
-        let rx = RecvSession::new(id, keys, Role::Gateway, self.settings.replay_window);
+        let announced = client_port.map(|p| SocketAddr::new(canonical_ip(client_ip), p));
+        let rx = SecureRx {
+            session: RecvSession::new(id, keys, Role::Gateway, self.settings.replay_window),
+            path: PathValidator::new(announced),
+        };
         let kind = Kind::Secure {
             rx: Box::new(Mutex::new(rx)),
+            tx: Box::new(Mutex::new(SendSession::new(id, keys, Role::Gateway))),
         };
-        let assoc = self.new_association(id, user, client_ip, None, kind)?;
+        let assoc = self.new_association(id, user, client_ip, announced, kind)?;
         {
             // Writers of the tables serialise on this lock.
             let _writers = self.naked_pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -341,8 +386,7 @@ impl Relay {
                 t
             });
         }
-        let send = SendSession::new(id, keys, Role::Gateway);
-        let reply_task = tokio::spawn(reply_loop(self.clone(), assoc.clone(), Some(send)));
+        let reply_task = tokio::spawn(reply_loop(self.clone(), assoc.clone()));
         Ok(AssociationHandle {
             relay: self.clone(),
             assoc,
@@ -358,9 +402,19 @@ impl Relay {
         client_port: Option<u16>,
         user: Option<String>,
     ) -> Result<AssociationHandle, AssocError> {
-        let id = AssociationId(rand::random::<u64>());
+        if client_port.is_none() && self.settings.naked_require_port {
+            return Err(AssocError::PortRequired);
+        }
         let client = client_port.map(|p| SocketAddr::new(canonical_ip(client_ip), p));
-        let assoc = self.new_association(id, user, client_ip, client, Kind::Naked)?;
+        // Naked ids never go on the wire but key the reply path's caches: unique too. A
+        // concurrent open may take the id drawn here; draw again then.
+        let assoc = loop {
+            let id = self.new_assoc_id();
+            match self.new_association(id, user.clone(), client_ip, client, Kind::Naked) {
+                Err(AssocError::IdInUse) => continue,
+                r => break r?,
+            }
+        };
         {
             let mut pending = self.naked_pending.lock().unwrap_or_else(|e| e.into_inner());
             match client {
@@ -377,7 +431,7 @@ impl Relay {
                     .push_back(assoc.clone()),
             }
         }
-        let reply_task = tokio::spawn(reply_loop(self.clone(), assoc.clone(), None));
+        let reply_task = tokio::spawn(reply_loop(self.clone(), assoc.clone()));
         Ok(AssociationHandle {
             relay: self.clone(),
             assoc,
@@ -413,17 +467,40 @@ impl Relay {
                 }
             }
         }
+        self.ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&assoc.id);
         self.live.fetch_sub(1, Ordering::AcqRel);
         self.metrics.associations_active.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Runs one receive loop per relay socket until the task is aborted.
+    /// Runs one receive loop per relay socket until the task is aborted; also refreshes
+    /// the host's own addresses in the policy every [`LOCAL_ADDRS_REFRESH`].
     pub async fn run(self: Arc<Self>) {
         let mut workers = tokio::task::JoinSet::new();
         for i in 0..self.ios.len() {
             workers.spawn(self.clone().receive_loop(i));
         }
+        let policy = self.policy.clone();
+        workers.spawn(async move {
+            let mut tick = tokio::time::interval(LOCAL_ADDRS_REFRESH);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Err(e) = refresh_local_addrs(&policy) {
+                    tracing::warn!(error = %e, "cannot enumerate interface addresses; keeping the previous set");
+                }
+            }
+        });
         while workers.join_next().await.is_some() {}
+    }
+
+    /// Enumerates the host's interface addresses now and hands them to the policy (which
+    /// denies them by default). The relay does this when it binds and every
+    /// [`LOCAL_ADDRS_REFRESH`] while it runs.
+    pub fn refresh_local_addrs(&self) -> io::Result<()> {
+        refresh_local_addrs(&self.policy)
     }
 
     /// Receive workers in use.
@@ -488,9 +565,10 @@ impl Relay {
             let Some(assoc) = table.get(&id).filter(|a| a.client_ip == src.ip()) else {
                 continue;
             };
-            if let Kind::Secure { rx } = &assoc.kind {
+            if let Kind::Secure { rx, .. } = &assoc.kind {
                 rx.lock()
                     .unwrap_or_else(|e| e.into_inner())
+                    .session
                     .verify_run(&run[range.clone()], &mut tags[range]);
             }
         }
@@ -553,20 +631,69 @@ impl Relay {
         if src.ip() != assoc.client_ip {
             return self.metrics.count_drop(DropReason::ForeignSource);
         }
-        let Kind::Secure { rx } = &assoc.kind else {
+        let Kind::Secure { rx, tx } = &assoc.kind else {
             return self.metrics.count_drop(DropReason::UnknownAssociation);
         };
         let mut rx = rx.lock().unwrap_or_else(|e| e.into_inner());
         let opened = match tag {
-            Some(ok) => rx.open_verified(datagram, ok),
-            None => rx.open(datagram),
+            Some(ok) => rx.session.open_verified(datagram, ok),
+            None => rx.session.open(datagram),
         };
+        let o = match opened {
+            Ok(o) => o,
+            Err(e) => return self.metrics.count_drop(e.reason()),
+        };
+        let now = self.now_ms();
+        // The reply path (PROTOCOL.md §6.3): only the newest records from a new source
+        // start a validation, and only its answer moves the path.
+        let (action, moved) = match o.content {
+            Content::Data { .. } => (rx.path.on_record(src, o.is_newest(), now, rand::random), false),
+            Content::Control(ControlMessage::PathResponse(token)) => {
+                (PathAction::None, rx.path.on_response(src, token))
+            }
+            Content::Control(ControlMessage::PathChallenge(_)) => {
+                drop(rx);
+                // A challenge travels g2c only.
+                return self.metrics.count_drop(DropReason::BadControl);
+            }
+        };
+        let current = rx.path.current();
         drop(rx);
-        match opened {
-            Ok(o) => {
-                assoc.set_client(src);
-                assoc.last_active.store(self.now_ms(), Ordering::Relaxed);
-                self.forward(&assoc, o.addr, o.payload, out);
+        if let Some(path) = current {
+            assoc.set_client(path);
+        }
+        if moved {
+            tracing::info!(assoc = %assoc.id, path = %src, "reply path moved (validated)");
+        }
+        assoc.last_active.store(now, Ordering::Relaxed);
+        if let PathAction::Challenge { to, token } = action {
+            self.challenge(&assoc, tx, to, token);
+        }
+        if let Some((addr, payload)) = o.data() {
+            self.forward(&assoc, addr, payload, out);
+        }
+    }
+
+    /// Sends a PATH_CHALLENGE to `to`, sealed with the association's g2c key (one record,
+    /// without waiting: a full socket buffer loses it and a later record triggers another).
+    fn challenge(
+        &self,
+        assoc: &Association,
+        tx: &Mutex<SendSession>,
+        to: SocketAddr,
+        token: [u8; TOKEN_LEN],
+    ) {
+        let mut buf = [0u8; record::record_len(PATH_MESSAGE_LEN)];
+        let sealed = tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .seal_control(&ControlMessage::PathChallenge(token), &mut buf);
+        match sealed {
+            Ok(n) => {
+                tracing::debug!(assoc = %assoc.id, candidate = %to, "path challenge");
+                if self.io().try_send(to, &buf[..n], None).is_err() {
+                    self.metrics.count_drop(DropReason::SendFailed);
+                }
             }
             Err(e) => self.metrics.count_drop(e.reason()),
         }
@@ -610,6 +737,12 @@ impl Relay {
             assoc.pending_resolves.fetch_sub(1, Ordering::AcqRel);
         });
     }
+}
+
+fn refresh_local_addrs(policy: &Policy) -> io::Result<()> {
+    let addrs = crate::net::ifaddrs::interface_addrs()?;
+    policy.set_local_addrs(LocalAddrs::new(addrs));
+    Ok(())
 }
 
 /// Policy and restricted-cone bookkeeping for one datagram to `target`; the address to
@@ -688,7 +821,11 @@ impl Forwarder {
 /// Reads replies from the association's outbound socket and returns them to the client:
 /// naked datagrams, or records whose plaintexts are placed as they come and sealed together
 /// (interleaved CBC chains) just before their GSO train leaves.
-async fn reply_loop(relay: Arc<Relay>, assoc: Arc<Association>, mut send: Option<SendSession>) {
+async fn reply_loop(relay: Arc<Relay>, assoc: Arc<Association>) {
+    let send = match &assoc.kind {
+        Kind::Secure { tx, .. } => Some(&**tx),
+        Kind::Naked => None,
+    };
     let mut batch = RecvBatch::new(SMALL_BATCH);
     let mut out = Replies::new(relay.io().max_gso_segments());
     let mut peers = PeerCache::default();
@@ -730,7 +867,7 @@ async fn reply_loop(relay: Arc<Relay>, assoc: Arc<Association>, mut send: Option
             if !out.train.fits(client, len) {
                 // Different size: send what is pending first (non-blocking; a full socket
                 // buffer drops the train, as the kernel would drop datagrams).
-                exhausted = !out.flush_now(&relay, &mut send);
+                exhausted = !out.flush_now(&relay, send);
             }
             let space = out.train.place(client, len, alen + n);
             // Invariant: `space` holds the address (at most 19 bytes) and the payload at `at`.
@@ -741,7 +878,7 @@ async fn reply_loop(relay: Arc<Relay>, assoc: Arc<Association>, mut send: Option
             }
             out.payload_bytes += n;
         });
-        exhausted |= !out.flush_wait(&relay, &mut send).await;
+        exhausted |= !out.flush_wait(&relay, send).await;
         assoc.last_active.store(relay.now_ms(), Ordering::Relaxed);
         if exhausted {
             // The key may seal no more: end the association (the control task notices) so
@@ -768,10 +905,12 @@ impl Replies {
 
     /// Seals the pending records (secure associations); `false` when the key is exhausted
     /// (the train is then dropped and counted).
-    fn seal(&mut self, relay: &Relay, send: &mut Option<SendSession>) -> bool {
+    fn seal(&mut self, relay: &Relay, send: Option<&Mutex<SendSession>>) -> bool {
         let Some(s) = send else {
             return true;
         };
+        // One lock per train; the receive loop takes it only to seal a path challenge.
+        let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
         match self
             .train
             .seal_with(|buf, offsets, pts, lens| s.seal_many_in_place(buf, offsets, pts, lens))
@@ -800,7 +939,7 @@ impl Replies {
     }
 
     /// Seals and sends without waiting; `false` when the key is exhausted.
-    fn flush_now(&mut self, relay: &Relay, send: &mut Option<SendSession>) -> bool {
+    fn flush_now(&mut self, relay: &Relay, send: Option<&Mutex<SendSession>>) -> bool {
         if !self.seal(relay, send) {
             return false;
         }
@@ -813,7 +952,7 @@ impl Replies {
     }
 
     /// Seals and sends, waiting for socket space; `false` when the key is exhausted.
-    async fn flush_wait(&mut self, relay: &Relay, send: &mut Option<SendSession>) -> bool {
+    async fn flush_wait(&mut self, relay: &Relay, send: Option<&Mutex<SendSession>>) -> bool {
         if !self.seal(relay, send) {
             return false;
         }
@@ -828,5 +967,79 @@ impl Replies {
     fn clear(&mut self) {
         self.train.clear();
         self.payload_bytes = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::CipherSuite;
+
+    fn relay(naked_require_port: bool) -> Arc<Relay> {
+        Relay::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            RelaySettings {
+                full_cone: false,
+                max_associations: 16,
+                replay_window: 64,
+                workers: 1,
+                recv_buffer: crate::net::UDP_BUFFER,
+                naked_require_port,
+            },
+            Arc::new(Metrics::default()),
+            Arc::new(Resolver::new(Duration::from_secs(1), 8)),
+            Arc::new(Policy::default()),
+        )
+        .unwrap()
+    }
+
+    fn keys() -> KeySchedule {
+        let suite = CipherSuite::Aes128CbcHmacSha256;
+        KeySchedule::from_exporter(suite, &vec![1; suite.exporter_len()]).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_id_is_unique_among_live_associations() {
+        let r = relay(false);
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let id = r.new_assoc_id();
+        let a = r.open_secure(id, &keys(), ip, Some(4000), None).unwrap();
+        // The same id again (two negotiations that drew it at once) is refused, not shared.
+        assert!(matches!(
+            r.open_secure(id, &keys(), ip, None, None),
+            Err(AssocError::IdInUse)
+        ));
+        assert_eq!(r.live(), 1);
+        // Naked ids come from the same set.
+        let n = r.open_naked(ip, Some(4001), None).unwrap();
+        assert_ne!(n.id(), a.id());
+        assert_eq!(r.ids.lock().unwrap().len(), 2);
+        drop(a);
+        // Freed with its association.
+        assert_eq!(r.ids.lock().unwrap().len(), 1);
+        let again = r.open_secure(id, &keys(), ip, None, None).unwrap();
+        assert_eq!(again.id(), id);
+        assert_eq!(r.live(), 2);
+    }
+
+    #[tokio::test]
+    async fn naked_require_port_refuses_only_port_zero() {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let r = relay(true);
+        assert!(matches!(
+            r.open_naked(ip, None, None),
+            Err(AssocError::PortRequired)
+        ));
+        assert_eq!(r.live(), 0);
+        assert!(r.open_naked(ip, Some(4000), None).is_ok());
+        assert!(relay(false).open_naked(ip, None, None).is_ok());
+    }
+
+    #[tokio::test]
+    async fn binding_hands_the_host_addresses_to_the_policy() {
+        let r = relay(false);
+        assert!(r.policy.local_addrs().is_local("127.0.0.1".parse().unwrap()));
+        r.refresh_local_addrs().unwrap();
+        assert!(!r.policy.local_addrs().is_empty());
     }
 }

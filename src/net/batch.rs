@@ -291,7 +291,10 @@ impl RecvBatch {
             let m = &self.meta[i];
             let src = canonical(m.addr);
             let stride = if m.stride == 0 { m.len } else { m.stride };
-            for seg in chunk[..m.len].chunks_mut(stride.max(1)) {
+            // An empty datagram is a datagram too (the relay counts it, `unknown_kind`);
+            // `chunks_mut` of nothing yields nothing, so it is added by hand.
+            let empty = (m.len == 0).then(<&mut [u8]>::default);
+            for seg in chunk[..m.len].chunks_mut(stride.max(1)).chain(empty) {
                 if let Some(prev) = from.filter(|&p| n == RUN || p != src) {
                     f(&mut run[..n], prev);
                     n = 0;
@@ -314,7 +317,8 @@ impl RecvBatch {
             let m = &self.meta[i];
             let from = canonical(m.addr);
             let stride = if m.stride == 0 { m.len } else { m.stride };
-            for seg in chunk[..m.len].chunks_mut(stride.max(1)) {
+            let empty = (m.len == 0).then(<&mut [u8]>::default);
+            for seg in chunk[..m.len].chunks_mut(stride.max(1)).chain(empty) {
                 f(seg, from);
             }
         }

@@ -48,6 +48,9 @@ pub enum DropReason {
     TooLarge,
     /// The outbound socket refused the datagram.
     SendFailed,
+    /// Authenticated control plaintext (ATYP 0x00) with an unknown KIND, a KIND not sent
+    /// in this direction, or a malformed body.
+    BadControl,
     /// A datagram that arrived while its flow's association was opening found the flow-start
     /// queue full (client side).
     QueueFull,
@@ -80,6 +83,7 @@ impl DropReason {
         DropReason::UnsolicitedReply,
         DropReason::TooLarge,
         DropReason::SendFailed,
+        DropReason::BadControl,
         DropReason::QueueFull,
         DropReason::QueueExpired,
     ];
@@ -111,6 +115,7 @@ impl DropReason {
             DropReason::UnsolicitedReply => "unsolicited_reply",
             DropReason::TooLarge => "too_large",
             DropReason::SendFailed => "send_failed",
+            DropReason::BadControl => "bad_control",
             DropReason::QueueFull => "queue_full",
             DropReason::QueueExpired => "queue_expired",
         }
@@ -191,6 +196,13 @@ pub enum OpenError {
     /// The plaintext's address header is malformed.
     #[error("malformed address header in plaintext: {0}")]
     BadAddress(SocksError),
+    /// A control plaintext (ATYP 0x00) this receiver does not take: unknown KIND, a KIND
+    /// of the other direction, or a malformed body.
+    #[error("control message of kind {kind:#04x} not accepted")]
+    BadControl {
+        /// The KIND byte (0 when missing).
+        kind: u8,
+    },
 }
 
 impl OpenError {
@@ -208,6 +220,7 @@ impl OpenError {
             OpenError::BadMac => DropReason::BadMac,
             OpenError::BadPadding => DropReason::BadPadding,
             OpenError::BadAddress(_) => DropReason::BadAddress,
+            OpenError::BadControl { .. } => DropReason::BadControl,
         }
     }
 }

@@ -190,7 +190,10 @@ impl std::fmt::Debug for DirectionKeys {
 }
 
 /// Both directions' keys of one association.
-#[derive(Clone, Debug)]
+///
+/// Not `Clone`: [`KeySchedule::into_sessions`] consumes it, so one schedule yields one
+/// sender per association end and no nonce is ever sealed twice under its key.
+#[derive(Debug)]
 pub struct KeySchedule {
     /// Client-to-gateway keys.
     pub c2g: DirectionKeys,
@@ -221,6 +224,48 @@ impl KeySchedule {
             c2g: cut(c2g)?,
             g2c: cut(g2c)?,
         })
+    }
+
+    /// The sending and receiving halves of `role`'s end of association `assoc`, the
+    /// receiver with a replay window of `window` nonces. Takes the schedule by value: the
+    /// one way for a library user to get a [`SendSession`](crate::proto::SendSession).
+    ///
+    /// A schedule makes one pair, never two senders:
+    ///
+    /// ```compile_fail
+    /// # use sudp::proto::{AssociationId, CipherSuite, KeySchedule, Role};
+    /// let suite = CipherSuite::Aes128CbcHmacSha256;
+    /// let ks = KeySchedule::from_exporter(suite, &vec![7; suite.exporter_len()]).unwrap();
+    /// let (a, _) = ks.into_sessions(AssociationId(1), Role::Client, 64);
+    /// let (b, _) = ks.into_sessions(AssociationId(1), Role::Client, 64); // moved: refused
+    /// ```
+    ///
+    /// and neither the schedule nor a sender can be copied:
+    ///
+    /// ```compile_fail
+    /// fn clone<T: Clone>() {}
+    /// clone::<sudp::proto::SendSession>();
+    /// ```
+    ///
+    /// ```compile_fail
+    /// fn clone<T: Clone>() {}
+    /// clone::<sudp::proto::KeySchedule>();
+    /// ```
+    ///
+    /// ```compile_fail
+    /// fn clone<T: Clone>() {}
+    /// clone::<sudp::proto::Sealer>();
+    /// ```
+    pub fn into_sessions(
+        self,
+        assoc: AssociationId,
+        role: Role,
+        window: usize,
+    ) -> (crate::proto::SendSession, crate::proto::RecvSession) {
+        (
+            crate::proto::SendSession::new(assoc, &self, role),
+            crate::proto::RecvSession::new(assoc, &self, role, window),
+        )
     }
 
     /// (sealing keys, opening keys) for `role`.

@@ -13,6 +13,8 @@
 //!   UDP request header).
 //! * [`session`]: one association's send and receive halves (sealer + nonce counter,
 //!   opener + replay window).
+//! * [`path`]: control messages inside records (PATH_CHALLENGE / PATH_RESPONSE) and the
+//!   gateway's reply-path validation.
 //! * [`detect`]: the record detector that routes a datagram to naked or secure processing.
 //! * [`frame`]: the framed control channel that follows a secure UDP ASSOCIATE.
 //! * [`error`]: typed errors and drop reasons.
@@ -23,6 +25,7 @@ pub mod detect;
 pub mod error;
 pub mod frame;
 pub mod keys;
+pub mod path;
 pub mod record;
 pub mod replay;
 pub mod session;
@@ -32,6 +35,7 @@ pub mod tag;
 pub use detect::{classify, DatagramKind};
 pub use error::{DropReason, OpenError, SealError, SocksError};
 pub use keys::{AssociationId, CipherSuite, DirectionKeys, KeySchedule, Role};
+pub use path::{ControlMessage, PathAction, PathValidator};
 pub use record::{Opener, Sealer};
 pub use replay::ReplayWindow;
-pub use session::{RecvSession, SendSession};
+pub use session::{Content, Opened, RecvSession, SendSession};

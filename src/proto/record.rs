@@ -22,8 +22,9 @@
 //!   checked in constant time before anything is decrypted.
 //! * The plaintext is the SOCKS5 address (ATYP, ADDR, PORT) followed by the payload.
 //!
-//! Overhead is 37 bytes plus 1-16 bytes of padding. The largest record is the largest UDP
-//! payload, 65 507 bytes, so the largest plaintext is [`MAX_PLAINTEXT`] = 65 455 bytes.
+//! Overhead is 37 bytes plus 1-16 bytes of padding. Every record fits in the largest UDP
+//! payload, 65 507 bytes ([`MAX_DATAGRAM`]); whole blocks make the largest record 65 493
+//! bytes ([`MAX_RECORD`]), carrying the largest plaintext, [`MAX_PLAINTEXT`] = 65 455 bytes.
 
 use aes::cipher::array::Array;
 use aes::cipher::consts::U16;
@@ -60,12 +61,14 @@ pub const TAG_LEN: usize = 16;
 pub const BLOCK_LEN: usize = 16;
 /// Smallest record: prefix, one block, tag.
 pub const MIN_RECORD: usize = PREFIX_LEN + BLOCK_LEN + TAG_LEN;
-/// Largest UDP payload over IPv4, the largest record.
+/// Largest UDP payload over IPv4: no record is longer.
 pub const MAX_DATAGRAM: usize = 65_507;
 /// Largest ciphertext that fits in [`MAX_DATAGRAM`].
 pub const MAX_CIPHERTEXT: usize = (MAX_DATAGRAM - PREFIX_LEN - TAG_LEN) / BLOCK_LEN * BLOCK_LEN;
 /// Largest plaintext (address header + payload) one record carries.
 pub const MAX_PLAINTEXT: usize = MAX_CIPHERTEXT - 1;
+/// Largest record a sender makes (PROTOCOL.md §4.6): 65 493 bytes, length field `0xFFD0`.
+pub const MAX_RECORD: usize = record_len(MAX_PLAINTEXT);
 /// Records whose CBC chains [`Sealer::seal_many_in_place`] advances together.
 pub const INTERLEAVE: usize = 8;
 /// Records one key may seal: nonces 0 .. 2^48. Far below the CBC birthday bound (2^64
@@ -265,14 +268,28 @@ impl RecordKeys {
 /// Seals plaintexts into records for one association and direction.
 ///
 /// The sealer takes the nonce as an argument; [`crate::proto::SendSession`] owns the counter.
-#[derive(Clone)]
+/// So that no library user can seal two records under one nonce, a sealer is built only
+/// inside the crate (by the send session) and is not `Clone`.
 pub struct Sealer {
     keys: RecordKeys,
 }
 
 impl Sealer {
-    /// A sealer with `keys` for association `assoc`.
+    /// A sealer with `keys` for association `assoc`. Crate-private (the send session
+    /// builds one per key); public only with the crate's test doors, for the benches.
+    #[cfg(not(feature = "test-doors"))]
+    pub(crate) fn new(assoc: AssociationId, keys: &DirectionKeys) -> Self {
+        Self::with_keys(assoc, keys)
+    }
+
+    /// A sealer with `keys` for association `assoc` (the benches' door: feature
+    /// `test-doors`, never enabled for library users).
+    #[cfg(feature = "test-doors")]
     pub fn new(assoc: AssociationId, keys: &DirectionKeys) -> Self {
+        Self::with_keys(assoc, keys)
+    }
+
+    fn with_keys(assoc: AssociationId, keys: &DirectionKeys) -> Self {
         Sealer {
             keys: RecordKeys::new(assoc, keys),
         }
@@ -533,6 +550,14 @@ impl Opener {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn largest_record_is_the_one_protocol_md_gives() {
+        assert_eq!(MAX_RECORD, 65_493);
+        assert_eq!(MAX_RECORD - HEADER_LEN, 0xFFD0);
+        assert!(MAX_RECORD <= MAX_DATAGRAM && record_len(MAX_PLAINTEXT + 1) > MAX_DATAGRAM);
+    }
+
     use super::*;
     use proptest::prelude::*;
 

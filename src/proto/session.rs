@@ -7,31 +7,41 @@
 //! 2. ask the replay window whether the nonce is acceptable (no state change);
 //! 3. verify the tag in constant time;
 //! 4. commit the nonce to the window (only now: a forged record cannot move it);
-//! 5. decrypt, strip the padding, parse the address header.
+//! 5. decrypt, strip the padding, parse the address header, or, for a control plaintext
+//!    (ATYP 0x00, [`crate::proto::path`]), the control message.
 
 use crate::proto::error::{OpenError, SealError};
 use crate::proto::keys::{AssociationId, KeySchedule, Role};
+use crate::proto::path::{ControlMessage, CONTROL_ATYP, PATH_MESSAGE_LEN};
 use crate::proto::record::{Opener, Sealer, INTERLEAVE, MAX_RECORDS_PER_KEY, PREFIX_LEN};
 use crate::proto::replay::{ReplayWindow, Verdict};
 use crate::proto::socks::AddrRef;
 
 /// The sending half: seals with a fresh nonce each time.
-#[derive(Clone)]
+///
+/// Deliberately not `Clone`, and made only from a [`KeySchedule`] taken by value
+/// ([`KeySchedule::into_sessions`]): two senders with one key would reuse nonces, hence
+/// IVs and (for equal plaintexts) whole records. Inside the crate, the gateway and the
+/// client build exactly one per association.
 pub struct SendSession {
     sealer: Sealer,
     next_nonce: u64,
 }
 
 impl SendSession {
-    /// Sending half for `role`, starting at nonce 0.
-    pub fn new(assoc: AssociationId, keys: &KeySchedule, role: Role) -> Self {
+    /// Sending half for `role`, starting at nonce 0. Crate-private: the caller promises to
+    /// build one per key (library users go through [`KeySchedule::into_sessions`]).
+    pub(crate) fn new(assoc: AssociationId, keys: &KeySchedule, role: Role) -> Self {
         SendSession {
             sealer: Sealer::new(assoc, keys.for_role(role).0),
             next_nonce: 0,
         }
     }
 
-    /// Sending half that continues from `next_nonce` (a resumed association).
+    /// Sending half that continues from `next_nonce`. A door for tests (the known-answer
+    /// vectors seal at chosen nonces): compiled only for the crate's own tests, since a
+    /// chosen nonce is a reused nonce in any other hands.
+    #[cfg(any(test, feature = "test-doors"))]
     pub fn resume(assoc: AssociationId, keys: &KeySchedule, role: Role, next_nonce: u64) -> Self {
         SendSession {
             next_nonce,
@@ -75,6 +85,20 @@ impl SendSession {
         self.seal_in_place(out, pt_len)
     }
 
+    /// Seals a control message (PROTOCOL.md §4.1) into `out`; returns the record length.
+    /// It takes the next nonce like any record.
+    pub fn seal_control(&mut self, msg: &ControlMessage, out: &mut [u8]) -> Result<usize, SealError> {
+        let need = crate::proto::record::record_len(PATH_MESSAGE_LEN);
+        if out.len() < need {
+            return Err(SealError::BufferTooSmall {
+                have: out.len(),
+                need,
+            });
+        }
+        let n = msg.encode(&mut out[PREFIX_LEN..]);
+        self.seal_in_place(out, n)
+    }
+
     /// Seals several records at once with consecutive nonces (see
     /// [`Sealer::seal_many_in_place`] for the layout); faster than one at a time.
     pub fn seal_many_in_place(
@@ -104,12 +128,41 @@ impl SendSession {
 pub struct Opened<'a> {
     /// The record's nonce.
     pub nonce: u64,
-    /// The address in the plaintext (destination from a client, source from a gateway).
-    pub addr: AddrRef<'a>,
-    /// The payload.
-    pub payload: &'a [u8],
     /// How the replay window took the nonce.
     pub verdict: Verdict,
+    /// What the record carries.
+    pub content: Content<'a>,
+}
+
+/// What an opened record carries: application data, or a control message that is never
+/// delivered to an application.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Content<'a> {
+    /// A datagram.
+    Data {
+        /// The address in the plaintext (destination from a client, source from a gateway).
+        addr: AddrRef<'a>,
+        /// The payload.
+        payload: &'a [u8],
+    },
+    /// A control message (ATYP 0x00).
+    Control(ControlMessage),
+}
+
+impl<'a> Opened<'a> {
+    /// The address and payload of a data record; `None` for a control message.
+    pub fn data(&self) -> Option<(AddrRef<'a>, &'a [u8])> {
+        match self.content {
+            Content::Data { addr, payload } => Some((addr, payload)),
+            Content::Control(_) => None,
+        }
+    }
+
+    /// Whether the nonce is above every nonce the window accepted before (the record is
+    /// the sender's newest so far).
+    pub fn is_newest(&self) -> bool {
+        matches!(self.verdict, Verdict::Ahead { .. })
+    }
 }
 
 /// The receiving half: replay window around an opener.
@@ -196,12 +249,19 @@ impl RecvSession {
         }
         self.window.commit(h.nonce);
         let pt: &'a [u8] = self.opener.decrypt_in_place(&h, datagram)?;
-        let (addr, used) = AddrRef::parse(pt).map_err(OpenError::BadAddress)?;
+        let content = if pt.first() == Some(&CONTROL_ATYP) {
+            Content::Control(ControlMessage::parse(pt)?)
+        } else {
+            let (addr, used) = AddrRef::parse(pt).map_err(OpenError::BadAddress)?;
+            Content::Data {
+                addr,
+                payload: &pt[used..],
+            }
+        };
         Ok(Opened {
             nonce: h.nonce,
-            addr,
-            payload: &pt[used..],
             verdict,
+            content,
         })
     }
 }
@@ -248,8 +308,9 @@ mod tests {
             let mut b = recs[i].clone();
             let o = gr.open(&mut b).unwrap();
             assert_eq!(o.nonce, i as u64);
-            assert_eq!(o.addr, AddrRef::Ip(dst));
-            assert_eq!(o.payload, &[i as u8; 20]);
+            let (addr, payload) = o.data().unwrap();
+            assert_eq!(addr, AddrRef::Ip(dst));
+            assert_eq!(payload, &[i as u8; 20]);
             let mut again = recs[i].clone();
             assert_eq!(
                 gr.open(&mut again).unwrap_err(),
@@ -261,7 +322,7 @@ mod tests {
         assert_eq!(cr.open(&mut b).unwrap_err(), OpenError::BadMac);
         let mut b = vec![0u8; 128];
         let n = gs.seal(&AddrRef::Ip(dst), b"pong", &mut b).unwrap();
-        assert_eq!(cr.open(&mut b[..n]).unwrap().payload, b"pong");
+        assert_eq!(cr.open(&mut b[..n]).unwrap().data().unwrap().1, b"pong");
     }
 
     #[test]
@@ -300,7 +361,7 @@ mod tests {
         assert_eq!(ok, [true, true, false, true, false, true]);
         for (i, r) in recs.iter_mut().enumerate() {
             match gr.open_verified(r, ok[i]) {
-                Ok(o) => assert_eq!((o.nonce, o.payload), (i as u64, &[i as u8; 40][..])),
+                Ok(o) => assert_eq!((o.nonce, o.data().unwrap().1), (i as u64, &[i as u8; 40][..])),
                 Err(e) => {
                     assert!(i == 2 || i == 4, "record {i}: {e}");
                     assert_eq!(e.reason(), DropReason::BadMac);
@@ -328,6 +389,46 @@ mod tests {
             gr.open_verified(&mut replay, ok[1]).unwrap_err().reason(),
             DropReason::Duplicate
         );
+    }
+
+    #[test]
+    fn control_records_open_as_control_and_unknown_kinds_are_refused() {
+        use crate::proto::path::{PATH_CHALLENGE, PATH_RESPONSE};
+        let (mut cs, mut gr, mut gs, mut cr) = ends();
+        let mut b = vec![0u8; 128];
+        let n = gs
+            .seal_control(&ControlMessage::PathChallenge([5; 8]), &mut b)
+            .unwrap();
+        assert_eq!(
+            n,
+            crate::proto::record::MIN_RECORD,
+            "10-byte plaintext, one block"
+        );
+        let o = cr.open(&mut b[..n]).unwrap();
+        assert_eq!(o.content, Content::Control(ControlMessage::PathChallenge([5; 8])));
+        assert!(o.data().is_none());
+        assert!(o.is_newest());
+        let n = cs
+            .seal_control(&ControlMessage::PathResponse([5; 8]), &mut b)
+            .unwrap();
+        let o = gr.open(&mut b[..n]).unwrap();
+        assert_eq!(o.content, Content::Control(ControlMessage::PathResponse([5; 8])));
+        // Crafted control plaintexts: unknown KIND, short body, long body.
+        for (pt, kind) in [
+            (&[0u8, 0x09, 1, 2, 3, 4, 5, 6, 7, 8][..], 0x09),
+            (&[0, PATH_CHALLENGE, 1, 2, 3][..], PATH_CHALLENGE),
+            (&[0, PATH_RESPONSE, 1, 2, 3, 4, 5, 6, 7, 8, 9][..], PATH_RESPONSE),
+            (&[0][..], 0),
+        ] {
+            let mut rec = vec![0u8; 128];
+            rec[PREFIX_LEN..PREFIX_LEN + pt.len()].copy_from_slice(pt);
+            let n = cs.seal_in_place(&mut rec, pt.len()).unwrap();
+            let e = gr.open(&mut rec[..n]).unwrap_err();
+            assert_eq!(e, OpenError::BadControl { kind });
+            assert_eq!(e.reason(), DropReason::BadControl);
+        }
+        // The nonce of a refused control record stays committed (it authenticated).
+        assert_eq!(gr.window().top(), 5);
     }
 
     #[test]

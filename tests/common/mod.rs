@@ -292,7 +292,15 @@ pub struct RawSecure {
     pub relay: SocketAddr,
 }
 
+/// [`raw_secure_announcing`] with DST.PORT 0: the gateway's reply path starts at the source
+/// of the first authenticated record (so a test may send through a relay of its own).
 pub async fn raw_secure(gw: &TestGateway, pki: &DevPki) -> RawSecure {
+    raw_secure_announcing(gw, pki, false).await
+}
+
+/// A [`RawSecure`] whose UDP ASSOCIATE announces the client socket's address (as
+/// `SecureUdp` does) when `announce`, else `0.0.0.0:0`.
+pub async fn raw_secure_announcing(gw: &TestGateway, pki: &DevPki, announce: bool) -> RawSecure {
     use sudp::client::{connect_tls, negotiate_sudp, request};
     use sudp::proto::socks::{Address, Command};
     let opts = gw.options(pki);
@@ -300,13 +308,14 @@ pub async fn raw_secure(gw: &TestGateway, pki: &DevPki) -> RawSecure {
     let (suite, assoc) = negotiate_sudp(&mut control, &opts).await.unwrap();
     let keys = sudp::tls::export_keys(control.get_ref().1, assoc, suite).unwrap();
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let bnd = request(
-        &mut control,
-        Command::UdpAssociate,
-        &Address::Ip(socket.local_addr().unwrap()),
-    )
-    .await
-    .unwrap();
+    let announced = if announce {
+        socket.local_addr().unwrap()
+    } else {
+        "0.0.0.0:0".parse().unwrap()
+    };
+    let bnd = request(&mut control, Command::UdpAssociate, &Address::Ip(announced))
+        .await
+        .unwrap();
     let Address::Ip(relay) = bnd else {
         panic!("BND is a domain")
     };

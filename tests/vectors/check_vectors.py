@@ -41,6 +41,12 @@ MAX_RECORDS_PER_KEY = 1 << 48
 # §6.2
 DEFAULT_WINDOW = 1024
 
+# §4.1 control plaintexts
+CONTROL_ATYP = 0x00
+PATH_CHALLENGE = 0x01
+PATH_RESPONSE = 0x02
+TOKEN_LEN = 8
+
 
 class Drop(Exception):
     """A receiver refused a datagram; `reason` is the §7 name."""
@@ -206,7 +212,8 @@ class Receiver:
         self.window = ReplayWindow(window)
 
     def open(self, rec):
-        """Returns (nonce, address, payload); raises Drop(reason)."""
+        """Returns (nonce, address, payload), or (nonce, ("control", kind, token), b"") for a
+        control plaintext (§4.1); raises Drop(reason)."""
         n_bytes = len(rec)
         # 1-4: cleartext header
         if n_bytes < MIN_RECORD:
@@ -241,7 +248,12 @@ class Receiver:
         if not 1 <= pad <= BLOCK or padded[-pad:] != bytes([pad]) * pad:
             raise Drop("bad_padding")
         plaintext = padded[:-pad]
-        # 11: address
+        # 11: control plaintext (§4.1) or address
+        if plaintext[:1] == bytes([CONTROL_ATYP]):
+            if (len(plaintext) != 2 + TOKEN_LEN
+                    or plaintext[1] not in (PATH_CHALLENGE, PATH_RESPONSE)):
+                raise Drop("bad_control")
+            return nonce, ("control", plaintext[1], plaintext[2:]), b""
         addr, used = parse_address(plaintext)
         return nonce, addr, plaintext[used:]
 
@@ -341,6 +353,12 @@ def check_invalid(t, v, valid_by_name):
         return
     keys = cut_keys(of["suite_id"], bytes.fromhex(of["exporter_output"]))[of["direction"]]
     rx = Receiver(keys, int(of["assoc_id"], 16))
+    # §9: records the receiver accepts first.
+    for first in v.get("after", []):
+        try:
+            rx.open(bytes.fromhex(first))
+        except Drop as e:
+            t.check(False, name + ": `after` record refused: " + e.reason)
     t.expect_drop(lambda: rx.open(bytes.fromhex(v["record"])), v["expect"], "invalid " + name)
 
 
@@ -381,6 +399,7 @@ def check_document_rules(t, first):
     t.check(classify(b"\x85") == "secure", "detector: any byte with 0x80")
     rx = Receiver(keys, assoc)
     t.expect_drop(lambda: rx.open(b"\x85" + bytes(60)), "bad_header", "flagged but not 0x97")
+    t.expect_drop(lambda: rx.open(b"\x97"), "truncated", "a single 0x97 byte is a secure datagram, cut short")
 
     # §6.1 steps 10-11: authenticated but malformed plaintext; nonce stays committed.
     def forge(nonce, padded):
@@ -401,6 +420,19 @@ def check_document_rules(t, first):
     t.expect_drop(lambda: rx.open(forge(7, b"\x01\x7f\x00" + bytes([13]) * 13)), "bad_address",
                   "cut IPv4 address")
     t.expect_drop(lambda: rx.open(seal(keys, assoc, 8, b"")), "bad_address", "empty plaintext")
+    # §4.1 control plaintexts: known kinds open as control, never as data.
+    got = rx.open(seal(keys, assoc, 9, b"\x00\x01" + bytes(range(8))))
+    t.check(got[1] == ("control", PATH_CHALLENGE, bytes(range(8))) and got[2] == b"",
+            "PATH_CHALLENGE opens as control")
+    got = rx.open(seal(keys, assoc, 10, b"\x00\x02" + bytes(8)))
+    t.check(got[1] == ("control", PATH_RESPONSE, bytes(8)), "PATH_RESPONSE opens as control")
+    t.expect_drop(lambda: rx.open(seal(keys, assoc, 11, b"\x00\x03" + bytes(8))), "bad_control",
+                  "unknown control kind")
+    t.expect_drop(lambda: rx.open(seal(keys, assoc, 12, b"\x00\x01" + bytes(9))), "bad_control",
+                  "control body too long")
+    t.expect_drop(lambda: rx.open(seal(keys, assoc, 13, b"\x00")), "bad_control", "control without KIND")
+    t.check(len(seal(keys, assoc, 14, b"\x00\x01" + bytes(8))) == MIN_RECORD,
+            "a path message is one block")
 
     # §6.2 window behaviour
     rx = Receiver(keys, assoc, window=64)
