@@ -7,6 +7,7 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::auth::Method;
 use crate::proto::DropReason;
 
 /// Traffic and drop counters.
@@ -25,8 +26,17 @@ pub struct Metrics {
     pub connections: AtomicU64,
     /// Associations opened (naked and secure).
     pub associations: AtomicU64,
-    /// Authentication failures.
+    /// Authentication failures, every method (checked and wrong).
     pub auth_failures: AtomicU64,
+    /// Authentication failures by method, indexed by [`Method::index`].
+    auth_failures_by_method: [AtomicU64; Method::ALL.len()],
+    /// Authentication attempts refused without a check: their source failed too often.
+    pub auth_rate_limited: AtomicU64,
+    /// Authentication attempts not checked: the queue was full, the connection's deadline
+    /// passed or the client went away while queued.
+    pub auth_overloaded: AtomicU64,
+    /// Control connections closed at once: their source already held its share of slots.
+    pub connections_over_source_cap: AtomicU64,
 }
 
 impl Metrics {
@@ -60,6 +70,17 @@ impl Metrics {
         s
     }
 
+    /// Counts one authentication failure of `method`.
+    pub fn count_auth_failure(&self, method: Method) {
+        self.auth_failures.fetch_add(1, Ordering::Relaxed);
+        self.auth_failures_by_method[method.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Authentication failures of `method` so far.
+    pub fn auth_failures_by(&self, method: Method) -> u64 {
+        self.auth_failures_by_method[method.index()].load(Ordering::Relaxed)
+    }
+
     /// Counts a forwarded datagram of `bytes` payload bytes.
     pub fn forwarded(&self, bytes: usize) {
         self.forwarded.fetch_add(1, Ordering::Relaxed);
@@ -91,13 +112,24 @@ impl Metrics {
             ("returned_bytes_total", &self.returned_bytes),
             ("connections_total", &self.connections),
             ("associations_total", &self.associations),
-            ("auth_failures_total", &self.auth_failures),
+            ("auth_rate_limited_total", &self.auth_rate_limited),
+            ("auth_overloaded_total", &self.auth_overloaded),
+            ("connections_over_source_cap_total", &self.connections_over_source_cap),
         ];
         for (name, c) in plain {
             let _ = writeln!(
                 s,
                 "# TYPE {prefix}_{name} counter\n{prefix}_{name} {}",
                 c.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(s, "# TYPE {prefix}_auth_failures_total counter");
+        for m in Method::ALL {
+            let _ = writeln!(
+                s,
+                "{prefix}_auth_failures_total{{method=\"{}\"}} {}",
+                m.name(),
+                self.auth_failures_by(m)
             );
         }
         s
@@ -120,5 +152,10 @@ mod tests {
         let text = m.render_prometheus("sudp_gateway");
         assert!(text.contains("sudp_gateway_dropped_datagrams_total{reason=\"bad_mac\"} 2"));
         assert!(text.contains("sudp_gateway_forwarded_datagrams_total 0"));
+        m.count_auth_failure(Method::Certificate);
+        let text = m.render_prometheus("sudp_gateway");
+        assert!(text.contains("sudp_gateway_auth_failures_total{method=\"certificate\"} 1"));
+        assert!(text.contains("sudp_gateway_auth_failures_total{method=\"password\"} 0"));
+        assert_eq!(m.auth_failures.load(Ordering::Relaxed), 1);
     }
 }

@@ -24,6 +24,12 @@ pub const DEFAULT_MAX_ASSOCIATIONS: usize = 4096;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Default time a client has to finish the TLS and SOCKS5 handshakes.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default limit on concurrent control connections from one source (IPv4 address or IPv6
+/// /64): a quarter of [`DEFAULT_MAX_CONNECTIONS`], room for a shim forward's default 256
+/// flows.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
+/// Default time a CONNECT tunnel may carry no byte either way before it is closed.
+pub const DEFAULT_CONNECT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Run the secure-UDP gateway: SOCKS5 over TLS plus a UDP relay for naked and secure UDP.
 ///
@@ -55,6 +61,12 @@ pub struct GatewayArgs {
     /// certificate it signed authenticates by that certificate's identity.
     #[arg(long, value_name = "FILE")]
     pub client_ca: Option<PathBuf>,
+
+    /// Certificate revocation list(s), PEM, for client certificates (repeatable; a file may
+    /// hold several): a revoked client certificate is refused in the TLS handshake. Needs
+    /// --client-ca.
+    #[arg(long, value_name = "FILE")]
+    pub client_crl: Vec<PathBuf>,
 
     /// Accept clients without any authentication. For tests and demos only; cannot be
     /// combined with --users or --client-ca.
@@ -99,9 +111,19 @@ pub struct GatewayArgs {
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
 
-    /// Time a client has to finish the TLS and SOCKS5 handshakes [default: 10s].
+    /// Most concurrent control connections from one source IP (IPv6: one /64); further
+    /// connections from it are closed at once [default: 256].
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_ip: Option<usize>,
+
+    /// One deadline for the TLS handshake, SOCKS5 negotiation and authentication together,
+    /// counted from the TCP accept [default: 10s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub handshake_timeout: Option<Duration>,
+
+    /// Close a CONNECT tunnel after this long without a byte either way [default: 10m].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub connect_idle_timeout: Option<Duration>,
 
     /// Replay window of secure-UDP records, in records, 64..=65536 (rounded up to a multiple
     /// of 64) [default: 1024].
@@ -129,6 +151,9 @@ pub struct GatewayConfig {
     pub key: PathBuf,
     /// How clients authenticate.
     pub auth: Auth,
+    /// Revocation lists (PEM files) for client certificates; empty unless `auth` has a
+    /// client CA.
+    pub client_crl: Vec<PathBuf>,
     /// UDP relay socket (port 0: any free port).
     pub udp_listen: SocketAddr,
     /// Address for BND.ADDR replies; `None`: the relay socket's IP, or the control
@@ -144,8 +169,12 @@ pub struct GatewayConfig {
     pub max_associations: usize,
     /// Most concurrent control connections (nonzero).
     pub max_connections: usize,
-    /// Time a client has to finish the TLS and SOCKS5 handshakes (nonzero).
+    /// Most concurrent control connections from one source (nonzero).
+    pub max_connections_per_ip: usize,
+    /// One deadline for TLS, SOCKS5 negotiation and authentication (nonzero).
     pub handshake_timeout: Duration,
+    /// A CONNECT tunnel idle this long either way is closed (nonzero).
+    pub connect_idle_timeout: Duration,
     /// Replay window size in records, within
     /// [`replay::MIN_WINDOW`](crate::proto::replay::MIN_WINDOW)..=
     /// [`replay::MAX_WINDOW`](crate::proto::replay::MAX_WINDOW).
@@ -213,6 +242,7 @@ struct GatewayFile {
     key: Option<PathBuf>,
     users: Option<PathBuf>,
     client_ca: Option<PathBuf>,
+    client_crl: Option<Vec<PathBuf>>,
     no_auth: Option<bool>,
     udp_listen: Option<String>,
     advertise: Option<String>,
@@ -224,7 +254,9 @@ struct GatewayFile {
     idle_timeout: Option<toml::Value>,
     max_associations: Option<usize>,
     max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
     handshake_timeout: Option<toml::Value>,
+    connect_idle_timeout: Option<toml::Value>,
     replay_window: Option<usize>,
     suites: Option<Vec<String>>,
     tls12: Option<bool>,
@@ -286,6 +318,22 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
         (false, None, Some(ca)) => Auth::ClientCert(ca),
         (false, None, None) => return Err(ConfigError::NoAuthMethod),
     };
+    let dir = o.path.parent().unwrap_or(Path::new(""));
+    let client_crl = if args.client_crl.is_empty() {
+        file.client_crl
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| dir.join(p))
+            .collect()
+    } else {
+        args.client_crl
+    };
+    if !client_crl.is_empty() && auth.client_ca().is_none() {
+        return Err(ConfigError::Requires {
+            key: "client_crl",
+            needs: "client_ca",
+        });
+    }
 
     // Policy: within each scope deny rules come before allow rules (so a deny carves holes in
     // a wider allow); a flag given at least once replaces the file's list.
@@ -341,6 +389,20 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
         file.max_connections,
         DEFAULT_MAX_CONNECTIONS,
     )?;
+    let max_connections_per_ip = nonzero(
+        &o,
+        "max_connections_per_ip",
+        args.max_connections_per_ip,
+        file.max_connections_per_ip,
+        DEFAULT_MAX_CONNECTIONS_PER_IP,
+    )?;
+    let connect_idle_timeout = nonzero_duration(
+        &o,
+        "connect_idle_timeout",
+        args.connect_idle_timeout,
+        file.connect_idle_timeout,
+        DEFAULT_CONNECT_IDLE_TIMEOUT,
+    )?;
     let replay_window = replay_window(&o, args.replay_window, file.replay_window)?;
     let suites = suites(&o, args.suites, file.suites)?;
 
@@ -349,6 +411,7 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
         cert,
         key,
         auth,
+        client_crl,
         udp_listen,
         advertise,
         policy,
@@ -356,7 +419,9 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
         idle_timeout,
         max_associations,
         max_connections,
+        max_connections_per_ip,
         handshake_timeout,
+        connect_idle_timeout,
         replay_window,
         suites,
         tls12: args.tls12 || file.tls12.unwrap_or(false),

@@ -37,8 +37,9 @@ use crate::proto::keys::CipherSuite;
 use crate::proto::replay;
 
 pub use gateway::{
-    Auth, GatewayArgs, GatewayConfig, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_LISTEN,
-    DEFAULT_MAX_ASSOCIATIONS, DEFAULT_MAX_CONNECTIONS,
+    Auth, GatewayArgs, GatewayConfig, DEFAULT_CONNECT_IDLE_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_LISTEN, DEFAULT_MAX_ASSOCIATIONS, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_IP,
 };
 pub use shim::{
     parse_forward, parse_host_port, Forward, ForwardProto, PasswordLogin, ShimArgs, ShimConfig, Trust,
