@@ -1,12 +1,16 @@
 //! The limits every backend runs under: [`Authenticator`].
 //!
-//! * **Bounded work.** At most [`AuthLimits::concurrency`] expensive checks run at once (one
-//!   per core by default), on tokio's blocking pool. Behind them waits a FIFO queue of at most
-//!   [`AuthLimits::max_queued`] attempts. A queued attempt whose connection's deadline passes,
-//!   or whose connection goes away (the caller's `gone` future, or the caller dropping the
-//!   future), leaves the queue and never runs; one that reaches a permit after its deadline
-//!   does not run either. A full queue answers [`Verdict::Overloaded`] at once. So peak memory
-//!   is about `concurrency` times one Argon2 run, whatever the number of clients.
+//! * **Bounded work.** Expensive checks run on [`AuthLimits::concurrency`] dedicated threads
+//!   (one per core by default), fed by a FIFO queue of at most [`AuthLimits::max_queued`]
+//!   attempts. A queued attempt whose connection's deadline passes, or whose connection goes
+//!   away (the caller's `gone` future, or the caller dropping the future), is answered at
+//!   once and skipped when a thread reaches it: it never runs. A full queue answers
+//!   [`Verdict::Overloaded`] at once. Dedicated threads rather than tokio's blocking pool:
+//!   the allocator keeps an arena per thread, and each arena that ever ran Argon2 keeps its
+//!   memory (19 MiB at the default parameters) resident, so a pool that grows to dozens of
+//!   threads under a flood holds hundreds of MiB even though only a few checks ever ran at
+//!   once. With fixed threads, peak memory is about `concurrency` times one Argon2 run,
+//!   whatever the number of clients.
 //! * **Failures per source.** Each source (an IPv4 address, or an IPv6 /64: one host's share
 //!   of addresses) has a token bucket of [`AuthLimits::failure_burst`] attempts, refilled one
 //!   per [`AuthLimits::failure_refill`]. An attempt takes a token before it runs, and a
@@ -29,7 +33,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
+use tokio::sync::oneshot;
 
 use super::{Backend, Cost, Credentials, Identity, Method};
 use crate::logsafe::Peer;
@@ -218,12 +222,33 @@ impl LogGate {
     }
 }
 
-/// Counts an attempt in the queue while it waits.
-struct Queued<'a>(&'a AtomicUsize);
+/// One expensive check waiting for a thread.
+struct Job {
+    backend: Arc<dyn Backend>,
+    credentials: Arc<Credentials>,
+    deadline: Instant,
+    reply: oneshot::Sender<Option<Identity>>,
+}
 
-impl Drop for Queued<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+/// A check thread: runs queued jobs until the [`Authenticator`] is dropped.
+fn worker(jobs: Arc<Mutex<std::sync::mpsc::Receiver<Job>>>, running: Arc<AtomicUsize>) {
+    loop {
+        let job = {
+            // A poisoned lock only means another worker panicked while taking a job.
+            let rx = jobs.lock().unwrap_or_else(|e| e.into_inner());
+            match rx.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            }
+        };
+        // Nobody waits for it any more (deadline, client gone): skip it.
+        if job.reply.is_closed() || Instant::now() >= job.deadline {
+            continue;
+        }
+        running.fetch_add(1, Ordering::Relaxed);
+        let outcome = job.backend.verify(&job.credentials);
+        running.fetch_sub(1, Ordering::Relaxed);
+        let _ = job.reply.send(outcome);
     }
 }
 
@@ -231,8 +256,8 @@ impl Drop for Queued<'_> {
 pub struct Authenticator {
     backends: Vec<Arc<dyn Backend>>,
     limits: AuthLimits,
-    permits: Arc<Semaphore>,
-    queued: AtomicUsize,
+    jobs: std::sync::mpsc::SyncSender<Job>,
+    running: Arc<AtomicUsize>,
     failures: Mutex<FailureLimiter>,
     metrics: Arc<Metrics>,
     failure_log: LogGate,
@@ -252,11 +277,24 @@ impl Authenticator {
     /// Wraps `backends` (at most one per method; the first wins) in `limits`, counting into
     /// `metrics`.
     pub fn new(backends: Vec<Arc<dyn Backend>>, limits: AuthLimits, metrics: Arc<Metrics>) -> Authenticator {
-        let concurrency = limits.concurrency.max(1);
+        let (jobs, rx) = std::sync::mpsc::sync_channel(limits.max_queued);
+        let rx = Arc::new(Mutex::new(rx));
+        let running = Arc::new(AtomicUsize::new(0));
+        for i in 0..limits.concurrency.max(1) {
+            let (rx, running) = (rx.clone(), running.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("sudp-auth-{i}"))
+                .spawn(move || worker(rx, running));
+            if let Err(e) = spawned {
+                // With no thread at all every expensive check answers Overloaded: visible,
+                // not a hang.
+                tracing::error!(error = %e, "cannot start an authentication thread");
+            }
+        }
         Authenticator {
             backends,
-            permits: Arc::new(Semaphore::new(concurrency)),
-            queued: AtomicUsize::new(0),
+            jobs,
+            running,
             failures: Mutex::new(FailureLimiter::new(&limits, Instant::now())),
             limits,
             metrics,
@@ -334,7 +372,7 @@ impl Authenticator {
         }
     }
 
-    /// Runs an expensive check under the concurrency limit. `None`: it did not run.
+    /// Runs an expensive check on a check thread. `None`: it did not run.
     async fn run_queued(
         &self,
         backend: Arc<dyn Backend>,
@@ -342,27 +380,25 @@ impl Authenticator {
         deadline: tokio::time::Instant,
         gone: impl Future<Output = ()>,
     ) -> Option<Option<Identity>> {
-        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.limits.max_queued {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        let queued = Queued(&self.queued);
-        let permit = tokio::select! {
-            p = tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned()) => match p {
-                // The semaphore is never closed.
-                Ok(Ok(p)) => p,
-                Ok(Err(_)) | Err(_) => return None,
-            },
-            _ = gone => return None,
+        let (reply, outcome) = oneshot::channel();
+        let job = Job {
+            backend,
+            credentials,
+            deadline: deadline.into_std(),
+            reply,
         };
-        drop(queued);
-        let deadline = deadline.into_std();
-        let job = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            // The blocking pool may start the job late: past the deadline nobody waits.
-            (Instant::now() < deadline).then(|| backend.verify(&credentials))
-        });
-        job.await.ok().flatten()
+        // Full (or no thread left): answered at once.
+        self.jobs.try_send(job).ok()?;
+        // Returning early drops `outcome`, which tells the thread to skip the job.
+        tokio::select! {
+            r = tokio::time::timeout_at(deadline, outcome) => r.ok()?.ok(),
+            _ = gone => None,
+        }
+    }
+
+    /// Checks running right now (for tests and diagnostics).
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::Relaxed)
     }
 
     /// Sources whose failures are tracked one by one (for tests and diagnostics).
