@@ -84,7 +84,10 @@ mod tests {
             show(b"x\n2026-01-01T00:00:00Z  INFO fake line"),
             "\"x\\n2026-01-01T00:00:00Z  INFO fake line\""
         );
-        assert_eq!(show(b"a\"b\\c\r\t\x00\x1b[31m"), "\"a\\\"b\\\\c\\r\\t\\u{0000}\\u{001b}[31m\"");
+        assert_eq!(
+            show(b"a\"b\\c\r\t\x00\x1b[31m"),
+            "\"a\\\"b\\\\c\\r\\t\\u{0000}\\u{001b}[31m\""
+        );
         assert_eq!(show(b"\xff\xfeok"), "\"\\xff\\xfeok\"");
         assert_eq!(show("josé".as_bytes()), "\"josé\"");
         // Bidi override, line separator, zero-width space.
@@ -111,10 +114,7 @@ mod tests {
     fn never_emits_a_line_break_or_unprintable_ascii() {
         for b in 0u8..=255 {
             let s = show(&[b, b'x', b]);
-            assert!(
-                s.chars().all(|c| !c.is_control()),
-                "{b:#x}: {s:?}"
-            );
+            assert!(s.chars().all(|c| !c.is_control()), "{b:#x}: {s:?}");
         }
     }
 }

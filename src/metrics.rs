@@ -114,7 +114,10 @@ impl Metrics {
             ("associations_total", &self.associations),
             ("auth_rate_limited_total", &self.auth_rate_limited),
             ("auth_overloaded_total", &self.auth_overloaded),
-            ("connections_over_source_cap_total", &self.connections_over_source_cap),
+            (
+                "connections_over_source_cap_total",
+                &self.connections_over_source_cap,
+            ),
         ];
         for (name, c) in plain {
             let _ = writeln!(

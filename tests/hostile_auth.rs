@@ -71,7 +71,15 @@ fn spawn_gateway(dir: &std::path::Path, bin: &str, extra: &[&str]) -> (std::proc
     let log = std::fs::File::create(dir.join("gateway.log")).unwrap();
     // The flood test may measure another build; the others always run this one.
     let mut child = Process::new(bin)
-        .args(["gateway", "--listen", "127.0.0.1:0", "--allow", "127.0.0.0/8", "--log", "info"])
+        .args([
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--allow",
+            "127.0.0.0/8",
+            "--log",
+            "info",
+        ])
         .arg("--cert")
         .arg(dir.join("gateway.pem"))
         .arg("--key")
@@ -93,7 +101,11 @@ fn spawn_gateway(dir: &std::path::Path, bin: &str, extra: &[&str]) -> (std::proc
 
 /// `sudp cert` into `dir`, a users file with alice, and a client TLS config trusting the CA.
 fn setup(dir: &std::path::Path) -> Arc<rustls::ClientConfig> {
-    let out = Process::new(BIN).args(["cert", "--out"]).arg(dir).output().unwrap();
+    let out = Process::new(BIN)
+        .args(["cert", "--out"])
+        .arg(dir)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let line = format!("alice:{}\n", hash_password(b"correct horse").unwrap());
     std::fs::write(dir.join("users.txt"), line).unwrap();
@@ -146,7 +158,11 @@ async fn password_flood_keeps_memory_bounded_and_a_legitimate_client_gets_in() {
     for i in 0..clients {
         let (tls, stop, refused, errors) = (tls.clone(), stop.clone(), refused.clone(), errors.clone());
         flood.spawn(async move {
-            let user = if i % 2 == 0 { "alice".to_owned() } else { format!("nobody{i}") };
+            let user = if i % 2 == 0 {
+                "alice".to_owned()
+            } else {
+                format!("nobody{i}")
+            };
             // Bounded in count and time.
             for round in 0..50 {
                 if stop.load(Ordering::Relaxed) || flood_started.elapsed() > Duration::from_secs(40) {
@@ -222,12 +238,18 @@ async fn password_flood_keeps_memory_bounded_and_a_legitimate_client_gets_in() {
         peak / 1024
     );
     assert!(took < LOGIN_BOUND, "legitimate login took {took:?}");
-    assert!(refused.load(Ordering::Relaxed) >= clients as u64, "every flood client was refused at least once");
+    assert!(
+        refused.load(Ordering::Relaxed) >= clients as u64,
+        "every flood client was refused at least once"
+    );
     // The source was rate-limited, and that was logged (rate-limited itself).
     let limited = log.lines().filter(|l| l.contains("rate-limited")).count();
     assert!(limited >= 1, "{log}");
     assert!(limited < 100, "rate-limited lines not rate-limited: {limited}");
-    assert!(!log.contains("correct horse") && !log.contains("wrong-"), "password in the log");
+    assert!(
+        !log.contains("correct horse") && !log.contains("wrong-"),
+        "password in the log"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -247,12 +269,21 @@ async fn a_user_name_cannot_forge_a_log_line() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(terminate(&mut child, "gateway").success());
     let log = std::fs::read_to_string(dir.join("gateway.log")).unwrap();
-    let lines: Vec<&str> = log.lines().filter(|l| l.contains("FORGED") || l.contains("mallory")).collect();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("FORGED") || l.contains("mallory"))
+        .collect();
     assert_eq!(lines.len(), 1, "{log}");
     let line = lines[0];
-    assert!(line.contains(" INFO ") && line.contains("authentication failed"), "{line}");
+    assert!(
+        line.contains(" INFO ") && line.contains("authentication failed"),
+        "{line}"
+    );
     assert!(line.contains("\"mallory\\n2026-12-01T00:00:00.000000Z"), "{line}");
-    assert!(!log.lines().any(|l| l.starts_with("2026-12-01T00:00:00")), "{log}");
+    assert!(
+        !log.lines().any(|l| l.starts_with("2026-12-01T00:00:00")),
+        "{log}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -280,9 +311,15 @@ async fn silent_peers_from_one_source_cannot_take_every_slot() {
         authenticate_plain(&mut c, None).await?;
         Ok::<_, ClientError>(())
     };
-    tokio::time::timeout(WAIT, login).await.expect("in time").expect("login");
+    tokio::time::timeout(WAIT, login)
+        .await
+        .expect("in time")
+        .expect("login");
     let took = started.elapsed();
-    assert!(took < Duration::from_millis(1500), "waited for a silent peer's slot: {took:?}");
+    assert!(
+        took < Duration::from_millis(1500),
+        "waited for a silent peer's slot: {took:?}"
+    );
     assert!(gw.metrics.connections_over_source_cap.load(Ordering::Relaxed) >= 10);
     drop(silent);
     gw.stop().await;
@@ -307,11 +344,16 @@ async fn a_slow_then_silent_peer_is_dropped_after_one_deadline() {
         .unwrap();
     // Silent now: wait for the gateway to close.
     let mut buf = [0u8; 16];
-    let r = tokio::time::timeout(WAIT, tls.read(&mut buf)).await.expect("closed in time");
+    let r = tokio::time::timeout(WAIT, tls.read(&mut buf))
+        .await
+        .expect("closed in time");
     assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
     let took = started.elapsed();
     assert!(took >= deadline - Duration::from_millis(100), "{took:?}");
-    assert!(took < deadline + Duration::from_millis(600), "dropped after {took:?}, not at one deadline");
+    assert!(
+        took < deadline + Duration::from_millis(600),
+        "dropped after {took:?}, not at one deadline"
+    );
     gw.stop().await;
 }
 
@@ -324,20 +366,30 @@ async fn idle_connect_tunnels_are_closed() {
     s.connect_idle_timeout = Duration::from_millis(600);
     let gw = TestGateway::start(s).await;
     let echo = tcp_echo().await;
-    let mut c = sudp::client::connect_tcp(&gw.options(&pki), &Address::Ip(echo)).await.unwrap();
+    let mut c = sudp::client::connect_tcp(&gw.options(&pki), &Address::Ip(echo))
+        .await
+        .unwrap();
     // Busy for 1.5 s (a byte every 200 ms): still open.
     let mut buf = [0u8; 1];
     for _ in 0..8 {
         c.write_all(b"x").await.unwrap();
-        tokio::time::timeout(WAIT, c.read_exact(&mut buf)).await.unwrap().unwrap();
+        tokio::time::timeout(WAIT, c.read_exact(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Idle: closed after about the timeout.
     let started = Instant::now();
-    let r = tokio::time::timeout(WAIT, c.read(&mut buf)).await.expect("closed in time");
+    let r = tokio::time::timeout(WAIT, c.read(&mut buf))
+        .await
+        .expect("closed in time");
     assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(300) && took < Duration::from_millis(2000), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(2000),
+        "{took:?}"
+    );
     gw.stop().await;
 }
 
@@ -401,12 +453,19 @@ async fn gateway_with_crl(p: &Pki, policy: Policy) -> TestGateway {
 }
 
 /// CONNECT to `target` as the client `tls` makes, with optional password; the reply code.
-async fn connect_code(gw: &TestGateway, tls: Arc<rustls::ClientConfig>, pass: Option<(&str, &str)>, target: SocketAddr) -> Result<(), ClientError> {
+async fn connect_code(
+    gw: &TestGateway,
+    tls: Arc<rustls::ClientConfig>,
+    pass: Option<(&str, &str)>,
+    target: SocketAddr,
+) -> Result<(), ClientError> {
     let mut opts = ClientOptions::new(gw.control, "localhost", tls);
     opts.credentials = pass.map(|(u, p)| (u.to_owned(), p.to_owned()));
     let mut c = sudp::client::connect_tls(&opts).await?;
     authenticate_plain(&mut c, pass).await?;
-    request(&mut c, Command::Connect, &Address::Ip(target)).await.map(drop)
+    request(&mut c, Command::Connect, &Address::Ip(target))
+        .await
+        .map(drop)
 }
 
 /// The default policy denies loopback; `[users_policy.ops]` allows it for the password user
@@ -421,14 +480,28 @@ async fn certificate_identities_do_not_share_the_password_namespace() {
     let gw = gateway_with_crl(&p, Policy::new(vec![], users)).await;
     let echo = tcp_echo().await;
     // The password user ops gets its rules.
-    connect_code(&gw, client_with(&p, None), Some(("ops", "ops-pass")), echo).await.unwrap();
+    connect_code(&gw, client_with(&p, None), Some(("ops", "ops-pass")), echo)
+        .await
+        .unwrap();
     // A certificate named ops does not.
     let r = connect_code(&gw, client_with(&p, Some(&p.ops)), None, echo).await;
-    assert!(matches!(r, Err(ClientError::Refused(ReplyCode::NotAllowed))), "{r:?}");
+    assert!(
+        matches!(r, Err(ClientError::Refused(ReplyCode::NotAllowed))),
+        "{r:?}"
+    );
     // A certificate gets the rules of its own `cert:` key.
-    connect_code(&gw, client_with(&p, Some(&p.svc)), None, echo).await.unwrap();
+    connect_code(&gw, client_with(&p, Some(&p.svc)), None, echo)
+        .await
+        .unwrap();
     // The password wins over the certificate when a client gives both.
-    connect_code(&gw, client_with(&p, Some(&p.ops)), Some(("ops", "ops-pass")), echo).await.unwrap();
+    connect_code(
+        &gw,
+        client_with(&p, Some(&p.ops)),
+        Some(("ops", "ops-pass")),
+        echo,
+    )
+    .await
+    .unwrap();
     // Nobody can claim a certificate identity with a password.
     let r = connect_code(&gw, client_with(&p, None), Some(("cert:svc", "x")), echo).await;
     assert!(matches!(r, Err(ClientError::AuthFailed)), "{r:?}");
@@ -441,10 +514,45 @@ async fn revoked_client_certificates_are_refused_in_the_handshake() {
     let users = HashMap::from([("cert:gone".to_owned(), vec![allow("127.0.0.0/8")])]);
     let gw = gateway_with_crl(&p, Policy::new(vec![allow("127.0.0.0/8")], users)).await;
     let echo = tcp_echo().await;
-    connect_code(&gw, client_with(&p, Some(&p.svc)), None, echo).await.unwrap();
+    connect_code(&gw, client_with(&p, Some(&p.svc)), None, echo)
+        .await
+        .unwrap();
     let r = connect_code(&gw, client_with(&p, Some(&p.gone)), None, echo).await;
     assert!(r.is_err(), "a revoked certificate got through");
-    assert!(!matches!(r, Err(ClientError::Refused(_))), "refused only at the request: {r:?}");
+    assert!(
+        !matches!(r, Err(ClientError::Refused(_))),
+        "refused only at the request: {r:?}"
+    );
     common::eventually(|| gw.metrics.auth_failures_by(Method::Certificate) == 1).await;
+    gw.stop().await;
+}
+
+/// A `no_auth` gateway accepts every client, also one that sends credentials (RFC 1929 only,
+/// or the sudp hello with a name): unchecked, so the client stays anonymous and the rules of
+/// the name it claimed do not apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_auth_accepts_credentials_as_anonymous() {
+    let pki = pki();
+    let mut s = settings(&pki);
+    let users = HashMap::from([(
+        "alice".to_owned(),
+        vec![Rule::parse(Action::Deny, "127.0.0.0/8").unwrap()],
+    )]);
+    s.policy = Arc::new(Policy::new(vec![allow("127.0.0.0/8")], users));
+    let gw = TestGateway::start(s).await;
+    let echo = tcp_echo().await;
+    let mut c = sudp::client::connect_tls(&gw.options(&pki)).await.unwrap();
+    authenticate_plain(&mut c, Some(("alice", "anything")))
+        .await
+        .unwrap();
+    request(&mut c, Command::Connect, &Address::Ip(echo))
+        .await
+        .unwrap();
+    drop(c);
+    let mut o = gw.options(&pki);
+    o.credentials = Some(("alice".into(), "anything".into()));
+    let udp = sudp::client::SecureUdp::connect(&o).await.unwrap();
+    drop(udp);
+    assert_eq!(gw.metrics.auth_failures.load(Ordering::Relaxed), 0);
     gw.stop().await;
 }

@@ -169,7 +169,9 @@ impl FailureLimiter {
                 return &mut self.overflow;
             }
         }
-        self.sources.entry(key).or_insert_with(|| Bucket::full(burst, now))
+        self.sources
+            .entry(key)
+            .or_insert_with(|| Bucket::full(burst, now))
     }
 
     /// Takes a token for an attempt from `source`; false: rate-limited.
@@ -181,7 +183,8 @@ impl FailureLimiter {
     /// Gives back the token of a successful attempt.
     pub(crate) fn give_back(&mut self, source: IpAddr, now: Instant) {
         let (burst, per_token) = (self.burst, self.per_token);
-        self.bucket(source_key(source), now).give_back(burst, per_token, now);
+        self.bucket(source_key(source), now)
+            .give_back(burst, per_token, now);
     }
 
     /// Sources tracked one by one.
@@ -267,7 +270,10 @@ pub struct Authenticator {
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Authenticator")
-            .field("methods", &self.backends.iter().map(|b| b.method()).collect::<Vec<_>>())
+            .field(
+                "methods",
+                &self.backends.iter().map(|b| b.method()).collect::<Vec<_>>(),
+            )
             .field("limits", &self.limits)
             .finish_non_exhaustive()
     }
@@ -339,7 +345,10 @@ impl Authenticator {
             None => Some(None),
             Some(backend) => match backend.cost() {
                 Cost::Cheap => Some(backend.verify(&credentials)),
-                Cost::Expensive => self.run_queued(backend.clone(), credentials.clone(), deadline, gone).await,
+                Cost::Expensive => {
+                    self.run_queued(backend.clone(), credentials.clone(), deadline, gone)
+                        .await
+                }
             },
         };
         match outcome {
@@ -430,7 +439,10 @@ mod tests {
         assert!(f.try_take(a, t0) && f.try_take(a, t0) && f.try_take(a, t0));
         assert!(!f.try_take(a, t0), "burst spent");
         assert!(!f.try_take(a, t0 + Duration::from_millis(900)));
-        assert!(f.try_take(a, t0 + Duration::from_millis(1900)), "one token a second");
+        assert!(
+            f.try_take(a, t0 + Duration::from_millis(1900)),
+            "one token a second"
+        );
         // A success gives its token back.
         f.give_back(a, t0 + Duration::from_millis(1900));
         assert!(f.try_take(a, t0 + Duration::from_millis(1900)));
@@ -515,28 +527,65 @@ mod tests {
         // the queue full.
         let a = {
             let auth = auth.clone();
-            tokio::spawn(async move { auth.authenticate(peer(1), Credentials::password(b"u", b"ok"), far, std::future::pending()).await })
+            tokio::spawn(async move {
+                auth.authenticate(
+                    peer(1),
+                    Credentials::password(b"u", b"ok"),
+                    far,
+                    std::future::pending(),
+                )
+                .await
+            })
         };
         tokio::time::sleep(Duration::from_millis(30)).await;
         let b = {
             let auth = auth.clone();
-            tokio::spawn(async move { auth.authenticate(peer(2), Credentials::password(b"u", b"x"), near, std::future::pending()).await })
+            tokio::spawn(async move {
+                auth.authenticate(
+                    peer(2),
+                    Credentials::password(b"u", b"x"),
+                    near,
+                    std::future::pending(),
+                )
+                .await
+            })
         };
         let c = {
             let auth = auth.clone();
-            tokio::spawn(async move { auth.authenticate(peer(3), Credentials::password(b"u", b"x"), far, std::future::ready(())).await })
+            tokio::spawn(async move {
+                auth.authenticate(
+                    peer(3),
+                    Credentials::password(b"u", b"x"),
+                    far,
+                    std::future::ready(()),
+                )
+                .await
+            })
         };
         tokio::time::sleep(Duration::from_millis(30)).await;
         let d = auth
-            .authenticate(peer(4), Credentials::password(b"u", b"x"), far, std::future::pending())
+            .authenticate(
+                peer(4),
+                Credentials::password(b"u", b"x"),
+                far,
+                std::future::pending(),
+            )
             .await;
         assert_eq!(a.await.unwrap(), Verdict::Accepted(Identity::password("u")));
-        assert_eq!(b.await.unwrap(), Verdict::Overloaded, "deadline passed in the queue");
+        assert_eq!(
+            b.await.unwrap(),
+            Verdict::Overloaded,
+            "deadline passed in the queue"
+        );
         assert_eq!(c.await.unwrap(), Verdict::Overloaded, "client gone");
         assert!(matches!(d, Verdict::Overloaded | Verdict::Rejected), "{d:?}");
         // Only the first (and perhaps the fourth, once a slot freed) ever ran.
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(runs.load(Ordering::SeqCst) <= 2, "{}", runs.load(Ordering::SeqCst));
+        assert!(
+            runs.load(Ordering::SeqCst) <= 2,
+            "{}",
+            runs.load(Ordering::SeqCst)
+        );
         assert!(metrics.auth_overloaded.load(Ordering::Relaxed) >= 2);
     }
 
@@ -555,13 +604,23 @@ mod tests {
         let far = tokio::time::Instant::now() + Duration::from_secs(10);
         for _ in 0..2 {
             let v = auth
-                .authenticate(peer(1), Credentials::password(b"u", b"x"), far, std::future::pending())
+                .authenticate(
+                    peer(1),
+                    Credentials::password(b"u", b"x"),
+                    far,
+                    std::future::pending(),
+                )
                 .await;
             assert_eq!(v, Verdict::Rejected);
         }
         for _ in 0..5 {
             let v = auth
-                .authenticate(peer(1), Credentials::password(b"u", b"ok"), far, std::future::pending())
+                .authenticate(
+                    peer(1),
+                    Credentials::password(b"u", b"ok"),
+                    far,
+                    std::future::pending(),
+                )
                 .await;
             assert_eq!(v, Verdict::RateLimited, "even the right password waits");
         }
@@ -570,11 +629,18 @@ mod tests {
         assert_eq!(metrics.auth_failures_by(Method::Password), 2);
         // Another source still gets through, and no backend for a method is a failure.
         let v = auth
-            .authenticate(peer(2), Credentials::password(b"u", b"ok"), far, std::future::pending())
+            .authenticate(
+                peer(2),
+                Credentials::password(b"u", b"ok"),
+                far,
+                std::future::pending(),
+            )
             .await;
         assert_eq!(v, Verdict::Accepted(Identity::password("u")));
         let cert = Credentials::Certificate(rustls::pki_types::CertificateDer::from(vec![0x30, 0]));
-        let v = auth.authenticate(peer(2), cert, far, std::future::pending()).await;
+        let v = auth
+            .authenticate(peer(2), cert, far, std::future::pending())
+            .await;
         assert_eq!(v, Verdict::Rejected);
         assert_eq!(metrics.auth_failures_by(Method::Certificate), 1);
         assert_eq!(metrics.auth_failures.load(Ordering::Relaxed), 3);

@@ -24,7 +24,9 @@ use rustls::pki_types::CertificateDer;
 use zeroize::Zeroizing;
 
 pub use limits::{source_key, AuthLimits, Authenticator, Verdict};
-pub use users::{hash_password, run_passwd, AuthError, PasswdArgs, Users, MAX_LEN, MAX_M_COST, MAX_P_COST, MAX_T_COST};
+pub use users::{
+    hash_password, run_passwd, AuthError, PasswdArgs, Users, MAX_LEN, MAX_M_COST, MAX_P_COST, MAX_T_COST,
+};
 
 /// Prefix of certificate identities in policy keys and logs.
 pub const CERT_PREFIX: &str = "cert:";
@@ -147,7 +149,9 @@ impl Credentials {
     pub fn claimed_name(&self) -> Vec<u8> {
         match self {
             Credentials::Password { user, .. } => user.clone(),
-            Credentials::Certificate(cert) => crate::tls::cert_identity(cert).unwrap_or_default().into_bytes(),
+            Credentials::Certificate(cert) => {
+                crate::tls::cert_identity(cert).unwrap_or_default().into_bytes()
+            }
         }
     }
 }

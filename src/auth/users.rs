@@ -528,7 +528,9 @@ mod tests {
         ] {
             let phc = PasswordHashString::new(&hash).unwrap();
             for candidate in [pass, b"other", b""] {
-                let want = Argon2::default().verify_password(candidate, &phc.password_hash()).is_ok();
+                let want = Argon2::default()
+                    .verify_password(candidate, &phc.password_hash())
+                    .is_ok();
                 assert_eq!(verify_phc(&phc, candidate), want, "{hash} {candidate:?}");
             }
         }
@@ -556,7 +558,10 @@ mod tests {
         let users = Users::parse(&text, "users").unwrap();
         let sets = users.parameter_sets();
         assert_eq!(sets.len(), 2, "{sets:?}");
-        assert!(sets[0].contains("m=8,t=1,p=1") && sets[1].contains("m=16,t=2,p=1"), "{sets:?}");
+        assert!(
+            sets[0].contains("m=8,t=1,p=1") && sets[1].contains("m=16,t=2,p=1"),
+            "{sets:?}"
+        );
         assert_eq!(users.line_sets, [0, 1, 0]);
         // Unknown names land on both sets (about 2:1), and always the same one per name.
         let mut hits = [0usize; 2];

@@ -509,9 +509,52 @@ mod tests {
         assert_eq!(c.handshake_timeout, Duration::from_secs(10));
         assert_eq!(c.max_associations, 4096);
         assert_eq!(c.max_connections, 1024);
+        assert_eq!(c.max_connections_per_ip, 256);
+        assert_eq!(c.connect_idle_timeout, Duration::from_secs(600));
+        assert!(c.client_crl.is_empty());
         assert_eq!(c.replay_window, 1024);
         assert_eq!(c.suites, CipherSuite::ALL.to_vec());
         assert_eq!(c.suites[0], CipherSuite::Aes128CbcHmacSha256);
+    }
+
+    #[test]
+    fn connection_limits_and_revocation_lists() {
+        let c = GatewayConfig::from_args(flags(&[
+            "--cert=c",
+            "--key=k",
+            "--client-ca=ca.pem",
+            "--client-crl=a.crl",
+            "--client-crl=b.crl",
+            "--max-connections-per-ip=3",
+            "--connect-idle-timeout=90s",
+        ]))
+        .unwrap();
+        assert_eq!(c.client_crl, [PathBuf::from("a.crl"), PathBuf::from("b.crl")]);
+        assert_eq!(c.max_connections_per_ip, 3);
+        assert_eq!(c.connect_idle_timeout, Duration::from_secs(90));
+        // From the file, relative to it; a flag list replaces the file's.
+        let mut args = flags(&[]);
+        args.config = Some("/etc/sudp/gateway.toml".into());
+        let file = parse_file(
+            Path::new("x"),
+            "cert = \"c\"\nkey = \"k\"\nclient_ca = \"ca.pem\"\nclient_crl = [\"crl/one.pem\"]\n\
+             max_connections_per_ip = 7\nconnect_idle_timeout = \"1h\"",
+        )
+        .unwrap();
+        let c = build(args, file).unwrap();
+        assert_eq!(c.client_crl, [PathBuf::from("/etc/sudp/crl/one.pem")]);
+        assert_eq!(c.max_connections_per_ip, 7);
+        assert_eq!(c.connect_idle_timeout, Duration::from_secs(3600));
+        // A CRL needs a client CA; zero limits are refused by name.
+        let got = error(MINIMAL, &["--client-crl=a.crl"]);
+        assert_eq!(got, "`client_crl` (--client-crl) needs `client_ca` (--client-ca)");
+        let got = error(MINIMAL, &["--max-connections-per-ip=0"]);
+        assert_eq!(got, "flag `--max-connections-per-ip`: must be greater than zero");
+        let got = error(&format!("{MINIMAL}connect_idle_timeout = 0"), &[]);
+        assert!(
+            got.contains("key `connect_idle_timeout`: must be greater than zero"),
+            "{got}"
+        );
     }
 
     #[test]

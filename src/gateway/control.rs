@@ -247,7 +247,12 @@ async fn negotiate(
     if let Some(cert) = crate::tls::peer_certificate(tls.get_ref().1) {
         let verdict = shared
             .auth
-            .authenticate(peer, Credentials::Certificate(cert), deadline, peer_gone(tls.get_ref().0))
+            .authenticate(
+                peer,
+                Credentials::Certificate(cert),
+                deadline,
+                peer_gone(tls.get_ref().0),
+            )
             .await;
         if let Verdict::Accepted(identity) = verdict {
             cert_identity = Some(identity);
@@ -271,7 +276,11 @@ async fn negotiate(
                 tracing::info!(%peer, user = %Peer(user), "no_auth: credentials ignored, client is anonymous");
             } else {
                 let creds = Credentials::password(user, pass);
-                match shared.auth.authenticate(peer, creds, deadline, peer_gone(stream.get_ref().0)).await {
+                match shared
+                    .auth
+                    .authenticate(peer, creds, deadline, peer_gone(stream.get_ref().0))
+                    .await
+                {
                     Verdict::Accepted(identity) => session.set_identity(identity),
                     _ => {
                         stream.write_all(&[socks::USERPASS_VERSION, 0x01]).await?;
@@ -292,7 +301,11 @@ async fn negotiate(
                 true
             } else {
                 let creds = Credentials::password(hello.user, hello.pass);
-                match shared.auth.authenticate(peer, creds, deadline, peer_gone(stream.get_ref().0)).await {
+                match shared
+                    .auth
+                    .authenticate(peer, creds, deadline, peer_gone(stream.get_ref().0))
+                    .await
+                {
                     Verdict::Accepted(identity) => {
                         session.set_identity(identity);
                         true
