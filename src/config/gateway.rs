@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::{
     file_items, file_value, nonzero, nonzero_duration, parse_duration, parse_socket_addr, parse_suite,
-    read_file, replay_window, suites, ConfigError, Origins, Problem,
+    read_file, replay_window, suites, value_err, ConfigError, Origins, Problem,
 };
 use crate::policy::{self, Action, Policy, Rule, RuleError};
 use crate::proto::keys::CipherSuite;
@@ -351,6 +351,18 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
     };
     let mut users_policy = HashMap::new();
     for (user, rules) in file.users_policy.unwrap_or_default() {
+        // A password user's name has no ':'; a certificate's identity is `cert:NAME`
+        // (crate::auth): a key of neither form would silently never apply.
+        let possible = match user.strip_prefix(crate::auth::CERT_PREFIX) {
+            Some(name) => !name.is_empty(),
+            None => !user.contains(':'),
+        };
+        if !possible {
+            return Err(value_err(
+                o.file(format!("users_policy.{user}")),
+                Problem::PolicyKey(user),
+            ));
+        }
         let key = |list: &str| format!("users_policy.{user}.{list}");
         let mut list = file_items(&o, &key("deny"), &rules.deny, parse_deny)?;
         list.extend(file_items(&o, &key("allow"), &rules.allow, parse_allow)?);
@@ -515,6 +527,24 @@ mod tests {
         assert_eq!(c.replay_window, 1024);
         assert_eq!(c.suites, CipherSuite::ALL.to_vec());
         assert_eq!(c.suites[0], CipherSuite::Aes128CbcHmacSha256);
+    }
+
+    #[test]
+    fn users_policy_keys_name_password_users_or_certificates() {
+        let c = from_toml(
+            &format!("{MINIMAL}[users_policy.ops]\ndeny = [\"10.0.0.0/8\"]\n[users_policy.\"cert:ops\"]\nallow = [\"10.0.0.0/8\"]\n"),
+            &[],
+        )
+        .unwrap();
+        assert!(c.policy.check(Some("ops"), sa("10.1.1.1:1")).is_err());
+        assert!(c.policy.check(Some("cert:ops"), sa("10.1.1.1:1")).is_ok());
+        for bad in ["a:b", "cert:", "x:cert:y"] {
+            let got = error(&format!("{MINIMAL}[users_policy.\"{bad}\"]\nallow = []\n"), &[]);
+            assert!(
+                got.starts_with(&format!("gateway.toml: key `users_policy.{bad}`: no identity")),
+                "{got}"
+            );
+        }
     }
 
     #[test]

@@ -234,6 +234,12 @@ pub enum Problem {
     /// A user name that RFC 1929 cannot carry.
     #[error("a user name must be 1 to 255 bytes")]
     UserName,
+    /// A `[users_policy.KEY]` that no identity can have.
+    #[error(
+        "no identity is named \"{0}\": password users have no ':' in their names, and \
+         certificate identities are cert:NAME"
+    )]
+    PolicyKey(String),
 }
 
 /// Text that is not a duration (see [`parse_duration`]).
