@@ -39,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
         key: pki.gateway_key(),
         client_ca: None,
         require_client_cert: false,
+        client_crls: Vec::new(),
         allow_tls12: false,
     })?;
     let settings = Settings {

@@ -24,8 +24,9 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason,
+    RevokedCertParams, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use time::{Duration, OffsetDateTime};
@@ -94,49 +95,145 @@ impl DevPki {
 /// `sans` means [`DEFAULT_SANS`], an empty `client_name` means [`DEFAULT_CLIENT_NAME`].
 /// Fails if a name is not valid in a certificate (a DNS SAN must be ASCII).
 pub fn generate(sans: &[String], client_name: &str) -> Result<DevPki, rcgen::Error> {
-    let now = OffsetDateTime::now_utc();
-    let not_before = now - Duration::hours(1);
-
-    let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let mut ca = CertificateParams::default();
-    ca.distinguished_name = dn("sudp development CA");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    ca.not_before = not_before;
-    ca.not_after = now + Duration::days(3650);
-    let ca_cert = ca.self_signed(&ca_key)?;
-    let issuer = Issuer::new(ca, ca_key);
-
-    let sans: Vec<String> = if sans.is_empty() {
-        DEFAULT_SANS.iter().map(|s| s.to_string()).collect()
-    } else {
-        sans.to_vec()
-    };
-    let mut gw = leaf(not_before, now, ExtendedKeyUsagePurpose::ServerAuth);
-    // Indexing cannot fail: `sans` is the caller's non-empty list or the defaults.
-    gw.distinguished_name = dn(&sans[0]);
-    gw.subject_alt_names = sans.iter().map(|s| san(s)).collect::<Result<_, _>>()?;
-    let gw_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let gw_cert = gw.signed_by(&gw_key, &issuer)?;
-
+    let mut ca = DevCa::new()?;
+    let (gateway_cert_pem, gateway_key_pem) = ca.gateway(sans)?;
     let client_name = if client_name.is_empty() {
         DEFAULT_CLIENT_NAME
     } else {
         client_name
     };
-    let mut cl = leaf(not_before, now, ExtendedKeyUsagePurpose::ClientAuth);
-    cl.distinguished_name = dn(client_name);
-    cl.subject_alt_names = vec![SanType::DnsName(client_name.try_into()?)];
-    let cl_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let cl_cert = cl.signed_by(&cl_key, &issuer)?;
-
+    let client = ca.client(client_name)?;
     Ok(DevPki {
-        ca_pem: ca_cert.pem(),
-        gateway_cert_pem: gw_cert.pem(),
-        gateway_key_pem: gw_key.serialize_pem(),
-        client_cert_pem: cl_cert.pem(),
-        client_key_pem: cl_key.serialize_pem(),
+        ca_pem: ca.ca_pem,
+        gateway_cert_pem,
+        gateway_key_pem,
+        client_cert_pem: client.cert_pem,
+        client_key_pem: client.key_pem,
     })
+}
+
+/// A development CA that keeps its key in memory: issues further client certificates and
+/// signs certificate revocation lists (tests, demos). Its key is never written anywhere;
+/// [`generate`] uses one and drops it.
+pub struct DevCa {
+    issuer: Issuer<'static, KeyPair>,
+    ca_pem: String,
+    now: OffsetDateTime,
+    not_before: OffsetDateTime,
+}
+
+/// A certificate [`DevCa`] issued, with its key and serial number.
+#[derive(Clone)]
+pub struct Issued {
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    /// Its private key, PEM (PKCS#8).
+    pub key_pem: String,
+    /// Its serial number, what a CRL names.
+    pub serial: u64,
+}
+
+impl Issued {
+    /// The certificate chain (the certificate alone), DER.
+    pub fn chain(&self) -> Vec<CertificateDer<'static>> {
+        vec![one_cert(&self.cert_pem)]
+    }
+
+    /// The private key, DER.
+    pub fn key(&self) -> PrivateKeyDer<'static> {
+        one_key(&self.key_pem)
+    }
+}
+
+impl DevCa {
+    /// A fresh CA (ECDSA P-256, ten years, no intermediates, may sign certificates and CRLs).
+    pub fn new() -> Result<DevCa, rcgen::Error> {
+        let now = OffsetDateTime::now_utc();
+        let not_before = now - Duration::hours(1);
+        let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut ca = CertificateParams::default();
+        ca.distinguished_name = dn("sudp development CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        ca.not_before = not_before;
+        ca.not_after = now + Duration::days(3650);
+        let ca_cert = ca.self_signed(&ca_key)?;
+        Ok(DevCa {
+            issuer: Issuer::new(ca, ca_key),
+            ca_pem: ca_cert.pem(),
+            now,
+            not_before,
+        })
+    }
+
+    /// The CA certificate, PEM.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// The CA certificate, DER.
+    pub fn ca_der(&self) -> CertificateDer<'static> {
+        one_cert(&self.ca_pem)
+    }
+
+    /// A gateway (server auth) certificate for `sans` ([`DEFAULT_SANS`] if empty): PEM
+    /// certificate and key.
+    pub fn gateway(&mut self, sans: &[String]) -> Result<(String, String), rcgen::Error> {
+        let sans: Vec<String> = if sans.is_empty() {
+            DEFAULT_SANS.iter().map(|s| s.to_string()).collect()
+        } else {
+            sans.to_vec()
+        };
+        let mut gw = self.leaf(ExtendedKeyUsagePurpose::ServerAuth);
+        // Indexing cannot fail: `sans` is the caller's non-empty list or the defaults.
+        gw.distinguished_name = dn(&sans[0]);
+        gw.subject_alt_names = sans.iter().map(|s| san(s)).collect::<Result<_, _>>()?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let cert = gw.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// A client (client auth) certificate named `name` (CN and DNS SAN).
+    pub fn client(&mut self, name: &str) -> Result<Issued, rcgen::Error> {
+        let mut cl = self.leaf(ExtendedKeyUsagePurpose::ClientAuth);
+        cl.distinguished_name = dn(name);
+        cl.subject_alt_names = vec![SanType::DnsName(name.try_into()?)];
+        let serial = rand::random::<u64>() >> 1;
+        cl.serial_number = Some(SerialNumber::from(serial));
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let cert = cl.signed_by(&key, &self.issuer)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            serial,
+        })
+    }
+
+    /// A CRL, PEM, revoking the certificates with these serial numbers; valid from an hour
+    /// ago for 30 days.
+    pub fn crl(&self, revoked: &[u64]) -> Result<String, rcgen::Error> {
+        let params = CertificateRevocationListParams {
+            this_update: self.not_before,
+            next_update: self.now + Duration::days(30),
+            crl_number: SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|&serial| RevokedCertParams {
+                    serial_number: SerialNumber::from(serial),
+                    revocation_time: self.not_before,
+                    reason_code: Some(RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        params.signed_by(&self.issuer)?.pem()
+    }
+
+    fn leaf(&self, eku: ExtendedKeyUsagePurpose) -> CertificateParams {
+        leaf(self.not_before, self.now, eku)
+    }
 }
 
 /// A development PKI with the default names, for tests and benchmarks.
@@ -355,6 +452,22 @@ mod tests {
             assert_eq!(mode(&written[2]), 0o600);
         }
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn dev_ca_issues_clients_and_signs_crls() {
+        let mut ca = DevCa::new().unwrap();
+        let a = ca.client("ops").unwrap();
+        let b = ca.client("ops").unwrap();
+        assert_ne!(a.serial, b.serial);
+        assert_eq!(tls::cert_identity(&a.chain()[0]).as_deref(), Some("ops"));
+        let crl = ca.crl(&[a.serial]).unwrap();
+        let crls = tls::parse_crls(crl.as_bytes(), "crl").unwrap();
+        assert_eq!(crls.len(), 1);
+        assert!(matches!(
+            tls::parse_crls(ca.ca_pem().as_bytes(), "ca.pem"),
+            Err(tls::TlsError::NoCrl { .. })
+        ));
     }
 
     #[test]

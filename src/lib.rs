@@ -15,6 +15,7 @@ pub mod cert;
 pub mod client;
 pub mod config;
 pub mod gateway;
+pub mod logsafe;
 pub mod metrics;
 pub mod net;
 pub mod policy;

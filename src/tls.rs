@@ -15,7 +15,9 @@
 //!   ([`SessionCache`], the seam for a shared store) on the gateway, rustls' in-memory
 //!   session store on the client.
 //! * Client certificates are off, optional (a client without one may still authenticate
-//!   with a password inside SOCKS5) or required.
+//!   with a password inside SOCKS5) or required. Certificate revocation lists, if given, are
+//!   checked for the client's end-entity certificate; once any CRL is given, a client whose
+//!   issuer has none is refused (unknown status is not trusted).
 //!
 //! [`export_keys`] works on a finished connection of either side; both sides get the same
 //! [`KeySchedule`] for the same association id and suite (see [`crate::proto::keys`]).
@@ -27,7 +29,7 @@ use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::{ServerSessionMemoryCache, StoresServerSessions, WebPkiClientVerifier};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore, ServerConfig,
@@ -64,6 +66,15 @@ pub enum TlsError {
         /// The file.
         origin: String,
     },
+    /// A PEM file holds no certificate revocation list.
+    #[error("{origin}: no certificate revocation list (X509 CRL) found")]
+    NoCrl {
+        /// The file.
+        origin: String,
+    },
+    /// CRLs were given but client certificates are off.
+    #[error("certificate revocation lists given but no client CA is configured")]
+    CrlWithoutCa,
     /// A PEM file holds no private key.
     #[error("{origin}: no private key found")]
     NoPrivateKey {
@@ -119,6 +130,34 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         error,
     })?);
     parse_key(&pem, &origin)
+}
+
+/// Reads every certificate revocation list of a PEM file (one or a bundle).
+pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let origin = path.display().to_string();
+    let pem = std::fs::read(path).map_err(|error| TlsError::Read {
+        origin: origin.clone(),
+        error,
+    })?;
+    parse_crls(&pem, &origin)
+}
+
+/// Parses every CRL of PEM text; `origin` names it in errors. Whether a CRL is well formed
+/// and signed by a client CA is checked when the verifier is built
+/// ([`server_config`]) and at each handshake.
+pub fn parse_crls(pem: &[u8], origin: &str) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let crls = rustls_pemfile::crls(&mut &pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| TlsError::Pem {
+            origin: origin.to_owned(),
+            error,
+        })?;
+    if crls.is_empty() {
+        return Err(TlsError::NoCrl {
+            origin: origin.to_owned(),
+        });
+    }
+    Ok(crls)
 }
 
 /// Parses every certificate of PEM text; `origin` names it in errors.
@@ -196,6 +235,8 @@ pub struct ServerTlsOptions {
     /// Refuse clients without a certificate. Needs `client_ca`; when false, a client
     /// certificate is checked if presented, and a client without one must use a password.
     pub require_client_cert: bool,
+    /// Revocation lists for client certificates (needs `client_ca`); empty: none checked.
+    pub client_crls: Vec<CertificateRevocationListDer<'static>>,
     /// Accept TLS 1.2 (with extended master secret) as well as TLS 1.3.
     pub allow_tls12: bool,
 }
@@ -220,12 +261,22 @@ pub fn server_config_with_store(
             what: "protocol versions",
             error,
         })?;
+    if opts.client_ca.is_none() && !opts.client_crls.is_empty() {
+        return Err(TlsError::CrlWithoutCa);
+    }
     let builder = match (opts.client_ca, opts.require_client_cert) {
         (None, true) => return Err(TlsError::RequiredWithoutCa),
         (None, false) => builder.with_no_client_auth(),
         (Some(cas), required) => {
             let roots = Arc::new(root_store(cas, "client CA")?);
-            let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
+            let mut verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
+            if !opts.client_crls.is_empty() {
+                // The end entity only: an operator revokes client certificates; a CA chain
+                // is the operator's own. Unknown status stays an error (rustls' default).
+                verifier = verifier
+                    .with_crls(opts.client_crls)
+                    .only_check_end_entity_revocation();
+            }
             let verifier = if required {
                 verifier
             } else {
@@ -422,6 +473,11 @@ pub fn peer_identity(conn: &rustls::ServerConnection) -> Option<String> {
     cert_identity(conn.peer_certificates()?.first()?)
 }
 
+/// The client's verified end-entity certificate, if it presented one.
+pub fn peer_certificate(conn: &rustls::ServerConnection) -> Option<CertificateDer<'static>> {
+    Some(conn.peer_certificates()?.first()?.clone().into_owned())
+}
+
 /// The identity a certificate names: its first DNS or URI subject alternative name, else
 /// its subject's common name. `None` if it names neither or does not parse.
 pub fn cert_identity(cert: &CertificateDer<'_>) -> Option<String> {
@@ -572,6 +628,7 @@ mod tests {
             key: pki().gateway_key(),
             client_ca: client_ca.then(|| vec![pki().ca_der()]),
             require_client_cert,
+            client_crls: Vec::new(),
             allow_tls12,
         })
         .unwrap()
@@ -773,6 +830,7 @@ mod tests {
             key: pki().gateway_key(),
             client_ca: None,
             require_client_cert: true,
+            client_crls: Vec::new(),
             allow_tls12: false,
         })
         .unwrap_err();

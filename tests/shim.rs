@@ -1153,6 +1153,8 @@ async fn an_unpaced_burst_on_a_new_flow_is_delivered_whole_and_in_order() {
         gw.metrics.drop_summary(),
         gw.metrics.forwarded.load(Ordering::Relaxed),
     );
+    let missing: Vec<u32> = (0..N).filter(|i| !seqs.contains(i)).collect();
+    assert!(missing.is_empty(), "missing {missing:?}");
     assert_eq!(gw.metrics.forwarded.load(Ordering::Relaxed), N as u64);
     assert_eq!(seqs, (0..N).collect::<Vec<_>>(), "every datagram, in order");
     assert_eq!(shim.metrics.total_drops(), 0);

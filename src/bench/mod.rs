@@ -756,6 +756,7 @@ impl InProcessGateway {
             key: pki.gateway_key(),
             client_ca: None,
             require_client_cert: false,
+            client_crls: Vec::new(),
             allow_tls12: false,
         })
         .map_err(|e| setup(&e))?;

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::{
     file_items, file_value, heartbeat, nonzero, nonzero_duration, parse_duration, parse_socket_addr,
-    parse_suite, read_file, replay_window, suites, ConfigError, Origins, Problem,
+    parse_suite, read_file, replay_window, suites, value_err, ConfigError, Origins, Problem,
 };
 use crate::net::channel::Heartbeat;
 use crate::policy::{self, Action, Policy, Rule, RuleError};
@@ -25,6 +25,12 @@ pub const DEFAULT_MAX_ASSOCIATIONS: usize = 4096;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Default time a client has to finish the TLS and SOCKS5 handshakes.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default limit on concurrent control connections from one source (IPv4 address or IPv6
+/// /64): a quarter of [`DEFAULT_MAX_CONNECTIONS`], room for a shim forward's default 256
+/// flows.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
+/// Default time a CONNECT tunnel may carry no byte either way before it is closed.
+pub const DEFAULT_CONNECT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Run the secure-UDP gateway: SOCKS5 over TLS plus a UDP relay for naked and secure UDP.
 ///
@@ -56,6 +62,12 @@ pub struct GatewayArgs {
     /// certificate it signed authenticates by that certificate's identity.
     #[arg(long, value_name = "FILE")]
     pub client_ca: Option<PathBuf>,
+
+    /// Certificate revocation list(s), PEM, for client certificates (repeatable; a file may
+    /// hold several): a revoked client certificate is refused in the TLS handshake. Needs
+    /// --client-ca.
+    #[arg(long, value_name = "FILE")]
+    pub client_crl: Vec<PathBuf>,
 
     /// Accept clients without any authentication. For tests and demos only; cannot be
     /// combined with --users or --client-ca.
@@ -106,9 +118,19 @@ pub struct GatewayArgs {
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
 
-    /// Time a client has to finish the TLS and SOCKS5 handshakes [default: 10s].
+    /// Most concurrent control connections from one source IP (IPv6: one /64); further
+    /// connections from it are closed at once [default: 256].
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_ip: Option<usize>,
+
+    /// One deadline for the TLS handshake, SOCKS5 negotiation and authentication together,
+    /// counted from the TCP accept [default: 10s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub handshake_timeout: Option<Duration>,
+
+    /// Close a CONNECT tunnel after this long without a byte either way [default: 10m].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub connect_idle_timeout: Option<Duration>,
 
     /// Replay window of secure-UDP records, in records, 64..=65536 (rounded up to a multiple
     /// of 64) [default: 1024].
@@ -156,6 +178,9 @@ pub struct GatewayConfig {
     pub key: PathBuf,
     /// How clients authenticate.
     pub auth: Auth,
+    /// Revocation lists (PEM files) for client certificates; empty unless `auth` has a
+    /// client CA.
+    pub client_crl: Vec<PathBuf>,
     /// UDP relay socket (port 0: any free port).
     pub udp_listen: SocketAddr,
     /// Address for BND.ADDR replies; `None`: the relay socket's IP, or the control
@@ -173,8 +198,12 @@ pub struct GatewayConfig {
     pub max_associations: usize,
     /// Most concurrent control connections (nonzero).
     pub max_connections: usize,
-    /// Time a client has to finish the TLS and SOCKS5 handshakes (nonzero).
+    /// Most concurrent control connections from one source (nonzero).
+    pub max_connections_per_ip: usize,
+    /// One deadline for TLS, SOCKS5 negotiation and authentication (nonzero).
     pub handshake_timeout: Duration,
+    /// A CONNECT tunnel idle this long either way is closed (nonzero).
+    pub connect_idle_timeout: Duration,
     /// Replay window size in records, within
     /// [`replay::MIN_WINDOW`](crate::proto::replay::MIN_WINDOW)..=
     /// [`replay::MAX_WINDOW`](crate::proto::replay::MAX_WINDOW).
@@ -248,6 +277,7 @@ struct GatewayFile {
     key: Option<PathBuf>,
     users: Option<PathBuf>,
     client_ca: Option<PathBuf>,
+    client_crl: Option<Vec<PathBuf>>,
     no_auth: Option<bool>,
     udp_listen: Option<String>,
     advertise: Option<String>,
@@ -260,7 +290,9 @@ struct GatewayFile {
     idle_timeout: Option<toml::Value>,
     max_associations: Option<usize>,
     max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
     handshake_timeout: Option<toml::Value>,
+    connect_idle_timeout: Option<toml::Value>,
     replay_window: Option<usize>,
     suites: Option<Vec<String>>,
     tls12: Option<bool>,
@@ -327,6 +359,22 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
         (false, None, Some(ca)) => Auth::ClientCert(ca),
         (false, None, None) => return Err(ConfigError::NoAuthMethod),
     };
+    let dir = o.path.parent().unwrap_or(Path::new(""));
+    let client_crl = if args.client_crl.is_empty() {
+        file.client_crl
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| dir.join(p))
+            .collect()
+    } else {
+        args.client_crl
+    };
+    if !client_crl.is_empty() && auth.client_ca().is_none() {
+        return Err(ConfigError::Requires {
+            key: "client_crl",
+            needs: "client_ca",
+        });
+    }
 
     // Policy: within each scope deny rules come before allow rules (so a deny carves holes in
     // a wider allow); a flag given at least once replaces the file's list.
@@ -344,6 +392,18 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
     };
     let mut users_policy = HashMap::new();
     for (user, rules) in file.users_policy.unwrap_or_default() {
+        // A password user's name has no ':'; a certificate's identity is `cert:NAME`
+        // (crate::auth): a key of neither form would silently never apply.
+        let possible = match user.strip_prefix(crate::auth::CERT_PREFIX) {
+            Some(name) => !name.is_empty(),
+            None => !user.contains(':'),
+        };
+        if !possible {
+            return Err(value_err(
+                o.file(format!("users_policy.{user}")),
+                Problem::PolicyKey(user),
+            ));
+        }
         let key = |list: &str| format!("users_policy.{user}.{list}");
         let mut list = file_items(&o, &key("deny"), &rules.deny, parse_deny)?;
         list.extend(file_items(&o, &key("allow"), &rules.allow, parse_allow)?);
@@ -382,6 +442,20 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
         file.max_connections,
         DEFAULT_MAX_CONNECTIONS,
     )?;
+    let max_connections_per_ip = nonzero(
+        &o,
+        "max_connections_per_ip",
+        args.max_connections_per_ip,
+        file.max_connections_per_ip,
+        DEFAULT_MAX_CONNECTIONS_PER_IP,
+    )?;
+    let connect_idle_timeout = nonzero_duration(
+        &o,
+        "connect_idle_timeout",
+        args.connect_idle_timeout,
+        file.connect_idle_timeout,
+        DEFAULT_CONNECT_IDLE_TIMEOUT,
+    )?;
     let replay_window = replay_window(&o, args.replay_window, file.replay_window)?;
     let suites = suites(&o, args.suites, file.suites)?;
     let heartbeat = heartbeat(
@@ -408,6 +482,7 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
         cert,
         key,
         auth,
+        client_crl,
         udp_listen,
         advertise,
         policy,
@@ -416,7 +491,9 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
         idle_timeout,
         max_associations,
         max_connections,
+        max_connections_per_ip,
         handshake_timeout,
+        connect_idle_timeout,
         replay_window,
         suites,
         tls12: args.tls12 || file.tls12.unwrap_or(false),
@@ -509,9 +586,70 @@ mod tests {
         assert_eq!(c.handshake_timeout, Duration::from_secs(10));
         assert_eq!(c.max_associations, 4096);
         assert_eq!(c.max_connections, 1024);
+        assert_eq!(c.max_connections_per_ip, 256);
+        assert_eq!(c.connect_idle_timeout, Duration::from_secs(600));
+        assert!(c.client_crl.is_empty());
         assert_eq!(c.replay_window, 1024);
         assert_eq!(c.suites, CipherSuite::ALL.to_vec());
         assert_eq!(c.suites[0], CipherSuite::Aes128CbcHmacSha256);
+    }
+
+    #[test]
+    fn users_policy_keys_name_password_users_or_certificates() {
+        let c = from_toml(
+            &format!("{MINIMAL}[users_policy.ops]\ndeny = [\"10.0.0.0/8\"]\n[users_policy.\"cert:ops\"]\nallow = [\"10.0.0.0/8\"]\n"),
+            &[],
+        )
+        .unwrap();
+        assert!(c.policy.check(Some("ops"), sa("10.1.1.1:1")).is_err());
+        assert!(c.policy.check(Some("cert:ops"), sa("10.1.1.1:1")).is_ok());
+        for bad in ["a:b", "cert:", "x:cert:y"] {
+            let got = error(&format!("{MINIMAL}[users_policy.\"{bad}\"]\nallow = []\n"), &[]);
+            assert!(
+                got.starts_with(&format!("gateway.toml: key `users_policy.{bad}`: no identity")),
+                "{got}"
+            );
+        }
+    }
+
+    #[test]
+    fn connection_limits_and_revocation_lists() {
+        let c = GatewayConfig::from_args(flags(&[
+            "--cert=c",
+            "--key=k",
+            "--client-ca=ca.pem",
+            "--client-crl=a.crl",
+            "--client-crl=b.crl",
+            "--max-connections-per-ip=3",
+            "--connect-idle-timeout=90s",
+        ]))
+        .unwrap();
+        assert_eq!(c.client_crl, [PathBuf::from("a.crl"), PathBuf::from("b.crl")]);
+        assert_eq!(c.max_connections_per_ip, 3);
+        assert_eq!(c.connect_idle_timeout, Duration::from_secs(90));
+        // From the file, relative to it; a flag list replaces the file's.
+        let mut args = flags(&[]);
+        args.config = Some("/etc/sudp/gateway.toml".into());
+        let file = parse_file(
+            Path::new("x"),
+            "cert = \"c\"\nkey = \"k\"\nclient_ca = \"ca.pem\"\nclient_crl = [\"crl/one.pem\"]\n\
+             max_connections_per_ip = 7\nconnect_idle_timeout = \"1h\"",
+        )
+        .unwrap();
+        let c = build(args, file).unwrap();
+        assert_eq!(c.client_crl, [PathBuf::from("/etc/sudp/crl/one.pem")]);
+        assert_eq!(c.max_connections_per_ip, 7);
+        assert_eq!(c.connect_idle_timeout, Duration::from_secs(3600));
+        // A CRL needs a client CA; zero limits are refused by name.
+        let got = error(MINIMAL, &["--client-crl=a.crl"]);
+        assert_eq!(got, "`client_crl` (--client-crl) needs `client_ca` (--client-ca)");
+        let got = error(MINIMAL, &["--max-connections-per-ip=0"]);
+        assert_eq!(got, "flag `--max-connections-per-ip`: must be greater than zero");
+        let got = error(&format!("{MINIMAL}connect_idle_timeout = 0"), &[]);
+        assert!(
+            got.contains("key `connect_idle_timeout`: must be greater than zero"),
+            "{got}"
+        );
     }
 
     #[test]

@@ -38,8 +38,9 @@ use crate::proto::keys::CipherSuite;
 use crate::proto::replay;
 
 pub use gateway::{
-    Auth, GatewayArgs, GatewayConfig, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_LISTEN,
-    DEFAULT_MAX_ASSOCIATIONS, DEFAULT_MAX_CONNECTIONS,
+    Auth, GatewayArgs, GatewayConfig, DEFAULT_CONNECT_IDLE_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_LISTEN, DEFAULT_MAX_ASSOCIATIONS, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_IP,
 };
 pub use shim::{
     parse_forward, parse_host_port, Forward, ForwardProto, PasswordLogin, ShimArgs, ShimConfig, Trust,
@@ -248,6 +249,12 @@ pub enum Problem {
     /// A user name that RFC 1929 cannot carry.
     #[error("a user name must be 1 to 255 bytes")]
     UserName,
+    /// A `[users_policy.KEY]` that no identity can have.
+    #[error(
+        "no identity is named \"{0}\": password users have no ':' in their names, and \
+         certificate identities are cert:NAME"
+    )]
+    PolicyKey(String),
 }
 
 /// Text that is not a duration (see [`parse_duration`]).

@@ -8,20 +8,25 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use fast_socks5::server::{AuthMethod, AuthMethodSuccessState, Socks5ServerProtocol};
 use fast_socks5::util::target_addr::TargetAddr;
 use fast_socks5::{ReplyError, Socks5Command};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 
+use crate::auth::{Credentials, Identity, Method as AuthMethodKind, Verdict};
 use crate::gateway::relay::AssocError;
 use crate::gateway::Shared;
+use crate::logsafe::Peer;
 use crate::net::canonical;
 use crate::net::channel::{Channel, ChannelError, Event};
 use crate::proto::frame::{CloseReason, Frame};
@@ -37,8 +42,8 @@ pub enum Refusal {
     /// Destination refused by policy.
     #[error("destination not allowed by policy")]
     Policy,
-    /// Name did not resolve.
-    #[error("cannot resolve {0}")]
+    /// Name did not resolve (the name is the client's: logged escaped).
+    #[error("cannot resolve {}", Peer::str(.0))]
     Resolve(String),
     /// TCP connect failed.
     #[error("connect failed: {0}")]
@@ -106,40 +111,70 @@ impl<T> AuthMethodSuccessState<T> for Authenticated<T> {
 
 /// What authentication established.
 struct Session {
+    /// Who the client is; `None`: anonymous (`no_auth`).
+    identity: Option<Identity>,
+    /// The identity's qualified name, the key of its `[users_policy]` rules.
     user: Option<String>,
     secure: Option<(AssociationId, KeySchedule)>,
+}
+
+impl Session {
+    fn new(identity: Option<Identity>) -> Session {
+        Session {
+            user: identity.as_ref().map(Identity::qualified),
+            identity,
+            secure: None,
+        }
+    }
+
+    fn set_identity(&mut self, identity: Identity) {
+        self.user = Some(identity.qualified());
+        self.identity = Some(identity);
+    }
+
+    /// For logs: the escaped qualified name, or `anonymous`.
+    fn who(&self) -> String {
+        self.identity
+            .as_ref()
+            .map_or_else(|| "anonymous".to_owned(), Identity::to_string)
+    }
 }
 
 type Tls = TlsStream<TcpStream>;
 
 /// Serves one accepted TCP connection until it closes, the association idles out or the
 /// gateway shuts down.
+///
+/// TLS, SOCKS5 negotiation and authentication share one deadline, counted from here (the
+/// accept): a silent peer holds its slot for `handshake_timeout`, not once per phase.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     tcp: TcpStream,
     peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
 ) {
+    let deadline = Instant::now() + shared.settings.handshake_timeout;
     let peer = canonical(peer);
     let local = match tcp.local_addr() {
         Ok(a) => a,
         Err(_) => return,
     };
     let _ = tcp.set_nodelay(true);
-    let hs = shared.settings.handshake_timeout;
-    let tls = match tokio::time::timeout(hs, shared.acceptor.accept(tcp)).await {
+    let tls = match tokio::time::timeout_at(deadline, shared.acceptor.accept(tcp)).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
+            if is_certificate_error(&e) {
+                shared.metrics.count_auth_failure(AuthMethodKind::Certificate);
+            }
             tracing::info!(%peer, error = %e, "TLS handshake failed");
             return;
         }
         Err(_) => {
-            tracing::info!(%peer, "TLS handshake timed out");
+            tracing::info!(%peer, "handshake timed out (TLS)");
             return;
         }
     };
-    let identity = crate::tls::peer_identity(tls.get_ref().1);
-    let negotiated = tokio::time::timeout(hs, negotiate(&shared, tls, identity, peer)).await;
+    let negotiated = tokio::time::timeout_at(deadline, negotiate(&shared, tls, peer, deadline)).await;
     let (proto, cmd, target, session) = match negotiated {
         Ok(Ok(Some(x))) => x,
         Ok(Ok(None)) => return,
@@ -148,12 +183,12 @@ pub(crate) async fn serve(
             return;
         }
         Err(_) => {
-            tracing::info!(%peer, "SOCKS5 negotiation timed out");
+            tracing::info!(%peer, "handshake timed out (SOCKS5)");
             return;
         }
     };
     let result = match cmd {
-        Socks5Command::TCPConnect => connect(&shared, proto, target, &session).await,
+        Socks5Command::TCPConnect => connect(&shared, proto, target, &session, peer).await,
         Socks5Command::UDPAssociate => {
             udp_associate(&shared, proto, target, session, peer, local, shutdown).await
         }
@@ -161,6 +196,32 @@ pub(crate) async fn serve(
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "control connection ended");
+    }
+}
+
+/// Whether a failed TLS accept was the client certificate's fault (missing where required,
+/// untrusted, revoked, expired): an authentication failure of the certificate method.
+fn is_certificate_error(e: &io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|e| {
+            matches!(
+                e,
+                rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
+            )
+        })
+}
+
+/// Completes when the client has gone away (FIN or RST), even with unread bytes pending.
+async fn peer_gone(tcp: &TcpStream) {
+    loop {
+        match tcp.ready(Interest::READABLE).await {
+            Ok(r) if r.is_read_closed() || r.is_error() => return,
+            Err(_) => return,
+            // Readable but open: bytes the client pipelined. Readiness stays set until they
+            // are read, so look again a little later instead of spinning.
+            Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
     }
 }
 
@@ -173,52 +234,94 @@ type Ready = (
 
 /// Method negotiation, authentication and the command request. `Ok(None)`: the client was
 /// refused and answered; nothing more to do.
+///
+/// With `no_auth`, every client is accepted as anonymous, also one that sends credentials
+/// (RFC 1929 or the sudp hello): the gateway cannot check them, and accepting them as an
+/// identity would let anyone claim one, so they are ignored (and logged as ignored).
 async fn negotiate(
     shared: &Shared,
     tls: Tls,
-    identity: Option<String>,
     peer: SocketAddr,
+    deadline: Instant,
 ) -> anyhow::Result<Option<Ready>> {
     let auth = &shared.settings.auth;
-    let mut offered = vec![Method::Sudp];
-    if auth.users.is_some() {
-        offered.push(Method::UserPass);
+    // A certificate rustls verified (CA, CRLs) names the client through its backend.
+    let mut cert_identity = None;
+    if let Some(cert) = crate::tls::peer_certificate(tls.get_ref().1) {
+        let verdict = shared
+            .auth
+            .authenticate(
+                peer,
+                Credentials::Certificate(cert),
+                deadline,
+                peer_gone(tls.get_ref().0),
+            )
+            .await;
+        if let Verdict::Accepted(identity) = verdict {
+            cert_identity = Some(identity);
+        }
     }
-    if auth.no_auth || identity.is_some() {
+    let mut offered = vec![Method::Sudp];
+    if auth.no_auth || cert_identity.is_some() {
         offered.push(Method::NoAuth);
     }
+    if auth.users.is_some() || auth.no_auth {
+        offered.push(Method::UserPass);
+    }
     let (method, mut stream) = Socks5ServerProtocol::start(tls).negotiate_auth(&offered).await?;
-    let mut session = Session {
-        user: identity.clone(),
-        secure: None,
-    };
+    let mut session = Session::new(cert_identity.clone());
     match method {
         Method::NoAuth => {}
         Method::UserPass => {
             let msg = read_message(&mut stream, |b| socks::parse_userpass(b).map(|(_, n)| n)).await?;
             let ((user, pass), _) = socks::parse_userpass(&msg)?;
-            let ok = verify(shared, user, pass).await;
-            if !ok {
-                shared.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(%peer, user = %String::from_utf8_lossy(user), "username/password rejected");
-                stream.write_all(&[socks::USERPASS_VERSION, 0x01]).await?;
-                stream.shutdown().await?;
-                return Ok(None);
+            if auth.no_auth {
+                tracing::info!(%peer, user = %Peer(user), "no_auth: credentials ignored, client is anonymous");
+            } else {
+                let creds = Credentials::password(user, pass);
+                match shared
+                    .auth
+                    .authenticate(peer, creds, deadline, peer_gone(stream.get_ref().0))
+                    .await
+                {
+                    Verdict::Accepted(identity) => session.set_identity(identity),
+                    _ => {
+                        stream.write_all(&[socks::USERPASS_VERSION, 0x01]).await?;
+                        stream.shutdown().await?;
+                        return Ok(None);
+                    }
+                }
             }
             stream.write_all(&[socks::USERPASS_VERSION, 0x00]).await?;
-            session.user = Some(String::from_utf8_lossy(user).into_owned());
         }
         Method::Sudp => {
             let msg = read_message(&mut stream, |b| SudpHello::parse(b).map(|(_, n)| n)).await?;
             let (hello, _) = SudpHello::parse(&msg)?;
             let authed = if hello.user.is_empty() {
-                auth.no_auth || identity.is_some()
+                auth.no_auth || cert_identity.is_some()
+            } else if auth.no_auth {
+                tracing::info!(%peer, user = %Peer(hello.user), "no_auth: credentials ignored, client is anonymous");
+                true
             } else {
-                auth.users.is_some() && verify(shared, hello.user, hello.pass).await
+                let creds = Credentials::password(hello.user, hello.pass);
+                match shared
+                    .auth
+                    .authenticate(peer, creds, deadline, peer_gone(stream.get_ref().0))
+                    .await
+                {
+                    Verdict::Accepted(identity) => {
+                        session.set_identity(identity);
+                        true
+                    }
+                    _ => false,
+                }
             };
             if !authed {
-                shared.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(%peer, user = %String::from_utf8_lossy(hello.user), "sudp authentication rejected");
+                if hello.user.is_empty() {
+                    // No credentials where some are needed: a failure of no backend.
+                    shared.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(%peer, "sudp authentication rejected: no credentials");
+                }
                 stream
                     .write_all(&SudpAccept::refuse(sudp_status::AUTH_FAILED).encode())
                     .await?;
@@ -233,9 +336,6 @@ async fn negotiate(
                 stream.shutdown().await?;
                 return Ok(None);
             };
-            if !hello.user.is_empty() {
-                session.user = Some(String::from_utf8_lossy(hello.user).into_owned());
-            }
             let id = shared.relay.new_assoc_id();
             let keys = crate::tls::export_keys(stream.get_ref().1, id, suite)?;
             stream.write_all(&SudpAccept::ok(suite, id).encode()).await?;
@@ -267,17 +367,6 @@ where
     }
 }
 
-/// Checks credentials off the async threads (argon2 is deliberately slow).
-async fn verify(shared: &Shared, user: &[u8], pass: &[u8]) -> bool {
-    let Some(users) = shared.settings.auth.users.clone() else {
-        return false;
-    };
-    let (user, pass) = (user.to_vec(), zeroize::Zeroizing::new(pass.to_vec()));
-    tokio::task::spawn_blocking(move || users.verify(&user, &pass))
-        .await
-        .unwrap_or(false)
-}
-
 async fn refuse(
     proto: Socks5ServerProtocol<Tls, fast_socks5::server::states::CommandRead>,
     why: Refusal,
@@ -292,6 +381,7 @@ async fn connect(
     proto: Socks5ServerProtocol<Tls, fast_socks5::server::states::CommandRead>,
     target: TargetAddr,
     session: &Session,
+    peer: SocketAddr,
 ) -> anyhow::Result<()> {
     let candidates = match &target {
         TargetAddr::Ip(a) => vec![canonical(*a)],
@@ -319,16 +409,101 @@ async fn connect(
             Err(_) => last = Refusal::Timeout,
         }
     }
-    let Some(mut outbound) = outbound else {
+    let Some(outbound) = outbound else {
         return refuse(proto, last).await;
     };
     let _ = outbound.set_nodelay(true);
     let bound = outbound.local_addr()?;
-    let mut tls = proto.reply_success(bound).await?;
+    let tls = proto.reply_success(bound).await?;
+    let idle = shared.settings.connect_idle_timeout;
+    let activity = Activity::new();
+    let (mut a, mut b) = (activity.watch(tls), activity.watch(outbound));
     // Half-close is carried through: EOF one way shuts down that direction's writer only.
-    let (up, down) = tokio::io::copy_bidirectional(&mut tls, &mut outbound).await?;
-    tracing::debug!(up, down, "CONNECT finished");
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut a, &mut b) => {
+            let (up, down) = r?;
+            tracing::debug!(%peer, user = %session.who(), up, down, "CONNECT finished");
+        }
+        _ = activity.idle_for(idle) => {
+            tracing::info!(%peer, user = %session.who(), idle = ?idle, "CONNECT closed: idle");
+        }
+    }
     Ok(())
+}
+
+/// When bytes last moved on a CONNECT tunnel, either way.
+struct Activity {
+    start: Instant,
+    /// Milliseconds after `start` of the last read that returned bytes.
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            start: Instant::now(),
+            last_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// `io`, recording each read that returns bytes.
+    fn watch<S>(&self, io: S) -> Watched<S> {
+        Watched {
+            io,
+            start: self.start,
+            last_ms: self.last_ms.clone(),
+        }
+    }
+
+    /// Completes once no byte has moved for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let until = last + idle;
+            if Instant::now() >= until {
+                return;
+            }
+            tokio::time::sleep_until(until).await;
+        }
+    }
+}
+
+/// A stream whose reads are recorded in an [`Activity`]. Every byte written was read from the
+/// other stream first, so reads alone tell when the tunnel moved.
+struct Watched<S> {
+    io: S,
+    start: Instant,
+    last_ms: Arc<AtomicU64>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            let ms = self.start.elapsed().as_millis() as u64;
+            self.last_ms.fetch_max(ms, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 async fn udp_associate(
@@ -365,7 +540,7 @@ async fn udp_associate(
     let mut stream = proto
         .reply_success(SocketAddr::new(bnd_ip, relay_addr.port()))
         .await?;
-    tracing::info!(%peer, assoc = %handle.id(), secure = session.secure.is_some(), user = ?session.user, "UDP association open");
+    tracing::info!(%peer, assoc = %handle.id(), secure = session.secure.is_some(), user = %session.who(), "UDP association open");
 
     let idle = shared.settings.idle_timeout;
     let mut tick = tokio::time::interval(idle.min(Duration::from_secs(1)).max(Duration::from_millis(50)));

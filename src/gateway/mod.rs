@@ -8,11 +8,12 @@
 pub mod control;
 pub mod relay;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -20,7 +21,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
-use crate::auth::Users;
+use crate::auth::{AuthLimits, Authenticator, Backend, Certificates, Users};
 use crate::config::{Auth, GatewayConfig};
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::net::channel::Heartbeat;
@@ -67,10 +68,17 @@ pub struct Settings {
     pub max_associations: usize,
     /// Most control connections at once.
     pub max_connections: usize,
-    /// Limit on TLS handshake plus SOCKS5 negotiation.
+    /// Most control connections at once from one source (an IPv4 address or an IPv6 /64).
+    pub max_connections_per_ip: usize,
+    /// One deadline for the TLS handshake, SOCKS5 negotiation and authentication together,
+    /// from the moment the connection is accepted.
     pub handshake_timeout: Duration,
     /// Limit on a CONNECT's TCP connect.
     pub connect_timeout: Duration,
+    /// A CONNECT tunnel with no byte either way for this long is closed.
+    pub connect_idle_timeout: Duration,
+    /// Bounds on password checks (concurrency, queue, per-source failures).
+    pub auth_limits: AuthLimits,
     /// Replay window size.
     pub replay_window: usize,
     /// Acceptable suites, in the gateway's order.
@@ -97,8 +105,8 @@ pub const DEFAULT_HEARTBEAT: Heartbeat = Heartbeat {
 impl Settings {
     /// Settings with the documented defaults (docs/CONFIG.md): no authentication method
     /// enabled (set `auth`), the default destination policy, restricted cone, 120 s idle
-    /// timeout, 4096 associations, 1024 connections, 10 s handshake and connect timeouts,
-    /// window 1024, both suites, one relay worker per core. The way to build settings in
+    /// timeout, 4096 associations, 1024 connections (256 per source), 10 s handshake and
+    /// connect timeouts, 10 min CONNECT idle timeout, [`AuthLimits::default`], window 1024, both suites, one relay worker per core. The way to build settings in
     /// code: fields added later get their defaults here instead of breaking callers.
     pub fn new(listen: SocketAddr, tls: Arc<rustls::ServerConfig>) -> Settings {
         Settings {
@@ -113,8 +121,11 @@ impl Settings {
             idle_timeout: crate::config::DEFAULT_IDLE_TIMEOUT,
             max_associations: crate::config::DEFAULT_MAX_ASSOCIATIONS,
             max_connections: crate::config::DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_ip: crate::config::DEFAULT_MAX_CONNECTIONS_PER_IP,
             handshake_timeout: crate::config::DEFAULT_HANDSHAKE_TIMEOUT,
             connect_timeout: Duration::from_secs(10),
+            connect_idle_timeout: crate::config::DEFAULT_CONNECT_IDLE_TIMEOUT,
+            auth_limits: AuthLimits::default(),
             replay_window: crate::proto::replay::DEFAULT_WINDOW,
             suites: CipherSuite::ALL.to_vec(),
             workers: default_workers(),
@@ -133,11 +144,16 @@ impl Settings {
             None => None,
         };
         let require_client_cert = matches!(cfg.auth, Auth::ClientCert(_));
+        let mut client_crls = Vec::new();
+        for path in &cfg.client_crl {
+            client_crls.extend(crate::tls::load_crls(path)?);
+        }
         let tls = crate::tls::server_config(ServerTlsOptions {
             cert_chain: crate::tls::load_certs(&cfg.cert)?,
             key: crate::tls::load_key(&cfg.key)?,
             client_ca,
             require_client_cert,
+            client_crls,
             allow_tls12: cfg.tls12,
         })?;
         let users = match cfg.auth.users() {
@@ -161,8 +177,11 @@ impl Settings {
             idle_timeout: cfg.idle_timeout,
             max_associations: cfg.max_associations,
             max_connections: cfg.max_connections,
+            max_connections_per_ip: cfg.max_connections_per_ip,
             handshake_timeout: cfg.handshake_timeout,
             connect_timeout: Duration::from_secs(10),
+            connect_idle_timeout: cfg.connect_idle_timeout,
+            auth_limits: AuthLimits::default(),
             replay_window: cfg.replay_window,
             suites: cfg.suites.clone(),
             workers: default_workers(),
@@ -178,9 +197,58 @@ pub fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// Control connections held per source, so that one source's peers cannot take every slot.
+#[derive(Debug, Default)]
+pub(crate) struct SourceSlots {
+    held: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One source's slot; given back on drop.
+pub(crate) struct SourceSlot {
+    slots: Arc<SourceSlots>,
+    key: IpAddr,
+}
+
+impl SourceSlots {
+    /// A slot for `ip` if its source holds fewer than `cap`.
+    pub(crate) fn take(self: &Arc<Self>, ip: IpAddr, cap: usize) -> Option<SourceSlot> {
+        let key = crate::auth::source_key(ip);
+        // A poisoned lock only means another task panicked mid-update of a counter.
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let n = held.entry(key).or_insert(0);
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            slots: self.clone(),
+            key,
+        })
+    }
+
+    /// Sources holding at least one slot.
+    #[cfg(test)]
+    fn sources(&self) -> usize {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut held = self.slots.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = held.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.key);
+            }
+        }
+    }
+}
+
 /// State shared by every connection task.
 pub(crate) struct Shared {
     pub(crate) settings: Settings,
+    pub(crate) auth: Authenticator,
     pub(crate) acceptor: TlsAcceptor,
     pub(crate) relay: Arc<Relay>,
     pub(crate) metrics: Arc<Metrics>,
@@ -221,11 +289,18 @@ impl Gateway {
             Some(a) => Some(crate::metrics::http::bind(a).await?),
             None => None,
         };
+        let mut backends: Vec<Arc<dyn Backend>> = Vec::new();
+        if let Some(users) = &settings.auth.users {
+            backends.push(users.clone());
+        }
+        backends.push(Arc::new(Certificates));
+        let auth = Authenticator::new(backends, settings.auth_limits.clone(), metrics.clone());
         Ok(Gateway {
             listener,
             metrics_listener,
             shared: Arc::new(Shared {
                 settings,
+                auth,
                 acceptor,
                 relay,
                 metrics,
@@ -292,6 +367,8 @@ impl Gateway {
             }))
         });
         let limit = Arc::new(Semaphore::new(shared.settings.max_connections));
+        let per_source = Arc::new(SourceSlots::default());
+        let cap = shared.settings.max_connections_per_ip;
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut conns = JoinSet::new();
         tokio::pin!(shutdown);
@@ -306,11 +383,22 @@ impl Gateway {
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
                         shared.metrics.connections.fetch_add(1, Ordering::Relaxed);
+                        // A source at its cap gets its connection closed at once, so that
+                        // the global slot goes straight back: one source's silent peers
+                        // hold at most `cap` of them.
+                        let Some(slot) = per_source.take(peer.ip(), cap) else {
+                            shared.metrics.connections_over_source_cap.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(%peer, cap, "source at its connection cap: closed");
+                            drop(tcp);
+                            drop(permit);
+                            continue;
+                        };
                         let active = GaugeGuard::new(shared.metrics.clone(), |m| &m.connections_active);
                         let (shared, stop) = (shared.clone(), stop_rx.clone());
                         conns.spawn(async move {
                             let _active = active;
                             control::serve(shared, tcp, peer, stop).await;
+                            drop(slot);
                             drop(permit);
                         });
                     }
@@ -346,5 +434,26 @@ impl Gateway {
             "gateway stopped"
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_slots_cap_each_source_and_free_on_drop() {
+        let slots = Arc::new(SourceSlots::default());
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let s1 = slots.take(a, 2).unwrap();
+        let s2 = slots.take(a, 2).unwrap();
+        assert!(slots.take(a, 2).is_none());
+        // The IPv4-mapped form is the same source; another address is not.
+        assert!(slots.take("::ffff:192.0.2.1".parse().unwrap(), 2).is_none());
+        let other = slots.take("192.0.2.2".parse().unwrap(), 2).unwrap();
+        drop(s1);
+        let s3 = slots.take(a, 2).unwrap();
+        drop((s2, s3, other));
+        assert_eq!(slots.sources(), 0, "empty entries are removed");
     }
 }

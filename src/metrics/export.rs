@@ -131,11 +131,35 @@ impl prometheus_client::collector::Collector for Collector {
             "UDP associations opened",
             load(&m.associations),
         )?;
+        {
+            let mut family = enc.encode_descriptor(
+                "auth_failures",
+                "Authentication attempts refused, by method",
+                None,
+                MetricType::Counter,
+            )?;
+            for method in crate::auth::Method::ALL {
+                let labels = [("method", method.name())];
+                ConstCounter::new(m.auth_failures_by(method)).encode(family.encode_family(&labels)?)?;
+            }
+        }
         counter(
             &mut enc,
-            "auth_failures",
-            "Authentication attempts refused",
-            load(&m.auth_failures),
+            "auth_rate_limited",
+            "Authentication attempts answered with a failure without a check: their source failed too often",
+            load(&m.auth_rate_limited),
+        )?;
+        counter(
+            &mut enc,
+            "auth_overloaded",
+            "Authentication attempts not checked: the verification queue was full, the deadline passed or the client left",
+            load(&m.auth_overloaded),
+        )?;
+        counter(
+            &mut enc,
+            "connections_over_source_cap",
+            "Control connections closed at once because their source already held its share of slots",
+            load(&m.connections_over_source_cap),
         )?;
         gauge(
             &mut enc,
@@ -181,6 +205,7 @@ mod tests {
         m.forwarded_on(Path::Secure, 3, 300);
         m.returned_on(Path::Naked, 1, 10);
         m.processing.observe_many(std::time::Duration::from_micros(3), 4);
+        m.count_auth_failure(crate::auth::Method::Certificate);
         let e = Exporter::new(
             "sudp_gateway",
             m.clone(),
@@ -195,6 +220,8 @@ mod tests {
             "sudp_gateway_payload_bytes_total{direction=\"forwarded\",path=\"secure\"} 300",
             "sudp_gateway_datagrams_total{direction=\"returned\",path=\"naked\"} 1",
             "sudp_gateway_relay_workers 2",
+            "sudp_gateway_auth_failures_total{method=\"certificate\"} 1",
+            "sudp_gateway_auth_failures_total{method=\"password\"} 0",
             "sudp_gateway_record_processing_seconds_count 4",
             "sudp_gateway_record_processing_seconds_bucket{le=\"2e-06\"} 0",
             "sudp_gateway_record_processing_seconds_bucket{le=\"4e-06\"} 4",

@@ -13,6 +13,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::auth::Method;
 use crate::net::drops::DropTracker;
 
 use crate::proto::DropReason;
@@ -134,8 +135,17 @@ pub struct Metrics {
     pub connections: AtomicU64,
     /// Associations opened (naked and secure).
     pub associations: AtomicU64,
-    /// Authentication failures.
+    /// Authentication failures, every method (checked and wrong).
     pub auth_failures: AtomicU64,
+    /// Authentication failures by method, indexed by [`Method::index`].
+    auth_failures_by_method: [AtomicU64; Method::ALL.len()],
+    /// Authentication attempts refused without a check: their source failed too often.
+    pub auth_rate_limited: AtomicU64,
+    /// Authentication attempts not checked: the queue was full, the connection's deadline
+    /// passed or the client went away while queued.
+    pub auth_overloaded: AtomicU64,
+    /// Control connections closed at once: their source already held its share of slots.
+    pub connections_over_source_cap: AtomicU64,
     /// Datagrams the kernel dropped at our own sockets' receive queues, by socket role.
     pub socket_drops: SocketDrops,
 }
@@ -224,6 +234,17 @@ impl Metrics {
             s.push_str("none");
         }
         s
+    }
+
+    /// Counts one authentication failure of `method`.
+    pub fn count_auth_failure(&self, method: Method) {
+        self.auth_failures.fetch_add(1, Ordering::Relaxed);
+        self.auth_failures_by_method[method.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Authentication failures of `method` so far.
+    pub fn auth_failures_by(&self, method: Method) -> u64 {
+        self.auth_failures_by_method[method.index()].load(Ordering::Relaxed)
     }
 
     /// Counts `datagrams` forwarded (client to target) on `path`, `bytes` payload bytes in all.

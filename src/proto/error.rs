@@ -54,7 +54,8 @@ pub enum DropReason {
     /// A datagram that arrived while its flow's association was opening found the flow-start
     /// queue full (client side).
     QueueFull,
-    /// A datagram waited in the flow-start queue longer than its age limit (client side).
+    /// A datagram waited in the flow-start queue longer than its age limit, or its flow was
+    /// closed before its association came up (client side).
     QueueExpired,
 }
 

@@ -93,9 +93,13 @@ pub(crate) async fn serve_udp(
                 continue;
             },
             _ = sweep.tick() => {
-                let cutoff = now_ms().saturating_sub(idle.as_millis() as u64);
+                let now = now_ms();
+                let idle_ms = idle.as_millis() as u64;
                 flows.retain(|src, f| {
-                    let keep = f.last.load(Ordering::Relaxed) > cutoff;
+                    // Idle means `idle` since the last datagram. (Not `last > now - idle`:
+                    // in the first milliseconds both sides are 0 and a brand-new flow, with
+                    // its first burst queued, would be closed at once.)
+                    let keep = now.saturating_sub(f.last.load(Ordering::Relaxed)) < idle_ms;
                     if !keep {
                         tracing::info!(forward = %spec, %src, "flow idle: closed");
                     }

@@ -188,6 +188,26 @@ impl Link {
 impl Drop for Link {
     fn drop(&mut self) {
         self.supervisor.abort();
+        // What still waits for an association is lost with the link: counted, never silent.
+        let mut p = self.shared.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let left = p.queue.len() as u64;
+        if left > 0 {
+            for _ in 0..left {
+                self.shared.metrics.count_drop(DropReason::QueueExpired);
+            }
+            self.shared
+                .metrics
+                .flow_queue_bytes
+                .fetch_sub(p.bytes as u64, Ordering::Relaxed);
+            tracing::warn!(
+                link = %self.shared.label,
+                dropped = left,
+                "flow closed before its association was up: its queued datagrams are dropped"
+            );
+            p.queue.clear();
+            p.bytes = 0;
+        }
+        drop(p);
         // Close the association now rather than when the last receiver lets go of it.
         self.shared.current.send_replace(None);
     }
@@ -562,6 +582,23 @@ mod tests {
         assert_eq!(metrics.drops(DropReason::QueueFull), (100 - fit) as u64);
         assert_eq!(p.dropped, ((100 - fit) as u64, (100 - fit) as u64 * 1000));
         assert_eq!(metrics.drops(DropReason::SendFailed), 0);
+    }
+
+    #[tokio::test]
+    async fn what_waits_when_the_link_is_dropped_is_counted() {
+        let metrics = Arc::new(Metrics::default());
+        let link = Link::spawn(dead_dialer(metrics.clone(), 64 * 1024), "test".into(), None);
+        let mut buf = vec![0u8; 256];
+        for _ in 0..5 {
+            link.send(&mut buf, 100).await;
+        }
+        assert_eq!(
+            metrics.flow_queue_bytes.load(Ordering::Relaxed),
+            5 * record_len(100) as u64
+        );
+        drop(link);
+        assert_eq!(metrics.drops(DropReason::QueueExpired), 5);
+        assert_eq!(metrics.flow_queue_bytes.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]

@@ -22,6 +22,7 @@
 //!   dropped (`too_large`) and logged once per association, never truncated.
 //! * BIND: "command not supported".
 
+use crate::logsafe::Peer;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -174,14 +175,15 @@ async fn connect(ctx: &Ctx, mut tcp: TcpStream, peer: SocketAddr, target: Addres
     let (mut tls, bnd) = match ctx.dialer.tcp_any(&target).await {
         Ok(x) => x,
         Err(e) => {
-            tracing::info!(%peer, %target, error = %e, "CONNECT through the gateway failed");
+            // The target is the local application's (a domain name may hold any bytes).
+            tracing::info!(%peer, target = %Peer::str(&target.to_string()), error = %e, "CONNECT through the gateway failed");
             return reply(&mut tcp, e.reply_code(), None).await;
         }
     };
     reply(&mut tcp, ReplyCode::Succeeded, Some(&bnd)).await?;
     // Half-close is carried through: EOF one way shuts down that direction's writer only.
     let (up, down) = tokio::io::copy_bidirectional(&mut tcp, &mut tls).await?;
-    tracing::debug!(%peer, %target, up, down, "CONNECT finished");
+    tracing::debug!(%peer, target = %Peer::str(&target.to_string()), up, down, "CONNECT finished");
     Ok(())
 }
 

@@ -42,6 +42,7 @@ pub fn server_tls(pki: &DevPki, client_ca: bool, require: bool) -> Arc<rustls::S
         key: pki.gateway_key(),
         client_ca: client_ca.then(|| vec![pki.ca_der()]),
         require_client_cert: require,
+        client_crls: Vec::new(),
         allow_tls12: false,
     })
     .unwrap()

@@ -1,4 +1,5 @@
-//! Password authentication (RFC 1929): the users file and Argon2id hashing.
+//! The users file and Argon2id hashing: the password backend of [`crate::auth`] (RFC 1929
+//! username/password and the sudp method's credentials).
 //!
 //! The users file holds one user per line:
 //!
@@ -14,7 +15,19 @@
 //! a password (a plaintext password pasted by mistake must not end up in a log).
 //!
 //! Verification costs one Argon2 computation (tens of milliseconds with the default
-//! parameters): async callers run [`Users::verify`] on a blocking thread.
+//! parameters): the gateway runs it through [`crate::auth::Authenticator`], which bounds how
+//! many run at once and how often one source may fail.
+//!
+//! **Unknown names.** A name that is not in the file is verified against a dummy hash, so
+//! that it costs as much as a wrong password. With several parameter sets in one file, the
+//! dummy must not be "the first user's" (a name verified in another user's time would then
+//! be told apart) nor "the most expensive" (every cheaper known name would stand out).
+//! Instead each user line contributes its parameter set once, and an unknown name is
+//! verified against the dummy of the set picked by a keyed hash of the name over those
+//! lines: an unknown name costs what a known name of some set costs, with the sets' shares
+//! in the file, and the same unknown name always costs the same (repeating a probe averages
+//! nothing out). The key is a SHA-256 of the file's hash strings (salts and outputs the
+//! attacker cannot know), so the choice is stable across restarts while the file is.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -23,8 +36,11 @@ use std::path::Path;
 
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHashString, SaltString};
-use argon2::{Algorithm, Argon2, Params, PasswordHasher as _, PasswordVerifier as _};
+use argon2::{Algorithm, Argon2, Params, PasswordHasher as _};
+use sha2::{Digest as _, Sha256};
 use zeroize::Zeroizing;
+
+use super::{Backend, Cost, Credentials, Identity, Method};
 
 /// Longest user name or password RFC 1929 can carry (a one-byte length).
 pub const MAX_LEN: usize = 255;
@@ -78,10 +94,13 @@ pub enum AuthError {
 #[derive(Clone)]
 pub struct Users {
     users: HashMap<Vec<u8>, PasswordHashString>,
-    /// What an unknown user is verified against, so that a wrong name costs as much as a
-    /// wrong password. It has the parameters of the file's first user (Argon2 defaults for
-    /// an empty file) so that its cost matches the users actually there.
-    dummy: PasswordHashString,
+    /// One dummy hash per distinct parameter set of the file (Argon2 defaults for an empty
+    /// file): what unknown names are verified against (see the module documentation).
+    dummies: Vec<PasswordHashString>,
+    /// For each user line, in file order, the index of its set in `dummies`; never empty.
+    line_sets: Vec<usize>,
+    /// Key of the hash that picks a line of `line_sets` for an unknown name.
+    pick_key: [u8; 32],
 }
 
 impl Users {
@@ -98,7 +117,11 @@ impl Users {
     /// Parses users-file text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Users, AuthError> {
         let mut users = HashMap::new();
-        let mut first = None;
+        let mut dummies: Vec<PasswordHashString> = Vec::new();
+        let mut set_keys: Vec<String> = Vec::new();
+        let mut line_sets = Vec::new();
+        let mut key = Sha256::new();
+        key.update(b"sudp users-file dummy pick v1");
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -117,11 +140,30 @@ impl Users {
             if users.contains_key(name.as_bytes()) {
                 return Err(err("duplicate user name"));
             }
-            first.get_or_insert_with(|| hash.clone());
+            let set = param_set(&hash);
+            let index = match set_keys.iter().position(|k| *k == set) {
+                Some(i) => i,
+                None => {
+                    dummies.push(dummy_like(Some(&hash))?);
+                    set_keys.push(set);
+                    dummies.len() - 1
+                }
+            };
+            line_sets.push(index);
+            key.update(hash.as_str().as_bytes());
+            key.update(b"\n");
             users.insert(name.as_bytes().to_vec(), hash);
         }
-        let dummy = dummy_like(first.as_ref())?;
-        Ok(Users { users, dummy })
+        if dummies.is_empty() {
+            dummies.push(dummy_like(None)?);
+            line_sets.push(0);
+        }
+        Ok(Users {
+            users,
+            dummies,
+            line_sets,
+            pick_key: key.finalize().into(),
+        })
     }
 
     /// Whether `pass` is `user`'s password.
@@ -129,14 +171,33 @@ impl Users {
     /// An unknown user costs one Argon2 verification too, so response times do not tell
     /// which users exist.
     pub fn verify(&self, user: &[u8], pass: &[u8]) -> bool {
-        let argon2 = Argon2::default();
         match self.users.get(user) {
-            Some(hash) => argon2.verify_password(pass, &hash.password_hash()).is_ok(),
+            Some(hash) => verify_phc(hash, pass),
             None => {
-                let _ = argon2.verify_password(pass, &self.dummy.password_hash());
+                let _ = verify_phc(self.dummy_for(user), pass);
                 false
             }
         }
+    }
+
+    /// The dummy hash an unknown `user` is verified against.
+    fn dummy_for(&self, user: &[u8]) -> &PasswordHashString {
+        let digest: [u8; 32] = Sha256::new()
+            .chain_update(self.pick_key)
+            .chain_update(user)
+            .finalize()
+            .into();
+        let mut head = [0u8; 8];
+        head.copy_from_slice(&digest[..8]);
+        // The modulo bias of a 64-bit value over a few thousand lines is negligible.
+        let line = (u64::from_be_bytes(head) % self.line_sets.len() as u64) as usize;
+        &self.dummies[self.line_sets[line]]
+    }
+
+    /// The distinct Argon2 parameter sets of the file (`algorithm v=.. m=..,t=..,p=..`),
+    /// one per set, for diagnostics and tests.
+    pub fn parameter_sets(&self) -> Vec<String> {
+        self.dummies.iter().map(param_set).collect()
     }
 
     /// Number of users.
@@ -155,6 +216,28 @@ impl fmt::Debug for Users {
         f.debug_struct("Users")
             .field("len", &self.users.len())
             .finish_non_exhaustive()
+    }
+}
+
+impl Backend for Users {
+    fn method(&self) -> Method {
+        Method::Password
+    }
+
+    fn cost(&self) -> Cost {
+        Cost::Expensive
+    }
+
+    fn verify(&self, credentials: &Credentials) -> Option<Identity> {
+        let Credentials::Password { user, pass } = credentials else {
+            return None;
+        };
+        if !Users::verify(self, user, pass) {
+            return None;
+        }
+        // A name the file holds came from UTF-8 text, so this conversion succeeds.
+        let name = std::str::from_utf8(user).ok()?;
+        Some(Identity::password(name))
     }
 }
 
@@ -250,6 +333,65 @@ fn parse_hash(s: &str) -> Result<PasswordHashString, &'static str> {
         return Err("Argon2 cost parameters too large");
     }
     Ok(hash)
+}
+
+thread_local! {
+    /// Argon2 working memory, reused by every check on this thread. Allocating it afresh
+    /// for each check (as `PasswordVerifier` does) lets the allocator keep freed 19 MiB
+    /// chunks resident per arena, several per thread over time: a few hundred MiB after a
+    /// burst of failed logins. Reused, it is at most the file's largest `m` per checking
+    /// thread, for the life of the thread.
+    static MEMORY: std::cell::RefCell<Vec<argon2::Block>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Whether `pass` matches the PHC string `hash`, in constant time over the output, with
+/// this thread's reused working memory.
+fn verify_phc(hash: &PasswordHashString, pass: &[u8]) -> bool {
+    use subtle::ConstantTimeEq as _;
+    let phc = hash.password_hash();
+    let (Some(salt), Some(expected)) = (phc.salt, phc.hash) else {
+        return false;
+    };
+    let Ok(algorithm) = Algorithm::try_from(phc.algorithm) else {
+        return false;
+    };
+    let version = match phc.version.map(argon2::Version::try_from) {
+        None => argon2::Version::V0x13,
+        Some(Ok(v)) => v,
+        Some(Err(_)) => return false,
+    };
+    let Ok(params) = Params::try_from(&phc) else {
+        return false;
+    };
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_buf) else {
+        return false;
+    };
+    let blocks = params.block_count();
+    let argon2 = Argon2::new(algorithm, version, params);
+    let mut out = Zeroizing::new(vec![0u8; expected.len()]);
+    let hashed = MEMORY.with_borrow_mut(|memory| {
+        if memory.len() < blocks {
+            memory.resize(blocks, argon2::Block::default());
+        }
+        argon2
+            .hash_password_into_with_memory(pass, salt, &mut out, &mut memory[..blocks])
+            .is_ok()
+    });
+    hashed && bool::from(out.ct_eq(expected.as_bytes()))
+}
+
+/// What makes two hashes cost the same: algorithm, version, memory, passes, lanes and
+/// output length (the salt's length costs nothing measurable).
+fn param_set(hash: &PasswordHashString) -> String {
+    let phc = hash.password_hash();
+    let out = phc.hash.map_or(0, |h| h.len());
+    format!(
+        "{} v={} {} out={out}",
+        phc.algorithm,
+        phc.version.unwrap_or(0),
+        phc.params
+    )
 }
 
 /// A hash of an arbitrary password with the algorithm and parameters of `like` (Argon2
@@ -362,8 +504,81 @@ mod tests {
             .to_string();
         let users = Users::parse(&format!("alice:{cheap}\n"), "users").unwrap();
         assert!(users.verify(b"alice", b"pw"));
-        assert_eq!(users.dummy.params().to_string(), "m=8192,t=1,p=1");
-        assert_eq!(users.dummy.algorithm().as_str(), "argon2id");
+        assert_eq!(users.dummies.len(), 1);
+        assert_eq!(users.dummies[0].params().to_string(), "m=8192,t=1,p=1");
+        assert_eq!(users.dummies[0].algorithm().as_str(), "argon2id");
+    }
+
+    fn hash_with(m: u32, t: u32, pass: &[u8]) -> String {
+        let params = Params::new(m, t, 1, None).unwrap();
+        let salt = SaltString::generate(&mut OsRng);
+        Argon2::new(Algorithm::Argon2id, argon2::Version::V0x13, params)
+            .hash_password(pass, &salt)
+            .unwrap()
+            .to_string()
+    }
+
+    #[test]
+    fn reused_memory_verification_agrees_with_the_argon2_crate() {
+        use argon2::PasswordVerifier as _;
+        for (hash, pass) in [
+            (hash_with(8, 1, b"pw"), &b"pw"[..]),
+            (hash_with(64, 3, b"\xff\x00"), &b"\xff\x00"[..]),
+            (hash_password(b"default").unwrap(), &b"default"[..]),
+        ] {
+            let phc = PasswordHashString::new(&hash).unwrap();
+            for candidate in [pass, b"other", b""] {
+                let want = Argon2::default()
+                    .verify_password(candidate, &phc.password_hash())
+                    .is_ok();
+                assert_eq!(verify_phc(&phc, candidate), want, "{hash} {candidate:?}");
+            }
+        }
+        // Argon2d and Argon2i, and a hash without version.
+        for alg in [Algorithm::Argon2d, Algorithm::Argon2i] {
+            let params = Params::new(8, 1, 1, None).unwrap();
+            let salt = SaltString::generate(&mut OsRng);
+            let h = Argon2::new(alg, argon2::Version::V0x13, params)
+                .hash_password(b"pw", &salt)
+                .unwrap()
+                .serialize();
+            assert!(verify_phc(&h, b"pw") && !verify_phc(&h, b"px"));
+        }
+    }
+
+    #[test]
+    fn unknown_names_are_spread_over_every_parameter_set() {
+        // Two sets, one of them twice: the dummies cover exactly the file's sets.
+        let text = format!(
+            "a:{}\nb:{}\nc:{}\n",
+            hash_with(8, 1, b"pw"),
+            hash_with(16, 2, b"pw"),
+            hash_with(8, 1, b"pw")
+        );
+        let users = Users::parse(&text, "users").unwrap();
+        let sets = users.parameter_sets();
+        assert_eq!(sets.len(), 2, "{sets:?}");
+        assert!(
+            sets[0].contains("m=8,t=1,p=1") && sets[1].contains("m=16,t=2,p=1"),
+            "{sets:?}"
+        );
+        assert_eq!(users.line_sets, [0, 1, 0]);
+        // Unknown names land on both sets (about 2:1), and always the same one per name.
+        let mut hits = [0usize; 2];
+        for i in 0..300 {
+            let name = format!("nobody-{i}");
+            let d = users.dummy_for(name.as_bytes());
+            assert!(std::ptr::eq(d, users.dummy_for(name.as_bytes())));
+            let idx = users.dummies.iter().position(|x| std::ptr::eq(x, d)).unwrap();
+            hits[idx] += 1;
+        }
+        assert!(hits[0] > 150 && hits[1] > 60, "{hits:?}");
+        assert!(!users.verify(b"nobody", b"pw"));
+        // The same file gives the same choice (stable across restarts), another file not
+        // necessarily: the key comes from the file's hashes.
+        let again = Users::parse(&text, "users").unwrap();
+        assert_eq!(again.pick_key, users.pick_key);
+        assert_eq!(again.parameter_sets(), sets);
     }
 
     #[test]
