@@ -9,7 +9,7 @@
 //! ```no_run
 //! # async fn demo(tls: std::sync::Arc<rustls::ClientConfig>) -> anyhow::Result<()> {
 //! use sudp::client::{ClientOptions, SecureUdp};
-//! let opts = ClientOptions::new("127.0.0.1:1080".parse()?, "localhost", tls);
+//! let opts = ClientOptions::new("127.0.0.1:8443".parse()?, "localhost", tls);
 //! let udp = SecureUdp::connect(&opts).await?;
 //! udp.send_to(b"ping", &"127.0.0.1:7".parse::<std::net::SocketAddr>()?.into()).await?;
 //! let mut buf = vec![0u8; 65_536];

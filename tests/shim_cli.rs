@@ -60,7 +60,7 @@ fn shim_config_errors_name_the_key_or_flag() {
     let file = dir.join("shim.toml");
     std::fs::write(
         &file,
-        "gateway = [\"gw.example:1080\"]\nca = \"ca.pem\"\nidle_timeout = \"soon\"\n",
+        "gateway = [\"gw.example:8443\"]\nca = \"ca.pem\"\nidle_timeout = \"soon\"\n",
     )
     .unwrap();
     let out = Command::new(BIN)
@@ -76,7 +76,7 @@ fn shim_config_errors_name_the_key_or_flag() {
     );
 
     let out = Command::new(BIN)
-        .args(["shim", "--gateway", "gw.example:1080"])
+        .args(["shim", "--gateway", "gw.example:8443"])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -85,7 +85,7 @@ fn shim_config_errors_name_the_key_or_flag() {
 
     // A CA file that does not exist is reported with its path when the shim starts.
     let out = Command::new(BIN)
-        .args(["shim", "--gateway", "gw.example:1080", "--ca"])
+        .args(["shim", "--gateway", "gw.example:8443", "--ca"])
         .arg(dir.join("missing-ca.pem"))
         .output()
         .unwrap();

@@ -32,6 +32,33 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// An error mapper for a failed bind of the socket `what` (e.g. "TLS control listener") at
+/// `addr`: the message names both, and for "address in use" says what to do, naming the
+/// `flag` that moves it. The error kind is kept.
+pub fn bind_error(
+    what: &'static str,
+    addr: SocketAddr,
+    flag: &'static str,
+) -> impl FnOnce(io::Error) -> io::Error {
+    move |e: io::Error| {
+        let hint = match e.kind() {
+            io::ErrorKind::AddrInUse => format!(
+                ": another process (perhaps another sudp) already uses {addr}; stop it or choose \
+                 another address with {flag}"
+            ),
+            io::ErrorKind::AddrNotAvailable => {
+                format!(": {} is not an address of this host ({flag})", addr.ip())
+            }
+            io::ErrorKind::PermissionDenied if addr.port() < 1024 => format!(
+                ": port {} needs privilege (CAP_NET_BIND_SERVICE) or a port above 1023 ({flag})",
+                addr.port()
+            ),
+            _ => String::new(),
+        };
+        io::Error::new(e.kind(), format!("{what} {addr}: cannot bind: {e}{hint}"))
+    }
+}
+
 /// Binds a UDP socket with large buffers, non-blocking, registered with tokio.
 pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     bind_udp_opts(addr, false)

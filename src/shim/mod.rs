@@ -131,19 +131,25 @@ impl ShimSettings {
     /// Loads the files a validated config names (CA, client certificate and key, password
     /// files) and builds the runtime settings. Errors name the file, never its content.
     pub fn from_config(cfg: &ShimConfig) -> anyhow::Result<ShimSettings> {
+        use anyhow::Context as _;
+        // Each error names the key (and flag) that named the file, then the file's problem.
         let trust = match &cfg.trust {
-            Trust::Ca(path) => ServerTrust::Ca(crate::tls::load_certs(path)?),
+            Trust::Ca(path) => ServerTrust::Ca(crate::tls::load_certs(path).context("`ca` (--ca)")?),
             Trust::Pin(pin) => ServerTrust::Pin(*pin),
         };
         let client_auth = match &cfg.client_cert {
-            Some((cert, key)) => Some((crate::tls::load_certs(cert)?, crate::tls::load_key(key)?)),
+            Some((cert, key)) => Some((
+                crate::tls::load_certs(cert).context("`cert` (--cert)")?,
+                crate::tls::load_key(key).context("`key` (--key)")?,
+            )),
             None => None,
         };
         let tls = crate::tls::client_config(ClientTlsOptions {
             trust,
             client_auth,
             allow_tls12: cfg.tls12,
-        })?;
+        })
+        .context("`ca`, `cert` and `key` (--ca, --cert, --key)")?;
         let gateways = cfg
             .gateways
             .iter()
@@ -158,9 +164,19 @@ impl ShimSettings {
         Ok(ShimSettings {
             gateways,
             tls,
-            credentials: cfg.login.as_ref().map(read_login).transpose()?,
+            credentials: cfg
+                .login
+                .as_ref()
+                .map(read_login)
+                .transpose()
+                .context("`password_file` (--password-file)")?,
             socks: cfg.socks,
-            socks_credentials: cfg.socks_login.as_ref().map(read_login).transpose()?,
+            socks_credentials: cfg
+                .socks_login
+                .as_ref()
+                .map(read_login)
+                .transpose()
+                .context("`socks_password_file` (--socks-password-file)")?,
             forwards: cfg.forwards.clone(),
             suites: cfg.suites.clone(),
             replay_window: cfg.replay_window,
@@ -360,7 +376,6 @@ impl Shim {
                 "no gateway configured",
             ));
         }
-        let named = |what: String| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
         if let Some(a) = settings.socks {
             if !a.ip().is_loopback() && settings.socks_credentials.is_none() {
                 tracing::warn!(
@@ -371,24 +386,30 @@ impl Shim {
             }
         }
         let socks = match settings.socks {
-            Some(a) => Some(
-                TcpListener::bind(a)
-                    .await
-                    .map_err(named(format!("SOCKS5 listener {a}")))?,
-            ),
+            Some(a) => Some(TcpListener::bind(a).await.map_err(crate::net::bind_error(
+                "SOCKS5 listener",
+                a,
+                "--socks",
+            ))?),
             None => None,
         };
         let mut forwards = Vec::new();
         for f in &settings.forwards {
             let bound = match f.proto {
                 ForwardProto::Udp => {
-                    Bound::Udp(crate::net::bind_udp(f.local).map_err(named(format!("forward {f}")))?)
+                    Bound::Udp(crate::net::bind_udp(f.local).map_err(crate::net::bind_error(
+                        "UDP forward",
+                        f.local,
+                        "--forward",
+                    ))?)
                 }
-                ForwardProto::Tcp => Bound::Tcp(
-                    TcpListener::bind(f.local)
-                        .await
-                        .map_err(named(format!("forward {f}")))?,
-                ),
+                ForwardProto::Tcp => {
+                    Bound::Tcp(TcpListener::bind(f.local).await.map_err(crate::net::bind_error(
+                        "TCP forward",
+                        f.local,
+                        "--forward",
+                    ))?)
+                }
             };
             forwards.push((f.clone(), bound));
         }
