@@ -329,7 +329,25 @@ fn run_shim(args: sudp::config::ShimArgs) -> anyhow::Result<()> {
         }
         use std::io::Write as _;
         std::io::stdout().flush()?;
-        shim.run(shutdown).await?;
+        // The startup probe runs beside the service (a gateway that does not answer must not
+        // delay it): a refused login or certificate stops the shim with the reason instead
+        // of leaving it to fail every request.
+        let probe = shim.probe();
+        let refusal = std::sync::Mutex::new(None);
+        let stop = async {
+            tokio::pin!(shutdown);
+            tokio::select! {
+                _ = &mut shutdown => {}
+                r = probe => match r {
+                    Ok(()) => shutdown.await,
+                    Err(e) => *refusal.lock().unwrap_or_else(|e| e.into_inner()) = Some(e),
+                },
+            }
+        };
+        shim.run(stop).await?;
+        if let Some(e) = refusal.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            anyhow::bail!("{e} (at startup)");
+        }
         Ok(())
     })
 }

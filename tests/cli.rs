@@ -230,14 +230,20 @@ fn gateway_check_validates_and_loads_files_without_binding() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(stdout.lines().count(), 1, "{stdout}");
     assert!(stdout.starts_with("config OK: gateway: "), "{stdout}");
-    assert!(stdout.contains(&listen) && stdout.contains("(1 user)"), "{stdout}");
+    assert!(
+        stdout.contains(&listen) && stdout.contains("(1 user)"),
+        "{stdout}"
+    );
 
     // Each file it names is loaded: errors name the key and flag, then the file.
     let missing = dir.join("missing-users.txt");
     let out = gateway_check(&dir, &["--users", missing.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("`users` (--users)") && err.contains("missing-users.txt"), "{err}");
+    assert!(
+        err.contains("`users` (--users)") && err.contains("missing-users.txt"),
+        "{err}"
+    );
     assert!(out.stdout.is_empty());
 
     std::fs::write(dir.join("bad.key"), "not a key\n").unwrap();
@@ -250,7 +256,10 @@ fn gateway_check_validates_and_loads_files_without_binding() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("`key` (--key)") && err.contains("no private key"), "{err}");
+    assert!(
+        err.contains("`key` (--key)") && err.contains("no private key"),
+        "{err}"
+    );
 
     // A key that is not the certificate's.
     let out = Command::new(BIN)
@@ -267,12 +276,18 @@ fn gateway_check_validates_and_loads_files_without_binding() {
     let ca = dir.join("nope-ca.pem");
     let out = gateway_check(&dir, &["--client-ca", ca.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("`client_ca` (--client-ca)"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("`client_ca` (--client-ca)"),
+        "{err}"
+    );
 
     // Config errors as without --check.
     let out = gateway_check(&dir, &["--no-auth", "--max-connections", "0"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("flag `--max-connections`"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("flag `--max-connections`"),
+        "{err}"
+    );
     drop(held);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -335,7 +350,15 @@ fn address_in_use_names_the_socket_and_the_address() {
 fn json_logs_are_one_object_per_line() {
     let dir = pki_dir("json");
     let mut child = Command::new(BIN)
-        .args(["--log-format", "json", "--log", "debug", "gateway", "--listen", "127.0.0.1:0"])
+        .args([
+            "--log-format",
+            "json",
+            "--log",
+            "debug",
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+        ])
         .args(["--no-auth", "--cert"])
         .arg(dir.join("gateway.pem"))
         .arg("--key")
@@ -372,7 +395,13 @@ fn json_logs_are_one_object_per_line() {
 
     // An error at startup is a JSON line too.
     let out = Command::new(BIN)
-        .args(["--log-format=json", "gateway", "--no-auth", "--cert", "/nonexistent/c.pem"])
+        .args([
+            "--log-format=json",
+            "gateway",
+            "--no-auth",
+            "--cert",
+            "/nonexistent/c.pem",
+        ])
         .args(["--key", "/nonexistent/k.pem"])
         .output()
         .unwrap();
@@ -380,7 +409,13 @@ fn json_logs_are_one_object_per_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     let v: serde_json::Value = serde_json::from_str(err.trim()).unwrap_or_else(|e| panic!("{e}: {err}"));
     assert_eq!(v["level"], "ERROR");
-    assert!(v["fields"]["message"].as_str().unwrap().contains("/nonexistent/c.pem"), "{err}");
+    assert!(
+        v["fields"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/c.pem"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -398,14 +433,27 @@ fn completions_and_man_pages_are_generated() {
         );
     }
     let dir = tempdir("man");
-    let out = Command::new(BIN).args(["man", "--out"]).arg(&dir).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["man", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    for page in ["sudp.1", "sudp-gateway.1", "sudp-shim.1", "sudp-bench.1", "sudp-bench-reflect.1"] {
+    for page in [
+        "sudp.1",
+        "sudp-gateway.1",
+        "sudp-shim.1",
+        "sudp-bench.1",
+        "sudp-bench-reflect.1",
+    ] {
         let text = std::fs::read_to_string(dir.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
         assert!(text.starts_with(".ie") || text.contains(".TH"), "{page}");
     }
     let gw = std::fs::read_to_string(dir.join("sudp-gateway.1")).unwrap();
-    assert!(gw.contains(".TH sudp-gateway") && gw.contains("udp\\-listen"), "{gw}");
+    assert!(
+        gw.contains(".TH sudp-gateway") && gw.contains("udp\\-listen"),
+        "{gw}"
+    );
     assert!(gw.contains("\\-\\-check"), "{gw}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -133,22 +133,48 @@ fn shim_check_validates_and_loads_files_without_binding_or_dialing() {
     let stdout = String::from_utf8_lossy(&ok.stdout);
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
     assert_eq!(stdout.lines().count(), 1, "{stdout}");
-    assert!(stdout.starts_with("config OK: shim: gateway 127.0.0.1:9"), "{stdout}");
-    assert!(stdout.contains("user alice") && stdout.contains("1 forward"), "{stdout}");
+    assert!(
+        stdout.starts_with("config OK: shim: gateway 127.0.0.1:9"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("user alice") && stdout.contains("1 forward"),
+        "{stdout}"
+    );
     assert!(!stdout.contains("pw"), "{stdout}");
 
     // Each file is loaded; errors name the key and flag, then the file.
     let empty = dir.join("empty.pass");
     std::fs::write(&empty, "\n").unwrap();
-    let out = check(&["--ca", ca.to_str().unwrap(), "--user", "alice", "--password-file", empty.to_str().unwrap()]);
+    let out = check(&[
+        "--ca",
+        ca.to_str().unwrap(),
+        "--user",
+        "alice",
+        "--password-file",
+        empty.to_str().unwrap(),
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
-    assert!(err.contains("`password_file` (--password-file)") && err.contains("first line is empty"), "{err}");
+    assert!(
+        err.contains("`password_file` (--password-file)") && err.contains("first line is empty"),
+        "{err}"
+    );
     let key = dir.join("gateway.key");
     let out = check(&["--ca", key.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("`ca` (--ca)") && err.contains("no certificate"), "{err}");
-    let out = check(&["--pin", &"ab".repeat(32), "--cert", ca.to_str().unwrap(), "--key", ca.to_str().unwrap()]);
+    assert!(
+        !out.status.success() && err.contains("`ca` (--ca)") && err.contains("no certificate"),
+        "{err}"
+    );
+    let out = check(&[
+        "--pin",
+        &"ab".repeat(32),
+        "--cert",
+        ca.to_str().unwrap(),
+        "--key",
+        ca.to_str().unwrap(),
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("`key` (--key)"), "{err}");
     drop(held);
@@ -198,7 +224,10 @@ fn address_in_use_names_the_listener_and_the_address() {
     );
     let forward = format!("tcp:{taken}=127.0.0.1:80");
     let err = shim_fails(&[&base[..], &["--no-socks", "--forward", &forward]].concat());
-    assert!(err.contains(&format!("TCP forward {taken}: cannot bind")), "{err}");
+    assert!(
+        err.contains(&format!("TCP forward {taken}: cannot bind")),
+        "{err}"
+    );
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let taken = udp.local_addr().unwrap().to_string();
     let forward = format!("udp:{taken}=127.0.0.1:80");

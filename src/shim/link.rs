@@ -49,6 +49,10 @@ pub const MAX_PENDING_BYTES: usize = 512 * 1024;
 pub const PENDING_MAX_AGE: Duration = Duration::from_secs(2);
 /// A lost link idle this long reconnects only when it has something to send.
 pub const DORMANT_AFTER: Duration = Duration::from_secs(30);
+/// After a permanent refusal (credentials, certificate), the wait before a link asks the
+/// gateway again, and then only if it has had traffic meanwhile: a shim whose login is wrong
+/// costs the gateway one attempt per link per this much, not a retry loop.
+pub const REFUSAL_RETRY: Duration = crate::shim::REFUSAL_HOLD;
 
 /// One live association and the signal its users raise when it fails.
 pub struct Assoc {
@@ -310,6 +314,15 @@ async fn supervise(shared: Arc<Shared>, mut first: Option<(SecureUdp, usize)>) {
                     attempt += 1;
                     match dialer.udp_via(next).await {
                         Ok(u) => break (u, next),
+                        Err(e) if e.is_permanent() => {
+                            // Refused for good (logged once by the dialer): no retry loop on
+                            // the gateway. Ask again after the hold, and only for traffic.
+                            tracing::debug!(link = %shared.label, error = %e, "refused: waiting");
+                            tokio::time::sleep(REFUSAL_RETRY).await;
+                            if shared.idle_for() >= REFUSAL_RETRY {
+                                shared.wake.notified().await;
+                            }
+                        }
                         Err(e) => {
                             tracing::warn!(
                                 link = %shared.label,
@@ -494,6 +507,8 @@ mod tests {
             heartbeat: crate::client::DEFAULT_HEARTBEAT,
             preferred: AtomicUsize::new(0),
             metrics,
+            trust_origin: None,
+            refusals: Default::default(),
         })
     }
 
