@@ -34,7 +34,8 @@ enum LogFormat {
 struct CheckFlag {
     /// Validate the configuration (flags and file) and load every file it names
     /// (certificates, keys, users, CA, password files), bind nothing, print a one-line
-    /// summary and exit: 0 when the configuration would start, 1 with the error otherwise.
+    /// summary and exit: 0 when the configuration would start, 78 (EX_CONFIG) with the
+    /// error otherwise.
     #[arg(long)]
     check: bool,
 }
@@ -94,12 +95,39 @@ enum Cmd {
     Man(ManArgs),
 }
 
+/// Exit status of an error that no restart can fix: a configuration that does not
+/// validate or load, or a gateway that refuses the shim (EX_CONFIG of sysexits.h; the
+/// systemd units in examples/ keep `Restart=` from looping on it).
+const EXIT_CONFIG: u8 = 78;
+
+/// An error that no restart can fix (see [`EXIT_CONFIG`]).
+#[derive(Debug)]
+struct Fatal(anyhow::Error);
+
+impl std::fmt::Display for Fatal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for Fatal {}
+
+/// Marks `e` as [`Fatal`].
+fn fatal(e: impl Into<anyhow::Error>) -> anyhow::Error {
+    anyhow::Error::new(Fatal(e.into()))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let json = cli.log_format == LogFormat::Json;
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            let code = if e.downcast_ref::<Fatal>().is_some() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            };
             // `{:#}`: the whole chain of causes on one line. With JSON logs, stderr stays
             // JSON: the error is a log event (the subscriber exists unless `--log` itself
             // was the error, which then goes out as plain text).
@@ -108,7 +136,7 @@ fn main() -> ExitCode {
             } else {
                 eprintln!("error: {e:#}");
             }
-            ExitCode::FAILURE
+            code
         }
     }
 }
@@ -177,16 +205,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// `sudp gateway --check`: everything a start does before it binds.
 fn check_gateway(args: sudp::config::GatewayArgs) -> anyhow::Result<()> {
-    let config = sudp::config::GatewayConfig::from_args(args)?;
-    let settings = sudp::gateway::Settings::from_config(&config)?;
+    let config = sudp::config::GatewayConfig::from_args(args).map_err(fatal)?;
+    let settings = sudp::gateway::Settings::from_config(&config).map_err(fatal)?;
     println!("config OK: {}", gateway_summary(&config, &settings));
     Ok(())
 }
 
 /// `sudp shim --check`: everything a start does before it binds or dials.
 fn check_shim(args: sudp::config::ShimArgs) -> anyhow::Result<()> {
-    let config = sudp::config::ShimConfig::from_args(args)?;
-    sudp::shim::ShimSettings::from_config(&config)?;
+    let config = sudp::config::ShimConfig::from_args(args).map_err(fatal)?;
+    sudp::shim::ShimSettings::from_config(&config).map_err(fatal)?;
     println!("config OK: {}", shim_summary(&config));
     Ok(())
 }
@@ -301,8 +329,8 @@ fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 fn run_gateway(args: sudp::config::GatewayArgs) -> anyhow::Result<()> {
-    let config = sudp::config::GatewayConfig::from_args(args)?;
-    let settings = sudp::gateway::Settings::from_config(&config)?;
+    let config = sudp::config::GatewayConfig::from_args(args).map_err(fatal)?;
+    let settings = sudp::gateway::Settings::from_config(&config).map_err(fatal)?;
     runtime()?.block_on(async {
         let gateway = sudp::gateway::Gateway::bind(settings).await?;
         let shutdown = armed_shutdown_signal().await;
@@ -316,8 +344,8 @@ fn run_gateway(args: sudp::config::GatewayArgs) -> anyhow::Result<()> {
 }
 
 fn run_shim(args: sudp::config::ShimArgs) -> anyhow::Result<()> {
-    let config = sudp::config::ShimConfig::from_args(args)?;
-    let settings = sudp::shim::ShimSettings::from_config(&config)?;
+    let config = sudp::config::ShimConfig::from_args(args).map_err(fatal)?;
+    let settings = sudp::shim::ShimSettings::from_config(&config).map_err(fatal)?;
     runtime()?.block_on(async {
         let shim = sudp::shim::Shim::bind(settings).await?;
         let shutdown = armed_shutdown_signal().await;
@@ -346,7 +374,7 @@ fn run_shim(args: sudp::config::ShimArgs) -> anyhow::Result<()> {
         };
         shim.run(stop).await?;
         if let Some(e) = refusal.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            anyhow::bail!("{e} (at startup)");
+            return Err(fatal(anyhow::anyhow!("{e} (at startup)")));
         }
         Ok(())
     })

@@ -238,7 +238,7 @@ fn gateway_check_validates_and_loads_files_without_binding() {
     // Each file it names is loaded: errors name the key and flag, then the file.
     let missing = dir.join("missing-users.txt");
     let out = gateway_check(&dir, &["--users", missing.to_str().unwrap()]);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(78), "EX_CONFIG");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("`users` (--users)") && err.contains("missing-users.txt"),
