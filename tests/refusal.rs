@@ -289,3 +289,55 @@ async fn a_running_shim_answers_each_request_without_hammering_the_gateway() {
     tokio::time::timeout(WAIT, task).await.unwrap().unwrap().unwrap();
     gw.stop().await;
 }
+
+/// The plain-words messages of the TLS failures that are not the gateway's certificate: a
+/// port that does not speak TLS, and a gateway that wants a client certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_a_tls_port_and_a_refused_client_certificate_are_explained() {
+    use sudp::client::{connect_tls, ClientOptions, SecureUdp};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let pki = pki();
+
+    // An HTTP server where the gateway should be: transient (it may be a deployment in
+    // progress), so not permanent, but the message says what to check.
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = http.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = http.accept().await {
+            let _ = s.read(&mut [0u8; 512]).await;
+            let _ = s.write_all(b"HTTP/1.0 400 Bad Request\r\n\r\n").await;
+        }
+    });
+    let opts = ClientOptions::new(addr, "localhost", client_tls(&pki, false));
+    let e = tokio::time::timeout(WAIT, connect_tls(&opts))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(e.to_string().contains("did not answer with TLS"), "{e}");
+    assert!(e.to_string().contains("its --listen"), "{e}");
+    assert!(!e.is_permanent() && e.is_gateway_failure(), "{e:?}");
+
+    // A gateway that requires client certificates, and a client without one: TLS 1.3
+    // tells the client with the first reply after the handshake.
+    let settings = sudp::gateway::Settings {
+        tls: server_tls(&pki, true, true),
+        ..common::settings(&pki)
+    };
+    let gw = TestGateway::start(settings).await;
+    let opts = ClientOptions::new(gw.control, "localhost", client_tls(&pki, false));
+    let e = tokio::time::timeout(WAIT, SecureUdp::connect(&opts))
+        .await
+        .unwrap()
+        .err()
+        .expect("refused");
+    assert!(
+        e.to_string()
+            .contains("refused this client's certificate or wants one"),
+        "{e}"
+    );
+    assert!(e.is_permanent(), "{e:?}");
+    // With the certificate it works.
+    let opts = ClientOptions::new(gw.control, "localhost", client_tls(&pki, true));
+    assert!(SecureUdp::connect(&opts).await.is_ok());
+    gw.stop().await;
+}
