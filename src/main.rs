@@ -159,7 +159,7 @@ fn init_logs(cli: &Cli) -> anyhow::Result<()> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     // Errors before the subscriber exists go to plain stderr only (see `main`).
-    init_logs(&cli)?;
+    init_logs(&cli).map_err(fatal)?;
     match cli.cmd {
         Cmd::Cert(args) => sudp::cert::run_cert(args),
         Cmd::Passwd(args) => sudp::auth::run_passwd(args),

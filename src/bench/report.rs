@@ -334,6 +334,15 @@ pub fn write_plot(r: &Report, path: &Path) -> io::Result<()> {
     draw(r, path).map_err(|e| io::Error::other(format!("plot {}: {e}", path.display())))
 }
 
+/// Size labels run vertically: measured sizes can sit close together on the log axis
+/// (1200 and 1400 are 13 px apart), where horizontal labels would overlap.
+fn size_style() -> TextStyle<'static> {
+    ("sans-serif", 12)
+        .into_font()
+        .transform(FontTransform::Rotate90)
+        .into()
+}
+
 /// The loss a searched rate may have (the search's pass criterion), drawn on the loss chart.
 const LOSS_LIMIT_PCT: f64 = 1.0;
 
@@ -379,7 +388,7 @@ fn draw(r: &Report, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let mut chart = ChartBuilder::on(left)
         .caption("Delivered payload throughput (round trips)", ("sans-serif", 20))
         .margin(12)
-        .x_label_area_size(40)
+        .x_label_area_size(56)
         .y_label_area_size(60)
         .build_cartesian_2d(x_axis(), (mbps_min.min(mbps_max / 10.0)..mbps_max).log_scale())?;
     chart
@@ -387,6 +396,8 @@ fn draw(r: &Report, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
         .x_desc("payload bytes (sizes measured)")
         .y_desc("Mbit/s")
         .x_label_formatter(&size_fmt)
+        .x_label_style(size_style())
+        .axis_desc_style(("sans-serif", 12))
         .y_label_formatter(&num_fmt)
         .draw()?;
     for &m in &modes {
@@ -422,7 +433,7 @@ fn draw(r: &Report, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
             ("sans-serif", 16),
         )
         .margin(12)
-        .x_label_area_size(40)
+        .x_label_area_size(56)
         .y_label_area_size(60)
         .build_cartesian_2d(x_axis(), (lat_min..lat_max).log_scale())?;
     chart
@@ -430,6 +441,8 @@ fn draw(r: &Report, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
         .x_desc("payload bytes (sizes measured)")
         .y_desc("µs")
         .x_label_formatter(&size_fmt)
+        .x_label_style(size_style())
+        .axis_desc_style(("sans-serif", 12))
         .y_label_formatter(&num_fmt)
         .draw()?;
     for &m in &modes {
@@ -469,7 +482,7 @@ fn draw(r: &Report, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
             ("sans-serif", 18),
         )
         .margin(12)
-        .x_label_area_size(40)
+        .x_label_area_size(56)
         .y_label_area_size(60)
         .build_cartesian_2d(x_axis(), 0.0..loss_max)?;
     chart
@@ -477,6 +490,8 @@ fn draw(r: &Report, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
         .x_desc("payload bytes (sizes measured)")
         .y_desc("loss %")
         .x_label_formatter(&size_fmt)
+        .x_label_style(size_style())
+        .axis_desc_style(("sans-serif", 12))
         .y_label_formatter(&|y: &f64| format!("{y:.2}"))
         .draw()?;
     chart.draw_series(DashedLineSeries::new(

@@ -19,6 +19,11 @@
 //! older than [`PENDING_MAX_AGE`]) and go out as soon as an association is up: the first
 //! datagrams of a new flow are not lost to the handshake.
 //!
+//! A refusal that no retry can fix (the gateway refused the login or a certificate: see
+//! [`ClientError::is_permanent`]) is not retried with the backoff: the dialer logs its cause
+//! once and answers with it for [`crate::shim::REFUSAL_HOLD`], and the link asks the gateway
+//! again only after [`REFUSAL_RETRY`] and only if it had traffic meanwhile.
+//!
 //! Each step is logged once: the loss, each failed attempt, the recovery. A link without
 //! traffic for [`DORMANT_AFTER`] does not reconnect until it has something to send, so an
 //! association that the gateway closed for idleness is not reopened for nothing.
