@@ -343,6 +343,22 @@ fn address_in_use_names_the_socket_and_the_address() {
         "{err}"
     );
     drop((tcp, udp));
+
+    // A relay port that another process holds with SO_REUSEPORT (as another gateway does):
+    // the relay's workers share their port that way, but never with a stranger, which
+    // would get half of the clients' datagrams.
+    let shared = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+    shared.set_reuse_port(true).unwrap();
+    shared
+        .bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into())
+        .unwrap();
+    let taken = shared.local_addr().unwrap().as_socket().unwrap().to_string();
+    let err = gateway_bind_failure(&dir, &["--listen", "127.0.0.1:0", "--udp-listen", &taken]);
+    assert!(
+        err.contains(&format!("UDP relay socket {taken}: cannot bind")),
+        "{err}"
+    );
+    drop(shared);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -67,8 +67,16 @@ pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
 /// Binds `count` UDP sockets to one address with `SO_REUSEPORT`, so the kernel spreads
 /// clients (by address hash) over one receive loop per socket. `addr` may have port 0: the
 /// first socket picks the port, the others join it. Where `SO_REUSEPORT` is refused, one
-/// socket is returned.
+/// socket is returned. A port that another socket already holds is an "address in use"
+/// error, even if that socket set `SO_REUSEPORT` too.
 pub fn bind_udp_group(addr: SocketAddr, count: usize) -> io::Result<Vec<UdpSocket>> {
+    if count > 1 && addr.port() != 0 {
+        // With SO_REUSEPORT the kernel would let us join any socket of the same user on
+        // this port (another gateway, say) and split the clients' datagrams with it. A
+        // plain bind first fails if anyone holds the port; released at once, the group
+        // then takes it.
+        drop(std::net::UdpSocket::bind(addr)?);
+    }
     let first = match bind_udp_opts(addr, count > 1) {
         Ok(s) => s,
         Err(_) if count > 1 => return Ok(vec![bind_udp(addr)?]),
