@@ -97,11 +97,7 @@ impl Drop for Stream {
     }
 }
 
-async fn shim_through(
-    pki: &sudp::cert::DevPki,
-    gateways: &[SocketAddr],
-    target: SocketAddr,
-) -> (SocketAddr, JoinHandle<std::io::Result<()>>) {
+async fn shim_through(pki: &sudp::cert::DevPki, gateways: &[SocketAddr], target: SocketAddr) -> (SocketAddr, JoinHandle<std::io::Result<()>>) {
     let mut s = ShimSettings::new(
         gateways
             .iter()
@@ -131,10 +127,7 @@ async fn a_frozen_gateway_is_noticed_by_the_heartbeat_and_the_stream_moves_on() 
     let (forward, shim) = shim_through(&pki, &[a.control, b.control], echo).await;
     let stream = Stream::start(forward).await;
     stream.wait_for_echo_after(100, WAIT).await;
-    assert!(
-        a.stderr().contains("UDP association open"),
-        "the stream started on A"
-    );
+    assert!(a.stderr().contains("UDP association open"), "the stream started on A");
 
     let frozen_at = Instant::now();
     a.signal("STOP");
@@ -146,14 +139,8 @@ async fn a_frozen_gateway_is_noticed_by_the_heartbeat_and_the_stream_moves_on() 
     let gap = stream.longest_gap_after(frozen_at);
     eprintln!("frozen gateway: the stream stopped for {gap:?}");
     assert!(gap < Duration::from_millis(2500), "interruption {gap:?}");
-    assert!(
-        gap >= Duration::from_millis(800),
-        "too short a gap ({gap:?}): was A really frozen?"
-    );
-    assert!(
-        b.stderr().contains("UDP association open"),
-        "the stream moved to B"
-    );
+    assert!(gap >= Duration::from_millis(800), "too short a gap ({gap:?}): was A really frozen?");
+    assert!(b.stderr().contains("UDP association open"), "the stream moved to B");
     shim.abort();
     drop(stream);
 }
@@ -195,13 +182,7 @@ async fn the_gateway_drops_a_client_that_stops_answering() {
     let gw = GatewayProcess::start(
         &pki,
         "gw",
-        &[
-            "--no-auth",
-            "--heartbeat-interval",
-            "200ms",
-            "--heartbeat-timeout",
-            "800ms",
-        ],
+        &["--no-auth", "--heartbeat-interval", "200ms", "--heartbeat-timeout", "800ms"],
     );
     let opts = sudp::client::ClientOptions::new(gw.control, "localhost", client_tls(&pki, false));
     let mut control = connect_tls(&opts).await.unwrap();
@@ -237,10 +218,7 @@ async fn the_gateway_drops_a_client_that_stops_answering() {
     .await;
     assert!(closed.is_ok(), "the gateway kept a silent client");
     let took = t0.elapsed();
-    assert!(
-        took >= Duration::from_millis(700) && took < Duration::from_secs(3),
-        "{took:?}"
-    );
+    assert!(took >= Duration::from_millis(700) && took < Duration::from_secs(3), "{took:?}");
     let log = gw.stderr();
     assert!(log.contains("no heartbeat from the peer"), "{log}");
 }
