@@ -14,7 +14,7 @@
 //! ```no_run
 //! # async fn demo(tls: std::sync::Arc<rustls::ClientConfig>) -> anyhow::Result<()> {
 //! use sudp::client::{ClientOptions, SecureUdp};
-//! let opts = ClientOptions::new("127.0.0.1:1080".parse()?, "localhost", tls);
+//! let opts = ClientOptions::new("127.0.0.1:8443".parse()?, "localhost", tls);
 //! let udp = SecureUdp::connect(&opts).await?;
 //! udp.send_to(b"ping", &"127.0.0.1:7".parse::<std::net::SocketAddr>()?.into()).await?;
 //! let mut buf = vec![0u8; 65_536];
@@ -46,6 +46,7 @@ use crate::proto::socks::{
     self, method, sudp_status, AddrRef, Address, Command, ReplyCode, SudpAccept, SudpHello,
 };
 use crate::proto::{AssociationId, CipherSuite, OpenError, Role, SealError, SocksError};
+use crate::tls::HandshakeProblem;
 
 /// Client errors.
 #[derive(Debug, thiserror::Error)]
@@ -57,10 +58,16 @@ pub enum ClientError {
     #[error("protocol: {0}")]
     Protocol(#[from] SocksError),
     /// The gateway accepted none of our methods.
-    #[error("the gateway accepted none of the offered authentication methods")]
+    #[error(
+        "the gateway accepted none of the offered authentication methods: it may want a user \
+         and password (--user, --password-file) or a client certificate (--cert, --key)"
+    )]
     NoAcceptableMethod,
     /// Credentials refused.
-    #[error("authentication failed")]
+    #[error(
+        "authentication failed: the gateway refused the user name or password (check --user \
+         and --password-file against the gateway's users file)"
+    )]
     AuthFailed,
     /// No common cipher suite.
     #[error("no cipher suite in common with the gateway")]
@@ -77,6 +84,53 @@ pub enum ClientError {
     /// A datagram could not be sealed.
     #[error("seal: {0}")]
     Seal(#[from] SealError),
+    /// The TLS connection failed for a reason the operator can fix: a certificate refused
+    /// either way, or a peer that does not speak TLS. The message says what to check.
+    #[error("{}", tls_advice(problem, server_name, trust.as_deref()))]
+    Tls {
+        /// What went wrong.
+        problem: HandshakeProblem,
+        /// The name the gateway's certificate was checked against.
+        server_name: String,
+        /// How the client trusts the gateway, as configured (`--ca FILE`, `--pin HEX`),
+        /// for the message; `None`: said generically.
+        trust: Option<String>,
+    },
+}
+
+/// The plain-words message of [`ClientError::Tls`].
+fn tls_advice(problem: &HandshakeProblem, server_name: &str, trust: Option<&str>) -> String {
+    match problem {
+        HandshakeProblem::UntrustedIssuer => format!(
+            "the gateway's certificate is not signed by the CA in {}: check that it names the CA \
+             that issued the gateway's certificate (for `sudp cert`, the ca.pem written with it)",
+            trust.unwrap_or("--ca")
+        ),
+        HandshakeProblem::PinMismatch => format!(
+            "the gateway's certificate does not match {}: the pin is the SHA-256 of the \
+             gateway's certificate (`sudp cert` prints it); a renewed certificate needs the new pin",
+            trust.unwrap_or("--pin")
+        ),
+        HandshakeProblem::NameMismatch => format!(
+            "the gateway's certificate is not valid for the name \"{server_name}\": set \
+             --server-name to a name the certificate carries (`sudp cert`'s: localhost, 127.0.0.1, ::1)"
+        ),
+        HandshakeProblem::Expired => {
+            "the gateway's certificate has expired: renew it, or check this machine's clock".to_owned()
+        }
+        HandshakeProblem::NotYetValid => {
+            "the gateway's certificate is not valid yet: check this machine's clock".to_owned()
+        }
+        HandshakeProblem::OtherCertificate(why) => format!("the gateway's certificate was refused: {why}"),
+        HandshakeProblem::ClientCertRefused(alert) => format!(
+            "the gateway refused this client's certificate or wants one ({alert}): check --cert and \
+             --key, and that the gateway's --client-ca signed the certificate"
+        ),
+        HandshakeProblem::NotTls(what) => format!(
+            "the gateway's address did not answer with TLS ({what}): is it the gateway's TLS control \
+             port (its --listen), not its UDP relay port, a plain SOCKS5 server or another service?"
+        ),
+    }
 }
 
 impl ClientError {
@@ -93,6 +147,7 @@ impl ClientError {
             ClientError::Io(_)
             | ClientError::Protocol(_)
             | ClientError::NoSuite
+            | ClientError::Tls { .. }
             | ClientError::Keys(_)
             | ClientError::Seal(_) => ReplyCode::GeneralFailure,
         }
@@ -101,10 +156,77 @@ impl ClientError {
     /// True when the error says the gateway itself (not the target) is unreachable or broke
     /// the protocol, so that another gateway of a list may do better.
     pub fn is_gateway_failure(&self) -> bool {
-        !matches!(
-            self,
-            ClientError::Refused(_) | ClientError::AuthFailed | ClientError::NoSuite
-        )
+        !matches!(self, ClientError::Refused(_)) && !self.is_permanent()
+    }
+
+    /// True when retrying cannot help until someone changes a configuration: the gateway
+    /// refused the credentials or wants others, no suite in common, or a certificate was
+    /// refused (either way). A client should report it and stop, not retry in a loop.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            ClientError::AuthFailed | ClientError::NoAcceptableMethod | ClientError::NoSuite => true,
+            ClientError::Tls { problem, .. } => problem.is_certificate(),
+            _ => false,
+        }
+    }
+
+    /// A copy of a permanent error (see [`ClientError::is_permanent`]), to answer later
+    /// requests with without asking the gateway again; `None` for any other error.
+    pub fn permanent_copy(&self) -> Option<ClientError> {
+        if !self.is_permanent() {
+            return None;
+        }
+        Some(match self {
+            ClientError::AuthFailed => ClientError::AuthFailed,
+            ClientError::NoAcceptableMethod => ClientError::NoAcceptableMethod,
+            ClientError::NoSuite => ClientError::NoSuite,
+            ClientError::Tls {
+                problem,
+                server_name,
+                trust,
+            } => ClientError::Tls {
+                problem: problem.clone(),
+                server_name: server_name.clone(),
+                trust: trust.clone(),
+            },
+            _ => return None,
+        })
+    }
+
+    /// The same error with `trust` (how the client trusts the gateway, e.g. `--ca FILE`)
+    /// named in a certificate message.
+    pub fn with_trust(self, trust: &str) -> ClientError {
+        match self {
+            ClientError::Tls {
+                problem, server_name, ..
+            } => ClientError::Tls {
+                problem,
+                server_name,
+                trust: Some(trust.to_owned()),
+            },
+            other => other,
+        }
+    }
+
+    /// An I/O error of the control connection to `server_name`, with what its TLS layer
+    /// said turned into advice where it can be ([`crate::tls::handshake_problem`]).
+    fn from_tls_io(e: io::Error, server_name: &str) -> ClientError {
+        match crate::tls::handshake_problem(&e) {
+            Some(problem) => ClientError::Tls {
+                problem,
+                server_name: server_name.to_owned(),
+                trust: None,
+            },
+            None => ClientError::Io(e),
+        }
+    }
+
+    /// [`ClientError::from_tls_io`] for an error of any stage of a control connection.
+    pub(crate) fn explained(self, server_name: &str) -> ClientError {
+        match self {
+            ClientError::Io(e) => ClientError::from_tls_io(e, server_name),
+            other => other,
+        }
     }
 }
 
@@ -184,7 +306,10 @@ pub async fn connect_tls(opts: &ClientOptions) -> Result<Control, ClientError> {
     ))]
     let keepalive = keepalive.with_retries(KEEPALIVE_RETRIES);
     let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
-    Ok(TlsConnector::from(opts.tls.clone()).connect(name, tcp).await?)
+    TlsConnector::from(opts.tls.clone())
+        .connect(name, tcp)
+        .await
+        .map_err(|e| ClientError::from_tls_io(e, &opts.server_name))
 }
 
 /// Reads one message whose parser reports how many bytes it needs, byte-exactly.
@@ -304,7 +429,10 @@ pub async fn connect_tcp_bound(
     tokio::time::timeout(opts.timeout, async {
         let mut s = connect_tls(opts).await?;
         let creds = opts.credentials.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
-        authenticate_plain(&mut s, creds).await?;
+        // A TLS 1.3 server's verdict on our certificate arrives with its first reply.
+        authenticate_plain(&mut s, creds)
+            .await
+            .map_err(|e| e.explained(&opts.server_name))?;
         let bnd = request(&mut s, Command::Connect, target).await?;
         Ok((s, bnd))
     })
@@ -361,7 +489,10 @@ impl SecureUdp {
 
     async fn connect_inner(opts: &ClientOptions) -> Result<SecureUdp, ClientError> {
         let mut control = connect_tls(opts).await?;
-        let (suite, assoc) = negotiate_sudp(&mut control, opts).await?;
+        // A TLS 1.3 server's verdict on our certificate arrives with its first reply.
+        let (suite, assoc) = negotiate_sudp(&mut control, opts)
+            .await
+            .map_err(|e| e.explained(&opts.server_name))?;
         let keys = crate::tls::export_keys(control.get_ref().1, assoc, suite)
             .map_err(|e| ClientError::Keys(e.to_string()))?;
         let bind: SocketAddr = if opts.gateway.is_ipv6() {

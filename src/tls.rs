@@ -112,6 +112,88 @@ pub enum TlsError {
     Export(rustls::Error),
 }
 
+/// Why a TLS connection to a gateway failed, in the terms an operator checks: the one place
+/// where rustls' errors become advice ([`handshake_problem`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandshakeProblem {
+    /// The gateway's certificate does not chain to a trusted CA.
+    UntrustedIssuer,
+    /// The gateway's certificate is not the pinned one.
+    PinMismatch,
+    /// The gateway's certificate does not carry the name asked for (SNI).
+    NameMismatch,
+    /// The gateway's certificate has expired.
+    Expired,
+    /// The gateway's certificate is not valid yet.
+    NotYetValid,
+    /// The gateway's certificate was refused for another reason (rustls' words).
+    OtherCertificate(String),
+    /// The gateway refused our client certificate, or wanted one we did not send.
+    ClientCertRefused(String),
+    /// The peer does not speak TLS (or not TLS we accept): a wrong port or service.
+    NotTls(String),
+}
+
+impl HandshakeProblem {
+    /// A certificate problem that no retry can fix (as opposed to [`HandshakeProblem::NotTls`],
+    /// which may be a service restarting).
+    pub fn is_certificate(&self) -> bool {
+        !matches!(self, HandshakeProblem::NotTls(_))
+    }
+}
+
+/// What the rustls error inside `e` (an I/O error of a TLS stream: handshake, or the first
+/// reads after it, where a TLS 1.3 server's verdict on a client certificate arrives) means;
+/// `None` when `e` holds no rustls error worth explaining (a reset, a timeout).
+pub fn handshake_problem(e: &io::Error) -> Option<HandshakeProblem> {
+    use rustls::AlertDescription as A;
+    let Some(tls) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        // tokio-rustls reports a peer that closed during the handshake as a bare EOF.
+        return (e.kind() == io::ErrorKind::UnexpectedEof && e.to_string().contains("handshake")).then(
+            || HandshakeProblem::NotTls("the peer closed the connection during the TLS handshake".into()),
+        );
+    };
+    Some(match tls {
+        rustls::Error::InvalidCertificate(c) => match c {
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => {
+                HandshakeProblem::UntrustedIssuer
+            }
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                HandshakeProblem::NameMismatch
+            }
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => HandshakeProblem::Expired,
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                HandshakeProblem::NotYetValid
+            }
+            CertificateError::Other(other) if other.0.downcast_ref::<PinMismatch>().is_some() => {
+                HandshakeProblem::PinMismatch
+            }
+            other => HandshakeProblem::OtherCertificate(format!("{other:?}")),
+        },
+        rustls::Error::AlertReceived(
+            alert @ (A::BadCertificate
+            | A::CertificateRequired
+            | A::UnknownCA
+            | A::CertificateUnknown
+            | A::UnsupportedCertificate
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::AccessDenied),
+        ) => HandshakeProblem::ClientCertRefused(format!("{alert:?}")),
+        rustls::Error::InvalidMessage(m) => HandshakeProblem::NotTls(format!("not a TLS record ({m:?})")),
+        rustls::Error::InappropriateMessage { .. } | rustls::Error::InappropriateHandshakeMessage { .. } => {
+            HandshakeProblem::NotTls(tls.to_string())
+        }
+        rustls::Error::AlertReceived(A::ProtocolVersion) | rustls::Error::PeerIncompatible(_) => {
+            HandshakeProblem::NotTls(format!("no TLS version or cipher in common: {tls}"))
+        }
+        _ => return None,
+    })
+}
+
 /// Reads every certificate of a PEM file, in order (end-entity first for a chain).
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let origin = path.display().to_string();

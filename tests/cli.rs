@@ -214,3 +214,279 @@ async fn no_secret_in_gateway_logs_at_trace_level() {
     assert!(!log.contains(secret), "password in the logs:\n{log}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Writes a dev PKI and a users file into a fresh temp dir.
+fn pki_dir(tag: &str) -> std::path::PathBuf {
+    let dir = tempdir(tag);
+    sudp::cert::write(&sudp::cert::ephemeral(), &dir).unwrap();
+    let line = format!("alice:{}\n", sudp::auth::hash_password(b"pw").unwrap());
+    std::fs::write(dir.join("users.txt"), line).unwrap();
+    dir
+}
+
+fn gateway_check(dir: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(["gateway", "--check", "--cert"])
+        .arg(dir.join("gateway.pem"))
+        .arg("--key")
+        .arg(dir.join("gateway.key"))
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn gateway_check_validates_and_loads_files_without_binding() {
+    let dir = pki_dir("check");
+    // A port that another socket holds: --check must not try to bind it.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = held.local_addr().unwrap().to_string();
+    let users = dir.join("users.txt");
+    let out = gateway_check(&dir, &["--listen", &listen, "--users", users.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(stdout.starts_with("config OK: gateway: "), "{stdout}");
+    assert!(
+        stdout.contains(&listen) && stdout.contains("(1 user)"),
+        "{stdout}"
+    );
+
+    // Each file it names is loaded: errors name the key and flag, then the file.
+    let missing = dir.join("missing-users.txt");
+    let out = gateway_check(&dir, &["--users", missing.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(78), "EX_CONFIG");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`users` (--users)") && err.contains("missing-users.txt"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+
+    std::fs::write(dir.join("bad.key"), "not a key\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["gateway", "--check", "--no-auth", "--cert"])
+        .arg(dir.join("gateway.pem"))
+        .arg("--key")
+        .arg(dir.join("bad.key"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`key` (--key)") && err.contains("no private key"),
+        "{err}"
+    );
+
+    // A key that is not the certificate's.
+    let out = Command::new(BIN)
+        .args(["gateway", "--check", "--no-auth", "--cert"])
+        .arg(dir.join("gateway.pem"))
+        .arg("--key")
+        .arg(dir.join("client.key"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`cert` and `key`"), "{err}");
+
+    let ca = dir.join("nope-ca.pem");
+    let out = gateway_check(&dir, &["--client-ca", ca.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("`client_ca` (--client-ca)"),
+        "{err}"
+    );
+
+    // Config errors as without --check.
+    let out = gateway_check(&dir, &["--no-auth", "--max-connections", "0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("flag `--max-connections`"),
+        "{err}"
+    );
+    drop(held);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs `sudp gateway` with `args` on a port another socket holds and returns its stderr,
+/// checking that it exits non-zero (bounded wait).
+fn gateway_bind_failure(dir: &std::path::Path, args: &[&str]) -> String {
+    let mut child = Command::new(BIN)
+        .args(["gateway", "--no-auth", "--cert"])
+        .arg(dir.join("gateway.pem"))
+        .arg("--key")
+        .arg(dir.join("gateway.key"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("gateway did not exit on a port in use");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    err
+}
+
+#[test]
+fn address_in_use_names_the_socket_and_the_address() {
+    let dir = pki_dir("inuse");
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = tcp.local_addr().unwrap().to_string();
+    let err = gateway_bind_failure(&dir, &["--listen", &taken]);
+    assert!(
+        err.contains(&format!("TLS control listener {taken}: cannot bind"))
+            && err.contains("already uses")
+            && err.contains("--listen"),
+        "{err}"
+    );
+
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let taken = udp.local_addr().unwrap().to_string();
+    let err = gateway_bind_failure(&dir, &["--listen", "127.0.0.1:0", "--udp-listen", &taken]);
+    assert!(
+        err.contains(&format!("UDP relay socket {taken}: cannot bind")) && err.contains("--udp-listen"),
+        "{err}"
+    );
+    drop((tcp, udp));
+
+    // A relay port that another process holds with SO_REUSEPORT (as another gateway does):
+    // the relay's workers share their port that way, but never with a stranger, which
+    // would get half of the clients' datagrams.
+    let shared = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+    shared.set_reuse_port(true).unwrap();
+    shared
+        .bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into())
+        .unwrap();
+    let taken = shared.local_addr().unwrap().as_socket().unwrap().to_string();
+    let err = gateway_bind_failure(&dir, &["--listen", "127.0.0.1:0", "--udp-listen", &taken]);
+    assert!(
+        err.contains(&format!("UDP relay socket {taken}: cannot bind")),
+        "{err}"
+    );
+    drop(shared);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = pki_dir("json");
+    let mut child = Command::new(BIN)
+        .args([
+            "--log-format",
+            "json",
+            "--log",
+            "debug",
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--no-auth", "--cert"])
+        .arg(dir.join("gateway.pem"))
+        .arg("--key")
+        .arg(dir.join("gateway.key"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let control = lines.next().unwrap().unwrap();
+    let port: u16 = control.rsplit(':').next().unwrap().parse().unwrap();
+    // Something to log: a connection that is not TLS.
+    {
+        use std::io::Write as _;
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let _ = c.write_all(b"GET / HTTP/1.0\r\n\r\n");
+        let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = std::io::Read::read(&mut c, &mut [0u8; 64]);
+    }
+    let status = common::terminate(&mut child, "gateway");
+    assert!(status.success(), "{status}");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    let mut n = 0;
+    for line in err.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"));
+        assert!(v["level"].is_string() && v["timestamp"].is_string(), "{line}");
+        n += 1;
+    }
+    // At least the shutdown lines.
+    assert!(n >= 2, "{err}");
+    assert!(err.contains("gateway stopped"), "{err}");
+
+    // An error at startup is a JSON line too.
+    let out = Command::new(BIN)
+        .args([
+            "--log-format=json",
+            "gateway",
+            "--no-auth",
+            "--cert",
+            "/nonexistent/c.pem",
+        ])
+        .args(["--key", "/nonexistent/k.pem"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let v: serde_json::Value = serde_json::from_str(err.trim()).unwrap_or_else(|e| panic!("{e}: {err}"));
+    assert_eq!(v["level"], "ERROR");
+    assert!(
+        v["fields"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/c.pem"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn completions_and_man_pages_are_generated() {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = Command::new(BIN).args(["completions", shell]).output().unwrap();
+        assert!(out.status.success(), "{shell}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        // Subcommands and flags of the clap definitions are in it.
+        assert!(
+            text.contains("gateway") && text.contains("udp-listen") && text.contains("log-format"),
+            "{shell}: {}",
+            &text[..200.min(text.len())]
+        );
+    }
+    let dir = tempdir("man");
+    let out = Command::new(BIN)
+        .args(["man", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for page in [
+        "sudp.1",
+        "sudp-gateway.1",
+        "sudp-shim.1",
+        "sudp-bench.1",
+        "sudp-bench-reflect.1",
+    ] {
+        let text = std::fs::read_to_string(dir.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(text.starts_with(".ie") || text.contains(".TH"), "{page}");
+    }
+    let gw = std::fs::read_to_string(dir.join("sudp-gateway.1")).unwrap();
+    assert!(
+        gw.contains(".TH sudp-gateway") && gw.contains("udp\\-listen"),
+        "{gw}"
+    );
+    assert!(gw.contains("\\-\\-check"), "{gw}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -60,7 +60,7 @@ fn shim_config_errors_name_the_key_or_flag() {
     let file = dir.join("shim.toml");
     std::fs::write(
         &file,
-        "gateway = [\"gw.example:1080\"]\nca = \"ca.pem\"\nidle_timeout = \"soon\"\n",
+        "gateway = [\"gw.example:8443\"]\nca = \"ca.pem\"\nidle_timeout = \"soon\"\n",
     )
     .unwrap();
     let out = Command::new(BIN)
@@ -76,7 +76,7 @@ fn shim_config_errors_name_the_key_or_flag() {
     );
 
     let out = Command::new(BIN)
-        .args(["shim", "--gateway", "gw.example:1080"])
+        .args(["shim", "--gateway", "gw.example:8443"])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -85,7 +85,7 @@ fn shim_config_errors_name_the_key_or_flag() {
 
     // A CA file that does not exist is reported with its path when the shim starts.
     let out = Command::new(BIN)
-        .args(["shim", "--gateway", "gw.example:1080", "--ca"])
+        .args(["shim", "--gateway", "gw.example:8443", "--ca"])
         .arg(dir.join("missing-ca.pem"))
         .output()
         .unwrap();
@@ -93,4 +93,148 @@ fn shim_config_errors_name_the_key_or_flag() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("missing-ca.pem"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn tempdir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("sudp-shim-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn shim_check_validates_and_loads_files_without_binding_or_dialing() {
+    let dir = tempdir("check");
+    sudp::cert::write(&sudp::cert::ephemeral(), &dir).unwrap();
+    std::fs::write(dir.join("alice.pass"), "pw\n").unwrap();
+    // The SOCKS5 port is held by another socket and the gateway does not exist: --check
+    // neither binds nor dials.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let socks = held.local_addr().unwrap().to_string();
+    let check = |extra: &[&str]| {
+        Command::new(BIN)
+            .args(["shim", "--check", "--gateway", "127.0.0.1:9", "--socks", &socks])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let ca = dir.join("ca.pem");
+    let pass = dir.join("alice.pass");
+    let ok = check(&[
+        "--ca",
+        ca.to_str().unwrap(),
+        "--user",
+        "alice",
+        "--password-file",
+        pass.to_str().unwrap(),
+        "--forward",
+        "udp:127.0.0.1:0=media.example:5004",
+    ]);
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(
+        stdout.starts_with("config OK: shim: gateway 127.0.0.1:9"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("user alice") && stdout.contains("1 forward"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("pw"), "{stdout}");
+
+    // Each file is loaded; errors name the key and flag, then the file.
+    let empty = dir.join("empty.pass");
+    std::fs::write(&empty, "\n").unwrap();
+    let out = check(&[
+        "--ca",
+        ca.to_str().unwrap(),
+        "--user",
+        "alice",
+        "--password-file",
+        empty.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("`password_file` (--password-file)") && err.contains("first line is empty"),
+        "{err}"
+    );
+    let key = dir.join("gateway.key");
+    let out = check(&["--ca", key.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("`ca` (--ca)") && err.contains("no certificate"),
+        "{err}"
+    );
+    let out = check(&[
+        "--pin",
+        &"ab".repeat(32),
+        "--cert",
+        ca.to_str().unwrap(),
+        "--key",
+        ca.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("`key` (--key)"), "{err}");
+    drop(held);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Starts `sudp shim` with `args` and returns its stderr, checking that it exits non-zero
+/// within a few seconds.
+fn shim_fails(args: &[&str]) -> String {
+    let mut child = Command::new(BIN)
+        .arg("shim")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the shim did not exit");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    err
+}
+
+#[test]
+fn address_in_use_names_the_listener_and_the_address() {
+    let pin = "ab".repeat(32);
+    let base = ["--gateway", "127.0.0.1:9", "--pin", pin.as_str()];
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = tcp.local_addr().unwrap().to_string();
+    let err = shim_fails(&[&base[..], &["--socks", &taken]].concat());
+    assert!(
+        err.contains(&format!("SOCKS5 listener {taken}: cannot bind"))
+            && err.contains("already uses")
+            && err.contains("--socks"),
+        "{err}"
+    );
+    let forward = format!("tcp:{taken}=127.0.0.1:80");
+    let err = shim_fails(&[&base[..], &["--no-socks", "--forward", &forward]].concat());
+    assert!(
+        err.contains(&format!("TCP forward {taken}: cannot bind")),
+        "{err}"
+    );
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let taken = udp.local_addr().unwrap().to_string();
+    let forward = format!("udp:{taken}=127.0.0.1:80");
+    let err = shim_fails(&[&base[..], &["--no-socks", "--forward", &forward]].concat());
+    assert!(
+        err.contains(&format!("UDP forward {taken}: cannot bind")) && err.contains("--forward"),
+        "{err}"
+    );
+    drop((tcp, udp));
 }

@@ -452,9 +452,13 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-/// Progress on stderr (indicatif); hidden when stderr is not a terminal or for tests.
+/// Progress on stderr (indicatif); hidden when stderr is not a terminal or for tests. With
+/// [`Progress::with_rows`], each measured run's table row also goes to stdout as it
+/// finishes, for a log or a pipe that would otherwise see nothing for minutes.
 pub struct Progress {
     bar: ProgressBar,
+    /// Rows streamed to stdout: `Some(header printed yet)`.
+    rows: Option<std::sync::atomic::AtomicBool>,
 }
 
 impl Progress {
@@ -466,14 +470,41 @@ impl Progress {
             .expect("valid progress template");
         bar.set_style(style);
         bar.enable_steady_tick(Duration::from_millis(120));
-        Progress { bar }
+        Progress { bar, rows: None }
     }
 
     /// No output.
     pub fn hidden() -> Self {
         Progress {
             bar: ProgressBar::hidden(),
+            rows: None,
         }
+    }
+
+    /// Also prints each measured run's row on stdout as it finishes (`on`), the column
+    /// header before the first.
+    pub fn with_rows(mut self, on: bool) -> Self {
+        self.rows = on.then(|| std::sync::atomic::AtomicBool::new(false));
+        self
+    }
+
+    /// Whether rows are streamed (so the final table leaves them out).
+    pub fn streams_rows(&self) -> bool {
+        self.rows.is_some()
+    }
+
+    /// A measured run finished: its row, if rows are streamed.
+    fn row(&self, x: &RunResult) {
+        let Some(header_done) = &self.rows else { return };
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        let mut text = String::new();
+        if !header_done.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            text.push_str(&report::columns());
+        }
+        text.push_str(&report::row(x));
+        // A closed stdout must not end the run; the summary's print reports it.
+        let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
     }
 
     /// Says what runs now.
@@ -719,6 +750,9 @@ async fn measure_mode(
         previous = Some(pps);
         let searched = source == "search";
         runs.push(RunResult::new(mode, size, opts.streams, source, &s));
+        if let Some(x) = runs.last() {
+            progress.row(x);
+        }
         if searched && opts.half {
             progress.phase(format!("{label}: latency at half rate, {}", fmt_pps(pps / 2.0)));
             let s = bed.run(size, pps / 2.0, HALF_DURATION).await?;
@@ -859,7 +893,9 @@ pub async fn run_cli(args: BenchArgs, shutdown: impl Future<Output = ()>) -> any
         return reflect_cli(r, shutdown).await;
     }
     let opts = Options::from_args(&args)?;
-    let progress = Progress::stderr((opts.modes.len() * opts.sizes.len()) as u64);
+    // Rows as they finish when stdout is a file or a pipe (a terminal has the progress bar).
+    let progress = Progress::stderr((opts.modes.len() * opts.sizes.len()) as u64)
+        .with_rows(!std::io::IsTerminal::is_terminal(&std::io::stdout()));
     progress.phase("checking how busy the machine is".into());
     if let Some(pct) = background_now(Duration::from_millis(500))
         .await
@@ -879,7 +915,11 @@ pub async fn run_cli(args: BenchArgs, shutdown: impl Future<Output = ()>) -> any
     };
     progress.finish();
     let report = report?;
-    print!("{}", report::table(&report));
+    if progress.streams_rows() {
+        print!("{}", report::summary(&report));
+    } else {
+        print!("{}", report::table(&report));
+    }
     if let Some(p) = &args.json {
         report::write_json(&report, p)?;
         eprintln!("wrote {}", p.display());

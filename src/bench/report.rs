@@ -11,6 +11,28 @@ use super::{Mode, Report, RunResult};
 /// The table printed at the end of a run, with its notes and the secure/naked ratios.
 pub fn table(r: &Report) -> String {
     let mut out = String::new();
+    out.push_str(&title(r));
+    out.push_str(&columns());
+    for x in r.runs.iter().filter(|x| x.rate_source != "half") {
+        out.push_str(&row(x));
+    }
+    out.push_str(&rest(r));
+    out
+}
+
+/// What [`table`] adds to rows printed one by one as they finished ([`columns`], then a
+/// [`row`] each): the title, the half-rate latency table, the notes and the ratios.
+pub fn summary(r: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out);
+    out.push_str(&title(r));
+    out.push_str(&rest(r));
+    out
+}
+
+/// The title lines and a blank line.
+fn title(r: &Report) -> String {
+    let mut out = String::new();
     let _ = writeln!(out, "sudp bench {} · {}", r.version, r.path);
     let _ = writeln!(out, "rates: {}", rate_line(r));
     let _ = writeln!(
@@ -19,6 +41,12 @@ pub fn table(r: &Report) -> String {
         r.streams
     );
     let _ = writeln!(out);
+    out
+}
+
+/// The column header of the measured runs.
+pub fn columns() -> String {
+    let mut out = String::new();
     let _ = writeln!(
         out,
         "{:<6} {:>5} {:>10} {:>10} {:>8} {:>6} {:>6} {:>5} {:>8} {:>8} {:>8} {:>7} {:>8} {:>8} {:>5}",
@@ -38,7 +66,13 @@ pub fn table(r: &Report) -> String {
         "gw µs**",
         "bg%"
     );
-    for x in r.runs.iter().filter(|x| x.rate_source != "half") {
+    out
+}
+
+/// One measured run's line under [`columns`].
+pub fn row(x: &RunResult) -> String {
+    let mut out = String::new();
+    {
         let _ = writeln!(
             out,
             "{:<6} {:>5} {:>10.0} {:>10.0} {:>8.1} {:>6.2} {:>6} {:>5} {:>8.1} {:>8.1} {:>8.1} {:>7.1} {:>8} {:>8} {:>5}",
@@ -59,6 +93,12 @@ pub fn table(r: &Report) -> String {
             x.background_cpu_pct.map_or_else(|| "-".into(), |p| format!("{p:.0}")),
         );
     }
+    out
+}
+
+/// The half-rate latency table, the notes and the ratios.
+fn rest(r: &Report) -> String {
+    let mut out = String::new();
     let half: Vec<&RunResult> = r.runs.iter().filter(|x| x.rate_source == "half").collect();
     if !half.is_empty() {
         let _ = writeln!(out);
@@ -286,17 +326,31 @@ fn points(runs: &[&RunResult], m: Mode, f: impl Fn(&RunResult) -> f64) -> Vec<(f
         .collect()
 }
 
-/// Draws delivered Mbit/s by payload size (left) and latency p50 / p99 / p99.9 by payload
-/// size (right; at half the sustained rate when those runs exist), log scales, one colour
-/// per mode, as SVG.
+/// Draws, by payload size on a log axis whose ticks are exactly the sizes measured, one
+/// colour per mode with a marker at each measured point: delivered Mbit/s (left), latency
+/// p50 / p99 / p99.9 (middle; at half the sustained rate when those runs exist) and the loss
+/// of each measured run (right, with the 1 % that the rate search accepts), as SVG.
 pub fn write_plot(r: &Report, path: &Path) -> io::Result<()> {
     draw(r, path).map_err(|e| io::Error::other(format!("plot {}: {e}", path.display())))
 }
 
+/// Size labels run vertically: measured sizes can sit close together on the log axis
+/// (1200 and 1400 are 13 px apart), where horizontal labels would overlap.
+fn size_style() -> TextStyle<'static> {
+    ("sans-serif", 12)
+        .into_font()
+        .transform(FontTransform::Rotate90)
+        .into()
+}
+
+/// The loss a searched rate may have (the search's pass criterion), drawn on the loss chart.
+const LOSS_LIMIT_PCT: f64 = 1.0;
+
 fn draw(r: &Report, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
-    let root = SVGBackend::new(path, (1280, 520)).into_drawing_area();
+    let root = SVGBackend::new(path, (1800, 540)).into_drawing_area();
     root.fill(&WHITE)?;
-    let (left, right) = root.split_horizontally(640);
+    let panels = root.split_evenly((1, 3));
+    let (left, middle, right) = (&panels[0], &panels[1], &panels[2]);
     let modes = modes_in(r);
     let main: Vec<&RunResult> = r.runs.iter().filter(|x| x.rate_source != "half").collect();
     let half: Vec<&RunResult> = r.runs.iter().filter(|x| x.rate_source == "half").collect();
@@ -305,16 +359,15 @@ fn draw(r: &Report, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         (&half, "Latency at half the sustained rate")
     };
-    let (smin, smax) = r
-        .runs
-        .iter()
-        .map(|x| x.size as f64)
-        .fold((f64::MAX, 0.0f64), |(lo, hi), s| (lo.min(s), hi.max(s)));
-    let (smin, smax) = if r.runs.is_empty() {
-        (32.0, 65_000.0)
-    } else {
-        (smin / 1.3, smax * 1.3)
+    // The sizes measured, ascending: the x axis's ticks.
+    let mut sizes: Vec<f64> = r.runs.iter().map(|x| x.size as f64).collect();
+    sizes.sort_by(f64::total_cmp);
+    sizes.dedup();
+    let (smin, smax) = match (sizes.first(), sizes.last()) {
+        (Some(lo), Some(hi)) => (lo / 1.3, hi * 1.3),
+        _ => (32.0, 65_000.0),
     };
+    let x_axis = || (smin..smax).log_scale().with_key_points(sizes.clone());
     let size_fmt = |x: &f64| format!("{x:.0}");
     let num_fmt = |y: &f64| {
         if *y >= 1.0 {
@@ -332,20 +385,19 @@ fn draw(r: &Report, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
         .filter(|v| positive(*v))
         .fold(mbps_max, f64::min)
         / 1.5;
-    let mut chart = ChartBuilder::on(&left)
+    let mut chart = ChartBuilder::on(left)
         .caption("Delivered payload throughput (round trips)", ("sans-serif", 20))
         .margin(12)
-        .x_label_area_size(40)
+        .x_label_area_size(56)
         .y_label_area_size(60)
-        .build_cartesian_2d(
-            (smin..smax).log_scale(),
-            (mbps_min.min(mbps_max / 10.0)..mbps_max).log_scale(),
-        )?;
+        .build_cartesian_2d(x_axis(), (mbps_min.min(mbps_max / 10.0)..mbps_max).log_scale())?;
     chart
         .configure_mesh()
-        .x_desc("payload bytes")
+        .x_desc("payload bytes (sizes measured)")
         .y_desc("Mbit/s")
         .x_label_formatter(&size_fmt)
+        .x_label_style(size_style())
+        .axis_desc_style(("sans-serif", 12))
         .y_label_formatter(&num_fmt)
         .draw()?;
     for &m in &modes {
@@ -375,20 +427,22 @@ fn draw(r: &Report, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
         .fold(lat_max, f64::min)
         .max(0.5)
         / 1.5;
-    let mut chart = ChartBuilder::on(&right)
+    let mut chart = ChartBuilder::on(middle)
         .caption(
-            format!("{lat_title}: p50 solid, p99 dashed, p99.9 dotted"),
-            ("sans-serif", 18),
+            format!("{lat_title}: p50 ●, p99 ▲ dashed, p99.9 ■ dotted"),
+            ("sans-serif", 16),
         )
         .margin(12)
-        .x_label_area_size(40)
+        .x_label_area_size(56)
         .y_label_area_size(60)
-        .build_cartesian_2d((smin..smax).log_scale(), (lat_min..lat_max).log_scale())?;
+        .build_cartesian_2d(x_axis(), (lat_min..lat_max).log_scale())?;
     chart
         .configure_mesh()
-        .x_desc("payload bytes")
+        .x_desc("payload bytes (sizes measured)")
         .y_desc("µs")
         .x_label_formatter(&size_fmt)
+        .x_label_style(size_style())
+        .axis_desc_style(("sans-serif", 12))
         .y_label_formatter(&num_fmt)
         .draw()?;
     for &m in &modes {
@@ -399,26 +453,65 @@ fn draw(r: &Report, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
                 .filter(|p| positive(p.1))
                 .collect()
         };
+        let (p50, p99, p999) = (series(|x| x.p50_us), series(|x| x.p99_us), series(|x| x.p999_us));
         chart
-            .draw_series(LineSeries::new(series(|x| x.p50_us), c.stroke_width(2)))?
+            .draw_series(LineSeries::new(p50.clone(), c.stroke_width(2)))?
             .label(m.name())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
-        chart.draw_series(DashedLineSeries::new(
-            series(|x| x.p99_us),
-            8,
-            5,
-            c.stroke_width(2),
-        ))?;
-        chart.draw_series(DashedLineSeries::new(
-            series(|x| x.p999_us),
-            2,
-            4,
-            c.stroke_width(2),
-        ))?;
+        chart.draw_series(DashedLineSeries::new(p99.clone(), 8, 5, c.stroke_width(2)))?;
+        chart.draw_series(DashedLineSeries::new(p999.clone(), 2, 4, c.stroke_width(2)))?;
+        chart.draw_series(p50.into_iter().map(|p| Circle::new(p, 4, c.filled())))?;
+        chart.draw_series(p99.into_iter().map(|p| TriangleMarker::new(p, 5, c.filled())))?;
+        chart.draw_series(
+            p999.into_iter()
+                .map(|p| EmptyElement::at(p) + Rectangle::new([(-3, -3), (3, 3)], c.filled())),
+        )?;
     }
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperLeft)
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.85))
+        .draw()?;
+
+    // Loss of the measured runs (the ones the left chart shows), linear: 0 % is the news.
+    let loss_max = main.iter().map(|x| x.loss_pct).fold(LOSS_LIMIT_PCT, f64::max) * 1.25;
+    let mut chart = ChartBuilder::on(right)
+        .caption(
+            format!("Loss of the measured runs (search accepts < {LOSS_LIMIT_PCT} %)"),
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(56)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x_axis(), 0.0..loss_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("payload bytes (sizes measured)")
+        .y_desc("loss %")
+        .x_label_formatter(&size_fmt)
+        .x_label_style(size_style())
+        .axis_desc_style(("sans-serif", 12))
+        .y_label_formatter(&|y: &f64| format!("{y:.2}"))
+        .draw()?;
+    chart.draw_series(DashedLineSeries::new(
+        vec![(smin, LOSS_LIMIT_PCT), (smax, LOSS_LIMIT_PCT)],
+        6,
+        6,
+        BLACK.mix(0.5).stroke_width(1),
+    ))?;
+    for &m in &modes {
+        let c = color(m);
+        let pts = points(&main, m, |x| x.loss_pct);
+        chart
+            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?
+            .label(m.name())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, c.filled())))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
         .border_style(BLACK)
         .background_style(WHITE.mix(0.85))
         .draw()?;
@@ -517,8 +610,18 @@ mod tests {
         let path = std::env::temp_dir().join(format!("sudp-bench-plot-{}.svg", std::process::id()));
         write_plot(&report(), &path).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
-        let _ = std::fs::remove_file(&path);
+        if std::env::var_os("SUDP_KEEP_PLOT").is_none() {
+            let _ = std::fs::remove_file(&path);
+        }
         assert!(svg.starts_with("<svg"), "{}", &svg[..40.min(svg.len())]);
         assert!(svg.contains("secure") && svg.contains("naked"));
+        // The x axis is labelled with the sizes measured, on each of the three charts.
+        for size in ["\n64\n</text>", "\n1200\n</text>"] {
+            assert_eq!(svg.matches(size).count(), 3, "{size:?} labels");
+        }
+        assert!(svg.contains("Loss of the measured runs"), "no loss chart");
+        // A marker for each point: 4 measured runs on the throughput and loss charts, one
+        // half-rate run (p50 circle) on the latency chart.
+        assert_eq!(svg.matches("<circle").count(), 4 + 4 + 1, "markers");
     }
 }

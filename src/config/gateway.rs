@@ -16,7 +16,12 @@ use crate::policy::{self, Action, Policy, Rule, RuleError};
 use crate::proto::keys::CipherSuite;
 
 /// Control (TLS) listener address when neither the file nor a flag gives one.
-pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 1080));
+///
+/// Port 8443, not SOCKS5's 1080: the shim's local SOCKS5 listener keeps 1080 (what
+/// applications expect), so a gateway and a shim on one host start with their defaults
+/// without clashing. 8443 is the usual alternative TLS port, above 1024 so the gateway needs
+/// no privilege to bind it, and it is what firewalls that pass "HTTPS-alt" already allow.
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 8443));
 /// Default idle timeout of a UDP association.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Default limit on concurrent UDP associations.
@@ -42,7 +47,7 @@ pub struct GatewayArgs {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// TLS control listener [default: 127.0.0.1:1080].
+    /// TLS control listener [default: 127.0.0.1:8443].
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
 

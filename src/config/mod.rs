@@ -209,8 +209,8 @@ pub enum Problem {
     NoSuites,
     /// Not `HOST:PORT` with a nonzero port.
     #[error(
-        "invalid HOST:PORT \"{0}\" (expected e.g. gw.example:1080, 192.0.2.1:1080 or \
-         [2001:db8::1]:1080; the port must be nonzero)"
+        "invalid HOST:PORT \"{0}\" (expected e.g. gw.example:8443, 192.0.2.1:8443 or \
+         [2001:db8::1]:8443; the port must be nonzero)"
     )]
     HostPort(String),
     /// An empty gateway list.

@@ -589,7 +589,7 @@ mod tests {
         from_toml(text, argv).unwrap_err().to_string()
     }
 
-    const MINIMAL: &str = "gateway = [\"gw.example:1080\"]\nca = \"ca.pem\"\n";
+    const MINIMAL: &str = "gateway = [\"gw.example:8443\"]\nca = \"ca.pem\"\n";
 
     #[test]
     fn clap_definition_is_consistent() {

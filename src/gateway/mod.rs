@@ -139,8 +139,9 @@ impl Settings {
     /// builds the runtime settings. Errors name the file and the problem.
     pub fn from_config(cfg: &GatewayConfig) -> anyhow::Result<Settings> {
         use anyhow::Context as _;
+        // Each error names the key (and flag) that named the file, then the file's problem.
         let client_ca = match cfg.auth.client_ca() {
-            Some(p) => Some(crate::tls::load_certs(p)?),
+            Some(p) => Some(crate::tls::load_certs(p).context("`client_ca` (--client-ca)")?),
             None => None,
         };
         let require_client_cert = matches!(cfg.auth, Auth::ClientCert(_));
@@ -149,17 +150,20 @@ impl Settings {
             client_crls.extend(crate::tls::load_crls(path)?);
         }
         let tls = crate::tls::server_config(ServerTlsOptions {
-            cert_chain: crate::tls::load_certs(&cfg.cert)?,
-            key: crate::tls::load_key(&cfg.key)?,
+            cert_chain: crate::tls::load_certs(&cfg.cert).context("`cert` (--cert)")?,
+            key: crate::tls::load_key(&cfg.key).context("`key` (--key)")?,
             client_ca,
             require_client_cert,
             client_crls,
             allow_tls12: cfg.tls12,
-        })?;
+        })
+        .context("`cert` and `key` (--cert, --key)")?;
         let users = match cfg.auth.users() {
-            Some(p) => Some(Arc::new(
-                Users::load(p).with_context(|| format!("users file {}", p.display()))?,
-            )),
+            Some(p) => {
+                Some(Arc::new(Users::load(p).with_context(|| {
+                    format!("`users` (--users): users file {}", p.display())
+                })?))
+            }
             None => None,
         };
         Ok(Settings {
@@ -263,9 +267,16 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Binds the control listener and the relay socket.
+    /// Binds the control listener and the relay socket. Errors name the socket and its
+    /// address (`TLS control listener 127.0.0.1:8443: address in use ...`).
     pub async fn bind(settings: Settings) -> io::Result<Gateway> {
-        let listener = TcpListener::bind(settings.listen).await?;
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .map_err(crate::net::bind_error(
+                "TLS control listener",
+                settings.listen,
+                "--listen",
+            ))?;
         let control = listener.local_addr()?;
         let udp = settings.udp_listen.unwrap_or(SocketAddr::new(control.ip(), 0));
         let metrics = Arc::new(Metrics::default());
@@ -283,7 +294,8 @@ impl Gateway {
             metrics.clone(),
             dns.clone(),
             settings.policy.clone(),
-        )?;
+        )
+        .map_err(crate::net::bind_error("UDP relay socket", udp, "--udp-listen"))?;
         let acceptor = TlsAcceptor::from(settings.tls.clone());
         let metrics_listener = match settings.metrics {
             Some(a) => Some(crate::metrics::http::bind(a).await?),

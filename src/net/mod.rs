@@ -34,6 +34,33 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// An error mapper for a failed bind of the socket `what` (e.g. "TLS control listener") at
+/// `addr`: the message names both, and for "address in use" says what to do, naming the
+/// `flag` that moves it. The error kind is kept.
+pub fn bind_error(
+    what: &'static str,
+    addr: SocketAddr,
+    flag: &'static str,
+) -> impl FnOnce(io::Error) -> io::Error {
+    move |e: io::Error| {
+        let hint = match e.kind() {
+            io::ErrorKind::AddrInUse => format!(
+                ": another process (perhaps another sudp) already uses {addr}; stop it or choose \
+                 another address with {flag}"
+            ),
+            io::ErrorKind::AddrNotAvailable => {
+                format!(": {} is not an address of this host ({flag})", addr.ip())
+            }
+            io::ErrorKind::PermissionDenied if addr.port() < 1024 => format!(
+                ": port {} needs privilege (CAP_NET_BIND_SERVICE) or a port above 1023 ({flag})",
+                addr.port()
+            ),
+            _ => String::new(),
+        };
+        io::Error::new(e.kind(), format!("{what} {addr}: cannot bind: {e}{hint}"))
+    }
+}
+
 /// Binds a UDP socket with large buffers, non-blocking, registered with tokio.
 pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     bind_udp_opts(addr, false)
@@ -42,8 +69,16 @@ pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
 /// Binds `count` UDP sockets to one address with `SO_REUSEPORT`, so the kernel spreads
 /// clients (by address hash) over one receive loop per socket. `addr` may have port 0: the
 /// first socket picks the port, the others join it. Where `SO_REUSEPORT` is refused, one
-/// socket is returned.
+/// socket is returned. A port that another socket already holds is an "address in use"
+/// error, even if that socket set `SO_REUSEPORT` too.
 pub fn bind_udp_group(addr: SocketAddr, count: usize) -> io::Result<Vec<UdpSocket>> {
+    if count > 1 && addr.port() != 0 {
+        // With SO_REUSEPORT the kernel would let us join any socket of the same user on
+        // this port (another gateway, say) and split the clients' datagrams with it. A
+        // plain bind first fails if anyone holds the port; released at once, the group
+        // then takes it.
+        drop(std::net::UdpSocket::bind(addr)?);
+    }
     let first = match bind_udp_opts(addr, count > 1) {
         Ok(s) => s,
         Err(_) if count > 1 => return Ok(vec![bind_udp(addr)?]),

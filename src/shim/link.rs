@@ -24,6 +24,11 @@
 //! contiguous), counted (`queue_full`, `queue_expired`) and logged once per opening, with a
 //! summary when the queue drains.
 //!
+//! A refusal that no retry can fix (the gateway refused the login or a certificate: see
+//! [`ClientError::is_permanent`]) is not retried with the backoff: the dialer logs its cause
+//! once and answers with it for [`crate::shim::REFUSAL_HOLD`], and the link asks the gateway
+//! again only after [`REFUSAL_RETRY`] and only if it had traffic meanwhile.
+//!
 //! Each step is logged once: the loss, each failed attempt, the recovery. A link without
 //! traffic for [`DORMANT_AFTER`] does not reconnect until it has something to send, so an
 //! association that the gateway closed for idleness is not reopened for nothing.
@@ -54,6 +59,10 @@ pub const DEFAULT_FLOW_QUEUE: usize = 4 << 20;
 pub const PENDING_MAX_AGE: Duration = Duration::from_secs(2);
 /// A lost link idle this long reconnects only when it has something to send.
 pub const DORMANT_AFTER: Duration = Duration::from_secs(30);
+/// After a permanent refusal (credentials, certificate), the wait before a link asks the
+/// gateway again, and then only if it has had traffic meanwhile: a shim whose login is wrong
+/// costs the gateway one attempt per link per this much, not a retry loop.
+pub const REFUSAL_RETRY: Duration = crate::shim::REFUSAL_HOLD;
 
 /// One live association and the signal its users raise when it fails.
 pub struct Assoc {
@@ -371,6 +380,15 @@ async fn supervise(shared: Arc<Shared>, mut first: Option<(SecureUdp, usize)>) {
                     attempt += 1;
                     match dialer.udp_via(next).await {
                         Ok(u) => break (u, next),
+                        Err(e) if e.is_permanent() => {
+                            // Refused for good (logged once by the dialer): no retry loop on
+                            // the gateway. Ask again after the hold, and only for traffic.
+                            tracing::debug!(link = %shared.label, error = %e, "refused: waiting");
+                            tokio::time::sleep(REFUSAL_RETRY).await;
+                            if shared.idle_for() >= REFUSAL_RETRY {
+                                shared.wake.notified().await;
+                            }
+                        }
                         Err(e) => {
                             tracing::warn!(
                                 link = %shared.label,
@@ -556,6 +574,8 @@ mod tests {
             flow_queue,
             preferred: AtomicUsize::new(0),
             metrics,
+            trust_origin: None,
+            refusals: Default::default(),
         })
     }
 

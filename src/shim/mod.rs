@@ -54,6 +54,13 @@ use crate::tls::{ClientTlsOptions, ServerTrust};
 /// How long shutdown lets local TCP connections finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// After a gateway refused the shim for good (credentials, certificate: see
+/// [`ClientError::is_permanent`]), requests within this time get the same answer at once
+/// instead of another attempt, so an application that retries in a loop does not hammer
+/// the gateway; the next attempt after it asks the gateway again (its users file or
+/// certificate may have been fixed and reloaded meanwhile).
+pub const REFUSAL_HOLD: Duration = Duration::from_secs(10);
+
 /// One gateway of the fail-over list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayEndpoint {
@@ -109,6 +116,9 @@ pub struct ShimSettings {
     pub flow_queue: usize,
     /// Where to serve `/metrics` and `/healthz` over HTTP, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// How the gateway is trusted, as configured (`/etc/sudp/ca.pem (--ca)`), for the
+    /// messages of refused certificates; `None`: said generically.
+    pub trust_origin: Option<String>,
 }
 
 impl ShimSettings {
@@ -131,25 +141,32 @@ impl ShimSettings {
             heartbeat: crate::client::DEFAULT_HEARTBEAT,
             flow_queue: link::DEFAULT_FLOW_QUEUE,
             metrics: None,
+            trust_origin: None,
         }
     }
 
     /// Loads the files a validated config names (CA, client certificate and key, password
     /// files) and builds the runtime settings. Errors name the file, never its content.
     pub fn from_config(cfg: &ShimConfig) -> anyhow::Result<ShimSettings> {
+        use anyhow::Context as _;
+        // Each error names the key (and flag) that named the file, then the file's problem.
         let trust = match &cfg.trust {
-            Trust::Ca(path) => ServerTrust::Ca(crate::tls::load_certs(path)?),
+            Trust::Ca(path) => ServerTrust::Ca(crate::tls::load_certs(path).context("`ca` (--ca)")?),
             Trust::Pin(pin) => ServerTrust::Pin(*pin),
         };
         let client_auth = match &cfg.client_cert {
-            Some((cert, key)) => Some((crate::tls::load_certs(cert)?, crate::tls::load_key(key)?)),
+            Some((cert, key)) => Some((
+                crate::tls::load_certs(cert).context("`cert` (--cert)")?,
+                crate::tls::load_key(key).context("`key` (--key)")?,
+            )),
             None => None,
         };
         let tls = crate::tls::client_config(ClientTlsOptions {
             trust,
             client_auth,
             allow_tls12: cfg.tls12,
-        })?;
+        })
+        .context("`ca`, `cert` and `key` (--ca, --cert, --key)")?;
         let gateways = cfg
             .gateways
             .iter()
@@ -164,9 +181,19 @@ impl ShimSettings {
         Ok(ShimSettings {
             gateways,
             tls,
-            credentials: cfg.login.as_ref().map(read_login).transpose()?,
+            credentials: cfg
+                .login
+                .as_ref()
+                .map(read_login)
+                .transpose()
+                .context("`password_file` (--password-file)")?,
             socks: cfg.socks,
-            socks_credentials: cfg.socks_login.as_ref().map(read_login).transpose()?,
+            socks_credentials: cfg
+                .socks_login
+                .as_ref()
+                .map(read_login)
+                .transpose()
+                .context("`socks_password_file` (--socks-password-file)")?,
             forwards: cfg.forwards.clone(),
             suites: cfg.suites.clone(),
             replay_window: cfg.replay_window,
@@ -177,6 +204,10 @@ impl ShimSettings {
             heartbeat: cfg.heartbeat,
             flow_queue: cfg.flow_queue,
             metrics: cfg.metrics,
+            trust_origin: Some(match &cfg.trust {
+                Trust::Ca(path) => format!("{} (--ca)", path.display()),
+                Trust::Pin(pin) => format!("the pinned SHA-256 {} (--pin)", crate::tls::pin_hex(pin)),
+            }),
         })
     }
 }
@@ -213,9 +244,105 @@ pub(crate) struct Dialer {
     /// The gateway that worked last: new connections start there.
     preferred: AtomicUsize,
     metrics: Arc<Metrics>,
+    /// How the gateway is trusted, for certificate messages.
+    trust_origin: Option<String>,
+    refusals: Refusals,
+}
+
+/// A gateway's permanent refusal of this shim (see [`Shim::probe`]).
+#[derive(Debug, thiserror::Error)]
+#[error("gateway {gateway} refused this shim: {error}")]
+pub struct Refused {
+    /// The gateway, as configured.
+    pub gateway: Address,
+    /// Why: a permanent [`ClientError`].
+    pub error: ClientError,
+}
+
+/// The permanent refusals a [`Dialer`] met: the last one (answered again for
+/// [`REFUSAL_HOLD`]) and the causes already logged (each is logged once at error level).
+#[derive(Default)]
+pub(crate) struct Refusals {
+    last: std::sync::Mutex<Option<(std::time::Instant, ClientError)>>,
+    logged: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Dialer {
+    /// The refusal still held, if any: the caller answers with it instead of dialing.
+    pub(crate) fn held_refusal(&self) -> Option<ClientError> {
+        let last = self.refusals.last.lock().unwrap_or_else(|e| e.into_inner());
+        match &*last {
+            Some((at, e)) if at.elapsed() < REFUSAL_HOLD => e.permanent_copy(),
+            _ => None,
+        }
+    }
+
+    /// Notes that a gateway accepted the shim: any held refusal is lifted.
+    fn accepted(&self) {
+        *self.refusals.last.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Notes an error of an attempt on gateway `i` and returns it, with the trust origin
+    /// named in certificate messages; a permanent refusal is held and its cause logged once.
+    fn refused(&self, i: usize, e: ClientError) -> ClientError {
+        let e = match &self.trust_origin {
+            Some(t) => e.with_trust(t),
+            None => e,
+        };
+        if let Some(copy) = e.permanent_copy() {
+            *self.refusals.last.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((std::time::Instant::now(), copy));
+            let cause = format!("{}: {e}", self.name(i));
+            let first = self
+                .refusals
+                .logged
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(cause);
+            if first {
+                tracing::error!(
+                    gateway = %self.name(i),
+                    error = %e,
+                    "the gateway refused this shim; requests fail until the configuration is fixed"
+                );
+            } else {
+                tracing::debug!(gateway = %self.name(i), error = %e, "refused again");
+            }
+        }
+        e
+    }
+
+    /// Startup check: one secure association through the first gateway that answers
+    /// (TLS, authentication and the UDP ASSOCIATE, exactly as traffic would open one), closed
+    /// again at once. A permanent refusal is returned; gateways that do not answer are
+    /// logged and skipped (the shim serves anyway and connects when traffic arrives).
+    pub(crate) async fn probe(&self) -> Result<(), Refused> {
+        for i in 0..self.len() {
+            match self.udp_via(i).await {
+                Ok(udp) => {
+                    tracing::info!(
+                        gateway = %self.name(i),
+                        relay = %udp.relay(),
+                        suite = %udp.suite(),
+                        "connected to gateway: certificate and login accepted"
+                    );
+                    return Ok(());
+                }
+                Err(error) if error.is_permanent() => {
+                    return Err(Refused {
+                        gateway: self.name(i).clone(),
+                        error,
+                    })
+                }
+                Err(e) => {
+                    tracing::warn!(gateway = %self.name(i), error = %e, "gateway not reachable at startup")
+                }
+            }
+        }
+        tracing::warn!("no gateway answered at startup: serving anyway, connecting when traffic arrives");
+        Ok(())
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.gateways.len()
     }
@@ -261,14 +388,21 @@ impl Dialer {
             .collect())
     }
 
-    /// Opens a secure association through gateway `i`, trying each of its addresses.
+    /// Opens a secure association through gateway `i`, trying each of its addresses; while
+    /// a permanent refusal is held, answers with it without dialing.
     pub(crate) async fn udp_via(&self, i: usize) -> Result<SecureUdp, ClientError> {
+        if let Some(e) = self.held_refusal() {
+            return Err(e);
+        }
         let mut last = None;
         for opts in self.options(i).await? {
             match SecureUdp::connect(&opts).await {
-                Ok(u) => return Ok(u.with_metrics(self.metrics.clone())),
+                Ok(u) => {
+                    self.accepted();
+                    return Ok(u.with_metrics(self.metrics.clone()));
+                }
                 Err(e) if e.is_gateway_failure() => last = Some(e),
-                Err(e) => return Err(e),
+                Err(e) => return Err(self.refused(i, e)),
             }
         }
         Err(last.unwrap_or(ClientError::Timeout))
@@ -300,6 +434,9 @@ impl Dialer {
     /// A CONNECT to `target` through the first gateway that answers; returns the stream and
     /// the gateway's BND address. A refusal by a gateway (policy, target down) is final.
     pub(crate) async fn tcp_any(&self, target: &Address) -> Result<(Control, Address), ClientError> {
+        if let Some(e) = self.held_refusal() {
+            return Err(e);
+        }
         let start = self.preferred();
         let mut last = None;
         for k in 0..self.len() {
@@ -315,12 +452,14 @@ impl Dialer {
                 match client::connect_tcp_bound(&o, target).await {
                     Ok(x) => {
                         self.set_preferred(i);
+                        self.accepted();
                         return Ok(x);
                     }
                     Err(e) if e.is_gateway_failure() => {
                         tracing::info!(gateway = %self.name(i), error = %e, "gateway unavailable");
                         last = Some(e);
                     }
+                    Err(e) if e.is_permanent() => return Err(self.refused(i, e)),
                     Err(e) => return Err(e),
                 }
             }
@@ -371,7 +510,6 @@ impl Shim {
                 "no gateway configured",
             ));
         }
-        let named = |what: String| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
         if let Some(a) = settings.socks {
             if !a.ip().is_loopback() && settings.socks_credentials.is_none() {
                 tracing::warn!(
@@ -382,24 +520,30 @@ impl Shim {
             }
         }
         let socks = match settings.socks {
-            Some(a) => Some(
-                TcpListener::bind(a)
-                    .await
-                    .map_err(named(format!("SOCKS5 listener {a}")))?,
-            ),
+            Some(a) => Some(TcpListener::bind(a).await.map_err(crate::net::bind_error(
+                "SOCKS5 listener",
+                a,
+                "--socks",
+            ))?),
             None => None,
         };
         let mut forwards = Vec::new();
         for f in &settings.forwards {
             let bound = match f.proto {
                 ForwardProto::Udp => {
-                    Bound::Udp(crate::net::bind_udp(f.local).map_err(named(format!("forward {f}")))?)
+                    Bound::Udp(crate::net::bind_udp(f.local).map_err(crate::net::bind_error(
+                        "UDP forward",
+                        f.local,
+                        "--forward",
+                    ))?)
                 }
-                ForwardProto::Tcp => Bound::Tcp(
-                    TcpListener::bind(f.local)
-                        .await
-                        .map_err(named(format!("forward {f}")))?,
-                ),
+                ForwardProto::Tcp => {
+                    Bound::Tcp(TcpListener::bind(f.local).await.map_err(crate::net::bind_error(
+                        "TCP forward",
+                        f.local,
+                        "--forward",
+                    ))?)
+                }
             };
             forwards.push((f.clone(), bound));
         }
@@ -415,6 +559,8 @@ impl Shim {
             flow_queue: settings.flow_queue,
             preferred: AtomicUsize::new(0),
             metrics: metrics.clone(),
+            trust_origin: settings.trust_origin,
+            refusals: Refusals::default(),
         });
         let metrics_listener = match settings.metrics {
             Some(a) => Some(crate::metrics::http::bind(a).await?),
@@ -459,6 +605,16 @@ impl Shim {
         self.metrics_listener
             .as_ref()
             .map(|l| l.local_addr().expect("bound listener"))
+    }
+
+    /// Checks, before serving, that the first gateway that answers accepts this shim's
+    /// certificate trust and login (one connection, closed again). Returns the refusal when
+    /// it does not, so that the caller can exit with it instead of serving requests that
+    /// would all fail; gateways that do not answer are only logged.
+    /// The future owns what it needs, so it can run beside [`Shim::run`].
+    pub fn probe(&self) -> impl Future<Output = Result<(), Refused>> + Send + 'static {
+        let dialer = self.ctx.dialer.clone();
+        async move { dialer.probe().await }
     }
 
     /// The shim's counters (datagrams forwarded and returned, drops by reason).
