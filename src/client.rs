@@ -37,9 +37,11 @@ use tokio_rustls::TlsConnector;
 
 use crate::metrics::Metrics;
 use crate::net::batch::{stretches, BatchSocket, RecvBatch, RUN};
-use crate::net::channel::{Channel, ChannelError, Event, Heartbeat};
+use crate::net::channel::{Channel, ChannelError, Event, FrameSender, Heartbeat};
 use crate::net::{canonical, DATAGRAM_BUF};
+use crate::proto::frame::feature;
 use crate::proto::path::ControlMessage;
+use crate::proto::path::TOKEN_LEN;
 use crate::proto::record::{record_len, PREFIX_LEN};
 use crate::proto::session::{Content, RecvSession, SendSession};
 use crate::proto::socks::{
@@ -47,6 +49,7 @@ use crate::proto::socks::{
 };
 use crate::proto::{AssociationId, CipherSuite, OpenError, Role, SealError, SocksError};
 use crate::tls::HandshakeProblem;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Client errors.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +87,9 @@ pub enum ClientError {
     /// A datagram could not be sealed.
     #[error("seal: {0}")]
     Seal(#[from] SealError),
+    /// `transport = "tls"` but the gateway does not carry records inside TLS.
+    #[error("the gateway cannot carry records inside TLS (transport \"tls\"); use \"auto\" or \"udp\"")]
+    NoTlsTransport,
     /// The TLS connection failed for a reason the operator can fix: a certificate refused
     /// either way, or a peer that does not speak TLS. The message says what to check.
     #[error("{}", tls_advice(problem, server_name, trust.as_deref()))]
@@ -149,6 +155,7 @@ impl ClientError {
             | ClientError::NoSuite
             | ClientError::Tls { .. }
             | ClientError::Keys(_)
+            | ClientError::NoTlsTransport
             | ClientError::Seal(_) => ReplyCode::GeneralFailure,
         }
     }
@@ -250,7 +257,50 @@ pub struct ClientOptions {
     /// PINGs on the control connection, and the silence after which a gateway that said
     /// HELLO is taken for gone (PROTOCOL.md §2.4).
     pub heartbeat: Heartbeat,
+    /// How records travel: UDP, inside TLS, or UDP with TLS when UDP is blocked.
+    pub transport: Transport,
 }
+
+/// How an association's records travel between client and gateway (PROTOCOL.md §6.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// UDP only.
+    Udp,
+    /// Inside the TLS control connection only (RECORD frames).
+    Tls,
+    /// UDP while UDP works both ways (PROBE/PROBE_ACK), inside TLS while it does not.
+    #[default]
+    Auto,
+}
+
+impl Transport {
+    /// Parses `udp`, `tls` or `auto`.
+    pub fn parse(s: &str) -> Option<Transport> {
+        match s.trim() {
+            "udp" => Some(Transport::Udp),
+            "tls" => Some(Transport::Tls),
+            "auto" => Some(Transport::Auto),
+            _ => None,
+        }
+    }
+
+    /// The name [`Transport::parse`] reads.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tls => "tls",
+            Transport::Auto => "auto",
+        }
+    }
+}
+
+/// How often an `auto` association probes UDP while it sends (a PROBE at most this often).
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Time an association waits for the answer to its first PROBE before it carries records
+/// inside TLS, per try; three tries.
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(150);
+/// Unanswered probing time after which UDP counts as blocked mid-stream.
+pub const PROBE_SILENCE: Duration = Duration::from_secs(3);
 
 /// The client's heartbeat: a PING every 500 ms, a gateway silent for 1.5 s is gone, so a
 /// frozen or partitioned gateway is noticed within 2 s (live video cannot wait longer).
@@ -272,6 +322,7 @@ impl ClientOptions {
             timeout: Duration::from_secs(10),
             replay_window: crate::proto::replay::DEFAULT_WINDOW,
             heartbeat: DEFAULT_HEARTBEAT,
+            transport: Transport::Auto,
         }
     }
 }
@@ -473,6 +524,36 @@ pub struct SecureUdp {
     send_scratch: tokio::sync::Mutex<Vec<u8>>,
     recv_scratch: tokio::sync::Mutex<Vec<u8>>,
     metrics: Option<Arc<Metrics>>,
+    /// How records travel (PROTOCOL.md §6.4).
+    carrier: Carrier,
+}
+
+/// The transport state of one association: which way records go now, the control
+/// channel's sender and the records it received, and the UDP probes of `auto`.
+struct Carrier {
+    mode: Transport,
+    /// Records go inside TLS now.
+    via_tls: AtomicBool,
+    sender: FrameSender,
+    /// Records the gateway sent inside TLS, from the control task.
+    inbound: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Vec<u8>>>,
+    epoch: std::time::Instant,
+    /// Milliseconds since `epoch`: the last PROBE sent, the last PROBE_ACK received
+    /// (`u64::MAX`: none yet), and the first PROBE sent since that answer.
+    last_probe_ms: AtomicU64,
+    last_ack_ms: AtomicU64,
+    unanswered_since_ms: AtomicU64,
+    /// The token of the probe in flight.
+    token: Mutex<[u8; TOKEN_LEN]>,
+}
+
+/// Records the control task holds for the receive path (then counted as `tls_overflow`).
+const TLS_INBOUND: usize = 4096;
+
+impl Carrier {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
 }
 
 /// Size of a buffer that holds any record: [`SecureUdp::recv_in_place`] and
@@ -520,20 +601,65 @@ impl SecureUdp {
         socket.connect(relay).await?;
         let (closed_tx, closed) = tokio::sync::watch::channel(false);
         let why_closed = Arc::new(Mutex::new(None));
+        let mut send = SendSession::new(assoc, &keys, Role::Client);
+        let mut recv = RecvSession::new(assoc, &keys, Role::Client, opts.replay_window);
         // The association lives as long as the control connection, which carries frames
-        // (PROTOCOL.md §2.4): the heartbeat both ways and the gateway's CLOSE. A gateway
-        // that closes the connection, sends CLOSE, or falls silent ends the association.
+        // (PROTOCOL.md §2.4): the heartbeat both ways, the gateway's CLOSE, and records
+        // when UDP is blocked. A gateway that closes the connection, sends CLOSE, or falls
+        // silent ends the association.
+        let channel = Channel::open(control, opts.heartbeat, &[feature::RECORDS]);
+        let sender = channel.sender();
+        let (hello_tx, mut hello) = tokio::sync::watch::channel(None);
+        let (inbound_tx, inbound) = tokio::sync::mpsc::channel(TLS_INBOUND);
         let control = tokio::spawn(watch_control(
-            Channel::open(control, opts.heartbeat),
+            channel,
             assoc,
             why_closed.clone(),
             closed_tx,
+            hello_tx,
+            inbound_tx,
         ));
+        let udp_works = match opts.transport {
+            Transport::Udp => true,
+            Transport::Tls => false,
+            Transport::Auto => first_probe(&socket, &mut send, &mut recv).await,
+        };
+        let via_tls = if udp_works {
+            false
+        } else {
+            // Inside TLS only if the gateway said it speaks RECORD frames.
+            let said = hello
+                .wait_for(|h: &Option<bool>| h.is_some())
+                .await
+                .map(|h| *h == Some(true))
+                .unwrap_or(false);
+            match (said, opts.transport) {
+                (true, Transport::Tls) => true,
+                (true, _) => {
+                    tracing::warn!(
+                        gateway = %opts.gateway,
+                        relay = %relay,
+                        "no UDP answer from the gateway's relay: carrying records inside TLS"
+                    );
+                    true
+                }
+                (false, Transport::Tls) => return Err(ClientError::NoTlsTransport),
+                (false, _) => {
+                    tracing::warn!(
+                        gateway = %opts.gateway,
+                        relay = %relay,
+                        "no UDP answer from the gateway's relay, and the gateway cannot carry records inside TLS: trying UDP anyway"
+                    );
+                    false
+                }
+            }
+        };
+        let epoch = std::time::Instant::now();
         Ok(SecureUdp {
             // Read with plain `recv` too (recv_in_place): no GRO trains on this socket.
             socket: BatchSocket::without_gro(socket)?,
-            send: Mutex::new(SendSession::new(assoc, &keys, Role::Client)),
-            recv: Mutex::new(RecvSession::new(assoc, &keys, Role::Client, opts.replay_window)),
+            send: Mutex::new(send),
+            recv: Mutex::new(recv),
             assoc,
             suite,
             relay,
@@ -543,7 +669,80 @@ impl SecureUdp {
             send_scratch: tokio::sync::Mutex::new(Vec::new()),
             recv_scratch: tokio::sync::Mutex::new(Vec::new()),
             metrics: None,
+            carrier: Carrier {
+                mode: opts.transport,
+                via_tls: AtomicBool::new(via_tls),
+                sender,
+                inbound: tokio::sync::Mutex::new(inbound),
+                epoch,
+                last_probe_ms: AtomicU64::new(0),
+                last_ack_ms: AtomicU64::new(if udp_works { 0 } else { u64::MAX }),
+                unanswered_since_ms: AtomicU64::new(u64::MAX),
+                token: Mutex::new([0; TOKEN_LEN]),
+            },
         })
+    }
+
+    /// Whether records travel inside TLS now (PROTOCOL.md §6.4).
+    pub fn via_tls(&self) -> bool {
+        self.carrier.via_tls.load(Ordering::Relaxed)
+    }
+
+    /// Sends one sealed record the way records travel now.
+    async fn send_record(&self, record: &[u8]) -> io::Result<()> {
+        if self.via_tls() {
+            return self.carrier.sender.send_record(record).map_err(channel_error);
+        }
+        self.socket.send_connected(record).await
+    }
+
+    /// For `auto`: now and then (while sending) a PROBE over UDP; switches to TLS when UDP
+    /// has been silent too long, and back when a PROBE_ACK arrives (see `note_probe_ack`).
+    fn maybe_probe(&self) {
+        let c = &self.carrier;
+        if c.mode != Transport::Auto {
+            return;
+        }
+        let now = c.now_ms();
+        if now.saturating_sub(c.last_probe_ms.load(Ordering::Relaxed)) < PROBE_INTERVAL.as_millis() as u64 {
+            return;
+        }
+        c.last_probe_ms.store(now, Ordering::Relaxed);
+        let since = c.unanswered_since_ms.load(Ordering::Relaxed);
+        if since == u64::MAX {
+            c.unanswered_since_ms.store(now, Ordering::Relaxed);
+        } else if !self.via_tls()
+            && now.saturating_sub(since) >= PROBE_SILENCE.as_millis() as u64
+            && !c.sender.is_closed()
+        {
+            c.via_tls.store(true, Ordering::Relaxed);
+            tracing::warn!(assoc = %self.assoc, relay = %self.relay, "UDP to the gateway went silent: carrying records inside TLS");
+        }
+        let token: [u8; TOKEN_LEN] = rand::random();
+        *c.token.lock().unwrap_or_else(|e| e.into_inner()) = token;
+        let mut buf = [0u8; record_len(crate::proto::path::PATH_MESSAGE_LEN)];
+        let sealed = self
+            .send
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .seal_control(&ControlMessage::Probe(token), &mut buf);
+        if let Ok(n) = sealed {
+            // Lost when the socket buffer is full or UDP is blocked: that is what we measure.
+            let _ = self.socket.try_send(self.relay, &buf[..n], None);
+        }
+    }
+
+    /// A PROBE_ACK arrived over UDP: UDP works both ways; records go back to UDP.
+    fn note_probe_ack(&self, token: [u8; TOKEN_LEN]) {
+        let c = &self.carrier;
+        if *c.token.lock().unwrap_or_else(|e| e.into_inner()) != token {
+            return;
+        }
+        c.last_ack_ms.store(c.now_ms(), Ordering::Relaxed);
+        c.unanswered_since_ms.store(u64::MAX, Ordering::Relaxed);
+        if c.mode == Transport::Auto && c.via_tls.swap(false, Ordering::Relaxed) {
+            tracing::info!(assoc = %self.assoc, relay = %self.relay, "UDP to the gateway works again: records back on UDP");
+        }
     }
 
     /// Counts records dropped on receipt (by [`crate::proto::DropReason`]) in `metrics`,
@@ -616,7 +815,8 @@ impl SecureUdp {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .seal(&target.as_ref(), payload, scratch)?;
-        self.socket.send_connected(&scratch[..n]).await?;
+        self.maybe_probe();
+        self.send_record(&scratch[..n]).await?;
         Ok(())
     }
 
@@ -633,7 +833,8 @@ impl SecureUdp {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .seal_in_place(buf, plaintext_len)?;
-        self.socket.send_connected(&buf[..n]).await?;
+        self.maybe_probe();
+        self.send_record(&buf[..n]).await?;
         Ok(n)
     }
 
@@ -670,6 +871,13 @@ impl SecureUdp {
     /// Sends sealed records to the relay: one record, or a train of `segment`-byte records
     /// (the last may be shorter) in one system call.
     pub async fn send_train(&self, bytes: &[u8], segment: Option<usize>) -> io::Result<()> {
+        self.maybe_probe();
+        if self.via_tls() {
+            for rec in bytes.chunks(segment.unwrap_or(bytes.len()).max(1)) {
+                self.carrier.sender.send_record(rec).map_err(channel_error)?;
+            }
+            return Ok(());
+        }
         match self.socket.try_send(self.relay, bytes, segment) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 self.socket.send(self.relay, bytes, segment).await
@@ -709,7 +917,16 @@ impl SecureUdp {
     /// Cancel-safe: a record is either returned or still in the socket.
     pub async fn recv_in_place(&self, rec: &mut [u8]) -> Result<Received, ClientError> {
         loop {
-            let n = self.socket.recv(rec).await?;
+            let n = tokio::select! {
+                n = self.socket.recv(rec) => n?,
+                r = self.next_tls_record() => {
+                    // Longer than the caller's buffer: cut short, as a socket would; it then
+                    // fails to open and is counted.
+                    let n = r.len().min(rec.len());
+                    rec[..n].copy_from_slice(&r[..n]);
+                    n
+                }
+            };
             match self.open(&mut rec[..n]) {
                 Ok(Some(r)) => return Ok(r),
                 // A control record, answered already: nothing for the application.
@@ -732,7 +949,38 @@ impl SecureUdp {
         batch: &mut RecvBatch,
         f: &mut (dyn FnMut(&[u8], &Address) + Send),
     ) -> Result<usize, ClientError> {
-        self.socket.recv_batch(batch).await?;
+        let mut from_tls = tokio::select! {
+            r = self.socket.recv_batch(batch) => {
+                r?;
+                None
+            }
+            r = self.next_tls_record() => Some(r),
+        };
+        if let Some(rec) = from_tls.as_mut() {
+            // One record from the control channel (and what else is waiting there, bounded).
+            let mut delivered = 0;
+            let mut more = 0;
+            loop {
+                match self.open(rec) {
+                    Ok(Some(r)) => {
+                        f(&rec[r.payload.clone()], &r.from);
+                        delivered += 1;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        if let Some(m) = &self.metrics {
+                            m.count_drop(e.reason());
+                        }
+                    }
+                }
+                more += 1;
+                match self.carrier.inbound.lock().await.try_recv() {
+                    Ok(next) if more < crate::net::batch::BATCH => *rec = next,
+                    _ => break,
+                }
+            }
+            return Ok(delivered);
+        }
         let mut delivered = 0;
         batch.for_each_run(|run, _| {
             let mut tags = [None; RUN];
@@ -788,8 +1036,12 @@ impl SecureUdp {
                 self.answer_challenge(token);
                 return Ok(None);
             }
-            // A response travels c2g only.
-            Content::Control(ControlMessage::PathResponse(_)) => {
+            Content::Control(ControlMessage::ProbeAck(token)) => {
+                self.note_probe_ack(token);
+                return Ok(None);
+            }
+            // A response and a probe travel c2g only.
+            Content::Control(ControlMessage::PathResponse(_) | ControlMessage::Probe(_)) => {
                 return Err(OpenError::BadControl {
                     kind: crate::proto::path::PATH_RESPONSE,
                 })
@@ -808,6 +1060,15 @@ impl SecureUdp {
             addr: addr_at..payload_at,
             payload: payload_at..payload_at + payload.len(),
         }))
+    }
+
+    /// The next record the gateway sent inside TLS; never completes once the control task
+    /// ended (the association is closed then, and UDP alone is read until it is dropped).
+    async fn next_tls_record(&self) -> Vec<u8> {
+        match self.carrier.inbound.lock().await.recv().await {
+            Some(r) => r,
+            None => std::future::pending().await,
+        }
     }
 
     /// Answers a PATH_CHALLENGE with its token, from this socket (wherever the network now
@@ -836,17 +1097,61 @@ impl SecureUdp {
     }
 }
 
+fn channel_error(e: ChannelError) -> io::Error {
+    match e {
+        // The record is dropped; the caller counts it as any refused send.
+        ChannelError::Full => io::Error::new(io::ErrorKind::WouldBlock, e.to_string()),
+        e => io::Error::new(io::ErrorKind::BrokenPipe, e.to_string()),
+    }
+}
+
+/// The first PROBE of an `auto` association, sent on the connected socket before anything
+/// else: `true` when a PROBE_ACK came back over UDP (three tries of [`PROBE_TIMEOUT`]).
+async fn first_probe(socket: &tokio::net::UdpSocket, send: &mut SendSession, recv: &mut RecvSession) -> bool {
+    let mut buf = vec![0u8; RECORD_BUF];
+    for _ in 0..3 {
+        let token: [u8; TOKEN_LEN] = rand::random();
+        let mut rec = [0u8; record_len(crate::proto::path::PATH_MESSAGE_LEN)];
+        let Ok(n) = send.seal_control(&ControlMessage::Probe(token), &mut rec) else {
+            return false;
+        };
+        if socket.send(&rec[..n]).await.is_err() {
+            // Refused at once (ICMP unreachable): UDP does not work.
+            return false;
+        }
+        let deadline = tokio::time::Instant::now() + PROBE_TIMEOUT;
+        while let Ok(Ok(m)) = tokio::time::timeout_at(deadline, socket.recv(&mut buf)).await {
+            if let Ok(o) = recv.open(&mut buf[..m]) {
+                if o.content == Content::Control(ControlMessage::ProbeAck(token)) {
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
 /// Runs the client's side of the control channel until the association ends; records why.
+/// Tells whether the gateway speaks RECORD frames (`hello`), and hands the records it sends
+/// inside TLS to the receive path (`inbound`; what does not fit is counted).
 async fn watch_control(
     mut channel: Channel<Control>,
     assoc: AssociationId,
     why: Arc<Mutex<Option<String>>>,
     closed: tokio::sync::watch::Sender<bool>,
+    hello: tokio::sync::watch::Sender<Option<bool>>,
+    inbound: tokio::sync::mpsc::Sender<Vec<u8>>,
 ) {
     let reason = loop {
         match channel.next().await {
             Ok(Event::Hello(h)) => {
                 tracing::debug!(%assoc, version = h.version, ping_ms = h.ping_interval_ms, "control channel: gateway hello");
+                let _ = hello.send(Some(h.has(feature::RECORDS)));
+            }
+            Ok(Event::Record(r)) => {
+                if inbound.try_send(r).is_err() {
+                    tracing::debug!(%assoc, "records inside TLS arrive faster than they are read: dropped");
+                }
             }
             Ok(Event::Close { assoc: a, reason }) if a == assoc => {
                 break format!("the gateway closed the association: {}", reason.describe());
@@ -857,6 +1162,8 @@ async fn watch_control(
         }
     };
     *why.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+    // A gateway that never said HELLO will not: `connect` stops waiting for it.
+    let _ = hello.send(Some(false));
     let _ = closed.send(true);
 }
 
@@ -901,6 +1208,17 @@ mod tests {
             send_scratch: tokio::sync::Mutex::new(Vec::new()),
             recv_scratch: tokio::sync::Mutex::new(Vec::new()),
             metrics: Some(metrics.clone()),
+            carrier: Carrier {
+                mode: Transport::Udp,
+                via_tls: AtomicBool::new(false),
+                sender: crate::net::channel::test_sender(),
+                inbound: tokio::sync::Mutex::new(tokio::sync::mpsc::channel(1).1),
+                epoch: std::time::Instant::now(),
+                last_probe_ms: AtomicU64::new(0),
+                last_ack_ms: AtomicU64::new(0),
+                unanswered_since_ms: AtomicU64::new(u64::MAX),
+                token: Mutex::new([0; TOKEN_LEN]),
+            },
         };
         let gw_send = SendSession::new(assoc, &ks, Role::Gateway);
         let gw_recv = RecvSession::new(assoc, &ks, Role::Gateway, 1024);

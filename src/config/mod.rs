@@ -246,6 +246,9 @@ pub enum Problem {
         /// The timeout.
         timeout: Duration,
     },
+    /// Not a transport name.
+    #[error("invalid transport \"{0}\" (expected udp, tls or auto)")]
+    Transport(String),
     /// A user name that RFC 1929 cannot carry.
     #[error("a user name must be 1 to 255 bytes")]
     UserName,

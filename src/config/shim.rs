@@ -12,6 +12,7 @@ use super::{
     parse_socket_addr, parse_suite, pick, pick_list, read_file, replay_window, size_value, suites, value_err,
     ConfigError, Origins, Problem,
 };
+use crate::client::Transport;
 use crate::net::channel::Heartbeat;
 use crate::proto::keys::CipherSuite;
 use crate::proto::socks::Address;
@@ -142,6 +143,11 @@ pub struct ShimArgs {
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
 
+    /// How records travel to the gateway: udp, tls (inside the control connection), or auto
+    /// (UDP while it works both ways, TLS while it does not) [default: auto].
+    #[arg(long, value_name = "udp|tls|auto", value_parser = parse_transport)]
+    pub transport: Option<Transport>,
+
     /// Bytes each flow may hold while its association opens (e.g. 4MiB, 512KiB, 1000000);
     /// what does not fit is dropped and counted [default: 4MiB].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -248,6 +254,13 @@ pub struct ShimConfig {
     pub flow_queue: usize,
     /// Where to serve `/metrics` and `/healthz`, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// How records travel to the gateway.
+    pub transport: Transport,
+}
+
+/// Parses a transport name: `udp`, `tls` or `auto`.
+fn parse_transport(text: &str) -> Result<Transport, Problem> {
+    Transport::parse(text).ok_or_else(|| Problem::Transport(text.to_owned()))
 }
 
 /// Parses `HOST:PORT`: an IP socket address (`192.0.2.1:443`, `[2001:db8::1]:443`) or a
@@ -332,6 +345,7 @@ struct ShimFile {
     /// A size string such as "4MiB" or a number of bytes, hence a raw value.
     flow_queue: Option<toml::Value>,
     metrics: Option<String>,
+    transport: Option<String>,
 }
 
 impl ShimConfig {
@@ -531,6 +545,10 @@ fn build(args: ShimArgs, file: ShimFile) -> Result<ShimConfig, ConfigError> {
         metrics: args
             .metrics
             .or(file_value(&o, "metrics", file.metrics, parse_socket_addr)?),
+        transport: args
+            .transport
+            .or(file_value(&o, "transport", file.transport, parse_transport)?)
+            .unwrap_or_default(),
     })
 }
 

@@ -29,7 +29,7 @@ use crate::gateway::Shared;
 use crate::logsafe::Peer;
 use crate::net::canonical;
 use crate::net::channel::{Channel, ChannelError, Event};
-use crate::proto::frame::{CloseReason, Frame};
+use crate::proto::frame::{feature, CloseReason, Frame};
 use crate::proto::socks::{self, choose_suite, method, sudp_status, SudpAccept, SudpHello};
 use crate::proto::{AssociationId, KeySchedule, SocksError};
 
@@ -547,7 +547,8 @@ async fn udp_associate(
     // Why the association ends: the CLOSE reason told to a framing client, and a log text.
     let why: (Option<CloseReason>, String) = if session.secure.is_some() {
         // A secure association's control connection carries frames (PROTOCOL.md §2.4).
-        let mut channel = Channel::open(stream, shared.settings.heartbeat);
+        let mut channel = Channel::open(stream, shared.settings.heartbeat, &[feature::RECORDS]);
+        handle.attach_tls(channel.sender());
         let why = loop {
             tokio::select! {
                 ev = channel.next() => match ev {
@@ -556,6 +557,7 @@ async fn udp_associate(
                     }
                     // Only the gateway ends associations with CLOSE; one from a client is ignored.
                     Ok(Event::Close { .. }) => {}
+                    Ok(Event::Record(mut record)) => handle.receive_tls_record(&mut record),
                     Err(ChannelError::Closed) => break (None, "control connection closed".to_owned()),
                     Err(e) => break (None, e.to_string()),
                 },
@@ -576,6 +578,9 @@ async fn udp_associate(
                 reason,
             });
         }
+        // The association's reply path holds a sender of the channel: let go of it, so the
+        // writer ends as soon as what is queued is written.
+        handle.detach_tls();
         channel.close().await;
         why
     } else {

@@ -29,7 +29,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,10 +39,11 @@ use tokio::task::JoinHandle;
 use crate::net::batch::{stretches, BatchSocket, GsoBatch, RecordTrain, RecvBatch, RUN, SMALL_BATCH};
 
 use crate::metrics::{Metrics, Path};
+use crate::net::channel::FrameSender;
 use crate::net::dns::Resolver;
 use crate::net::{self, canonical, canonical_ip, for_socket};
 use crate::policy::{LocalAddrs, Policy};
-use crate::proto::path::{ControlMessage, PathAction, PathValidator, PATH_MESSAGE_LEN, TOKEN_LEN};
+use crate::proto::path::{ControlMessage, PathAction, PathValidator, PATH_MESSAGE_LEN};
 use crate::proto::record;
 use crate::proto::session::{Content, RecvSession, SendSession};
 use crate::proto::socks::{parse_udp_header, AddrRef};
@@ -132,6 +133,11 @@ pub struct Association {
     last_active: AtomicU64,
     pending_resolves: AtomicUsize,
     kind: Kind,
+    /// The control channel's sender, for replies carried inside TLS (secure associations
+    /// whose client speaks RECORD frames, PROTOCOL.md §2.4).
+    tls: ArcSwapOption<FrameSender>,
+    /// Replies go inside TLS: the client's newest data record came that way.
+    via_tls: AtomicBool,
 }
 
 enum Kind {
@@ -221,6 +227,63 @@ impl AssociationHandle {
     /// The association id.
     pub fn id(&self) -> AssociationId {
         self.assoc.id
+    }
+
+    /// Lets replies travel inside TLS through `sender` (the association's control channel)
+    /// once the client sends its records that way.
+    pub fn attach_tls(&self, sender: FrameSender) {
+        self.assoc.tls.store(Some(Arc::new(sender)));
+    }
+
+    /// Stops replies inside TLS (the control channel is closing); they go over UDP again.
+    pub fn detach_tls(&self) {
+        self.assoc.tls.store(None);
+        self.assoc.via_tls.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether replies currently travel inside TLS.
+    pub fn via_tls(&self) -> bool {
+        self.assoc.via_tls.load(Ordering::Relaxed)
+    }
+
+    /// A record that arrived inside TLS on this association's control connection (a RECORD
+    /// frame): opened and forwarded like a UDP one (PROTOCOL.md §6.1, same window), with
+    /// no path rules (the control connection is the client); one naming another association
+    /// is refused (`foreign_source`). The client's newest data record arriving this way
+    /// turns replies to TLS.
+    pub fn receive_tls_record(&self, record: &mut [u8]) {
+        let relay = &self.relay;
+        let assoc = &self.assoc;
+        let h = match record::parse_header(record) {
+            Ok(h) => h,
+            Err(e) => return relay.metrics.count_drop(e.reason()),
+        };
+        if h.assoc != assoc.id {
+            return relay.metrics.count_drop(DropReason::ForeignSource);
+        }
+        let Kind::Secure { rx, .. } = &assoc.kind else {
+            return relay.metrics.count_drop(DropReason::UnknownAssociation);
+        };
+        let mut rx = rx.lock().unwrap_or_else(|e| e.into_inner());
+        let o = match rx.session.open(record) {
+            Ok(o) => o,
+            Err(e) => return relay.metrics.count_drop(e.reason()),
+        };
+        let newest = o.is_newest();
+        let Some((addr, payload)) = o.data() else {
+            // Path messages and probes are about UDP; inside TLS they mean nothing.
+            return relay.metrics.count_drop(DropReason::BadControl);
+        };
+        if newest && !assoc.via_tls.swap(true, Ordering::Relaxed) {
+            tracing::info!(assoc = %assoc.id, "client records arrive inside TLS: replies follow");
+        }
+        assoc.last_active.store(relay.now_ms(), Ordering::Relaxed);
+        let mut out = Forwarder {
+            path: Path::Tls,
+            ..Forwarder::default()
+        };
+        relay.forward(assoc, addr, payload, &mut out);
+        out.flush(relay);
     }
 
     /// True when the association can carry no more replies (its sending key is exhausted).
@@ -351,6 +414,8 @@ impl Relay {
             peers_generation: AtomicU64::new(0),
             last_active: AtomicU64::new(self.now_ms()),
             pending_resolves: AtomicUsize::new(0),
+            tls: ArcSwapOption::empty(),
+            via_tls: AtomicBool::new(false),
             kind,
         }))
     }
@@ -647,13 +712,35 @@ impl Relay {
         // The reply path (PROTOCOL.md §6.3): only the newest records from a new source
         // start a validation, and only its answer moves the path.
         let (action, moved) = match o.content {
-            Content::Data { .. } => (rx.path.on_record(src, o.is_newest(), now, rand::random), false),
+            Content::Data { .. } => {
+                // Back from TLS only once the UDP path is the validated one (§6.4).
+                if o.is_newest()
+                    && rx.path.current() == Some(src)
+                    && assoc.via_tls.swap(false, Ordering::Relaxed)
+                {
+                    tracing::info!(assoc = %assoc.id, "client records arrive over UDP again: replies follow");
+                }
+                (rx.path.on_record(src, o.is_newest(), now, rand::random), false)
+            }
             Content::Control(ControlMessage::PathResponse(token)) => {
                 (PathAction::None, rx.path.on_response(src, token))
             }
-            Content::Control(ControlMessage::PathChallenge(_)) => {
+            Content::Control(ControlMessage::Probe(token)) => {
+                // Answered where it came from: it asks whether UDP works both ways there.
+                // It also starts validating that source as a path (a client coming back
+                // from TLS finds its path ready), like a data record would.
+                let action = rx.path.on_record(src, o.is_newest(), now, rand::random);
                 drop(rx);
-                // A challenge travels g2c only.
+                assoc.last_active.store(now, Ordering::Relaxed);
+                self.send_control(&assoc, tx, src, ControlMessage::ProbeAck(token));
+                if let PathAction::Challenge { to, token } = action {
+                    self.send_control(&assoc, tx, to, ControlMessage::PathChallenge(token));
+                }
+                return;
+            }
+            Content::Control(ControlMessage::PathChallenge(_) | ControlMessage::ProbeAck(_)) => {
+                drop(rx);
+                // These travel g2c only.
                 return self.metrics.count_drop(DropReason::BadControl);
             }
         };
@@ -667,35 +754,39 @@ impl Relay {
         }
         assoc.last_active.store(now, Ordering::Relaxed);
         if let PathAction::Challenge { to, token } = action {
-            self.challenge(&assoc, tx, to, token);
+            tracing::debug!(assoc = %assoc.id, candidate = %to, "path challenge");
+            self.send_control(&assoc, tx, to, ControlMessage::PathChallenge(token));
         }
         if let Some((addr, payload)) = o.data() {
             self.forward(&assoc, addr, payload, out);
         }
     }
 
-    /// Sends a PATH_CHALLENGE to `to`, sealed with the association's g2c key (one record,
-    /// without waiting: a full socket buffer loses it and a later record triggers another).
-    fn challenge(
+    /// Sends a control message (PATH_CHALLENGE, PROBE_ACK) over UDP to `to`, sealed with the
+    /// association's g2c key (one record, without waiting: a full socket buffer loses it, and
+    /// the client or a later record asks again).
+    fn send_control(
         &self,
         assoc: &Association,
         tx: &Mutex<SendSession>,
         to: SocketAddr,
-        token: [u8; TOKEN_LEN],
+        msg: ControlMessage,
     ) {
         let mut buf = [0u8; record::record_len(PATH_MESSAGE_LEN)];
         let sealed = tx
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .seal_control(&ControlMessage::PathChallenge(token), &mut buf);
+            .seal_control(&msg, &mut buf);
         match sealed {
             Ok(n) => {
-                tracing::debug!(assoc = %assoc.id, candidate = %to, "path challenge");
                 if self.io().try_send(to, &buf[..n], None).is_err() {
                     self.metrics.count_drop(DropReason::SendFailed);
                 }
             }
-            Err(e) => self.metrics.count_drop(e.reason()),
+            Err(e) => {
+                tracing::debug!(assoc = %assoc.id, error = %e, "control message not sealed");
+                self.metrics.count_drop(e.reason())
+            }
         }
     }
 
@@ -771,6 +862,9 @@ struct Forwarder {
     assoc: Option<Arc<Association>>,
     batch: GsoBatch,
     peers: PeerCache,
+    /// How the client's datagrams came (for the counters): from the association's kind,
+    /// or `Tls` for records carried in the control connection.
+    path: Path,
 }
 
 impl Default for Forwarder {
@@ -779,6 +873,7 @@ impl Default for Forwarder {
             assoc: None,
             batch: GsoBatch::new(1),
             peers: PeerCache::default(),
+            path: Path::Secure,
         }
     }
 }
@@ -805,9 +900,14 @@ impl Forwarder {
         };
         let n = self.batch.len();
         match assoc.outbound.try_send(dest, bytes, seg) {
-            Ok(()) => relay
-                .metrics
-                .forwarded_on(assoc.path(), n as u64, bytes.len() as u64),
+            Ok(()) => {
+                let path = if self.path == Path::Tls {
+                    Path::Tls
+                } else {
+                    assoc.path()
+                };
+                relay.metrics.forwarded_on(path, n as u64, bytes.len() as u64)
+            }
             Err(_) => {
                 for _ in 0..n {
                     relay.metrics.count_drop(DropReason::SendFailed);
@@ -835,7 +935,12 @@ async fn reply_loop(relay: Arc<Relay>, assoc: Arc<Association>) {
             tokio::task::yield_now().await;
             continue;
         }
-        let Some(client) = assoc.client_addr() else {
+        // Inside TLS no address is needed; the train still wants one to group by.
+        let tls = assoc.via_tls.load(Ordering::Relaxed) && assoc.tls.load().is_some();
+        let Some(client) = assoc
+            .client_addr()
+            .or(tls.then_some(SocketAddr::from(([0, 0, 0, 0], 0))))
+        else {
             batch.for_each(|_, _| relay.metrics.count_drop(DropReason::UnsolicitedReply));
             continue;
         };
@@ -867,7 +972,7 @@ async fn reply_loop(relay: Arc<Relay>, assoc: Arc<Association>) {
             if !out.train.fits(client, len) {
                 // Different size: send what is pending first (non-blocking; a full socket
                 // buffer drops the train, as the kernel would drop datagrams).
-                exhausted = !out.flush_now(&relay, send);
+                exhausted = !out.flush_now(&relay, &assoc, send);
             }
             let space = out.train.place(client, len, alen + n);
             // Invariant: `space` holds the address (at most 19 bytes) and the payload at `at`.
@@ -878,7 +983,7 @@ async fn reply_loop(relay: Arc<Relay>, assoc: Arc<Association>) {
             }
             out.payload_bytes += n;
         });
-        exhausted |= !out.flush_wait(&relay, send).await;
+        exhausted |= !out.flush_wait(&relay, &assoc, send).await;
         assoc.last_active.store(relay.now_ms(), Ordering::Relaxed);
         if exhausted {
             // The key may seal no more: end the association (the control task notices) so
@@ -939,9 +1044,12 @@ impl Replies {
     }
 
     /// Seals and sends without waiting; `false` when the key is exhausted.
-    fn flush_now(&mut self, relay: &Relay, send: Option<&Mutex<SendSession>>) -> bool {
+    fn flush_now(&mut self, relay: &Relay, assoc: &Association, send: Option<&Mutex<SendSession>>) -> bool {
         if !self.seal(relay, send) {
             return false;
+        }
+        if self.sent_in_tls(relay, assoc, send) {
+            return true;
         }
         let ok = match self.train.pending() {
             Some((dest, bytes, seg)) => relay.io().try_send(dest, bytes, seg).is_ok(),
@@ -952,15 +1060,57 @@ impl Replies {
     }
 
     /// Seals and sends, waiting for socket space; `false` when the key is exhausted.
-    async fn flush_wait(&mut self, relay: &Relay, send: Option<&Mutex<SendSession>>) -> bool {
+    async fn flush_wait(
+        &mut self,
+        relay: &Relay,
+        assoc: &Association,
+        send: Option<&Mutex<SendSession>>,
+    ) -> bool {
         if !self.seal(relay, send) {
             return false;
+        }
+        if self.sent_in_tls(relay, assoc, send) {
+            return true;
         }
         let ok = match self.train.pending() {
             Some((dest, bytes, seg)) => relay.io().send(dest, bytes, seg).await.is_ok(),
             None => true,
         };
         self.sent(relay, if send.is_some() { Path::Secure } else { Path::Naked }, ok);
+        true
+    }
+
+    /// Sends the sealed train's records inside TLS, one RECORD frame each, when the
+    /// association's replies travel that way; `false` (nothing done) otherwise. A record the
+    /// control channel cannot take (its queue full) is dropped and counted.
+    fn sent_in_tls(&mut self, relay: &Relay, assoc: &Association, send: Option<&Mutex<SendSession>>) -> bool {
+        if send.is_none() || !assoc.via_tls.load(Ordering::Relaxed) {
+            return false;
+        }
+        let tls = assoc.tls.load();
+        let Some(tx) = tls.as_deref() else {
+            return false;
+        };
+        let Some((_, bytes, seg)) = self.train.pending() else {
+            return true;
+        };
+        let (mut sent, mut failed) = (0u64, 0u64);
+        for rec in bytes.chunks(seg.unwrap_or(bytes.len()).max(1)) {
+            match tx.send_record(rec) {
+                Ok(()) => sent += 1,
+                Err(_) => failed += 1,
+            }
+        }
+        if sent > 0 {
+            // Payload bytes of the records that left (a share when some were dropped).
+            let n = self.train.len() as u64;
+            let bytes = self.payload_bytes as u64 * sent / n.max(1);
+            relay.metrics.returned_on(Path::Tls, sent, bytes);
+        }
+        for _ in 0..failed {
+            relay.metrics.count_drop(DropReason::SendFailed);
+        }
+        self.clear();
         true
     }
 

@@ -24,8 +24,9 @@ use tokio::time::Instant;
 
 use crate::proto::frame::{self, Decoder, Frame, FrameError, Hello};
 
-/// Frames queued for the writer; a peer that lets this many pile up is not reading.
-const QUEUE: usize = 64;
+/// Frames queued for the writer. A full queue drops a record frame (counted by the caller)
+/// and skips a PING; only the write timeout declares the peer gone.
+const QUEUE: usize = 512;
 
 /// How often to ping and how long a silence means the peer is gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +50,8 @@ impl Heartbeat {
 pub enum Event {
     /// The peer's capabilities (once, first).
     Hello(Hello),
+    /// A secure-UDP record carried inside TLS (RECORD frame), for the record layer.
+    Record(Vec<u8>),
     /// The gateway ended an association.
     Close {
         /// The association.
@@ -76,6 +79,48 @@ pub enum ChannelError {
     /// A write did not complete within the heartbeat timeout (the peer stopped reading).
     #[error("the peer stopped reading the control connection")]
     Stalled,
+    /// The writer's queue is full (a burst of records): this frame was not queued.
+    #[error("the control connection's send queue is full")]
+    Full,
+}
+
+fn queue_on(tx: &mpsc::Sender<Vec<u8>>, f: &Frame<'_>) -> Result<(), ChannelError> {
+    let mut out = Vec::with_capacity(match f {
+        Frame::Record(r) => frame::HEADER_LEN + r.len(),
+        _ => 16,
+    });
+    f.encode(&mut out)?;
+    tx.try_send(out).map_err(|e| match e {
+        mpsc::error::TrySendError::Full(_) => ChannelError::Full,
+        mpsc::error::TrySendError::Closed(_) => ChannelError::Stalled,
+    })
+}
+
+/// A sender whose channel is gone (tests of the record paths that need no control channel).
+#[cfg(test)]
+pub(crate) fn test_sender() -> FrameSender {
+    FrameSender {
+        tx: mpsc::channel(1).0,
+    }
+}
+
+/// Queues frames on a [`Channel`] from another task (e.g. records sent inside TLS).
+#[derive(Clone, Debug)]
+pub struct FrameSender {
+    tx: mpsc::Sender<Vec<u8>>,
+}
+
+impl FrameSender {
+    /// Queues one secure-UDP record as a RECORD frame; `Err(Full)` drops it (the caller
+    /// counts it), `Err(Stalled)` means the channel is gone.
+    pub fn send_record(&self, record: &[u8]) -> Result<(), ChannelError> {
+        queue_on(&self.tx, &Frame::Record(record))
+    }
+
+    /// Whether the channel is gone.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
 }
 
 /// One side of a framed control channel.
@@ -94,8 +139,9 @@ pub struct Channel<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Send + 'static> Channel<S> {
-    /// Starts the channel on `stream` and queues our HELLO.
-    pub fn open(stream: S, heartbeat: Heartbeat) -> Channel<S> {
+    /// Starts the channel on `stream` and queues our HELLO, listing `features`
+    /// ([`crate::proto::frame::feature`]).
+    pub fn open(stream: S, heartbeat: Heartbeat, features: &[u8]) -> Channel<S> {
         let (reader, writer) = tokio::io::split(stream);
         let (tx, rx) = mpsc::channel(QUEUE);
         let writer = tokio::spawn(write_loop(writer, rx, heartbeat.timeout));
@@ -115,7 +161,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Channel<S> {
         let hello = Frame::Hello(Hello {
             version: frame::VERSION,
             ping_interval_ms: heartbeat.interval.as_millis().min(u16::MAX as u128) as u16,
-            features: Vec::new(),
+            features: features.to_vec(),
         });
         // Invariant: the queue is empty, so a fresh channel always has room for its HELLO.
         ch.queue(&hello).expect("room for the HELLO");
@@ -137,10 +183,13 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Channel<S> {
         self.queue(f)
     }
 
+    /// A handle that queues frames on this channel from elsewhere (the record paths).
+    pub fn sender(&self) -> FrameSender {
+        FrameSender { tx: self.tx.clone() }
+    }
+
     fn queue(&self, f: &Frame<'_>) -> Result<(), ChannelError> {
-        let mut out = Vec::with_capacity(16);
-        f.encode(&mut out)?;
-        self.tx.try_send(out).map_err(|_| ChannelError::Stalled)
+        queue_on(&self.tx, f)
     }
 
     /// Sends what is queued, then closes our sending side (TLS close_notify), bounded by the
@@ -182,7 +231,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Channel<S> {
                 },
                 _ = tokio::time::sleep_until(*next_ping), if pinging => {
                     self.pings += 1;
-                    self.queue(&Frame::Ping(self.pings.to_be_bytes()))?;
+                    match self.queue(&Frame::Ping(self.pings.to_be_bytes())) {
+                        // A queue full of records: the writer is busy, skip this PING.
+                        Ok(()) | Err(ChannelError::Full) => {}
+                        Err(e) => return Err(e),
+                    }
                     self.next_ping = Instant::now() + self.heartbeat.interval;
                 }
                 _ = sleep_until_opt(silent_after) => {
@@ -207,12 +260,14 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Channel<S> {
                     }
                     // A second HELLO changes nothing (the first one is binding).
                 }
-                Frame::Ping(b) => {
-                    let pong = Frame::Pong(b);
-                    self.queue(&pong)?;
-                }
+                Frame::Ping(b) => match self.queue(&Frame::Pong(b)) {
+                    // Records fill the queue: the peer sees them, it is alive anyway.
+                    Ok(()) | Err(ChannelError::Full) => {}
+                    Err(e) => return Err(e),
+                },
                 Frame::Pong(_) => {}
                 Frame::Close { assoc, reason } => return Ok(Some(Event::Close { assoc, reason })),
+                Frame::Record(r) => return Ok(Some(Event::Record(r.to_vec()))),
                 Frame::Unknown { .. } => self.unknown += 1,
             }
         }
@@ -259,8 +314,8 @@ mod tests {
     #[tokio::test]
     async fn hellos_cross_and_pings_keep_both_sides_alive() {
         let (a, b) = tokio::io::duplex(4096);
-        let mut a = Channel::open(a, FAST);
-        let mut b = Channel::open(b, FAST);
+        let mut a = Channel::open(a, FAST, &[]);
+        let mut b = Channel::open(b, FAST, &[]);
         let ea = tokio::time::timeout(Duration::from_secs(5), a.next())
             .await
             .unwrap()
@@ -295,7 +350,7 @@ mod tests {
     #[tokio::test]
     async fn a_silent_peer_is_noticed_after_the_timeout() {
         let (a, mut raw) = tokio::io::duplex(4096);
-        let mut a = Channel::open(a, FAST);
+        let mut a = Channel::open(a, FAST, &[]);
         // The peer says HELLO with PINGs promised, then goes quiet (a frozen process).
         let mut hello = Vec::new();
         Frame::Hello(Hello {
@@ -329,7 +384,7 @@ mod tests {
     #[tokio::test]
     async fn a_peer_without_hello_is_never_timed_out_and_unknown_frames_are_skipped() {
         let (a, mut raw) = tokio::io::duplex(4096);
-        let mut a = Channel::open(a, FAST);
+        let mut a = Channel::open(a, FAST, &[]);
         let mut bytes = Vec::new();
         Frame::Unknown {
             kind: 0x70,
@@ -367,7 +422,7 @@ mod tests {
     #[tokio::test]
     async fn a_malformed_frame_ends_the_channel() {
         let (a, mut raw) = tokio::io::duplex(4096);
-        let mut a = Channel::open(a, FAST);
+        let mut a = Channel::open(a, FAST, &[]);
         raw.write_all(&[frame::kind::PING, 0, 2, 1, 2]).await.unwrap();
         let err = a.next().await.unwrap_err();
         assert!(
@@ -380,7 +435,7 @@ mod tests {
     #[tokio::test]
     async fn eof_is_closed() {
         let (a, raw) = tokio::io::duplex(4096);
-        let mut a = Channel::open(a, FAST);
+        let mut a = Channel::open(a, FAST, &[]);
         drop(raw);
         assert!(matches!(
             a.next().await.unwrap_err(),

@@ -47,6 +47,14 @@ pub mod kind {
     pub const PONG: u8 = 0x03;
     /// An association ends, and why (gateway to client).
     pub const CLOSE: u8 = 0x07;
+    /// A secure-UDP record carried inside TLS (feature [`super::feature::RECORDS`]).
+    pub const RECORD: u8 = 0x0A;
+}
+
+/// Feature ids a HELLO may list.
+pub mod feature {
+    /// Secure-UDP records inside TLS: RECORD frames, for networks that block UDP.
+    pub const RECORDS: u8 = 0x01;
 }
 
 /// Why a gateway ended an association ([`Frame::Close`]); unknown codes are kept as
@@ -140,6 +148,8 @@ pub enum Frame<'a> {
     Ping([u8; 8]),
     /// Answer to the PING with this body.
     Pong([u8; 8]),
+    /// A secure-UDP record (header, id, nonce, ciphertext, tag), carried in TLS.
+    Record(&'a [u8]),
     /// The gateway ended association `assoc`.
     Close {
         /// The association.
@@ -164,6 +174,7 @@ impl Frame<'_> {
             Frame::Ping(_) => kind::PING,
             Frame::Pong(_) => kind::PONG,
             Frame::Close { .. } => kind::CLOSE,
+            Frame::Record(_) => kind::RECORD,
             Frame::Unknown { kind, .. } => *kind,
         }
     }
@@ -188,7 +199,7 @@ impl Frame<'_> {
                 out.extend_from_slice(&assoc.to_bytes());
                 out.push(reason.code());
             }
-            Frame::Unknown { body, .. } => {
+            Frame::Unknown { body, .. } | Frame::Record(body) => {
                 if body.len() > MAX_BODY {
                     out.truncate(start);
                     return Err(FrameError::TooLong(body.len()));
@@ -301,6 +312,9 @@ pub fn parse_body(ty: u8, body: &[u8]) -> Result<Frame<'_>, FrameError> {
                 reason: CloseReason::from_code(body[8]),
             })
         }
+        // The record layer checks the record (§6.1); an empty one cannot be a record.
+        kind::RECORD if body.is_empty() => Err(bad("empty record")),
+        kind::RECORD => Ok(Frame::Record(body)),
         kind => Ok(Frame::Unknown { kind, body }),
     }
 }
@@ -460,6 +474,13 @@ mod tests {
         many.extend(0..33u8);
         assert!(matches!(parse(&many), Err(FrameError::Malformed { .. })));
         // Unknown types, including an empty body, are returned whole so they can be skipped.
+        assert_eq!(
+            parse(&[kind::RECORD, 0, 0]),
+            Err(FrameError::Malformed {
+                kind: kind::RECORD,
+                problem: "empty record"
+            })
+        );
         let (f, n) = parse(&[0x7f, 0, 2, 0xaa, 0xbb, 0x02]).unwrap();
         assert_eq!(
             f,
@@ -577,9 +598,11 @@ mod tests {
             any::<[u8; 8]>().prop_map(|b| (kind::PING, b.to_vec())),
             any::<[u8; 8]>().prop_map(|b| (kind::PONG, b.to_vec())),
             any::<[u8; 9]>().prop_map(|b| (kind::CLOSE, b.to_vec())),
+            proptest::collection::vec(any::<u8>(), 1..200).prop_map(|b| (kind::RECORD, b)),
             (any::<u8>(), proptest::collection::vec(any::<u8>(), 0..64)).prop_filter_map(
                 "unknown types only",
-                |(t, b)| (![kind::HELLO, kind::PING, kind::PONG, kind::CLOSE].contains(&t)).then_some((t, b))
+                |(t, b)| (![kind::HELLO, kind::PING, kind::PONG, kind::CLOSE, kind::RECORD].contains(&t))
+                    .then_some((t, b))
             ),
         ]
     }

@@ -11,6 +11,8 @@
 //! +------+------+---------------------+
 //! KIND 0x01 PATH_CHALLENGE  g2c  body = 8-byte token
 //! KIND 0x02 PATH_RESPONSE   c2g  body = the 8-byte token of the challenge it answers
+//! KIND 0x03 PROBE           c2g  body = 8-byte token ("does UDP reach you?")
+//! KIND 0x04 PROBE_ACK       g2c  body = the 8-byte token of the probe it answers
 //! ```
 //!
 //! [`PathValidator`] is the gateway's rule for where a secure association's replies go
@@ -30,6 +32,10 @@ pub const CONTROL_ATYP: u8 = 0x00;
 pub const PATH_CHALLENGE: u8 = 0x01;
 /// KIND of a PATH_RESPONSE (client to gateway).
 pub const PATH_RESPONSE: u8 = 0x02;
+/// KIND of a PROBE (client to gateway, over UDP): is UDP open both ways?
+pub const PROBE: u8 = 0x03;
+/// KIND of a PROBE_ACK (gateway to client, over UDP, to the probe's source).
+pub const PROBE_ACK: u8 = 0x04;
 /// Length of a path token.
 pub const TOKEN_LEN: usize = 8;
 /// Encoded length of a PATH_CHALLENGE or PATH_RESPONSE plaintext.
@@ -47,6 +53,10 @@ pub enum ControlMessage {
     PathChallenge([u8; TOKEN_LEN]),
     /// The answer, with the challenge's token.
     PathResponse([u8; TOKEN_LEN]),
+    /// "Does UDP reach you, and me?": sent by a client over UDP (PROTOCOL.md §2.4).
+    Probe([u8; TOKEN_LEN]),
+    /// The gateway's answer to a PROBE, over UDP to the probe's source.
+    ProbeAck([u8; TOKEN_LEN]),
 }
 
 impl ControlMessage {
@@ -54,14 +64,15 @@ impl ControlMessage {
     /// a body of the wrong length (trailing bytes included), is [`OpenError::BadControl`].
     pub fn parse(plaintext: &[u8]) -> Result<ControlMessage, OpenError> {
         match plaintext {
-            [CONTROL_ATYP, kind @ (PATH_CHALLENGE | PATH_RESPONSE), body @ ..] => {
+            [CONTROL_ATYP, kind @ (PATH_CHALLENGE | PATH_RESPONSE | PROBE | PROBE_ACK), body @ ..] => {
                 let token: [u8; TOKEN_LEN] = body
                     .try_into()
                     .map_err(|_| OpenError::BadControl { kind: *kind })?;
-                Ok(if *kind == PATH_CHALLENGE {
-                    ControlMessage::PathChallenge(token)
-                } else {
-                    ControlMessage::PathResponse(token)
+                Ok(match *kind {
+                    PATH_CHALLENGE => ControlMessage::PathChallenge(token),
+                    PATH_RESPONSE => ControlMessage::PathResponse(token),
+                    PROBE => ControlMessage::Probe(token),
+                    _ => ControlMessage::ProbeAck(token),
                 })
             }
             [CONTROL_ATYP, kind, ..] => Err(OpenError::BadControl { kind: *kind }),
@@ -76,6 +87,8 @@ impl ControlMessage {
         let (kind, token) = match self {
             ControlMessage::PathChallenge(t) => (PATH_CHALLENGE, t),
             ControlMessage::PathResponse(t) => (PATH_RESPONSE, t),
+            ControlMessage::Probe(t) => (PROBE, t),
+            ControlMessage::ProbeAck(t) => (PROBE_ACK, t),
         };
         out[0] = CONTROL_ATYP;
         out[1] = kind;
@@ -292,8 +305,8 @@ mod tests {
             Err(OpenError::BadControl { kind: 0 })
         );
         assert_eq!(
-            ControlMessage::parse(&[0, 3, 0, 0, 0, 0, 0, 0, 0, 0]),
-            Err(OpenError::BadControl { kind: 3 })
+            ControlMessage::parse(&[0, 5, 0, 0, 0, 0, 0, 0, 0, 0]),
+            Err(OpenError::BadControl { kind: 5 })
         );
     }
 

@@ -219,7 +219,7 @@ impl Train {
                 Ok(()) => {
                     if let Some((_, bytes, seg)) = self.records.pending() {
                         match assoc.udp.send_train(bytes, seg).await {
-                            Ok(()) => link.sent(&self.payloads),
+                            Ok(()) => link.sent(assoc.udp.via_tls(), &self.payloads),
                             Err(e) => link.send_failed(assoc, n, &e),
                         }
                     }

@@ -136,11 +136,11 @@ impl Link {
 
     /// Notes that datagrams of these payload lengths left through [`Link::current`]'s
     /// association (one train).
-    pub(crate) fn sent(&self, payload_lens: &[usize]) {
+    pub(crate) fn sent(&self, via_tls: bool, payload_lens: &[usize]) {
         let s = &self.shared;
         s.last_send.store(s.now_ms(), Ordering::Relaxed);
         s.metrics.forwarded_on(
-            Path::Secure,
+            if via_tls { Path::Tls } else { Path::Secure },
             payload_lens.len() as u64,
             payload_lens.iter().sum::<usize>() as u64,
         );
@@ -279,7 +279,15 @@ impl Shared {
         let payload_len = AddrRef::parse(&buf[PREFIX_LEN..PREFIX_LEN + plaintext_len])
             .map_or(plaintext_len, |(_, n)| plaintext_len - n);
         match assoc.udp.send_in_place(buf, plaintext_len).await {
-            Ok(_) => self.metrics.forwarded_on(Path::Secure, 1, payload_len as u64),
+            Ok(_) => self.metrics.forwarded_on(
+                if assoc.udp.via_tls() {
+                    Path::Tls
+                } else {
+                    Path::Secure
+                },
+                1,
+                payload_len as u64,
+            ),
             Err(ClientError::Seal(e @ SealError::KeyExhausted { .. })) => {
                 self.metrics.count_drop(e.reason());
                 self.fail(assoc, "sending key exhausted");
@@ -491,8 +499,13 @@ impl LinkRx {
         loop {
             let assoc = self.current().await;
             let metrics = self.shared.metrics.clone();
+            let path = if assoc.udp.via_tls() {
+                Path::Tls
+            } else {
+                Path::Secure
+            };
             let mut counted = |p: &[u8], from: &crate::proto::socks::Address| {
-                metrics.returned_on(Path::Secure, 1, p.len() as u64);
+                metrics.returned_on(path, 1, p.len() as u64);
                 f(p, from);
             };
             tokio::select! {
@@ -571,6 +584,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             replay_window: 1024,
             heartbeat: crate::client::DEFAULT_HEARTBEAT,
+            transport: crate::client::Transport::Auto,
             flow_queue,
             preferred: AtomicUsize::new(0),
             metrics,

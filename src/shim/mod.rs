@@ -43,7 +43,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::client::{self, ClientError, ClientOptions, Control, SecureUdp};
+use crate::client::{self, ClientError, ClientOptions, Control, SecureUdp, Transport};
 use crate::config::{Forward, ForwardProto, PasswordLogin, ShimConfig, Trust};
 use crate::metrics::Metrics;
 use crate::net::channel::Heartbeat;
@@ -116,6 +116,8 @@ pub struct ShimSettings {
     pub flow_queue: usize,
     /// Where to serve `/metrics` and `/healthz` over HTTP, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// How records travel to the gateway (UDP, inside TLS, or `auto`).
+    pub transport: Transport,
     /// How the gateway is trusted, as configured (`/etc/sudp/ca.pem (--ca)`), for the
     /// messages of refused certificates; `None`: said generically.
     pub trust_origin: Option<String>,
@@ -141,6 +143,7 @@ impl ShimSettings {
             heartbeat: crate::client::DEFAULT_HEARTBEAT,
             flow_queue: link::DEFAULT_FLOW_QUEUE,
             metrics: None,
+            transport: Transport::Auto,
             trust_origin: None,
         }
     }
@@ -204,6 +207,7 @@ impl ShimSettings {
             heartbeat: cfg.heartbeat,
             flow_queue: cfg.flow_queue,
             metrics: cfg.metrics,
+            transport: cfg.transport,
             trust_origin: Some(match &cfg.trust {
                 Trust::Ca(path) => format!("{} (--ca)", path.display()),
                 Trust::Pin(pin) => format!("the pinned SHA-256 {} (--pin)", crate::tls::pin_hex(pin)),
@@ -239,6 +243,7 @@ pub(crate) struct Dialer {
     timeout: Duration,
     replay_window: usize,
     heartbeat: Heartbeat,
+    transport: Transport,
     /// Bytes a link's flow-start queue may hold.
     pub(crate) flow_queue: usize,
     /// The gateway that worked last: new connections start there.
@@ -383,6 +388,7 @@ impl Dialer {
                 timeout: self.timeout,
                 replay_window: self.replay_window,
                 heartbeat: self.heartbeat,
+                transport: self.transport,
                 ..ClientOptions::new(a, &g.server_name, self.tls.clone())
             })
             .collect())
@@ -556,6 +562,7 @@ impl Shim {
             timeout: settings.connect_timeout,
             replay_window: settings.replay_window,
             heartbeat: settings.heartbeat,
+            transport: settings.transport,
             flow_queue: settings.flow_queue,
             preferred: AtomicUsize::new(0),
             metrics: metrics.clone(),
