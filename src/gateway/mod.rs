@@ -23,7 +23,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::auth::Users;
 use crate::config::{Auth, GatewayConfig};
 use crate::metrics::Metrics;
-use crate::net::dns::Resolver;
+use crate::net::dns::{Resolve, Resolver, SystemResolve};
 use crate::policy::Policy;
 use crate::proto::CipherSuite;
 use crate::tls::ServerTlsOptions;
@@ -74,6 +74,9 @@ pub struct Settings {
     pub suites: Vec<CipherSuite>,
     /// Relay receive workers (sockets sharing the relay port through SO_REUSEPORT).
     pub workers: usize,
+    /// Where destination names are resolved: the system resolver by default; tests put a
+    /// [`crate::net::dns::StaticResolve`] here so no query leaves the machine.
+    pub resolver: Arc<dyn Resolve>,
 }
 
 impl Settings {
@@ -99,6 +102,7 @@ impl Settings {
             replay_window: crate::proto::replay::DEFAULT_WINDOW,
             suites: CipherSuite::ALL.to_vec(),
             workers: default_workers(),
+            resolver: Arc::new(SystemResolve),
         }
     }
 
@@ -143,6 +147,7 @@ impl Settings {
             replay_window: cfg.replay_window,
             suites: cfg.suites.clone(),
             workers: default_workers(),
+            resolver: Arc::new(SystemResolve),
         })
     }
 }
@@ -174,7 +179,11 @@ impl Gateway {
         let control = listener.local_addr()?;
         let udp = settings.udp_listen.unwrap_or(SocketAddr::new(control.ip(), 0));
         let metrics = Arc::new(Metrics::default());
-        let dns = Arc::new(Resolver::new(Duration::from_secs(60), 4096));
+        let dns = Arc::new(Resolver::with_source(
+            Duration::from_secs(60),
+            4096,
+            settings.resolver.clone(),
+        ));
         let relay = Relay::bind(
             udp,
             RelaySettings {
