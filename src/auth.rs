@@ -411,4 +411,110 @@ mod tests {
         }
         assert!(passwd_line(&"n".repeat(255), &mut &b"pw\n"[..]).is_ok());
     }
+
+    /// The users file against a model: content lines (not blank, not `#`, surrounding
+    /// blanks ignored) must each be `name:hash` with a name `check_name` allows and no
+    /// name twice. Generated files mix valid lines, comments, blank lines and one broken
+    /// line of a chosen kind; property: accepted iff the model accepts, with one user per
+    /// content line, and a refusal names the first bad line and never its hash. Counted
+    /// per outcome so every refusal kind is reached. (Hashes use Argon2 m=8, t=1: the
+    /// parser hashes a dummy with the file's parameters.)
+    #[test]
+    fn users_file_matches_its_model() {
+        use crate::proto::testing::{assert_reached, counted};
+        use proptest::prelude::*;
+
+        const HASH: &str = "$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA";
+        let line = prop_oneof![
+            3 => "[a-zA-Z0-9_.@-]{1,20}".prop_map(|n| (format!("{n}:{HASH}"), "valid")),
+            1 => "[ -~]{0,20}".prop_map(|c| (format!("# {c}"), "comment")),
+            1 => Just((String::new(), "blank")),
+            1 => "[a-z]{1,8}".prop_map(|n| (format!("  {n}:{HASH} \t"), "valid")),
+        ];
+        let broken = prop::sample::select(vec![
+            "no-colon",
+            "empty-name",
+            "name-space",
+            "bad-hash",
+            "duplicate",
+            "long-name",
+            "none",
+        ]);
+        let strategy = (
+            prop::collection::vec(line, 1..6),
+            broken,
+            any::<prop::sample::Index>(),
+        );
+        let counts = counted(300, strategy, |(mut lines, broken, at)| {
+            let first_valid = lines.iter().find(|(_, k)| *k == "valid").map(|(l, _)| l.clone());
+            let bad = match broken {
+                "no-colon" => Some("carol".to_owned()),
+                "empty-name" => Some(format!(":{HASH}")),
+                "name-space" => Some(format!("ca rol :{HASH}")),
+                "bad-hash" => Some("carol:$argon2id$v=19$m=8,t=1,p=1$c2FsdA".to_owned()),
+                "duplicate" => first_valid,
+                "long-name" => Some(format!("{}:{HASH}", "n".repeat(256))),
+                _ => None,
+            };
+            if let Some(bad) = &bad {
+                lines.insert(at.index(lines.len() + 1), (bad.clone(), "bad"));
+            }
+            let text: String = lines.iter().map(|(l, _)| format!("{l}\n")).collect();
+            // The model.
+            let mut names = std::collections::HashSet::new();
+            let mut first_bad = None;
+            for (i, (l, _)) in lines.iter().enumerate() {
+                let l = l.trim();
+                if l.is_empty() || l.starts_with('#') {
+                    continue;
+                }
+                let ok = l.split_once(':').is_some_and(|(n, h)| {
+                    check_name(n.as_bytes()).is_ok() && h == HASH && names.insert(n.to_owned())
+                });
+                if !ok {
+                    first_bad = Some(i + 1);
+                    break;
+                }
+            }
+            match (Users::parse(&text, "u"), first_bad) {
+                (Ok(u), None) => {
+                    prop_assert_eq!(u.len(), names.len());
+                    Ok(if names.is_empty() {
+                        "accepted, no users"
+                    } else {
+                        "accepted"
+                    })
+                }
+                (Err(AuthError::Parse { line, problem, .. }), Some(want)) => {
+                    prop_assert_eq!(line, want);
+                    let shown = format!(
+                        "{}",
+                        AuthError::Parse {
+                            origin: "u".into(),
+                            line,
+                            problem
+                        }
+                    );
+                    prop_assert!(!shown.contains("aGFzaGhh") && !shown.contains("c2FsdA"));
+                    Ok(broken)
+                }
+                (got, want) => Err(TestCaseError::fail(format!(
+                    "parser {got:?}, model refuses line {want:?}"
+                ))),
+            }
+        });
+        assert_reached(
+            &counts,
+            &[
+                "accepted",
+                "no-colon",
+                "empty-name",
+                "name-space",
+                "bad-hash",
+                "duplicate",
+                "long-name",
+            ],
+            5,
+        );
+    }
 }

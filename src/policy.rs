@@ -739,7 +739,13 @@ mod tests {
     #[test]
     fn a_rule_matches_exactly_its_net_and_ports() {
         use crate::proto::testing::{assert_reached, counted};
-        let strategy = (any_rule(), any::<u128>(), any::<bool>(), any::<bool>(), any::<u16>());
+        let strategy = (
+            any_rule(),
+            any::<u128>(),
+            any::<bool>(),
+            any::<bool>(),
+            any::<u16>(),
+        );
         let counts = counted(2000, strategy, |(rule, a, inside, v4, port)| {
             let ip = if inside {
                 match rule.net {
