@@ -471,9 +471,18 @@ mod tests {
                 if l.is_empty() || l.starts_with('#') {
                     continue;
                 }
-                let ok = l.split_once(':').is_some_and(|(n, h)| {
-                    check_name(n.as_bytes()).is_ok() && h == HASH && names.insert(n.to_owned())
-                });
+                // Written from docs/CONFIG.md's rules, not from `check_name`.
+                let name_ok = |n: &str| {
+                    let b = n.as_bytes();
+                    (1..=255).contains(&b.len())
+                        && !b.contains(&b':')
+                        && b[0] != b'#'
+                        && !b[0].is_ascii_whitespace()
+                        && !b[b.len() - 1].is_ascii_whitespace()
+                };
+                let ok = l
+                    .split_once(':')
+                    .is_some_and(|(n, h)| name_ok(n) && h == HASH && names.insert(n.to_owned()));
                 if !ok {
                     first_bad = Some(i + 1);
                     break;
