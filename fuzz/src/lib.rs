@@ -73,7 +73,9 @@ fn suite(bit: u8) -> CipherSuite {
 
 /// Fixed keys per suite (the fuzzer must not be able to know or choose them).
 fn schedule(suite: CipherSuite) -> KeySchedule {
-    let material: Vec<u8> = (0..suite.exporter_len()).map(|i| (i as u8).wrapping_mul(151) ^ 0x3c).collect();
+    let material: Vec<u8> = (0..suite.exporter_len())
+        .map(|i| (i as u8).wrapping_mul(151) ^ 0x3c)
+        .collect();
     // Invariant: the material has exactly the suite's exporter length.
     KeySchedule::from_exporter(suite, &material).expect("exporter length")
 }
@@ -132,18 +134,32 @@ pub fn record_open(data: &[u8]) {
         let original = raw.clone();
         if let Ok((nonce, pt)) = opener.open_in_place(&mut raw) {
             let pt = pt.to_vec();
-            let n = sealer.seal(nonce, &pt, &mut out).expect("an opened plaintext reseals");
-            assert_eq!(&out[..n], &original[..], "opened a record that was not sealed under the key");
+            let n = sealer
+                .seal(nonce, &pt, &mut out)
+                .expect("an opened plaintext reseals");
+            assert_eq!(
+                &out[..n],
+                &original[..],
+                "opened a record that was not sealed under the key"
+            );
         }
         return;
     }
 
     let nonce = input.u64() % record::MAX_RECORDS_PER_KEY;
     let len = usize::from(input.u16()) % 2048;
-    let len = if mode & 0x80 != 0 { MAX_PLAINTEXT - len.min(MAX_PLAINTEXT) } else { len };
+    let len = if mode & 0x80 != 0 {
+        MAX_PLAINTEXT - len.min(MAX_PLAINTEXT)
+    } else {
+        len
+    };
     let seed = input.take(32);
-    let pt: Vec<u8> = (0..len).map(|i| seed.get(i % seed.len().max(1)).copied().unwrap_or(i as u8)).collect();
-    let n = sealer.seal(nonce, &pt, &mut out).expect("plaintext within limits");
+    let pt: Vec<u8> = (0..len)
+        .map(|i| seed.get(i % seed.len().max(1)).copied().unwrap_or(i as u8))
+        .collect();
+    let n = sealer
+        .seal(nonce, &pt, &mut out)
+        .expect("plaintext within limits");
     let sealed = out[..n].to_vec();
     let mut rec = sealed.clone();
     mutate(&mut rec, &mut input, 4);
@@ -180,7 +196,11 @@ pub fn record_train(data: &[u8]) {
     let mut records = Vec::new();
     let addr = AddrRef::Ip(([192, 0, 2, 7], 5004).into());
     for i in 0..count {
-        let len = if equal { base_len } else { usize::from(input.u16()) % 1500 };
+        let len = if equal {
+            base_len
+        } else {
+            usize::from(input.u16()) % 1500
+        };
         let step = input.byte();
         // Mostly increasing nonces, some repeats and some far behind (replays, too old).
         let nonce = match step % 8 {
@@ -225,14 +245,19 @@ pub fn record_train(data: &[u8]) {
         let tag_ok = r.len() >= record::MIN_RECORD && opener.verify(r).is_ok();
         assert_eq!(many[i], tag_ok, "Opener::verify_many vs verify, record {i}");
         let one = opener.check_header(r).is_ok() && tag_ok;
-        assert_eq!(session_many[i], one, "RecvSession::verify_many vs check_header+verify, record {i}");
+        assert_eq!(
+            session_many[i], one,
+            "RecvSession::verify_many vs check_header+verify, record {i}"
+        );
     }
 
     // open_verified with the train's verdicts against open, in order, on two sessions.
     let mut alone = RecvSession::new(ASSOC, &keys, Role::Gateway, window);
     for (i, r) in records.iter().enumerate() {
         let (mut a, mut b) = (r.clone(), r.clone());
-        let via_train = recv.open_verified(&mut a, session_many[i]).map(|o| format!("{o:?}"));
+        let via_train = recv
+            .open_verified(&mut a, session_many[i])
+            .map(|o| format!("{o:?}"));
         let via_one = alone.open(&mut b).map(|o| format!("{o:?}"));
         assert_eq!(via_train, via_one, "record {i}");
         if via_one.is_ok() {
@@ -278,14 +303,19 @@ macro_rules! stream_parser {
 /// `socks`: the first byte picks a parser: greeting, method selection, RFC 1929 request,
 /// request, reply (same layout, reply codes), UDP request header, bare address.
 pub fn socks(data: &[u8]) {
-    let Some((&which, buf)) = data.split_first() else { return };
+    let Some((&which, buf)) = data.split_first() else {
+        return;
+    };
     match which % 7 {
         0 => stream_parser!(buf, socks::parse_greeting, |m: &&[u8]| {
             let mut v = Vec::new();
             socks::encode_greeting(m, &mut v);
             v
         }),
-        1 => stream_parser!(buf, socks::parse_method_selection, |&m: &u8| vec![socks::SOCKS_VERSION, m]),
+        1 => stream_parser!(buf, socks::parse_method_selection, |&m: &u8| vec![
+            socks::SOCKS_VERSION,
+            m
+        ]),
         2 => stream_parser!(buf, socks::parse_userpass, |&(u, p): &(&[u8], &[u8])| {
             let mut v = Vec::new();
             socks::encode_userpass(u, p, &mut v).expect("parsed credentials re-encode");
@@ -334,7 +364,9 @@ pub fn socks(data: &[u8]) {
 /// `sudp_negotiation`: SudpHello and SudpAccept through [`stream_parser`]'s checks, and
 /// `choose_suite` against a model (the first offered id that is known and allowed).
 pub fn sudp_negotiation(data: &[u8]) {
-    let Some((&which, buf)) = data.split_first() else { return };
+    let Some((&which, buf)) = data.split_first() else {
+        return;
+    };
     if which & 1 == 0 {
         stream_parser!(buf, SudpHello::parse, |h: &SudpHello<'_>| {
             let mut v = Vec::new();
@@ -343,9 +375,14 @@ pub fn sudp_negotiation(data: &[u8]) {
         });
         if let Ok((h, _)) = SudpHello::parse(buf) {
             assert!((1..=socks::MAX_SUITES).contains(&h.suites.len()));
-            assert!(h.user.is_empty() <= h.pass.is_empty(), "a password without a user");
-            let allowed: Vec<CipherSuite> =
-                CipherSuite::ALL.into_iter().filter(|s| which & (2 << s.id()) != 0).collect();
+            assert!(
+                h.user.is_empty() <= h.pass.is_empty(),
+                "a password without a user"
+            );
+            let allowed: Vec<CipherSuite> = CipherSuite::ALL
+                .into_iter()
+                .filter(|s| which & (2 << s.id()) != 0)
+                .collect();
             let model = h
                 .suites
                 .iter()
@@ -373,9 +410,17 @@ fn scratch() -> &'static PathBuf {
 /// text (parsed twice, equal); an accepted config has the invariants its type documents;
 /// every error names the file or the key it comes from.
 pub fn config(data: &[u8]) {
-    let Some((&which, text)) = data.split_first() else { return };
-    let Ok(text) = std::str::from_utf8(text) else { return };
-    let path = scratch().join(if which & 1 == 0 { "gateway.toml" } else { "shim.toml" });
+    let Some((&which, text)) = data.split_first() else {
+        return;
+    };
+    let Ok(text) = std::str::from_utf8(text) else {
+        return;
+    };
+    let path = scratch().join(if which & 1 == 0 {
+        "gateway.toml"
+    } else {
+        "shim.toml"
+    });
     std::fs::write(&path, text).expect("write scratch config");
     let window = sudp::proto::replay::MIN_WINDOW..=sudp::proto::replay::MAX_WINDOW;
     let unique = |s: &[CipherSuite]| s.iter().collect::<HashSet<_>>().len() == s.len();
@@ -453,7 +498,9 @@ fn model_name_ok(name: &str) -> bool {
 /// hash the library accepts on its own line; the count equals the content lines; an error
 /// names the first bad line and never echoes a line's hash part.
 pub fn users(data: &[u8]) {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     // Argon2 dummy hashing per accepted file: keep costs fuzzable.
     if text.len() > 4096 {
         return;

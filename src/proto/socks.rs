@@ -920,7 +920,7 @@ mod tests {
             } else if !cut && name.as_ref().is_some_and(|r| r.contains(&i)) && !value.is_ascii_graphic() {
                 prop_assert_eq!(&got, &Err(SocksError::BadDomain));
             } else if !cut && payload.is_empty() && (i == 2 || i >= valid.len() - 2) {
-                let h = got.clone().unwrap();
+                let h = got.unwrap();
                 prop_assert_eq!(h.frag, m[2]);
                 prop_assert_eq!(h.payload_offset, valid.len());
             }
