@@ -245,6 +245,11 @@ fn parse_hash(s: &str) -> Result<PasswordHashString, &'static str> {
     if phc.salt.is_none() || phc.hash.is_none() {
         return Err("hash string without salt or output");
     }
+    // An unknown version would pass here and then fail every verification (and, on the
+    // first line, the dummy hash): refuse it with the line's number instead.
+    if let Some(v) = phc.version {
+        argon2::Version::try_from(v).map_err(|_| "unsupported Argon2 version (v=16 or v=19)")?;
+    }
     let params = Params::try_from(&phc).map_err(|_| "invalid Argon2 parameters")?;
     if params.m_cost() > MAX_M_COST || params.t_cost() > MAX_T_COST || params.p_cost() > MAX_P_COST {
         return Err("Argon2 cost parameters too large");
@@ -528,5 +533,25 @@ mod tests {
             ],
             5,
         );
+    }
+
+    /// Found by the `users` fuzz target: an Argon2 version other than 0x10/0x13 passed the
+    /// line check, then made the dummy hash fail with an error naming neither file nor
+    /// line (first line), or left a user who could never log in (later lines).
+    #[test]
+    fn unknown_argon2_version_is_refused_with_its_line() {
+        const OK: &str = "$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA";
+        let bad = OK.replace("v=19", "v=96");
+        for text in [format!("dave:{bad}\n"), format!("carol:{OK}\ndave:{bad}\n")] {
+            let line = text.lines().count();
+            match Users::parse(&text, "users") {
+                Err(AuthError::Parse { line: l, problem, .. }) => {
+                    assert_eq!(l, line);
+                    assert!(problem.contains("version"), "{problem}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(Users::parse(&format!("e:{}\n", OK.replace("v=19", "v=16")), "u").unwrap().len(), 1);
     }
 }

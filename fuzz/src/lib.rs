@@ -549,7 +549,10 @@ pub fn users(data: &[u8]) {
             for line in text.lines() {
                 if let Some((_, hash)) = line.trim().split_once(':') {
                     let hash = hash.trim();
-                    if hash.len() >= 12 {
+                    // Only PHC-looking text: a line's tail may happen to spell out
+                    // one of the fixed problem texts (libFuzzer found
+                    // `c1: malformed PHC hash stri`, a harness false positive).
+                    if hash.len() >= 12 && hash.contains('$') {
                         assert!(!m.contains(hash), "error echoes a hash: {m}");
                     }
                 }
