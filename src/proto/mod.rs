@@ -41,23 +41,25 @@ pub(crate) mod testing {
     use std::collections::BTreeMap;
 
     use proptest::strategy::Strategy;
-    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+    use proptest::test_runner::{Config, TestCaseError, TestRng, TestRunner};
 
     /// Runs a property over `cases` inputs and counts the branch label each case returns,
     /// so that the caller can assert every branch it claims to test was reached. The
-    /// runner's random source is proptest's deterministic default: the counts are the same
-    /// on every run.
+    /// runner's random source is proptest's fixed-seed RNG, so the inputs and the counts
+    /// are the same on every run (a threshold that passes once always passes).
     pub(crate) fn counted<S: Strategy>(
         cases: u32,
         strategy: S,
         property: impl Fn(S::Value) -> Result<&'static str, TestCaseError>,
     ) -> BTreeMap<&'static str, usize> {
         let counts = RefCell::new(BTreeMap::new());
-        let mut runner = TestRunner::new(Config {
+        let config = Config {
             cases,
             failure_persistence: None,
             ..Config::default()
-        });
+        };
+        let rng = TestRng::deterministic_rng(config.rng_algorithm);
+        let mut runner = TestRunner::new_with_rng(config, rng);
         let result = runner.run(&strategy, |v| {
             let label = property(v)?;
             *counts.borrow_mut().entry(label).or_insert(0) += 1;
