@@ -552,6 +552,11 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
-        assert_eq!(Users::parse(&format!("e:{}\n", OK.replace("v=19", "v=16")), "u").unwrap().len(), 1);
+        assert_eq!(
+            Users::parse(&format!("e:{}\n", OK.replace("v=19", "v=16")), "u")
+                .unwrap()
+                .len(),
+            1
+        );
     }
 }
