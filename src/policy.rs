@@ -990,26 +990,64 @@ mod tests {
                 Err(e) => prop_assert_eq!(e.rule, text),
             }
         }
+    }
 
-        #[test]
-        fn a_rule_matches_exactly_its_net_and_ports(rule in any_rule(), a in any::<u128>(), port in any::<u16>()) {
-            // Bias toward addresses inside the network so both outcomes occur.
-            let ip = match rule.net {
-                IpNet::V4(n) => {
-                    let host = (a as u32) & u32::from(n.hostmask());
-                    IpAddr::V4(Ipv4Addr::from(u32::from(n.network()) | host))
+    /// A rule matches exactly the destinations in its network and port range. Half the
+    /// addresses are drawn inside the rule's network (host bits random), half anywhere in
+    /// either family, and the port is drawn inside or outside the range, so all four
+    /// combinations occur: counted, each must be reached (the outside branch as well).
+    #[test]
+    fn a_rule_matches_exactly_its_net_and_ports() {
+        use crate::proto::testing::{assert_reached, counted};
+        let strategy = (
+            any_rule(),
+            any::<u128>(),
+            any::<bool>(),
+            any::<bool>(),
+            any::<u16>(),
+        );
+        let counts = counted(2000, strategy, |(rule, a, inside, v4, port)| {
+            let ip = if inside {
+                match rule.net {
+                    IpNet::V4(n) => {
+                        let host = (a as u32) & u32::from(n.hostmask());
+                        IpAddr::V4(Ipv4Addr::from(u32::from(n.network()) | host))
+                    }
+                    IpNet::V6(n) => {
+                        let host = a & u128::from(n.hostmask());
+                        canonical_ip(IpAddr::V6(Ipv6Addr::from(u128::from(n.network()) | host)))
+                    }
                 }
-                IpNet::V6(n) => {
-                    let host = a & u128::from(n.hostmask());
-                    canonical_ip(IpAddr::V6(Ipv6Addr::from(u128::from(n.network()) | host)))
-                }
+            } else if v4 {
+                IpAddr::V4(Ipv4Addr::from(a as u32))
+            } else {
+                canonical_ip(IpAddr::V6(Ipv6Addr::from(a)))
             };
             let dst = SocketAddr::new(ip, port);
+            let in_net = rule.net.contains(&ip);
             let in_ports = rule.ports.is_none_or(|(lo, hi)| lo <= port && port <= hi);
-            prop_assert_eq!(rule.matches(dst), rule.net.contains(&ip) && in_ports);
-            if rule.net.contains(&ip) {
-                prop_assert_eq!(rule.matches(dst), in_ports);
+            prop_assert_eq!(rule.matches(dst), in_net && in_ports);
+            // The same destination written as an IPv4-mapped IPv6 address matches alike.
+            if let IpAddr::V4(v4) = ip {
+                let mapped = SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), port);
+                prop_assert_eq!(rule.matches(mapped), rule.matches(dst));
             }
-        }
+            Ok(match (in_net, in_ports) {
+                (true, true) => "inside net, inside ports",
+                (true, false) => "inside net, outside ports",
+                (false, true) => "outside net, inside ports",
+                (false, false) => "outside net, outside ports",
+            })
+        });
+        assert_reached(
+            &counts,
+            &[
+                "inside net, inside ports",
+                "inside net, outside ports",
+                "outside net, inside ports",
+                "outside net, outside ports",
+            ],
+            20,
+        );
     }
 }

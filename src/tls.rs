@@ -1080,4 +1080,107 @@ mod tests {
         let cn_only = params.self_signed(&key).unwrap();
         assert_eq!(cert_identity(cn_only.der()).as_deref(), Some("cn-only"));
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        fn colon_form(pin: &[u8; 32]) -> String {
+            pin.iter()
+                .map(|b| format!("{b:02X}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        }
+
+        proptest! {
+            /// A pin in either printed form (64 hex digits in either case, or 32
+            /// colon-separated pairs) parses back to itself; one digit missing, one digit
+            /// not hex, or a pair of three digits is refused.
+            #[test]
+            fn pins_round_trip_and_refuse_one_wrong_digit(pin in any::<[u8; 32]>(), at in 0usize..64, upper in any::<bool>()) {
+                let hex = pin_hex(&pin);
+                let hex = if upper { hex.to_uppercase() } else { hex };
+                prop_assert_eq!(parse_pin(&format!(" {hex} ")).unwrap(), pin);
+                prop_assert_eq!(parse_pin(&colon_form(&pin)).unwrap(), pin);
+                let mut short = hex.clone();
+                short.remove(at);
+                prop_assert!(parse_pin(&short).is_err());
+                let mut not_hex = hex.clone();
+                not_hex.replace_range(at..at + 1, "g");
+                prop_assert!(parse_pin(&not_hex).is_err());
+                let mut long_pair = colon_form(&pin);
+                long_pair.insert(3 * (at / 2), '0');
+                prop_assert!(parse_pin(&long_pair).is_err());
+            }
+        }
+
+        /// A PEM file of generated certificates and a key, with arbitrary text between the
+        /// blocks (as `openssl` and editors leave): every certificate comes back, in order,
+        /// byte for byte, and the key too; a file whose one block is cut short is refused
+        /// or loses that block, never yields other bytes.
+        #[test]
+        fn pem_blocks_survive_surrounding_text() {
+            let certs: Vec<rcgen::CertifiedKey<rcgen::KeyPair>> = (0..3)
+                .map(|i| rcgen::generate_simple_self_signed(vec![format!("h{i}.test")]).unwrap())
+                .collect();
+            let ders: Vec<Vec<u8>> = certs.iter().map(|c| c.cert.der().to_vec()).collect();
+            let mut runner = proptest::test_runner::TestRunner::default();
+            let junk = prop::collection::vec("[ -~]{0,30}", 0..3);
+            let strategy = (
+                prop::collection::vec((0usize..3, junk.clone()), 1..5),
+                junk,
+                0usize..3,
+                any::<prop::sample::Index>(),
+            );
+            runner
+                .run(&strategy, |(picks, tail, which, cut)| {
+                    let mut pem = String::new();
+                    let mut want = Vec::new();
+                    for (i, junk) in &picks {
+                        for line in junk {
+                            // Text outside blocks may be anything but a boundary line.
+                            if !line.contains("-----") {
+                                pem.push_str(line);
+                                pem.push('\n');
+                            }
+                        }
+                        pem.push_str(&certs[*i].cert.pem());
+                        want.push(ders[*i].clone());
+                    }
+                    for line in &tail {
+                        if !line.contains("-----") {
+                            pem.push_str(line);
+                            pem.push('\n');
+                        }
+                    }
+                    let got: Vec<Vec<u8>> = parse_certs(pem.as_bytes(), "p")
+                        .unwrap()
+                        .iter()
+                        .map(|c| c.to_vec())
+                        .collect();
+                    prop_assert_eq!(got, want.clone());
+                    let key_pem = format!("junk\n{}trailing\n", certs[which].signing_key.serialize_pem());
+                    let key = parse_key(key_pem.as_bytes(), "k").unwrap();
+                    prop_assert_eq!(key.secret_der(), &certs[which].signing_key.serialize_der()[..]);
+                    // Cut one certificate's base64 short.
+                    let one = certs[which].cert.pem();
+                    let body_start = one.find('\n').unwrap() + 1;
+                    let body_end = one.rfind("-----END").unwrap();
+                    let cut_at = body_start + cut.index(body_end - body_start);
+                    let broken = format!("{}{}", &one[..cut_at], &one[body_end..]);
+                    if let Ok(got) = parse_certs(broken.as_bytes(), "p") {
+                        prop_assert!(got
+                            .iter()
+                            .all(|c| c.as_ref() != &ders[which][..] || cut_at == body_end));
+                    }
+                    prop_assert!(
+                        parse_certs(b"no pem here\n", "p").is_err()
+                            || parse_certs(b"no pem here\n", "p").unwrap().is_empty()
+                    );
+                    Ok(())
+                })
+                .unwrap();
+        }
+    }
 }

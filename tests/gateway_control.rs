@@ -256,6 +256,9 @@ async fn unsolicited_replies_are_dropped_unless_full_cone() {
 async fn refusals_get_the_rfc_reply_and_others_lose_nothing() {
     let pki = pki();
     let mut s = settings(&pki);
+    // Names come from a table the test owns: `no-such-host.invalid` fails there, without a
+    // DNS query leaving the machine.
+    s.resolver = Arc::new(sudp::net::dns::StaticResolve::localhost());
     // Only 127.0.0.1 is allowed; 127.0.0.3 falls to the default (loopback denied).
     s.policy = Arc::new(Policy::new(
         vec![sudp::policy::Rule::parse(sudp::policy::Action::Allow, "127.0.0.1/32").unwrap()],

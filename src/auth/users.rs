@@ -328,6 +328,11 @@ fn parse_hash(s: &str) -> Result<PasswordHashString, &'static str> {
     if phc.salt.is_none() || phc.hash.is_none() {
         return Err("hash string without salt or output");
     }
+    // An unknown version would pass here and then fail every verification (and, on the
+    // first line, the dummy hash): refuse it with the line's number instead.
+    if let Some(v) = phc.version {
+        argon2::Version::try_from(v).map_err(|_| "unsupported Argon2 version (v=16 or v=19)")?;
+    }
     let params = Params::try_from(&phc).map_err(|_| "invalid Argon2 parameters")?;
     if params.m_cost() > MAX_M_COST || params.t_cost() > MAX_T_COST || params.p_cost() > MAX_P_COST {
         return Err("Argon2 cost parameters too large");
@@ -625,5 +630,148 @@ mod tests {
             );
         }
         assert!(passwd_line(&"n".repeat(255), &mut &b"pw\n"[..]).is_ok());
+    }
+
+    /// The users file against a model: content lines (not blank, not `#`, surrounding
+    /// blanks ignored) must each be `name:hash` with a name `check_name` allows and no
+    /// name twice. Generated files mix valid lines, comments, blank lines and one broken
+    /// line of a chosen kind; property: accepted iff the model accepts, with one user per
+    /// content line, and a refusal names the first bad line and never its hash. Counted
+    /// per outcome so every refusal kind is reached. (Hashes use Argon2 m=8, t=1: the
+    /// parser hashes a dummy with the file's parameters.)
+    #[test]
+    fn users_file_matches_its_model() {
+        use crate::proto::testing::{assert_reached, counted};
+        use proptest::prelude::*;
+
+        const HASH: &str = "$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA";
+        let line = prop_oneof![
+            3 => "[a-zA-Z0-9_.@-]{1,20}".prop_map(|n| (format!("{n}:{HASH}"), "valid")),
+            1 => "[ -~]{0,20}".prop_map(|c| (format!("# {c}"), "comment")),
+            1 => Just((String::new(), "blank")),
+            1 => "[a-z]{1,8}".prop_map(|n| (format!("  {n}:{HASH} \t"), "valid")),
+        ];
+        let broken = prop::sample::select(vec![
+            "no-colon",
+            "empty-name",
+            "name-space",
+            "bad-hash",
+            "duplicate",
+            "long-name",
+            "none",
+        ]);
+        let strategy = (
+            prop::collection::vec(line, 1..6),
+            broken,
+            any::<prop::sample::Index>(),
+        );
+        let counts = counted(300, strategy, |(mut lines, broken, at)| {
+            // At least one user, so the dummy hash gets the cheap parameters (an empty file
+            // gets Argon2's defaults: tens of milliseconds per case; tested above).
+            lines.insert(0, (format!("first:{HASH}"), "valid"));
+            let first_valid = lines.iter().find(|(_, k)| *k == "valid").map(|(l, _)| l.clone());
+            let bad = match broken {
+                "no-colon" => Some("carol".to_owned()),
+                "empty-name" => Some(format!(":{HASH}")),
+                "name-space" => Some(format!("ca rol :{HASH}")),
+                "bad-hash" => Some("carol:$argon2id$v=19$m=8,t=1,p=1$c2FsdA".to_owned()),
+                "duplicate" => first_valid,
+                "long-name" => Some(format!("{}:{HASH}", "n".repeat(256))),
+                _ => None,
+            };
+            if let Some(bad) = &bad {
+                lines.insert(at.index(lines.len() + 1), (bad.clone(), "bad"));
+            }
+            let text: String = lines.iter().map(|(l, _)| format!("{l}\n")).collect();
+            // The model.
+            let mut names = std::collections::HashSet::new();
+            let mut first_bad = None;
+            for (i, (l, _)) in lines.iter().enumerate() {
+                let l = l.trim();
+                if l.is_empty() || l.starts_with('#') {
+                    continue;
+                }
+                // Written from docs/CONFIG.md's rules, not from `check_name`.
+                let name_ok = |n: &str| {
+                    let b = n.as_bytes();
+                    (1..=255).contains(&b.len())
+                        && !b.contains(&b':')
+                        && b[0] != b'#'
+                        && !b[0].is_ascii_whitespace()
+                        && !b[b.len() - 1].is_ascii_whitespace()
+                };
+                let ok = l
+                    .split_once(':')
+                    .is_some_and(|(n, h)| name_ok(n) && h == HASH && names.insert(n.to_owned()));
+                if !ok {
+                    first_bad = Some(i + 1);
+                    break;
+                }
+            }
+            match (Users::parse(&text, "u"), first_bad) {
+                (Ok(u), None) => {
+                    prop_assert_eq!(u.len(), names.len());
+                    Ok(if names.is_empty() {
+                        "accepted, no users"
+                    } else {
+                        "accepted"
+                    })
+                }
+                (Err(AuthError::Parse { line, problem, .. }), Some(want)) => {
+                    prop_assert_eq!(line, want);
+                    let shown = format!(
+                        "{}",
+                        AuthError::Parse {
+                            origin: "u".into(),
+                            line,
+                            problem
+                        }
+                    );
+                    prop_assert!(!shown.contains("aGFzaGhh") && !shown.contains("c2FsdA"));
+                    Ok(broken)
+                }
+                (got, want) => Err(TestCaseError::fail(format!(
+                    "parser {got:?}, model refuses line {want:?}"
+                ))),
+            }
+        });
+        assert_reached(
+            &counts,
+            &[
+                "accepted",
+                "no-colon",
+                "empty-name",
+                "name-space",
+                "bad-hash",
+                "duplicate",
+                "long-name",
+            ],
+            5,
+        );
+    }
+
+    /// Found by the `users` fuzz target: an Argon2 version other than 0x10/0x13 passed the
+    /// line check, then made the dummy hash fail with an error naming neither file nor
+    /// line (first line), or left a user who could never log in (later lines).
+    #[test]
+    fn unknown_argon2_version_is_refused_with_its_line() {
+        const OK: &str = "$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA";
+        let bad = OK.replace("v=19", "v=96");
+        for text in [format!("dave:{bad}\n"), format!("carol:{OK}\ndave:{bad}\n")] {
+            let line = text.lines().count();
+            match Users::parse(&text, "users") {
+                Err(AuthError::Parse { line: l, problem, .. }) => {
+                    assert_eq!(l, line);
+                    assert!(problem.contains("version"), "{problem}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(
+            Users::parse(&format!("e:{}\n", OK.replace("v=19", "v=16")), "u")
+                .unwrap()
+                .len(),
+            1
+        );
     }
 }

@@ -644,4 +644,97 @@ mod tests {
         a.record(u64::MAX);
         assert_eq!(a.count(), 201);
     }
+
+    use crate::proto::testing::{assert_reached, counted};
+    use proptest::prelude::*;
+
+    /// `parse_rate` against its model: a decimal number, an optional k/M/G (any case), then
+    /// nothing or `pps` (datagrams) or a bit unit (payload bits); zero and unknown units
+    /// refused. An accepted rate printed (`Display`) parses back to the same rate. Counted
+    /// per unit kind and refusal.
+    #[test]
+    fn rates_match_their_model_and_reparse() {
+        let number = prop::sample::select(vec![
+            "0", "1", "20000", "1.5", "0.001", "50", ".5", "1.", "007", "1e3",
+        ]);
+        let prefix = prop::sample::select(vec![
+            ("", 1.0),
+            ("k", 1e3),
+            ("K", 1e3),
+            ("m", 1e6),
+            ("M", 1e6),
+            ("g", 1e9),
+            ("G", 1e9),
+        ]);
+        let unit = prop::sample::select(vec![
+            "", "pps", "PPS", "bit", "bit/s", "bps", "bits", "Bits/s", "byte", "x",
+        ]);
+        let counts = counted(
+            2000,
+            (number, prefix, unit, any::<bool>()),
+            |(number, (p, mult), unit, space)| {
+                let text = format!("{number}{}{p}{unit}", if space { " " } else { "" });
+                let value: Option<f64> = number.parse().ok().filter(|_| !number.contains('e'));
+                let want = match (value, unit.to_ascii_lowercase().as_str()) {
+                    (Some(v), "" | "pps") if v > 0.0 => Some(Rate::Pps(v * mult)),
+                    (Some(v), "bit" | "bit/s" | "bps" | "bits" | "bits/s") if v > 0.0 => {
+                        Some(Rate::Bps(v * mult))
+                    }
+                    _ => None,
+                };
+                let got = parse_rate(&text);
+                prop_assert_eq!(got.clone().ok(), want, "{:?}", text);
+                if let Ok(r) = got {
+                    let back = parse_rate(&r.to_string()).unwrap();
+                    let (a, b) = match (r, back) {
+                        (Rate::Pps(a), Rate::Pps(b)) | (Rate::Bps(a), Rate::Bps(b)) => (a, b),
+                        _ => return Err(TestCaseError::fail(format!("{r} reparsed as another kind"))),
+                    };
+                    prop_assert!((a - b).abs() <= a * 1e-12, "{} -> {}", a, b);
+                }
+                Ok(match want {
+                    Some(Rate::Pps(_)) => "pps",
+                    Some(Rate::Bps(_)) => "bit/s",
+                    None if value.is_some_and(|v| v > 0.0) => "unknown unit",
+                    None => "bad number",
+                })
+            },
+        );
+        assert_reached(&counts, &["pps", "bit/s", "unknown unit", "bad number"], 50);
+    }
+
+    /// The bench's `parse_duration` against its model: a decimal number and ms, s, m or
+    /// min (none: seconds), within (0, 24 h]; everything else refused. Counted per outcome.
+    #[test]
+    fn bench_durations_match_their_model() {
+        let number = prop_oneof![
+            (0u32..100_000).prop_map(|n| n.to_string()),
+            (0u32..1000, 0u32..1000).prop_map(|(a, b)| format!("{a}.{b}"))
+        ];
+        let unit = prop::sample::select(vec![
+            ("", 1.0),
+            ("s", 1.0),
+            ("ms", 1e-3),
+            ("m", 60.0),
+            ("min", 60.0),
+            ("h", f64::NAN),
+            ("sec", f64::NAN),
+        ]);
+        let counts = counted(
+            2000,
+            (number, unit, any::<bool>()),
+            |(number, (unit, mult), space)| {
+                let text = format!(" {number}{}{unit} ", if space { " " } else { "" });
+                let secs = number.parse::<f64>().unwrap() * mult;
+                let want = (secs > 0.0 && secs <= 86_400.0).then(|| Duration::from_secs_f64(secs));
+                prop_assert_eq!(parse_duration(&text).ok(), want, "{:?}", text);
+                Ok(match want {
+                    Some(_) => "accepted",
+                    None if mult.is_nan() => "unknown unit",
+                    None => "out of range",
+                })
+            },
+        );
+        assert_reached(&counts, &["accepted", "unknown unit", "out of range"], 50);
+    }
 }

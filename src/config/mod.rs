@@ -703,4 +703,93 @@ mod tests {
             .to_string()
             .starts_with("invalid duration \"x\""));
     }
+
+    use crate::proto::socks::Address;
+    use crate::proto::testing::{assert_reached, counted};
+    use proptest::prelude::*;
+
+    /// `parse_duration` against its model: NUMBER, optional blanks, UNIT, with blanks around
+    /// (ms, s, m, h or none for seconds; anything else refused; a product past u64 refused),
+    /// then printed back as milliseconds it parses to the same duration. Counted per unit,
+    /// overflow and refusal.
+    #[test]
+    fn durations_match_their_model_and_reparse() {
+        let unit = prop::sample::select(vec!["", "s", "ms", "m", "h", "d", "S", "sec", "m s", "-"]);
+        let number = prop_oneof![0u64..100_000, any::<u64>()];
+        let blank = prop::sample::select(vec!["", " ", "\t", "  "]);
+        let strategy = (number, unit, blank.clone(), blank.clone(), blank);
+        let counts = counted(2000, strategy, |(n, unit, a, b, c)| {
+            let text = format!("{a}{n}{b}{unit}{c}");
+            let want = match unit {
+                "" | "s" => n.checked_mul(1).map(Duration::from_secs),
+                "ms" => Some(Duration::from_millis(n)),
+                "m" => n.checked_mul(60).map(Duration::from_secs),
+                "h" => n.checked_mul(3600).map(Duration::from_secs),
+                _ => None,
+            };
+            let got = parse_duration(&text);
+            prop_assert_eq!(got.clone().ok(), want, "{:?}", text);
+            if let Ok(d) = got {
+                let ms = format!("{}ms", d.as_millis());
+                if d.as_millis() <= u128::from(u64::MAX) {
+                    prop_assert_eq!(parse_duration(&ms), Ok(d));
+                }
+            } else {
+                prop_assert_eq!(got, Err(DurationError(text.clone())));
+            }
+            Ok(match (unit, want) {
+                ("" | "s" | "ms" | "m" | "h", Some(_)) => unit,
+                ("m" | "h", None) => "overflow",
+                _ => "refused",
+            })
+        });
+        assert_reached(&counts, &["", "s", "ms", "m", "h", "overflow", "refused"], 20);
+    }
+
+    fn host_port() -> impl Strategy<Value = Address> {
+        prop_oneof![
+            (any::<[u8; 4]>(), 1u16..).prop_map(|(ip, p)| Address::Ip((ip, p).into())),
+            (any::<[u16; 8]>(), 1u16..).prop_map(|(ip, p)| Address::Ip((ip, p).into())),
+            ("[a-zA-Z][a-zA-Z0-9.-]{0,60}", 1u16..).prop_map(|(d, p)| Address::Domain(d, p)),
+        ]
+    }
+
+    proptest! {
+        /// HOST:PORT printed then parsed is the same address, blanks around ignored; port 0,
+        /// a character a name cannot hold, or no port, is refused.
+        #[test]
+        fn host_port_round_trips_and_refuses_bad_names(addr in host_port(), bad in prop::sample::select(vec![" ", "[", "]", ":", "\u{7f}", "é"])) {
+            let text = addr.to_string();
+            prop_assert_eq!(parse_host_port(&format!(" {text}\t")), Ok(addr.clone()));
+            let zero = match &addr {
+                Address::Ip(a) => Address::Ip(std::net::SocketAddr::new(a.ip(), 0)).to_string(),
+                Address::Domain(d, _) => format!("{d}:0"),
+            };
+            prop_assert!(parse_host_port(&zero).is_err());
+            if let Address::Domain(d, p) = &addr {
+                prop_assert!(parse_host_port(&format!("{d}{bad}x:{p}")).is_err(), "{}{}x:{}", d, bad, p);
+                prop_assert!(parse_host_port(d).is_err());
+                let big_port = format!("{d}:{}", u32::from(*p) + 65_536);
+                prop_assert!(parse_host_port(&big_port).is_err());
+            }
+        }
+
+        /// A forward printed in its own syntax parses back to itself (protocol in any case);
+        /// without `=`, or with an unknown protocol, it is refused.
+        #[test]
+        fn forwards_round_trip(udp in any::<bool>(), upper in any::<bool>(), local in any::<([u8; 4], u16)>(), target in host_port()) {
+            let f = Forward {
+                proto: if udp { ForwardProto::Udp } else { ForwardProto::Tcp },
+                local: local.into(),
+                target,
+            };
+            let text = f.to_string();
+            prop_assert_eq!(parse_forward(&text), Ok(f.clone()));
+            let shouted = if upper { text.replacen(&f.proto.to_string(), &f.proto.to_string().to_uppercase(), 1) } else { text.clone() };
+            prop_assert_eq!(parse_forward(&shouted), Ok(f.clone()));
+            prop_assert!(parse_forward(&text.replacen('=', " ", 1)).is_err());
+            let sctp = format!("sctp{}", &text[3..]);
+            prop_assert!(parse_forward(&sctp).is_err());
+        }
+    }
 }

@@ -25,7 +25,7 @@ use crate::auth::{AuthLimits, Authenticator, Backend, Certificates, Users};
 use crate::config::{Auth, GatewayConfig};
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::net::channel::Heartbeat;
-use crate::net::dns::Resolver;
+use crate::net::dns::{Resolve, Resolver, SystemResolve};
 use crate::policy::Policy;
 use crate::proto::CipherSuite;
 use crate::tls::ServerTlsOptions;
@@ -93,6 +93,9 @@ pub struct Settings {
     /// PINGs on secure control connections, and the silence after which a client that
     /// announced PINGs is dropped (PROTOCOL.md §2.4).
     pub heartbeat: Heartbeat,
+    /// Where destination names are resolved: the system resolver by default; tests put a
+    /// [`crate::net::dns::StaticResolve`] here so no query leaves the machine.
+    pub resolver: Arc<dyn Resolve>,
 }
 
 /// The gateway's heartbeat: a PING every second, a client silent for 10 s is gone. Clients
@@ -132,6 +135,7 @@ impl Settings {
             heartbeat: DEFAULT_HEARTBEAT,
             udp_buffer: crate::net::UDP_BUFFER,
             metrics: None,
+            resolver: Arc::new(SystemResolve),
         }
     }
 
@@ -192,6 +196,7 @@ impl Settings {
             heartbeat: cfg.heartbeat,
             udp_buffer: cfg.udp_buffer,
             metrics: cfg.metrics,
+            resolver: Arc::new(SystemResolve),
         })
     }
 }
@@ -280,7 +285,11 @@ impl Gateway {
         let control = listener.local_addr()?;
         let udp = settings.udp_listen.unwrap_or(SocketAddr::new(control.ip(), 0));
         let metrics = Arc::new(Metrics::default());
-        let dns = Arc::new(Resolver::new(Duration::from_secs(60), 4096));
+        let dns = Arc::new(Resolver::with_source(
+            Duration::from_secs(60),
+            4096,
+            settings.resolver.clone(),
+        ));
         let relay = Relay::bind(
             udp,
             RelaySettings {

@@ -44,4 +44,56 @@ mod tests {
         assert_eq!(classify(&[0]), DatagramKind::Unknown);
         assert_eq!(classify(&[]), DatagramKind::Unknown);
     }
+
+    /// Any datagram gets the kind the table in the module documentation gives; whatever
+    /// the SOCKS UDP parser accepts is naked and whatever the record header parser accepts
+    /// is secure, so the detector never routes a valid datagram to the wrong parser. Inputs
+    /// start with a naked, a secure or a random prefix so that all three kinds (and the
+    /// one-byte and empty edge cases) are counted.
+    #[test]
+    fn classification_matches_the_table_and_the_parsers() {
+        use crate::proto::record::parse_header;
+        use crate::proto::socks::parse_udp_header;
+        use crate::proto::testing::{assert_reached, counted};
+        use proptest::prelude::*;
+
+        let prefix = prop::sample::select(vec![vec![], vec![0, 0], vec![0x97, 3, 3], vec![0], vec![0x80]]);
+        let strategy = (prefix, prop::collection::vec(any::<u8>(), 0..64));
+        let counts = counted(3000, strategy, |(prefix, rest)| {
+            let mut d = prefix;
+            d.extend_from_slice(&rest);
+            let model = match d.as_slice() {
+                [] => DatagramKind::Unknown,
+                [b, ..] if *b >= 0x80 => DatagramKind::Secure,
+                [0, 0, ..] => DatagramKind::Naked,
+                _ => DatagramKind::Unknown,
+            };
+            let kind = classify(&d);
+            prop_assert_eq!(kind, model);
+            if parse_udp_header(&d).is_ok() {
+                prop_assert_eq!(kind, DatagramKind::Naked);
+            }
+            if parse_header(&d).is_ok() {
+                prop_assert_eq!(kind, DatagramKind::Secure);
+            }
+            Ok(match (kind, d.len()) {
+                (DatagramKind::Naked, _) => "naked",
+                (DatagramKind::Secure, _) => "secure",
+                (DatagramKind::Unknown, 0) => "unknown, empty",
+                (DatagramKind::Unknown, 1) => "unknown, one byte",
+                (DatagramKind::Unknown, _) => "unknown",
+            })
+        });
+        assert_reached(
+            &counts,
+            &[
+                "naked",
+                "secure",
+                "unknown",
+                "unknown, empty",
+                "unknown, one byte",
+            ],
+            10,
+        );
+    }
 }

@@ -39,3 +39,49 @@ pub use path::{ControlMessage, PathAction, PathValidator};
 pub use record::{Opener, Sealer};
 pub use replay::ReplayWindow;
 pub use session::{Content, Opened, RecvSession, SendSession};
+
+/// Property-test support shared by the crate's test modules.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::cell::RefCell;
+    use std::collections::BTreeMap;
+
+    use proptest::strategy::Strategy;
+    use proptest::test_runner::{Config, TestCaseError, TestRng, TestRunner};
+
+    /// Runs a property over `cases` inputs and counts the branch label each case returns,
+    /// so that the caller can assert every branch it claims to test was reached. The
+    /// runner's random source is proptest's fixed-seed RNG, so the inputs and the counts
+    /// are the same on every run (a threshold that passes once always passes).
+    pub(crate) fn counted<S: Strategy>(
+        cases: u32,
+        strategy: S,
+        property: impl Fn(S::Value) -> Result<&'static str, TestCaseError>,
+    ) -> BTreeMap<&'static str, usize> {
+        let counts = RefCell::new(BTreeMap::new());
+        let config = Config {
+            cases,
+            failure_persistence: None,
+            ..Config::default()
+        };
+        let rng = TestRng::deterministic_rng(config.rng_algorithm);
+        let mut runner = TestRunner::new_with_rng(config, rng);
+        let result = runner.run(&strategy, |v| {
+            let label = property(v)?;
+            *counts.borrow_mut().entry(label).or_insert(0) += 1;
+            Ok(())
+        });
+        if let Err(e) = result {
+            panic!("{e}");
+        }
+        counts.into_inner()
+    }
+
+    /// Asserts that every label in `want` was counted at least `min` times.
+    pub(crate) fn assert_reached(counts: &BTreeMap<&'static str, usize>, want: &[&str], min: usize) {
+        for w in want {
+            let n = counts.get(w).copied().unwrap_or(0);
+            assert!(n >= min, "branch {w:?} reached {n} times (< {min}): {counts:?}");
+        }
+    }
+}

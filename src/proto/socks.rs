@@ -634,6 +634,7 @@ pub fn choose_suite(offered: &[u8], allowed: &[CipherSuite]) -> Option<CipherSui
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::detect::{classify, DatagramKind};
     use proptest::prelude::*;
 
     #[test]
@@ -758,24 +759,419 @@ mod tests {
             prop_assert_eq!(h.frag, 0);
             prop_assert_eq!(&buf[h.payload_offset..], &payload[..]);
         }
+    }
 
-        /// Arbitrary bytes never panic, and whatever parses re-encodes to the same prefix.
-        #[test]
-        fn arbitrary_bytes_parse_consistently(buf in prop::collection::vec(any::<u8>(), 0..300)) {
-            if let Ok(h) = parse_udp_header(&buf) {
-                let mut out = vec![0u8; 300];
-                let n = encode_udp_header(&h.addr, &mut out).unwrap();
-                prop_assert_eq!(n, h.payload_offset);
-                prop_assert_eq!(&out[3..n], &buf[3..n]);
+    use crate::proto::testing::{assert_reached, counted};
+
+    /// A valid message and one change to it: byte `at` (modulo the length) set to `value`,
+    /// or, with `cut`, the message cut at `at`.
+    ///
+    /// Half the changes hit the first four bytes (where versions, counts and types sit)
+    /// and half the values are ones those fields treat specially, so that each check
+    /// is reached often, not once in thousands of cases.
+    fn mutation() -> impl Strategy<Value = (prop::sample::Index, bool, u8, bool)> {
+        let value = prop_oneof![
+            1 => any::<u8>(),
+            1 => prop::sample::select(vec![0u8, 1, 5, 17, 0xff]),
+        ];
+        (
+            any::<prop::sample::Index>(),
+            any::<bool>(),
+            value,
+            prop::bool::weighted(0.15),
+        )
+    }
+
+    fn mutate(
+        valid: &[u8],
+        (at, head, value, cut): &(prop::sample::Index, bool, u8, bool),
+    ) -> (Vec<u8>, usize) {
+        let i = if *head {
+            at.index(valid.len().min(4))
+        } else {
+            at.index(valid.len())
+        };
+        let mut m = valid.to_vec();
+        if *cut {
+            m.truncate(i);
+        } else {
+            m[i] = *value;
+        }
+        (m, i)
+    }
+
+    fn label(e: &SocksError) -> &'static str {
+        match e {
+            SocksError::Incomplete { .. } => "incomplete",
+            SocksError::BadVersion(_) => "bad_version",
+            SocksError::BadReserved => "bad_reserved",
+            SocksError::BadAddressType(_) => "bad_address_type",
+            SocksError::BadDomain => "bad_domain",
+            SocksError::BadField { .. } => "bad_field",
+            _ => "other",
+        }
+    }
+
+    /// Requests (and replies: same layout) built valid, then one byte changed or the message
+    /// cut. Reaches: success (port, address bytes, code changed), VER, RSV, ATYP, the domain
+    /// check and "incomplete", each counted. Per field the outcome is the model's: VER != 5
+    /// is `BadVersion`, RSV != 0 `BadReserved`, an unknown ATYP `BadAddressType`, a
+    /// non-graphic name byte `BadDomain`, a cut `Incomplete`; whatever parses re-encodes to
+    /// the bytes it consumed.
+    #[test]
+    fn mutated_requests_reach_every_check() {
+        let counts = counted(
+            1500,
+            (arb_addr(), any::<u8>(), mutation()),
+            |(addr, code, mutation)| {
+                let mut valid = Vec::new();
+                encode_request(code, &addr.as_ref(), &mut valid).unwrap();
+                let (m, i) = mutate(&valid, &mutation);
+                let got = parse_request(&m);
+                if let Ok((r, n)) = &got {
+                    let mut again = Vec::new();
+                    encode_request(r.code, &r.addr.as_ref(), &mut again).unwrap();
+                    prop_assert_eq!(&again[..], &m[..*n]);
+                }
+                let (_, _, value, cut) = mutation;
+                let name = match &addr {
+                    Address::Domain(d, _) => Some(5..5 + d.len()),
+                    Address::Ip(_) => None,
+                };
+                if cut {
+                    prop_assert!(matches!(got, Err(SocksError::Incomplete { .. })), "{:?}", got);
+                } else if i == 0 && value != SOCKS_VERSION {
+                    prop_assert_eq!(&got, &Err(SocksError::BadVersion(value)));
+                } else if i == 2 && value != 0 {
+                    prop_assert_eq!(&got, &Err(SocksError::BadReserved));
+                } else if i == 3 && ![atyp::V4, atyp::DOMAIN, atyp::V6].contains(&value) {
+                    prop_assert_eq!(&got, &Err(SocksError::BadAddressType(value)));
+                } else if name.as_ref().is_some_and(|r| r.contains(&i)) && !value.is_ascii_graphic() {
+                    prop_assert_eq!(&got, &Err(SocksError::BadDomain));
+                } else if i == 1
+                    || i >= valid.len() - 2
+                    || (i > 3 && name.is_none())
+                    || name.as_ref().is_some_and(|r| r.contains(&i))
+                {
+                    // CMD, PORT, an IP byte or a graphic name byte: still a request, that field changed.
+                    let (r, _) = got.clone().unwrap();
+                    prop_assert_eq!(r.code, m[1]);
+                    prop_assert_eq!(
+                        r.addr.port(),
+                        u16::from_be_bytes([m[m.len() - 2], m[m.len() - 1]])
+                    );
+                }
+                Ok(match &got {
+                    Ok(_) => "ok",
+                    Err(e) => label(e),
+                })
+            },
+        );
+        assert_reached(
+            &counts,
+            &[
+                "ok",
+                "incomplete",
+                "bad_version",
+                "bad_reserved",
+                "bad_address_type",
+                "bad_domain",
+            ],
+            20,
+        );
+    }
+
+    /// UDP request headers built valid, then one byte changed or the datagram cut. Reaches:
+    /// success (FRAG, address, port changed), RSV, ATYP, the domain check and a cut-short
+    /// header, counted; the model as for requests, and FRAG is passed through unchecked.
+    #[test]
+    fn mutated_udp_headers_reach_every_check() {
+        let strategy = (
+            arb_addr(),
+            any::<u8>(),
+            prop::collection::vec(any::<u8>(), 0..8),
+            mutation(),
+        );
+        let counts = counted(1500, strategy, |(addr, frag, payload, mutation)| {
+            let mut valid = vec![0u8; 300];
+            let n = encode_udp_header(&addr.as_ref(), &mut valid).unwrap();
+            valid[2] = frag;
+            valid.truncate(n);
+            let (mut m, i) = mutate(&valid, &mutation);
+            m.extend_from_slice(&payload);
+            let got = parse_udp_header(&m);
+            if let Ok(h) = &got {
+                let mut again = vec![0u8; 300];
+                let k = encode_udp_header(&h.addr, &mut again).unwrap();
+                prop_assert_eq!(k, h.payload_offset);
+                prop_assert_eq!(&again[3..k], &m[3..k]);
+                prop_assert_eq!(h.frag, m[2]);
+                prop_assert_eq!(classify(&m), DatagramKind::Naked);
             }
-            if let Ok((r, n)) = parse_request(&buf) {
+            let (_, _, value, cut) = mutation;
+            let name = match &addr {
+                Address::Domain(d, _) => Some(5..5 + d.len()),
+                Address::Ip(_) => None,
+            };
+            if !cut && i < 2 && value != 0 {
+                prop_assert_eq!(&got, &Err(SocksError::BadReserved));
+            } else if !cut && i == 3 && ![atyp::V4, atyp::DOMAIN, atyp::V6].contains(&value) {
+                prop_assert_eq!(&got, &Err(SocksError::BadAddressType(value)));
+            } else if !cut && name.as_ref().is_some_and(|r| r.contains(&i)) && !value.is_ascii_graphic() {
+                prop_assert_eq!(&got, &Err(SocksError::BadDomain));
+            } else if !cut && payload.is_empty() && (i == 2 || i >= valid.len() - 2) {
+                let h = got.unwrap();
+                prop_assert_eq!(h.frag, m[2]);
+                prop_assert_eq!(h.payload_offset, valid.len());
+            }
+            Ok(match &got {
+                Ok(_) => "ok",
+                Err(e) => label(e),
+            })
+        });
+        assert_reached(
+            &counts,
+            &[
+                "ok",
+                "incomplete",
+                "bad_reserved",
+                "bad_address_type",
+                "bad_domain",
+            ],
+            20,
+        );
+    }
+
+    /// A model of the length-prefixed messages: (accepted, bytes consumed) or the error
+    /// label, written from RFC 1928 §3, RFC 1929 §2 and docs/PROTOCOL.md §3 alone.
+    fn model(kind: u8, b: &[u8]) -> Result<usize, &'static str> {
+        let at = |i: usize| b.get(i).copied().ok_or("incomplete");
+        match kind {
+            // Greeting: VER=5, NMETHODS >= 1, METHODS.
+            0 => {
+                at(1)?;
+                if b[0] != 5 {
+                    return Err("bad_version");
+                }
+                let n = usize::from(b[1]);
+                if n == 0 {
+                    return Err("bad_field");
+                }
+                at(1 + n).map(|_| 2 + n)
+            }
+            // Method selection: VER=5, METHOD.
+            1 => {
+                at(1)?;
+                if b[0] != 5 {
+                    Err("bad_version")
+                } else {
+                    Ok(2)
+                }
+            }
+            // RFC 1929: VER=1, ULEN >= 1, UNAME, PLEN, PASSWD.
+            2 => {
+                at(1)?;
+                if b[0] != 1 {
+                    return Err("bad_version");
+                }
+                let u = usize::from(b[1]);
+                if u == 0 {
+                    return Err("bad_field");
+                }
+                let p = usize::from(at(2 + u)?);
+                at(2 + u + p).map(|_| 3 + u + p)
+            }
+            // SudpHello: VER=1, NSUITES 1..=16, SUITES, ULEN (0: done), UNAME, PLEN, PASSWD.
+            3 => {
+                at(1)?;
+                if b[0] != 1 {
+                    return Err("bad_version");
+                }
+                let n = usize::from(b[1]);
+                if n == 0 || n > MAX_SUITES {
+                    return Err("bad_field");
+                }
+                let u = usize::from(at(2 + n)?);
+                if u == 0 {
+                    return Ok(3 + n);
+                }
+                let p = usize::from(at(3 + n + u)?);
+                at(3 + n + u + p).map(|_| 4 + n + u + p)
+            }
+            // SudpAccept: 11 bytes, VER=1.
+            _ => {
+                at(10)?;
+                if b[0] != 1 {
+                    Err("bad_version")
+                } else {
+                    Ok(11)
+                }
+            }
+        }
+    }
+
+    /// Parses with the parser `kind` names and re-encodes what it accepted.
+    fn parse_encode(kind: u8, b: &[u8]) -> Result<(usize, Vec<u8>), SocksError> {
+        let mut v = Vec::new();
+        let n = match kind {
+            0 => {
+                let (m, n) = parse_greeting(b)?;
+                encode_greeting(m, &mut v);
+                n
+            }
+            1 => {
+                let (m, n) = parse_method_selection(b)?;
+                v.extend_from_slice(&[SOCKS_VERSION, m]);
+                n
+            }
+            2 => {
+                let ((u, p), n) = parse_userpass(b)?;
+                encode_userpass(u, p, &mut v).unwrap();
+                n
+            }
+            3 => {
+                let (h, n) = SudpHello::parse(b)?;
+                h.encode(&mut v).unwrap();
+                n
+            }
+            _ => {
+                let (a, n) = SudpAccept::parse(b)?;
+                v.extend_from_slice(&a.encode());
+                n
+            }
+        };
+        Ok((n, v))
+    }
+
+    /// A valid message of parser `kind`.
+    fn valid_message() -> impl Strategy<Value = (u8, Vec<u8>)> {
+        let bytes = |lo: usize, hi: usize| prop::collection::vec(any::<u8>(), lo..hi);
+        prop_oneof![
+            bytes(1, 256).prop_map(|m| {
                 let mut v = Vec::new();
-                encode_request(r.code, &r.addr.as_ref(), &mut v).unwrap();
-                prop_assert_eq!(&v[..], &buf[..n]);
+                encode_greeting(&m, &mut v);
+                (0, v)
+            }),
+            any::<u8>().prop_map(|m| (1, vec![SOCKS_VERSION, m])),
+            (bytes(1, 256), bytes(0, 256)).prop_map(|(u, p)| {
+                let mut v = Vec::new();
+                encode_userpass(&u, &p, &mut v).unwrap();
+                (2, v)
+            }),
+            (bytes(1, MAX_SUITES + 1), bytes(0, 40), bytes(0, 40)).prop_map(|(s, u, p)| {
+                let p = if u.is_empty() { Vec::new() } else { p };
+                let mut v = Vec::new();
+                SudpHello {
+                    suites: &s,
+                    user: &u,
+                    pass: &p,
+                }
+                .encode(&mut v)
+                .unwrap();
+                (3, v)
+            }),
+            (any::<u8>(), any::<u8>(), any::<u64>()).prop_map(|(status, suite, id)| (
+                4,
+                SudpAccept {
+                    status,
+                    suite,
+                    assoc: AssociationId(id)
+                }
+                .encode()
+                .to_vec()
+            )),
+        ]
+    }
+
+    /// Greeting, method selection, RFC 1929, SudpHello and SudpAccept: a valid message with
+    /// one byte changed, one cut, or trailing bytes. Property: accepted iff the model
+    /// accepts, with the bytes consumed the model says (trailing data left alone), and the
+    /// accepted message re-encodes to exactly those bytes; every error the model names.
+    /// Counted: success and each refusal (version, count/length field, incomplete) per parser.
+    #[test]
+    fn length_prefixed_messages_match_their_model() {
+        let strategy = (
+            valid_message(),
+            mutation(),
+            prop::collection::vec(any::<u8>(), 0..4),
+        );
+        let counts = counted(3000, strategy, |((kind, valid), mutation, trailing)| {
+            let (mut m, _) = mutate(&valid, &mutation);
+            m.extend_from_slice(&trailing);
+            let got = parse_encode(kind, &m);
+            match (model(kind, &m), &got) {
+                (Ok(n), Ok((k, v))) => {
+                    prop_assert_eq!(n, *k);
+                    prop_assert_eq!(&v[..], &m[..n]);
+                }
+                (Err(want), Err(e)) => prop_assert_eq!(want, label(e)),
+                (want, got) => prop_assert!(false, "kind {}: model {:?}, parser {:?}", kind, want, got),
             }
-            let _ = SudpHello::parse(&buf);
-            let _ = parse_userpass(&buf);
-            let _ = parse_greeting(&buf);
+            const LABELS: [[&str; 4]; 5] = [
+                [
+                    "greeting ok",
+                    "greeting incomplete",
+                    "greeting bad_version",
+                    "greeting bad_field",
+                ],
+                [
+                    "method ok",
+                    "method incomplete",
+                    "method bad_version",
+                    "method bad_version",
+                ],
+                [
+                    "userpass ok",
+                    "userpass incomplete",
+                    "userpass bad_version",
+                    "userpass bad_field",
+                ],
+                [
+                    "hello ok",
+                    "hello incomplete",
+                    "hello bad_version",
+                    "hello bad_field",
+                ],
+                [
+                    "accept ok",
+                    "accept incomplete",
+                    "accept bad_version",
+                    "accept bad_version",
+                ],
+            ];
+            let row = LABELS[usize::from(kind)];
+            Ok(match got {
+                Ok(_) => row[0],
+                Err(SocksError::Incomplete { .. }) => row[1],
+                Err(SocksError::BadVersion(_)) => row[2],
+                Err(_) => row[3],
+            })
+        });
+        let mut want = Vec::new();
+        for p in ["greeting", "userpass", "hello"] {
+            for l in ["ok", "incomplete", "bad_version", "bad_field"] {
+                want.push(format!("{p} {l}"));
+            }
+        }
+        for p in ["method", "accept"] {
+            for l in ["ok", "incomplete", "bad_version"] {
+                want.push(format!("{p} {l}"));
+            }
+        }
+        let want: Vec<&str> = want.iter().map(String::as_str).collect();
+        assert_reached(&counts, &want, 1);
+    }
+
+    proptest! {
+        /// `choose_suite` is the first offered id that is known and allowed.
+        #[test]
+        fn suite_choice_matches_its_model(offered in prop::collection::vec(0u8..5, 0..8), mask in 0u8..4) {
+            let allowed: Vec<CipherSuite> =
+                CipherSuite::ALL.into_iter().filter(|s| mask & (1 << (s.id() - 1)) != 0).collect();
+            let model = offered
+                .iter()
+                .find_map(|&id| CipherSuite::from_id(id).filter(|s| allowed.contains(s)));
+            prop_assert_eq!(choose_suite(&offered, &allowed), model);
         }
     }
 }

@@ -1,0 +1,4 @@
+//! libFuzzer entry point; the property is [`sudp_fuzz::socks`].
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| sudp_fuzz::socks(data));
