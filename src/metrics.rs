@@ -27,6 +27,11 @@ pub struct Metrics {
     pub associations: AtomicU64,
     /// Authentication failures.
     pub auth_failures: AtomicU64,
+    /// TLS handshakes completed in full (no session resumed).
+    pub handshakes_full: AtomicU64,
+    /// TLS handshakes that resumed a session (abbreviated), from this node or, with a
+    /// shared store, from another node of the cluster.
+    pub handshakes_resumed: AtomicU64,
 }
 
 impl Metrics {
@@ -58,6 +63,15 @@ impl Metrics {
             s.push_str("none");
         }
         s
+    }
+
+    /// Counts a finished TLS handshake by its kind (`handshake_kind()` of the connection).
+    pub fn count_handshake(&self, kind: Option<rustls::HandshakeKind>) {
+        let counter = match kind {
+            Some(rustls::HandshakeKind::Resumed) => &self.handshakes_resumed,
+            _ => &self.handshakes_full,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a forwarded datagram of `bytes` payload bytes.
@@ -92,6 +106,8 @@ impl Metrics {
             ("connections_total", &self.connections),
             ("associations_total", &self.associations),
             ("auth_failures_total", &self.auth_failures),
+            ("tls_handshakes_full_total", &self.handshakes_full),
+            ("tls_handshakes_resumed_total", &self.handshakes_resumed),
         ];
         for (name, c) in plain {
             let _ = writeln!(
@@ -120,5 +136,11 @@ mod tests {
         let text = m.render_prometheus("sudp_gateway");
         assert!(text.contains("sudp_gateway_dropped_datagrams_total{reason=\"bad_mac\"} 2"));
         assert!(text.contains("sudp_gateway_forwarded_datagrams_total 0"));
+        m.count_handshake(Some(rustls::HandshakeKind::Full));
+        m.count_handshake(Some(rustls::HandshakeKind::Resumed));
+        m.count_handshake(Some(rustls::HandshakeKind::Resumed));
+        let text = m.render_prometheus("g");
+        assert!(text.contains("g_tls_handshakes_full_total 1"), "{text}");
+        assert!(text.contains("g_tls_handshakes_resumed_total 2"), "{text}");
     }
 }

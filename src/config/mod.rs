@@ -37,7 +37,7 @@ use crate::proto::keys::CipherSuite;
 use crate::proto::replay;
 
 pub use gateway::{
-    Auth, GatewayArgs, GatewayConfig, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_LISTEN,
+    Auth, GatewayArgs, GatewayConfig, ResumptionMode, StoreUrl, DEFAULT_CLUSTER, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_LISTEN,
     DEFAULT_MAX_ASSOCIATIONS, DEFAULT_MAX_CONNECTIONS,
 };
 pub use shim::{
@@ -233,6 +233,15 @@ pub enum Problem {
     /// A user name that RFC 1929 cannot carry.
     #[error("a user name must be 1 to 255 bytes")]
     UserName,
+    /// A store URL this build cannot use. The URL is not repeated: it may hold a password.
+    #[error("invalid store URL: {0}")]
+    StoreUrl(String),
+    /// A cluster name outside `a-z A-Z 0-9 - _ .` or 1..=64 characters.
+    #[error("invalid cluster name \"{0}\" (1 to 64 characters of a-z A-Z 0-9 - _ .)")]
+    ClusterName(String),
+    /// Not a resumption mode.
+    #[error("invalid resumption mode \"{0}\" (expected `stateful` or `tickets`)")]
+    Resumption(String),
 }
 
 /// Text that is not a duration (see [`parse_duration`]).

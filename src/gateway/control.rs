@@ -135,6 +135,8 @@ pub(crate) async fn serve(
             return;
         }
     };
+    // Full or resumed (with a shared store, possibly a session another node issued).
+    shared.metrics.count_handshake(tls.get_ref().1.handshake_kind());
     let identity = crate::tls::peer_identity(tls.get_ref().1);
     let negotiated = tokio::time::timeout(hs, negotiate(&shared, tls, identity, peer)).await;
     let (proto, cmd, target, session) = match negotiated {

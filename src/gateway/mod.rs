@@ -21,12 +21,14 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use crate::auth::Users;
-use crate::config::{Auth, GatewayConfig};
+use crate::config::{Auth, GatewayConfig, ResumptionMode};
 use crate::metrics::Metrics;
 use crate::net::dns::Resolver;
 use crate::policy::Policy;
 use crate::proto::CipherSuite;
-use crate::tls::ServerTlsOptions;
+use crate::store::tls::{StoreSessions, StoreTicketer, DEFAULT_TICKET_PERIOD};
+use crate::store::{ClusterKey, MemoryStore, RedisOptions, RedisStore, SessionStore};
+use crate::tls::{Resumption, ServerTlsOptions};
 use relay::{Relay, RelaySettings};
 
 /// How long shutdown waits for connections to finish.
@@ -74,6 +76,9 @@ pub struct Settings {
     pub suites: Vec<CipherSuite>,
     /// Relay receive workers (sockets sharing the relay port through SO_REUSEPORT).
     pub workers: usize,
+    /// The session store (in-process, or shared by the cluster through Redis); `tls`
+    /// resumes through the same store when built by [`Settings::from_config`].
+    pub store: Arc<dyn SessionStore>,
 }
 
 impl Settings {
@@ -99,6 +104,7 @@ impl Settings {
             replay_window: crate::proto::replay::DEFAULT_WINDOW,
             suites: CipherSuite::ALL.to_vec(),
             workers: default_workers(),
+            store: Arc::new(MemoryStore::default()),
         }
     }
 
@@ -111,13 +117,32 @@ impl Settings {
             None => None,
         };
         let require_client_cert = matches!(cfg.auth, Auth::ClientCert(_));
-        let tls = crate::tls::server_config(ServerTlsOptions {
-            cert_chain: crate::tls::load_certs(&cfg.cert)?,
-            key: crate::tls::load_key(&cfg.key)?,
-            client_ca,
-            require_client_cert,
-            allow_tls12: cfg.tls12,
-        })?;
+        let store: Arc<dyn SessionStore> = match (&cfg.store, &cfg.cluster_key) {
+            (Some(url), Some(key_file)) => {
+                let key = ClusterKey::load(key_file)?;
+                Arc::new(RedisStore::new(url.as_str(), &cfg.cluster, &key, RedisOptions::default())?)
+            }
+            // The config refuses a store without a key; without a store the key is unused.
+            _ => Arc::new(MemoryStore::default()),
+        };
+        let sessions = Arc::new(StoreSessions::new(store.clone()));
+        let resumption = match cfg.resumption {
+            ResumptionMode::Stateful => Resumption::Stateful(sessions),
+            ResumptionMode::Tickets => Resumption::Tickets {
+                ticketer: Arc::new(StoreTicketer::new(store.clone(), DEFAULT_TICKET_PERIOD)),
+                storage: sessions,
+            },
+        };
+        let tls = crate::tls::server_config_resuming(
+            ServerTlsOptions {
+                cert_chain: crate::tls::load_certs(&cfg.cert)?,
+                key: crate::tls::load_key(&cfg.key)?,
+                client_ca,
+                require_client_cert,
+                allow_tls12: cfg.tls12,
+            },
+            resumption,
+        )?;
         let users = match cfg.auth.users() {
             Some(p) => Some(Arc::new(
                 Users::load(p).with_context(|| format!("users file {}", p.display()))?,
@@ -143,6 +168,7 @@ impl Settings {
             replay_window: cfg.replay_window,
             suites: cfg.suites.clone(),
             workers: default_workers(),
+            store,
         })
     }
 }
