@@ -286,7 +286,8 @@ mod tls {
                 .query_async(&mut conn)
                 .await
                 .unwrap();
-            if !keys.is_empty() {
+            // rustls sends two TLS 1.3 tickets (two sessions), one ticket key is enough.
+            if keys.len() >= if mode == Mode::Stateful { 2 } else { 1 } {
                 break;
             }
             assert!(Instant::now() < deadline, "nothing in {table}");
@@ -324,4 +325,145 @@ fn stores_are_object_safe_and_shareable() {
     fn shareable<T: Send + Sync + 'static>() {}
     shareable::<Arc<dyn SessionStore>>();
     shareable::<RedisStore>();
+}
+
+/// The gateway as configured by a user: `sudp cluster-key`, a config file with `store`,
+/// `cluster`, `cluster_key`, `resumption`; two gateways on one Redis; a client that
+/// handshook with the first resumes with the second, and the counters say so.
+mod gateway {
+    use std::process::Command;
+
+    use sudp::config::{GatewayArgs, GatewayConfig};
+    use sudp::gateway::Settings;
+
+    use super::*;
+
+    const BIN: &str = env!("CARGO_BIN_EXE_sudp");
+
+    fn tempdir(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("sudp-store-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    async fn wait_for_keys(redis: &RedisServer, pattern: &str, count: usize) {
+        let mut conn = raw(redis).await;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query_async(&mut conn).await.unwrap();
+            if keys.len() >= count {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no key matches {pattern}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn two_gateways_resume(mode: &str) {
+        let Some(redis) = RedisServer::start() else { return };
+        let dir = tempdir(mode);
+        let pki = sudp::cert::ephemeral();
+        sudp::cert::write(&pki, &dir).unwrap();
+        let key = dir.join("cluster.key");
+        let out = Command::new(BIN)
+            .args(["cluster-key", "--out"])
+            .arg(&key)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let toml = format!(
+            "listen = \"127.0.0.1:0\"\ncert = \"gateway.pem\"\nkey = \"gateway.key\"\nno_auth = true\n\
+             store = \"{}\"\ncluster = \"gw\"\ncluster_key = \"cluster.key\"\nresumption = \"{mode}\"\n",
+            redis.url()
+        );
+        std::fs::write(dir.join("gateway.toml"), toml).unwrap();
+        let args = GatewayArgs {
+            config: Some(dir.join("gateway.toml")),
+            ..GatewayArgs::default()
+        };
+        let config = GatewayConfig::from_args(args).unwrap();
+        let (gw1, gw2) = (
+            common::TestGateway::start(Settings::from_config(&config).unwrap()).await,
+            common::TestGateway::start(Settings::from_config(&config).unwrap()).await,
+        );
+        let tls = common::client_tls(&pki, false);
+        let connect = |gw: &common::TestGateway| {
+            let opts = sudp::client::ClientOptions::new(gw.control, "localhost", tls.clone());
+            async move {
+                let mut control = sudp::client::connect_tls(&opts).await.unwrap();
+                // SOCKS5 negotiation: the client reads, so it also takes in its tickets.
+                sudp::client::negotiate_sudp(&mut control, &opts).await.unwrap();
+                control.get_ref().1.handshake_kind().unwrap()
+            }
+        };
+        assert_eq!(connect(&gw1).await, rustls::HandshakeKind::Full);
+        let table = if mode == "stateful" { "tls-session" } else { "ticket-keys" };
+        let count = if mode == "stateful" { 2 } else { 1 };
+        wait_for_keys(&redis, &format!("sudp:gw:{table}:*"), count).await;
+        assert_eq!(connect(&gw2).await, rustls::HandshakeKind::Resumed);
+        use std::sync::atomic::Ordering::Relaxed;
+        until("counters", || gw2.metrics.handshakes_resumed.load(Relaxed) == 1).await;
+        assert_eq!(gw1.metrics.handshakes_full.load(Relaxed), 1);
+        assert_eq!(gw1.metrics.handshakes_resumed.load(Relaxed), 0);
+        assert_eq!(gw2.metrics.handshakes_full.load(Relaxed), 0);
+        let text = gw2.metrics.render_prometheus("sudp_gateway");
+        assert!(text.contains("sudp_gateway_tls_handshakes_resumed_total 1"), "{text}");
+
+        if mode == "stateful" {
+            // The operator's purge empties the sessions: the next client cannot resume.
+            let out = Command::new(BIN)
+                .args(["store", "purge", "--store", &redis.url(), "--cluster", "gw", "--table", "tls-session"])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let said = String::from_utf8_lossy(&out.stdout);
+            assert!(said.starts_with("purged ") && said.contains("tls-session"), "{said}");
+            let mut conn = raw(&redis).await;
+            let keys: Vec<String> = redis::cmd("KEYS").arg("sudp:gw:tls-session:*").query_async(&mut conn).await.unwrap();
+            assert!(keys.is_empty(), "{keys:?}");
+        }
+        gw1.stop().await;
+        gw2.stop().await;
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_gateways_resume_statefully() {
+        two_gateways_resume("stateful").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_gateways_resume_with_shared_tickets() {
+        two_gateways_resume("tickets").await;
+    }
+
+    #[test]
+    fn cluster_key_is_private_and_never_overwritten() {
+        let dir = tempdir("ck");
+        let key = dir.join("k");
+        let run = || Command::new(BIN).args(["cluster-key", "--out"]).arg(&key).output().unwrap();
+        assert!(run().status.success());
+        let first = std::fs::read_to_string(&key).unwrap();
+        assert_eq!(first.trim().len(), 64);
+        assert!(first.trim().bytes().all(|b| b.is_ascii_hexdigit()));
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        let again = run();
+        assert!(!again.status.success());
+        assert!(String::from_utf8_lossy(&again.stderr).contains("refusing to overwrite"));
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), first);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_store_without_a_cluster_key_is_refused_by_name() {
+        let out = Command::new(BIN)
+            .args(["gateway", "--cert", "c", "--key", "k", "--no-auth", "--store", "redis://127.0.0.1:1/0"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("`store` (--store) needs `cluster_key` (--cluster-key)"), "{err}");
+    }
 }

@@ -213,6 +213,8 @@ impl Gateway {
             dns.clone(),
             settings.policy.clone(),
         )?;
+        // Connect to the shared store now, not in the first client's handshake.
+        settings.store.start();
         let acceptor = TlsAcceptor::from(settings.tls.clone());
         Ok(Gateway {
             listener,

@@ -219,6 +219,11 @@ pub trait SessionStore: Send + Sync + fmt::Debug {
 
     /// Whether records are shared with other nodes (a repository behind the local tier).
     fn is_shared(&self) -> bool;
+
+    /// Connects to the repository and starts listening to the other nodes, in the
+    /// background, so that the first operation that needs them does not wait for it. Call
+    /// from within a tokio runtime (the gateway does when it binds). Idempotent.
+    fn start(&self) {}
 }
 
 fn ttl_ms(ttl: Duration) -> Result<u64, StoreError> {

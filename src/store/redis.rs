@@ -115,7 +115,8 @@ struct Inner {
     opts: RedisOptions,
     manager: Mutex<Option<ConnectionManager>>,
     next_attempt: Mutex<Option<Instant>>,
-    connecting: AtomicBool,
+    /// Held while connecting.
+    connecting: tokio::sync::Mutex<()>,
     /// Whether the last contact with Redis worked (for logging each outage once).
     up: AtomicBool,
     /// Whether the subscriber hears notices now.
@@ -273,7 +274,7 @@ impl RedisStore {
                 opts,
                 manager: Mutex::new(None),
                 next_attempt: Mutex::new(None),
-                connecting: AtomicBool::new(false),
+                connecting: tokio::sync::Mutex::new(()),
                 up: AtomicBool::new(true),
                 subscribed: AtomicBool::new(false),
                 notices: AtomicU64::new(0),
@@ -282,7 +283,8 @@ impl RedisStore {
         })
     }
 
-    /// Starts the subscriber (idempotent; every operation also does). Needs a tokio runtime.
+    /// Connects and starts the subscriber (idempotent; every operation also does). Needs a
+    /// tokio runtime.
     pub fn start(&self) {
         let mut slot = lock(&self.inner.subscriber);
         if slot.is_none() {
@@ -331,26 +333,20 @@ impl Inner {
         }
     }
 
-    /// The connection manager, connecting if there is none yet (one attempt at a time, at
-    /// most one per `retry_delay`). `None`: not available now.
+    /// The connection manager, connecting if there is none yet (one attempt at a time: a
+    /// caller that finds one under way waits for it; after a failure, none for
+    /// `retry_delay`). `None`: not available now.
     async fn manager(&self) -> Option<ConnectionManager> {
+        if let Some(m) = lock(&self.manager).clone() {
+            return Some(m);
+        }
+        let _attempt = self.connecting.lock().await;
         if let Some(m) = lock(&self.manager).clone() {
             return Some(m);
         }
         if lock(&self.next_attempt).is_some_and(|t| Instant::now() < t) {
             return None;
         }
-        if self.connecting.swap(true, Ordering::AcqRel) {
-            return None;
-        }
-        /// Clears `connecting` however the attempt ends (also if the future is dropped).
-        struct Attempt<'a>(&'a AtomicBool);
-        impl Drop for Attempt<'_> {
-            fn drop(&mut self) {
-                self.0.store(false, Ordering::Release);
-            }
-        }
-        let _attempt = Attempt(&self.connecting);
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.opts.connect_timeout))
             .set_response_timeout(Some(self.opts.op_timeout))
@@ -465,6 +461,9 @@ async fn subscriber(store: Weak<Inner>) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let Some(inner) = store.upgrade() else { return };
+        // The command connection too, so that the first handshake that needs Redis does not
+        // pay for connecting (bounded by the connect timeout).
+        let _ = inner.manager().await;
         let (client, channel, limit) = (inner.client.clone(), inner.channel.clone(), inner.opts.connect_timeout);
         drop(inner);
         let attempt = async {
@@ -650,6 +649,10 @@ impl SessionStore for RedisStore {
 
     fn local(&self) -> &MemoryTier {
         &self.inner.local
+    }
+
+    fn start(&self) {
+        RedisStore::start(self);
     }
 
     fn is_shared(&self) -> bool {
