@@ -249,7 +249,10 @@ pub fn server_config_with_store(
 }
 
 /// Builds the gateway's rustls configuration with the given [`Resumption`].
-pub fn server_config_resuming(opts: ServerTlsOptions, resumption: Resumption) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn server_config_resuming(
+    opts: ServerTlsOptions,
+    resumption: Resumption,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(versions(opts.allow_tls12))
@@ -307,12 +310,10 @@ pub fn server_config_resuming(opts: ServerTlsOptions, resumption: Resumption) ->
 /// Server-side TLS session storage (stateful resumption: TLS 1.2 session ids, and TLS 1.3
 /// when tickets are off), behind rustls' [`StoresServerSessions`].
 ///
-/// This is the seam for a cluster of gateways: a type backed by a shared store (Redis, ...)
-/// implementing [`StoresServerSessions`] replaces this one through
-/// [`server_config_with_store`], so a client resumes on whichever node it reaches. Tickets
-/// are the other half: every node must then also share the ticket keys, or tickets turned
-/// off so that resumption goes through the store. Stored values are resumption secrets: a
-/// shared store must be access-controlled and encrypted in transit.
+/// The session storage of [`Resumption::Local`]. A cluster uses
+/// [`crate::store::tls::StoreSessions`] instead (stateful resumption through the shared
+/// store, ticketer off) or [`crate::store::tls::StoreTicketer`] (tickets under keys every
+/// node shares); see docs/CLUSTER.md.
 #[derive(Debug)]
 pub struct SessionCache {
     inner: Arc<ServerSessionMemoryCache>,

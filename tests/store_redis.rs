@@ -46,14 +46,23 @@ async fn nodes_share_records_and_evict_each_other_through_pubsub() {
     let (a, b) = two_nodes(&redis).await;
 
     assert!(a.add(&T, b"k", b"v1", TTL).await.unwrap());
-    assert!(!b.add(&T, b"k", b"other", TTL).await.unwrap(), "ADD of a key another node added");
+    assert!(
+        !b.add(&T, b"k", b"other", TTL).await.unwrap(),
+        "ADD of a key another node added"
+    );
     let r = b.get(&T, b"k").await.unwrap().unwrap();
     assert_eq!((&r.value[..], r.version), (&b"v1"[..], 1));
     assert!(b.local().get(&T, b"k").is_some(), "GET fills the local tier");
 
     // UPDATE on A evicts B's local copy (pub/sub), and B then reads the new version.
-    assert_eq!(a.update(&T, b"k", 1, b"v2", TTL).await.unwrap(), Update::Updated { version: 2 });
-    until("B's local copy evicted after A's UPDATE", || b.local().get(&T, b"k").is_none()).await;
+    assert_eq!(
+        a.update(&T, b"k", 1, b"v2", TTL).await.unwrap(),
+        Update::Updated { version: 2 }
+    );
+    until("B's local copy evicted after A's UPDATE", || {
+        b.local().get(&T, b"k").is_none()
+    })
+    .await;
     let r = b.get(&T, b"k").await.unwrap().unwrap();
     assert_eq!((&r.value[..], r.version), (&b"v2"[..], 2));
     // A ignores its own notice: its local tier keeps what it wrote.
@@ -61,7 +70,10 @@ async fn nodes_share_records_and_evict_each_other_through_pubsub() {
     assert_eq!(a.local().get(&T, b"k").unwrap().version, 2);
 
     // Compare-and-set: a stale version loses, and of two racing writers exactly one wins.
-    assert_eq!(b.update(&T, b"k", 1, b"stale", TTL).await.unwrap(), Update::Conflict);
+    assert_eq!(
+        b.update(&T, b"k", 1, b"stale", TTL).await.unwrap(),
+        Update::Conflict
+    );
     let (ra, rb) = tokio::join!(
         a.update(&T, b"k", 2, b"from a", TTL),
         b.update(&T, b"k", 2, b"from b", TTL)
@@ -71,12 +83,18 @@ async fn nodes_share_records_and_evict_each_other_through_pubsub() {
         .filter(|u| matches!(u, Update::Updated { version: 3 }))
         .count();
     assert_eq!(wins, 1);
-    assert_eq!(a.update(&T, b"absent", 1, b"x", TTL).await.unwrap(), Update::Missing);
+    assert_eq!(
+        a.update(&T, b"absent", 1, b"x", TTL).await.unwrap(),
+        Update::Missing
+    );
 
     // DELETE on B evicts A's local copy.
     assert!(a.get(&T, b"k").await.unwrap().is_some());
     assert!(b.delete(&T, b"k").await.unwrap());
-    until("A's local copy evicted after B's DELETE", || a.local().get(&T, b"k").is_none()).await;
+    until("A's local copy evicted after B's DELETE", || {
+        a.local().get(&T, b"k").is_none()
+    })
+    .await;
     assert!(a.get(&T, b"k").await.unwrap().is_none());
 
     // TAKE: one node gets it, the other does not.
@@ -90,7 +108,10 @@ async fn nodes_share_records_and_evict_each_other_through_pubsub() {
 async fn records_expire_in_redis_and_in_the_local_tier() {
     let Some(redis) = RedisServer::start() else { return };
     let (a, b) = two_nodes(&redis).await;
-    assert!(a.add(&T, b"short", b"v", Duration::from_millis(400)).await.unwrap());
+    assert!(a
+        .add(&T, b"short", b"v", Duration::from_millis(400))
+        .await
+        .unwrap());
     assert!(b.get(&T, b"short").await.unwrap().is_some());
     let mut conn = raw(&redis).await;
     let pttl: i64 = conn.pttl(a.redis_key(&T, b"short")).await.unwrap();
@@ -119,17 +140,31 @@ async fn purge_empties_one_table_everywhere() {
     assert!(b.get(&other, b"keep").await.unwrap().is_some());
 
     // The operator's purge (what `sudp store purge` runs).
-    let n = sudp::store::redis::purge_table(&redis.url(), "test", &T, WAIT).await.unwrap();
+    let n = sudp::store::redis::purge_table(&redis.url(), "test", &T, WAIT)
+        .await
+        .unwrap();
     assert_eq!(n, 700);
-    until("B's local tier purged", || b.local().get(&T, &5u32.to_be_bytes()).is_none()).await;
-    until("A's local tier purged", || a.local().get(&T, &0u32.to_be_bytes()).is_none()).await;
+    until("B's local tier purged", || {
+        b.local().get(&T, &5u32.to_be_bytes()).is_none()
+    })
+    .await;
+    until("A's local tier purged", || {
+        a.local().get(&T, &0u32.to_be_bytes()).is_none()
+    })
+    .await;
     assert!(b.get(&T, &5u32.to_be_bytes()).await.unwrap().is_none());
-    assert!(b.local().get(&other, b"keep").is_some(), "another table is left alone");
+    assert!(
+        b.local().get(&other, b"keep").is_some(),
+        "another table is left alone"
+    );
     assert!(a.get(&other, b"keep").await.unwrap().is_some());
 
     // A node's purge through the trait.
     assert_eq!(b.purge(&other).await.unwrap(), 1);
-    until("A's copy of the other table purged", || a.local().get(&other, b"keep").is_none()).await;
+    until("A's copy of the other table purged", || {
+        a.local().get(&other, b"keep").is_none()
+    })
+    .await;
     assert!(a.get(&other, b"keep").await.unwrap().is_none());
 }
 
@@ -139,16 +174,25 @@ async fn redis_holds_only_sealed_values_that_do_not_move() {
     let (a, b) = two_nodes(&redis).await;
     let secret = b"TOP-SECRET-resumption-master-secret-4242";
     assert!(a.add(&T, b"key-1", secret, TTL).await.unwrap());
-    assert!(a.add(&Table::ASSOCIATION, b"key-1", b"another", TTL).await.unwrap());
+    assert!(a
+        .add(&Table::ASSOCIATION, b"key-1", b"another", TTL)
+        .await
+        .unwrap());
 
     // Scan all of Redis: the key names are as documented, no value shows the secret.
     let mut conn = raw(&redis).await;
     let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut conn).await.unwrap();
-    assert!(keys.contains(&format!("sudp:test:tls-session:{}", hex::encode(b"key-1"))), "{keys:?}");
+    assert!(
+        keys.contains(&format!("sudp:test:tls-session:{}", hex::encode(b"key-1"))),
+        "{keys:?}"
+    );
     assert!(!keys.is_empty());
     for k in &keys {
         let v: Vec<u8> = conn.get(k).await.unwrap();
-        assert!(!v.windows(10).any(|w| secret.windows(10).any(|s| s == w)), "{k} leaks");
+        assert!(
+            !v.windows(10).any(|w| secret.windows(10).any(|s| s == w)),
+            "{k} leaks"
+        );
         assert!(!v.windows(7).any(|w| w == b"another"));
     }
 
@@ -170,7 +214,9 @@ async fn redis_holds_only_sealed_values_that_do_not_move() {
 
 #[tokio::test]
 async fn a_node_keeps_serving_while_redis_is_down_and_uses_it_again_when_it_returns() {
-    let Some(mut redis) = RedisServer::start() else { return };
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
     let (a, b) = two_nodes(&redis).await;
     assert!(a.add(&T, b"before", b"v", TTL).await.unwrap());
     assert!(a.get(&T, b"before").await.unwrap().is_some());
@@ -184,24 +230,40 @@ async fn a_node_keeps_serving_while_redis_is_down_and_uses_it_again_when_it_retu
     assert!(a.get(&T, b"during").await.unwrap().is_some());
     assert!(b.get(&T, b"during").await.unwrap().is_none());
     assert!(b.purge(&T).await.is_err(), "a purge reports the outage");
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 
     // Redis returns on the same port (empty): both nodes use it again, no restart.
     redis.restart();
-    until("both nodes subscribed again", || a.is_subscribed() && b.is_subscribed()).await;
+    until("both nodes subscribed again", || {
+        a.is_subscribed() && b.is_subscribed()
+    })
+    .await;
     let deadline = Instant::now() + WAIT;
     loop {
         let _ = a.add(&T, b"after", b"v2", TTL).await.unwrap();
         if b.get(&T, b"after").await.unwrap().is_some() {
             break;
         }
-        assert!(Instant::now() < deadline, "B never saw A's write after Redis returned");
+        assert!(
+            Instant::now() < deadline,
+            "B never saw A's write after Redis returned"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // And invalidation works again.
     let v = b.get(&T, b"after").await.unwrap().unwrap().version;
-    assert_eq!(a.update(&T, b"after", v, b"v3", TTL).await.unwrap(), Update::Updated { version: v + 1 });
-    until("B evicted after Redis returned", || b.local().get(&T, b"after").is_none()).await;
+    assert_eq!(
+        a.update(&T, b"after", v, b"v3", TTL).await.unwrap(),
+        Update::Updated { version: v + 1 }
+    );
+    until("B evicted after Redis returned", || {
+        b.local().get(&T, b"after").is_none()
+    })
+    .await;
 }
 
 mod tls {
@@ -221,7 +283,11 @@ mod tls {
         Tickets,
     }
 
-    fn server(pki: &sudp::cert::DevPki, store: Arc<dyn SessionStore>, mode: Mode) -> Arc<rustls::ServerConfig> {
+    fn server(
+        pki: &sudp::cert::DevPki,
+        store: Arc<dyn SessionStore>,
+        mode: Mode,
+    ) -> Arc<rustls::ServerConfig> {
         let sessions = Arc::new(StoreSessions::new(store.clone()));
         let resumption = match mode {
             Mode::Stateful => Resumption::Stateful(sessions),
@@ -243,7 +309,10 @@ mod tls {
     }
 
     /// One handshake; the server writes a byte so that the client reads its tickets.
-    async fn handshake(server: Arc<rustls::ServerConfig>, client: Arc<rustls::ClientConfig>) -> (HandshakeKind, HandshakeKind) {
+    async fn handshake(
+        server: Arc<rustls::ServerConfig>,
+        client: Arc<rustls::ClientConfig>,
+    ) -> (HandshakeKind, HandshakeKind) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let srv = tokio::spawn(async move {
@@ -275,9 +344,16 @@ mod tls {
         let (gw1, gw2) = (server(&pki, a, mode), server(&pki, b, mode));
         let client = common::client_tls(&pki, false);
 
-        assert_eq!(handshake(gw1.clone(), client.clone()).await, (HandshakeKind::Full, HandshakeKind::Full));
+        assert_eq!(
+            handshake(gw1.clone(), client.clone()).await,
+            (HandshakeKind::Full, HandshakeKind::Full)
+        );
         // Stateful: wait until gateway 1's spawned write reached Redis.
-        let table = if mode == Mode::Stateful { "tls-session" } else { "ticket-keys" };
+        let table = if mode == Mode::Stateful {
+            "tls-session"
+        } else {
+            "ticket-keys"
+        };
         let mut conn = raw(&redis).await;
         let deadline = Instant::now() + WAIT;
         loop {
@@ -306,7 +382,10 @@ mod tls {
         let other: Arc<dyn SessionStore> = Arc::new(node(&redis, "elsewhere", &key));
         let fresh = common::client_tls(&pki, false);
         assert_eq!(handshake(gw2, fresh.clone()).await.0, HandshakeKind::Full);
-        assert_eq!(handshake(server(&pki, other, mode), fresh).await.0, HandshakeKind::Full);
+        assert_eq!(
+            handshake(server(&pki, other, mode), fresh).await.0,
+            HandshakeKind::Full
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -351,7 +430,11 @@ mod gateway {
         let mut conn = raw(redis).await;
         let deadline = Instant::now() + WAIT;
         loop {
-            let keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query_async(&mut conn).await.unwrap();
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(pattern)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
             if keys.len() >= count {
                 return;
             }
@@ -398,29 +481,76 @@ mod gateway {
             }
         };
         assert_eq!(connect(&gw1).await, rustls::HandshakeKind::Full);
-        let table = if mode == "stateful" { "tls-session" } else { "ticket-keys" };
+        let table = if mode == "stateful" {
+            "tls-session"
+        } else {
+            "ticket-keys"
+        };
         let count = if mode == "stateful" { 2 } else { 1 };
         wait_for_keys(&redis, &format!("sudp:gw:{table}:*"), count).await;
         assert_eq!(connect(&gw2).await, rustls::HandshakeKind::Resumed);
+        // Store round trips of one full handshake on gateway 1 and one resumption on 2
+        // (docs/CLUSTER.md quotes them; `--nocapture` shows them).
+        let mut conn = raw(&redis).await;
+        let stats: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let calls: Vec<&str> = stats
+            .lines()
+            .filter(|l| {
+                l.starts_with("cmdstat_") && !l.contains("cmdstat_info") && !l.contains("cmdstat_keys")
+            })
+            .collect();
+        eprintln!("redis commands, {mode}: {calls:#?}");
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("sudp:gw:*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for k in keys {
+            let len: usize = conn.strlen(&k).await.unwrap();
+            eprintln!("{k}: {len} bytes");
+        }
         use std::sync::atomic::Ordering::Relaxed;
         until("counters", || gw2.metrics.handshakes_resumed.load(Relaxed) == 1).await;
         assert_eq!(gw1.metrics.handshakes_full.load(Relaxed), 1);
         assert_eq!(gw1.metrics.handshakes_resumed.load(Relaxed), 0);
         assert_eq!(gw2.metrics.handshakes_full.load(Relaxed), 0);
         let text = gw2.metrics.render_prometheus("sudp_gateway");
-        assert!(text.contains("sudp_gateway_tls_handshakes_resumed_total 1"), "{text}");
+        assert!(
+            text.contains("sudp_gateway_tls_handshakes_resumed_total 1"),
+            "{text}"
+        );
 
         if mode == "stateful" {
             // The operator's purge empties the sessions: the next client cannot resume.
             let out = Command::new(BIN)
-                .args(["store", "purge", "--store", &redis.url(), "--cluster", "gw", "--table", "tls-session"])
+                .args([
+                    "store",
+                    "purge",
+                    "--store",
+                    &redis.url(),
+                    "--cluster",
+                    "gw",
+                    "--table",
+                    "tls-session",
+                ])
                 .output()
                 .unwrap();
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
             let said = String::from_utf8_lossy(&out.stdout);
-            assert!(said.starts_with("purged ") && said.contains("tls-session"), "{said}");
+            assert!(
+                said.starts_with("purged ") && said.contains("tls-session"),
+                "{said}"
+            );
             let mut conn = raw(&redis).await;
-            let keys: Vec<String> = redis::cmd("KEYS").arg("sudp:gw:tls-session:*").query_async(&mut conn).await.unwrap();
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg("sudp:gw:tls-session:*")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
             assert!(keys.is_empty(), "{keys:?}");
         }
         gw1.stop().await;
@@ -442,13 +572,22 @@ mod gateway {
     fn cluster_key_is_private_and_never_overwritten() {
         let dir = tempdir("ck");
         let key = dir.join("k");
-        let run = || Command::new(BIN).args(["cluster-key", "--out"]).arg(&key).output().unwrap();
+        let run = || {
+            Command::new(BIN)
+                .args(["cluster-key", "--out"])
+                .arg(&key)
+                .output()
+                .unwrap()
+        };
         assert!(run().status.success());
         let first = std::fs::read_to_string(&key).unwrap();
         assert_eq!(first.trim().len(), 64);
         assert!(first.trim().bytes().all(|b| b.is_ascii_hexdigit()));
         use std::os::unix::fs::PermissionsExt as _;
-        assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let again = run();
         assert!(!again.status.success());
         assert!(String::from_utf8_lossy(&again.stderr).contains("refusing to overwrite"));
@@ -459,11 +598,23 @@ mod gateway {
     #[test]
     fn a_store_without_a_cluster_key_is_refused_by_name() {
         let out = Command::new(BIN)
-            .args(["gateway", "--cert", "c", "--key", "k", "--no-auth", "--store", "redis://127.0.0.1:1/0"])
+            .args([
+                "gateway",
+                "--cert",
+                "c",
+                "--key",
+                "k",
+                "--no-auth",
+                "--store",
+                "redis://127.0.0.1:1/0",
+            ])
             .output()
             .unwrap();
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("`store` (--store) needs `cluster_key` (--cluster-key)"), "{err}");
+        assert!(
+            err.contains("`store` (--store) needs `cluster_key` (--cluster-key)"),
+            "{err}"
+        );
     }
 }

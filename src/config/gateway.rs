@@ -410,7 +410,9 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
     let suites = suites(&o, args.suites, file.suites)?;
 
     // Cluster: a shared store seals what it holds, so it needs the key.
-    let store = args.store.or(file_value(&o, "store", file.store, parse_store_url)?);
+    let store = args
+        .store
+        .or(file_value(&o, "store", file.store, parse_store_url)?);
     let cluster = args
         .cluster
         .or(file_value(&o, "cluster", file.cluster, parse_cluster)?)
@@ -902,10 +904,17 @@ mod tests {
         assert_eq!(c.resumption, ResumptionMode::Tickets);
         let c = from_toml(
             &format!("{MINIMAL}{file}"),
-            &["--cluster=b", "--resumption=stateful", "--store=rediss://[::1]:6380/0"],
+            &[
+                "--cluster=b",
+                "--resumption=stateful",
+                "--store=rediss://[::1]:6380/0",
+            ],
         )
         .unwrap();
-        assert_eq!((c.cluster.as_str(), c.resumption), ("b", ResumptionMode::Stateful));
+        assert_eq!(
+            (c.cluster.as_str(), c.resumption),
+            ("b", ResumptionMode::Stateful)
+        );
         assert!(c.store.unwrap().as_str().starts_with("rediss://"));
 
         // A store without a key names both.
@@ -914,9 +923,18 @@ mod tests {
         let got = error(&format!("{MINIMAL}store = \"redis://127.0.0.1:6379\"\n"), &[]);
         assert!(got.contains("`cluster_key`"), "{got}");
         for (extra, want) in [
-            ("store = \"http://x:1\"", "gateway.toml: key `store`: invalid store URL"),
-            ("cluster = \"a:b\"", "gateway.toml: key `cluster`: invalid cluster name"),
-            ("resumption = \"both\"", "gateway.toml: key `resumption`: invalid resumption mode"),
+            (
+                "store = \"http://x:1\"",
+                "gateway.toml: key `store`: invalid store URL",
+            ),
+            (
+                "cluster = \"a:b\"",
+                "gateway.toml: key `cluster`: invalid cluster name",
+            ),
+            (
+                "resumption = \"both\"",
+                "gateway.toml: key `resumption`: invalid resumption mode",
+            ),
         ] {
             let got = error(&format!("{MINIMAL}{extra}\n"), &[]);
             assert!(got.starts_with(want), "{got}");
@@ -924,7 +942,9 @@ mod tests {
         // A password in the URL is never printed.
         let url = StoreUrl("redis://:hunter2@127.0.0.1:6379/0".into());
         assert_eq!(format!("{url:?}"), "StoreUrl(redis://127.0.0.1:6379/0)");
-        let err = parse_store_url("redis://:hunter2@[::1/0").unwrap_err().to_string();
+        let err = parse_store_url("redis://:hunter2@[::1/0")
+            .unwrap_err()
+            .to_string();
         assert!(!err.contains("hunter2"), "{err}");
     }
 

@@ -37,8 +37,8 @@ use crate::proto::keys::CipherSuite;
 use crate::proto::replay;
 
 pub use gateway::{
-    Auth, GatewayArgs, GatewayConfig, ResumptionMode, StoreUrl, DEFAULT_CLUSTER, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_LISTEN,
-    DEFAULT_MAX_ASSOCIATIONS, DEFAULT_MAX_CONNECTIONS,
+    Auth, GatewayArgs, GatewayConfig, ResumptionMode, StoreUrl, DEFAULT_CLUSTER, DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_LISTEN, DEFAULT_MAX_ASSOCIATIONS, DEFAULT_MAX_CONNECTIONS,
 };
 pub use shim::{
     parse_forward, parse_host_port, Forward, ForwardProto, PasswordLogin, ShimArgs, ShimConfig, Trust,

@@ -120,7 +120,12 @@ impl Settings {
         let store: Arc<dyn SessionStore> = match (&cfg.store, &cfg.cluster_key) {
             (Some(url), Some(key_file)) => {
                 let key = ClusterKey::load(key_file)?;
-                Arc::new(RedisStore::new(url.as_str(), &cfg.cluster, &key, RedisOptions::default())?)
+                Arc::new(RedisStore::new(
+                    url.as_str(),
+                    &cfg.cluster,
+                    &key,
+                    RedisOptions::default(),
+                )?)
             }
             // The config refuses a store without a key; without a store the key is unused.
             _ => Arc::new(MemoryStore::default()),

@@ -55,7 +55,9 @@ pub fn run_store(args: StoreArgs) -> anyhow::Result<()> {
     match args.cmd {
         StoreCmd::Purge(p) => {
             let table = Table::new(&p.table)?;
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             let n = runtime.block_on(super::redis::purge_table(
                 &p.store,
                 &p.cluster,

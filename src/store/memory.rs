@@ -190,7 +190,9 @@ impl Inner {
     fn insert(&mut self, k: Vec<u8>, value: &[u8], version: u64, expires: Instant, capacity: usize) {
         self.remove(&k);
         while self.map.len() >= capacity {
-            let Some((_, oldest)) = self.order.pop_first() else { break };
+            let Some((_, oldest)) = self.order.pop_first() else {
+                break;
+            };
             self.map.remove(&oldest);
         }
         let seq = self.next_seq;
@@ -244,7 +246,13 @@ impl SessionStore for MemoryStore {
         Box::pin(async move { Ok(self.tier.remove(table, key)) })
     }
 
-    fn add<'a>(&'a self, table: &'a Table, key: &'a [u8], value: &'a [u8], ttl: Duration) -> StoreFuture<'a, bool> {
+    fn add<'a>(
+        &'a self,
+        table: &'a Table,
+        key: &'a [u8],
+        value: &'a [u8],
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             ttl_ms(ttl)?;
             Ok(self.tier.add(table, key, value, ttl))
@@ -294,12 +302,19 @@ mod tests {
     fn add_get_update_delete() {
         let m = MemoryTier::new(8);
         assert!(m.add(&T, b"k", b"v1", LONG));
-        assert!(!m.add(&T, b"k", b"other", LONG), "ADD of an existing key must fail");
+        assert!(
+            !m.add(&T, b"k", b"other", LONG),
+            "ADD of an existing key must fail"
+        );
         let r = m.get(&T, b"k").unwrap();
         assert_eq!((&r.value[..], r.version), (&b"v1"[..], 1));
         assert_eq!(m.update(&T, b"k", 2, b"x", LONG), Update::Conflict);
         assert_eq!(m.update(&T, b"k", 1, b"v2", LONG), Update::Updated { version: 2 });
-        assert_eq!(m.update(&T, b"k", 1, b"v3", LONG), Update::Conflict, "a stale CAS loses");
+        assert_eq!(
+            m.update(&T, b"k", 1, b"v3", LONG),
+            Update::Conflict,
+            "a stale CAS loses"
+        );
         assert_eq!(&m.get(&T, b"k").unwrap().value[..], b"v2");
         assert_eq!(m.update(&T, b"nope", 1, b"x", LONG), Update::Missing);
         assert!(m.remove(&T, b"k").is_some());
@@ -329,7 +344,10 @@ mod tests {
         assert!(m.get(&T, b"k").is_some());
         std::thread::sleep(Duration::from_millis(60));
         assert!(m.get(&T, b"k").is_none());
-        assert!(m.add(&T, b"k", b"again", LONG), "an expired key can be added again");
+        assert!(
+            m.add(&T, b"k", b"again", LONG),
+            "an expired key can be added again"
+        );
         assert_eq!(m.get(&T, b"k").unwrap().version, 1);
         assert!(m.add(&T, b"e", b"v", Duration::from_millis(1)));
         std::thread::sleep(Duration::from_millis(5));
@@ -365,8 +383,14 @@ mod tests {
         assert!(!s.is_shared());
         assert!(s.add(&T, b"k", b"v", LONG).await.unwrap());
         assert!(!s.add(&T, b"k", b"v", LONG).await.unwrap());
-        assert!(matches!(s.add(&T, b"z", b"v", Duration::ZERO).await, Err(StoreError::ZeroTtl)));
-        assert_eq!(s.update(&T, b"k", 1, b"w", LONG).await.unwrap(), Update::Updated { version: 2 });
+        assert!(matches!(
+            s.add(&T, b"z", b"v", Duration::ZERO).await,
+            Err(StoreError::ZeroTtl)
+        ));
+        assert_eq!(
+            s.update(&T, b"k", 1, b"w", LONG).await.unwrap(),
+            Update::Updated { version: 2 }
+        );
         assert_eq!(&s.get(&T, b"k").await.unwrap().unwrap().value[..], b"w");
         assert_eq!(s.take(&T, b"k").await.unwrap().unwrap().version, 2);
         assert!(!s.delete(&T, b"k").await.unwrap());

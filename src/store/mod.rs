@@ -191,8 +191,13 @@ pub trait SessionStore: Send + Sync + fmt::Debug {
 
     /// ADD: creates the record at version 1. `false` if the key already exists (the
     /// existing record is left as it is).
-    fn add<'a>(&'a self, table: &'a Table, key: &'a [u8], value: &'a [u8], ttl: Duration)
-        -> StoreFuture<'a, bool>;
+    fn add<'a>(
+        &'a self,
+        table: &'a Table,
+        key: &'a [u8],
+        value: &'a [u8],
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool>;
 
     /// UPDATE: replaces the record if its version is still `expected` (compare-and-set);
     /// the TTL starts again.
@@ -255,7 +260,10 @@ mod tests {
     #[test]
     fn ttls_must_be_positive() {
         assert!(matches!(ttl_ms(Duration::ZERO), Err(StoreError::ZeroTtl)));
-        assert!(matches!(ttl_ms(Duration::from_micros(999)), Err(StoreError::ZeroTtl)));
+        assert!(matches!(
+            ttl_ms(Duration::from_micros(999)),
+            Err(StoreError::ZeroTtl)
+        ));
         assert_eq!(ttl_ms(Duration::from_secs(2)).unwrap(), 2000);
     }
 

@@ -168,7 +168,12 @@ fn unavailable(addr: &str, reason: impl ToString) -> StoreError {
 /// Deletes every record of `table` in cluster `cluster` from Redis and tells the nodes to
 /// drop it from their local tiers. Needs no cluster key (nothing is opened). Returns how
 /// many records Redis held.
-pub async fn purge_table(url: &str, cluster: &str, table: &Table, timeout: Duration) -> Result<u64, StoreError> {
+pub async fn purge_table(
+    url: &str,
+    cluster: &str,
+    table: &Table,
+    timeout: Duration,
+) -> Result<u64, StoreError> {
     check_name("cluster", cluster)?;
     let (client, addr) = client(url)?;
     let mut conn = tokio::time::timeout(timeout, client.get_multiplexed_async_connection())
@@ -182,7 +187,12 @@ pub async fn purge_table(url: &str, cluster: &str, table: &Table, timeout: Durat
         .map_err(|e| unavailable(&addr, e))
 }
 
-async fn purge_with(conn: &mut impl ConnectionLike, cluster: &str, table: &Table, node: u64) -> redis::RedisResult<u64> {
+async fn purge_with(
+    conn: &mut impl ConnectionLike,
+    cluster: &str,
+    table: &Table,
+    node: u64,
+) -> redis::RedisResult<u64> {
     // Names cannot hold pattern characters (check_name), so this matches one table only.
     let pattern = format!("sudp:{cluster}:{table}:*");
     let mut cursor: u64 = 0;
@@ -252,7 +262,12 @@ fn parse_notice(payload: &[u8]) -> Option<Notice> {
 impl RedisStore {
     /// The store of node `cluster` on Redis at `url`, values sealed under `key`. Parses the
     /// URL but does not connect.
-    pub fn new(url: &str, cluster: &str, key: &ClusterKey, opts: RedisOptions) -> Result<RedisStore, StoreError> {
+    pub fn new(
+        url: &str,
+        cluster: &str,
+        key: &ClusterKey,
+        opts: RedisOptions,
+    ) -> Result<RedisStore, StoreError> {
         let sealer = Sealer::new(key, cluster)?;
         let (client, addr) = client(url)?;
         // 0 is the operator's id (`purge_table`); a node never draws it.
@@ -409,12 +424,22 @@ impl Inner {
     }
 
     fn still(&self, token: Option<u64>) -> bool {
-        token.is_some_and(|n| self.subscribed.load(Ordering::Acquire) && self.notices.load(Ordering::Acquire) == n)
+        token.is_some_and(|n| {
+            self.subscribed.load(Ordering::Acquire) && self.notices.load(Ordering::Acquire) == n
+        })
     }
 
     /// Writes a record Redis confirmed into the local tier if that is still safe, else makes
     /// sure no stale copy stays.
-    fn settle(&self, token: Option<u64>, table: &Table, key: &[u8], value: &[u8], version: u64, ttl: Duration) {
+    fn settle(
+        &self,
+        token: Option<u64>,
+        table: &Table,
+        key: &[u8],
+        value: &[u8],
+        version: u64,
+        ttl: Duration,
+    ) {
         if self.still(token) {
             self.local.insert(table, key, value, version, ttl);
         } else {
@@ -464,7 +489,11 @@ async fn subscriber(store: Weak<Inner>) {
         // The command connection too, so that the first handshake that needs Redis does not
         // pay for connecting (bounded by the connect timeout).
         let _ = inner.manager().await;
-        let (client, channel, limit) = (inner.client.clone(), inner.channel.clone(), inner.opts.connect_timeout);
+        let (client, channel, limit) = (
+            inner.client.clone(),
+            inner.channel.clone(),
+            inner.opts.connect_timeout,
+        );
         drop(inner);
         let attempt = async {
             let mut pubsub = client.get_async_pubsub().await?;
@@ -519,7 +548,13 @@ impl SessionStore for RedisStore {
                 return Ok(None);
             };
             if pttl > 0 && s.still(token) {
-                s.local.insert(table, key, &record.value, record.version, Duration::from_millis(pttl as u64));
+                s.local.insert(
+                    table,
+                    key,
+                    &record.value,
+                    record.version,
+                    Duration::from_millis(pttl as u64),
+                );
             }
             Ok(Some(record))
         })
@@ -546,7 +581,13 @@ impl SessionStore for RedisStore {
         })
     }
 
-    fn add<'a>(&'a self, table: &'a Table, key: &'a [u8], value: &'a [u8], ttl: Duration) -> StoreFuture<'a, bool> {
+    fn add<'a>(
+        &'a self,
+        table: &'a Table,
+        key: &'a [u8],
+        value: &'a [u8],
+        ttl: Duration,
+    ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             self.start();
             let ms = ttl_ms(ttl)?;
@@ -633,7 +674,12 @@ impl SessionStore for RedisStore {
                 return Err(unavailable(&s.addr, "not connected"));
             };
             let cluster = s.sealer.cluster();
-            match tokio::time::timeout(s.opts.op_timeout * 20, purge_with(&mut conn, cluster, table, s.node)).await {
+            match tokio::time::timeout(
+                s.opts.op_timeout * 20,
+                purge_with(&mut conn, cluster, table, s.node),
+            )
+            .await
+            {
                 Ok(Ok(n)) => {
                     s.note_up();
                     // Our own notice is ignored by our subscriber: purge again, in case a
@@ -678,7 +724,10 @@ mod tests {
             })
         );
         let p = notice(7, 'P', &t, None);
-        assert_eq!(parse_notice(p.as_bytes()), Some(Notice::Purge { node: 7, table: t }));
+        assert_eq!(
+            parse_notice(p.as_bytes()),
+            Some(Notice::Purge { node: 7, table: t })
+        );
         for bad in [
             "",
             "zz D tls-session 00",
@@ -699,16 +748,28 @@ mod tests {
     fn urls_are_checked_without_connecting() {
         let key = ClusterKey::from_bytes([1; 32]);
         let s = RedisStore::new("redis://127.0.0.1:1/0", "c1", &key, RedisOptions::default()).unwrap();
-        assert_eq!(s.redis_key(&Table::TLS_SESSION, b"\x01\x02"), "sudp:c1:tls-session:0102");
+        assert_eq!(
+            s.redis_key(&Table::TLS_SESSION, b"\x01\x02"),
+            "sudp:c1:tls-session:0102"
+        );
         assert!(s.is_shared());
         for bad in ["http://127.0.0.1:6379", "127.0.0.1:6379", "redis//x"] {
             let err = RedisStore::new(bad, "c1", &key, RedisOptions::default()).unwrap_err();
             assert!(matches!(err, StoreError::Url { .. }), "{bad}: {err}");
         }
         let err = RedisStore::new("redis://127.0.0.1:1", "a:b", &key, RedisOptions::default()).unwrap_err();
-        assert!(matches!(err, StoreError::BadName { what: "cluster", .. }), "{err}");
+        assert!(
+            matches!(err, StoreError::BadName { what: "cluster", .. }),
+            "{err}"
+        );
         // The password is never part of an error or a log line.
-        let s = RedisStore::new("redis://:hunter2@127.0.0.1:1/0", "c", &key, RedisOptions::default()).unwrap();
+        let s = RedisStore::new(
+            "redis://:hunter2@127.0.0.1:1/0",
+            "c",
+            &key,
+            RedisOptions::default(),
+        )
+        .unwrap();
         assert!(!format!("{:?}", s.inner.addr).contains("hunter2"));
     }
 
@@ -726,7 +787,10 @@ mod tests {
         assert!(s.add(&t, b"k", b"v", ttl).await.unwrap());
         assert!(!s.add(&t, b"k", b"v", ttl).await.unwrap());
         assert_eq!(&s.get(&t, b"k").await.unwrap().unwrap().value[..], b"v");
-        assert_eq!(s.update(&t, b"k", 1, b"w", ttl).await.unwrap(), Update::Updated { version: 2 });
+        assert_eq!(
+            s.update(&t, b"k", 1, b"w", ttl).await.unwrap(),
+            Update::Updated { version: 2 }
+        );
         assert_eq!(s.take(&t, b"k").await.unwrap().unwrap().version, 2);
         assert!(s.get(&t, b"k").await.unwrap().is_none());
         assert!(s.purge(&t).await.is_err(), "a purge must reach Redis");

@@ -63,7 +63,9 @@ impl ClusterKey {
     /// A fresh random key.
     pub fn generate() -> Result<ClusterKey, StoreError> {
         let mut k = Zeroizing::new([0u8; CLUSTER_KEY_LEN]);
-        SystemRandom::new().fill(&mut k[..]).map_err(|_| StoreError::Rng)?;
+        SystemRandom::new()
+            .fill(&mut k[..])
+            .map_err(|_| StoreError::Rng)?;
         Ok(ClusterKey(k))
     }
 
@@ -196,7 +198,11 @@ impl Sealer {
         let aad = self.aad(table, key, version);
         let tag = self
             .key
-            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&aad), &mut out[HEADER_LEN..])
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&aad),
+                &mut out[HEADER_LEN..],
+            )
             // Invariant: ring fails only for inputs beyond GCM's 2^36-byte limit.
             .expect("value within AES-GCM's length limit");
         out.extend_from_slice(tag.as_ref());
@@ -204,7 +210,12 @@ impl Sealer {
     }
 
     /// Opens a stored value of record (`table`, `key`): its version and value.
-    pub fn open(&self, table: &Table, key: &[u8], stored: &[u8]) -> Result<(u64, Zeroizing<Vec<u8>>), OpenError> {
+    pub fn open(
+        &self,
+        table: &Table,
+        key: &[u8],
+        stored: &[u8],
+    ) -> Result<(u64, Zeroizing<Vec<u8>>), OpenError> {
         if stored.len() < HEADER_LEN + TAG_LEN || stored[8] != FORMAT {
             return Err(OpenError::Malformed);
         }
@@ -264,7 +275,10 @@ mod tests {
 
         // Moved to another key, table or cluster, or under another cluster key: refused.
         assert_eq!(s.open(&t, b"kez", &stored), Err(OpenError::Forged));
-        assert_eq!(s.open(&Table::TICKET_KEYS, b"key", &stored), Err(OpenError::Forged));
+        assert_eq!(
+            s.open(&Table::TICKET_KEYS, b"key", &stored),
+            Err(OpenError::Forged)
+        );
         assert_eq!(sealer("prod2").open(&t, b"key", &stored), Err(OpenError::Forged));
         let other = Sealer::new(&ClusterKey::from_bytes([8; 32]), "prod").unwrap();
         assert_eq!(other.open(&t, b"key", &stored), Err(OpenError::Forged));
@@ -317,8 +331,14 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&path).unwrap(), text, "file unchanged");
         // Same file, same sealing key.
         let b = ClusterKey::load(&path).unwrap();
-        let stored = Sealer::new(&a, "c").unwrap().seal(&Table::TLS_SESSION, b"k", 1, b"v").unwrap();
-        assert!(Sealer::new(&b, "c").unwrap().open(&Table::TLS_SESSION, b"k", &stored).is_ok());
+        let stored = Sealer::new(&a, "c")
+            .unwrap()
+            .seal(&Table::TLS_SESSION, b"k", 1, b"v")
+            .unwrap();
+        assert!(Sealer::new(&b, "c")
+            .unwrap()
+            .open(&Table::TLS_SESSION, b"k", &stored)
+            .is_ok());
 
         std::fs::write(&path, "abc\n").unwrap();
         let err = ClusterKey::load(&path).unwrap_err().to_string();
@@ -326,6 +346,9 @@ mod tests {
         std::fs::write(&path, "zz".repeat(32)).unwrap();
         assert!(ClusterKey::load(&path).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
-        assert!(ClusterKey::load(&path).unwrap_err().to_string().contains("cannot read"));
+        assert!(ClusterKey::load(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("cannot read"));
     }
 }

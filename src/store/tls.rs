@@ -75,7 +75,11 @@ impl StoreSessions {
     }
 
     /// The same with another TTL and Redis wait.
-    pub fn with_limits(store: Arc<dyn SessionStore>, ttl: Duration, remote_timeout: Duration) -> StoreSessions {
+    pub fn with_limits(
+        store: Arc<dyn SessionStore>,
+        ttl: Duration,
+        remote_timeout: Duration,
+    ) -> StoreSessions {
         StoreSessions {
             store,
             ttl,
@@ -87,7 +91,9 @@ impl StoreSessions {
         if !self.store.is_shared() {
             return;
         }
-        let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         let (store, ttl) = (self.store.clone(), self.ttl);
         handle.spawn(async move {
             let _ = store.add(&Table::TLS_SESSION, &key, &value, ttl).await;
@@ -98,7 +104,9 @@ impl StoreSessions {
         if !self.store.is_shared() {
             return;
         }
-        let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         let store = self.store.clone();
         handle.spawn(async move {
             let _ = store.take(&Table::TLS_SESSION, &key).await;
@@ -109,7 +117,9 @@ impl StoreSessions {
 impl StoresServerSessions for StoreSessions {
     fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
         let value = Zeroizing::new(value);
-        self.store.local().insert(&Table::TLS_SESSION, &key, &value, 1, self.ttl);
+        self.store
+            .local()
+            .insert(&Table::TLS_SESSION, &key, &value, 1, self.ttl);
         self.spawn_write(key, value);
         true
     }
@@ -145,7 +155,9 @@ impl StoresServerSessions for StoreSessions {
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 fn system_clock() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 const TICKET_AAD: &[u8] = b"sudp-ticket-v1";
@@ -218,7 +230,9 @@ impl StoreTicketer {
         }
         let id = p.to_be_bytes();
         let t = &Table::TICKET_KEYS;
-        let held_back = lock(&self.misses).get(&p).is_some_and(|t| t.elapsed() < MISS_HOLD);
+        let held_back = lock(&self.misses)
+            .get(&p)
+            .is_some_and(|t| t.elapsed() < MISS_HOLD);
         let mut found = self.store.local().get(t, &id);
         if found.is_none() && !held_back {
             found = wait_remote(&self.store, self.remote_timeout, self.store.get(t, &id)).flatten();
@@ -289,7 +303,9 @@ fn ticket_key(record: &Record) -> Option<LessSafeKey> {
         tracing::warn!("store: a ticket key of the wrong length; ignored");
         return None;
     }
-    Some(LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &record.value).ok()?))
+    Some(LessSafeKey::new(
+        UnboundKey::new(&AES_256_GCM, &record.value).ok()?,
+    ))
 }
 
 fn ticket_aad(p: u64) -> [u8; TICKET_AAD.len() + 8] {
@@ -347,7 +363,10 @@ impl ProducesTickets for StoreTicketer {
         let key = self.key(p, false)?;
         let nonce = Nonce::try_assume_unique_for_key(&cipher[8..8 + NONCE_LEN]).ok()?;
         let mut buf = cipher[8 + NONCE_LEN..].to_vec();
-        let len = key.open_in_place(nonce, Aad::from(ticket_aad(p)), &mut buf).ok()?.len();
+        let len = key
+            .open_in_place(nonce, Aad::from(ticket_aad(p)), &mut buf)
+            .ok()?
+            .len();
         buf.truncate(len);
         Some(buf)
     }
