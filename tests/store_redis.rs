@@ -618,3 +618,91 @@ mod gateway {
         );
     }
 }
+
+/// Redundancy (seed 004, FIG. 8A: two repository servers with a full copy each): a primary,
+/// a replica and a sentinel; the store is given the sentinel URL; the primary is killed, the
+/// sentinel promotes the replica, and both nodes carry on with it without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover_moves_the_store_to_the_promoted_replica() {
+    use common::RedisRole;
+    let Some(mut primary) = RedisServer::start() else { return };
+    let replica = RedisServer::start_as(RedisRole::ReplicaOf(primary.port)).unwrap();
+    let sentinel = RedisServer::start_as(RedisRole::Sentinel {
+        primary: primary.port,
+        service: "sudp".into(),
+    })
+    .unwrap();
+    let long = Duration::from_secs(30);
+    let mut rconn = raw(&replica).await;
+    let mut sconn = raw(&sentinel).await;
+    let deadline = Instant::now() + long;
+    loop {
+        let info: String = redis::cmd("INFO").arg("replication").query_async(&mut rconn).await.unwrap();
+        let known: Vec<redis::Value> = redis::cmd("SENTINEL")
+            .arg("replicas")
+            .arg("sudp")
+            .query_async(&mut sconn)
+            .await
+            .unwrap();
+        if info.contains("master_link_status:up") && !known.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replica not in sync or not known to the sentinel");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let url = format!("redis+sentinel://127.0.0.1:{}/sudp/0", sentinel.port);
+    let key = ClusterKey::from_bytes([3; 32]);
+    let (a, b) = (
+        RedisStore::new(&url, "test", &key, RedisOptions::default()).unwrap(),
+        RedisStore::new(&url, "test", &key, RedisOptions::default()).unwrap(),
+    );
+    assert!(a.wait_subscribed(WAIT).await && b.wait_subscribed(WAIT).await);
+    assert!(a.add(&T, b"before", b"v", TTL).await.unwrap());
+    assert!(b.get(&T, b"before").await.unwrap().is_some());
+    // Replicated before the primary dies.
+    let mut pconn = raw(&primary).await;
+    let acked: i64 = redis::cmd("WAIT").arg(1).arg(2000).query_async(&mut pconn).await.unwrap();
+    assert_eq!(acked, 1);
+
+    primary.stop();
+    let promoted = replica.port.to_string();
+    let deadline = Instant::now() + long;
+    loop {
+        let addr: Vec<String> = redis::cmd("SENTINEL")
+            .arg("get-master-addr-by-name")
+            .arg("sudp")
+            .query_async(&mut sconn)
+            .await
+            .unwrap();
+        if addr.get(1) == Some(&promoted) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the sentinel did not promote the replica");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let failover = Instant::now();
+    // Both nodes move to the new primary: a write lands there and the other node reads it.
+    loop {
+        let _ = a.add(&T, b"after", b"v2", TTL).await.unwrap();
+        // The sentinel kills client connections on a promotion: a fresh one each time.
+        let there: bool = raw(&replica)
+            .await
+            .exists(a.redis_key(&T, b"after"))
+            .await
+            .unwrap_or(false);
+        if there && b.get(&T, b"after").await.unwrap().is_some() {
+            break;
+        }
+        assert!(failover.elapsed() < long, "the store did not follow the failover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("store usable {:?} after the sentinel named the new primary", failover.elapsed());
+    assert_eq!(&b.get(&T, b"before").await.unwrap().unwrap().value[..], b"v");
+    until("both subscribed to the new primary", || a.is_subscribed() && b.is_subscribed()).await;
+    // Invalidation runs through the new primary's pub/sub too.
+    let v = b.get(&T, b"after").await.unwrap().unwrap().version;
+    assert!(b.local().get(&T, b"after").is_some());
+    assert_eq!(a.update(&T, b"after", v, b"v3", TTL).await.unwrap(), Update::Updated { version: v + 1 });
+    until("B evicted through the new primary's pub/sub", || b.local().get(&T, b"after").is_none()).await;
+}

@@ -101,7 +101,7 @@ pub struct RedisStore {
 
 #[derive(Debug)]
 struct Inner {
-    client: redis::Client,
+    target: Target,
     /// `host:port` for logs: never the URL, which may hold a password.
     addr: String,
     /// `sudp:<cluster>:`
@@ -139,23 +139,97 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Parses a store URL (`redis://`, `rediss://`), without connecting.
-fn client(url: &str) -> Result<(redis::Client, String), StoreError> {
-    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-        return Err(StoreError::Url {
-            reason: "expected redis://HOST:PORT/DB or rediss://HOST:PORT/DB".into(),
-        });
+/// Where the repository is: one address, or the primary of a Sentinel-monitored service.
+enum Target {
+    Direct(redis::Client),
+    /// Asked for the current primary on every new connection, so that after a failover the
+    /// store follows the promoted replica.
+    Sentinel(tokio::sync::Mutex<redis::sentinel::SentinelClient>),
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Target::Direct(_) => "Direct",
+            Target::Sentinel(_) => "Sentinel",
+        })
     }
-    let client = redis::Client::open(url).map_err(|e| StoreError::Url {
-        reason: e.to_string(),
-    })?;
+}
+
+impl Target {
+    /// A client for the repository now (for Sentinel, the primary the sentinels name).
+    async fn resolve(&self) -> redis::RedisResult<redis::Client> {
+        match self {
+            Target::Direct(c) => Ok(c.clone()),
+            Target::Sentinel(s) => s.lock().await.async_get_client().await,
+        }
+    }
+}
+
+const URL_FORMS: &str = "expected redis://HOST:PORT/DB, rediss://HOST:PORT/DB or \
+     redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]";
+
+/// Parses a store URL without connecting: the target and a name for logs (never the
+/// password).
+///
+/// `redis+sentinel://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]` names the
+/// sentinels (plain TCP, no password) and the service; user, password and database are
+/// those of the Redis primary.
+fn target(url: &str) -> Result<(Target, String), StoreError> {
+    let bad = |reason: String| StoreError::Url { reason };
+    if let Some(rest) = url.strip_prefix("redis+sentinel://") {
+        let (authority, path) = rest.split_once('/').ok_or_else(|| bad(URL_FORMS.into()))?;
+        let (creds, hosts) = match authority.rsplit_once('@') {
+            Some((c, h)) => (Some(c), h),
+            None => (None, authority),
+        };
+        let sentinels: Vec<String> = hosts
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("redis://{h}"))
+            .collect();
+        let (service, db) = match path.split_once('/') {
+            Some((s, db)) => (s, db),
+            None => (path, "0"),
+        };
+        let db: i64 = db
+            .parse()
+            .map_err(|_| bad(format!("database {db:?} is not a number")))?;
+        if sentinels.is_empty() || service.is_empty() {
+            return Err(bad(URL_FORMS.into()));
+        }
+        let mut node = redis::RedisConnectionInfo::default().set_db(db);
+        if let Some(creds) = creds {
+            let (user, password) = creds.split_once(':').unwrap_or(("", creds));
+            if !user.is_empty() {
+                node = node.set_username(user);
+            }
+            if !password.is_empty() {
+                node = node.set_password(password);
+            }
+        }
+        let info = redis::sentinel::SentinelNodeConnectionInfo::default().set_redis_connection_info(node);
+        let name = format!("sentinel service {service} via {hosts}");
+        let client = redis::sentinel::SentinelClient::build(
+            sentinels,
+            service.to_owned(),
+            Some(info),
+            redis::sentinel::SentinelServerType::Master,
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        return Ok((Target::Sentinel(tokio::sync::Mutex::new(client)), name));
+    }
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        return Err(bad(URL_FORMS.into()));
+    }
+    let client = redis::Client::open(url).map_err(|e| bad(e.to_string()))?;
     let addr = client.get_connection_info().addr().to_string();
-    Ok((client, addr))
+    Ok((Target::Direct(client), addr))
 }
 
 /// Checks a store URL as [`RedisStore::new`] would, without connecting.
 pub fn check_url(url: &str) -> Result<(), StoreError> {
-    client(url).map(drop)
+    target(url).map(drop)
 }
 
 fn unavailable(addr: &str, reason: impl ToString) -> StoreError {
@@ -175,8 +249,9 @@ pub async fn purge_table(
     timeout: Duration,
 ) -> Result<u64, StoreError> {
     check_name("cluster", cluster)?;
-    let (client, addr) = client(url)?;
-    let mut conn = tokio::time::timeout(timeout, client.get_multiplexed_async_connection())
+    let (target, addr) = target(url)?;
+    let connect = async { target.resolve().await?.get_multiplexed_async_connection().await };
+    let mut conn = tokio::time::timeout(timeout, connect)
         .await
         .map_err(|_| unavailable(&addr, "connect timed out"))?
         .map_err(|e| unavailable(&addr, e))?;
@@ -269,7 +344,7 @@ impl RedisStore {
         opts: RedisOptions,
     ) -> Result<RedisStore, StoreError> {
         let sealer = Sealer::new(key, cluster)?;
-        let (client, addr) = client(url)?;
+        let (target, addr) = target(url)?;
         // 0 is the operator's id (`purge_table`); a node never draws it.
         let node = loop {
             let n: u64 = rand::random();
@@ -279,7 +354,7 @@ impl RedisStore {
         };
         Ok(RedisStore {
             inner: Arc::new(Inner {
-                client,
+                target,
                 addr,
                 prefix: format!("sudp:{cluster}:"),
                 channel: format!("sudp:{cluster}:events"),
@@ -368,7 +443,10 @@ impl Inner {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(self.opts.retry_delay);
-        let connect = ConnectionManager::new_with_config(self.client.clone(), config);
+        let connect = async {
+            let client = self.target.resolve().await?;
+            ConnectionManager::new_with_config(client, config).await
+        };
         match tokio::time::timeout(self.opts.connect_timeout * 2, connect).await {
             Ok(Ok(m)) => {
                 *lock(&self.manager) = Some(m.clone());
@@ -403,12 +481,23 @@ impl Inner {
             }
             Ok(Err(e)) => {
                 self.note_down(&e);
+                self.forget_primary();
                 None
             }
             Err(_) => {
                 self.note_down(&"command timed out");
+                self.forget_primary();
                 None
             }
+        }
+    }
+
+    /// Behind Sentinel, a failed command may mean a failover: drop the connection so that
+    /// the next operation asks the sentinels for the primary again. (A direct connection
+    /// manager reconnects to its one address by itself.)
+    fn forget_primary(&self) {
+        if matches!(self.target, Target::Sentinel(_)) {
+            *lock(&self.manager) = None;
         }
     }
 
@@ -489,19 +578,13 @@ async fn subscriber(store: Weak<Inner>) {
         // The command connection too, so that the first handshake that needs Redis does not
         // pay for connecting (bounded by the connect timeout).
         let _ = inner.manager().await;
-        let (client, channel, limit) = (
-            inner.client.clone(),
-            inner.channel.clone(),
-            inner.opts.connect_timeout,
-        );
-        drop(inner);
+        let (channel, limit) = (inner.channel.clone(), inner.opts.connect_timeout);
         let attempt = async {
-            let mut pubsub = client.get_async_pubsub().await?;
+            let mut pubsub = inner.target.resolve().await?.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;
             redis::RedisResult::Ok(pubsub)
         };
         let result = tokio::time::timeout(limit, attempt).await;
-        let Some(inner) = store.upgrade() else { return };
         match result {
             Ok(Ok(pubsub)) => {
                 backoff = Duration::from_millis(100);

@@ -323,12 +323,30 @@ pub struct RedisServer {
     child: Option<std::process::Child>,
     pub port: u16,
     dir: std::path::PathBuf,
+    role: RedisRole,
+}
+
+/// What a [`RedisServer`] runs as.
+#[derive(Clone)]
+pub enum RedisRole {
+    /// A standalone server (or a primary).
+    Primary,
+    /// A replica of the server on this port.
+    ReplicaOf(u16),
+    /// A sentinel monitoring the primary on `primary` as `service` (quorum 1, down after
+    /// 500 ms, so that a test's failover takes a few seconds).
+    Sentinel { primary: u16, service: String },
 }
 
 impl RedisServer {
     /// Starts one, or `None` (with a note; a failure under `SUDP_REQUIRE_TOOLS`) when
     /// `redis-server` is not installed.
     pub fn start() -> Option<RedisServer> {
+        Self::start_as(RedisRole::Primary)
+    }
+
+    /// [`RedisServer::start`] in another role.
+    pub fn start_as(role: RedisRole) -> Option<RedisServer> {
         if !have_redis_server() {
             return None;
         }
@@ -347,6 +365,7 @@ impl RedisServer {
                 child: None,
                 port,
                 dir: dir.clone(),
+                role: role.clone(),
             };
             if server.spawn() {
                 return Some(server);
@@ -363,10 +382,28 @@ impl RedisServer {
     /// Starts redis-server on `self.port`; false if it exited (port taken) or never
     /// answered.
     fn spawn(&mut self) -> bool {
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--protected-mode", "yes", "--daemonize", "no"])
+        let mut cmd = std::process::Command::new("redis-server");
+        if let RedisRole::Sentinel { primary, service } = &self.role {
+            // A sentinel needs a config file it can rewrite.
+            let conf = self.dir.join("sentinel.conf");
+            let text = format!(
+                "port {}\nbind 127.0.0.1\ndaemonize no\n\
+                 sentinel monitor {service} 127.0.0.1 {primary} 1\n\
+                 sentinel down-after-milliseconds {service} 500\n\
+                 sentinel failover-timeout {service} 2000\n",
+                self.port
+            );
+            std::fs::write(&conf, text).unwrap();
+            cmd.arg(&conf).arg("--sentinel");
+        } else {
+            cmd.args(["--port", &self.port.to_string()])
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--protected-mode", "yes", "--daemonize", "no"]);
+            if let RedisRole::ReplicaOf(primary) = self.role {
+                cmd.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
+            }
+        }
+        let child = cmd
             .arg("--dir")
             .arg(&self.dir)
             .stdin(std::process::Stdio::null())
