@@ -119,9 +119,10 @@ pub struct GatewayArgs {
     #[arg(long)]
     pub tls12: bool,
 
-    /// Session store shared by the gateways of a cluster: redis://HOST:PORT/DB, or
-    /// rediss://HOST:PORT/DB for TLS to Redis (needs --cluster-key) [default: in-process
-    /// only].
+    /// Session store shared by the gateways of a cluster: redis://HOST:PORT/DB,
+    /// rediss://HOST:PORT/DB (TLS to Redis) or
+    /// redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB] (needs --cluster-key)
+    /// [default: in-process only].
     #[arg(long, value_name = "URL", value_parser = parse_store_url)]
     pub store: Option<StoreUrl>,
 

@@ -32,7 +32,8 @@ pub enum StoreCmd {
 /// `sudp store purge`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PurgeArgs {
-    /// The store: redis://HOST:PORT/DB or rediss://HOST:PORT/DB.
+    /// The store: redis://HOST:PORT/DB, rediss://HOST:PORT/DB or
+    /// redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB].
     #[arg(long, value_name = "URL")]
     pub store: String,
     /// The cluster's name.

@@ -856,6 +856,28 @@ mod tests {
         assert!(!format!("{:?}", s.inner.addr).contains("hunter2"));
     }
 
+    #[test]
+    fn sentinel_urls() {
+        for good in [
+            "redis+sentinel://127.0.0.1:26379/mymaster",
+            "redis+sentinel://127.0.0.1:26379,127.0.0.2:26379/mymaster/3",
+            "redis+sentinel://:pw@127.0.0.1:26379/svc/0",
+            "redis+sentinel://user:pw@[::1]:26379/svc",
+        ] {
+            let (t, name) = target(good).unwrap();
+            assert!(matches!(t, Target::Sentinel(_)), "{good}");
+            assert!(!name.contains("pw"), "{name}");
+        }
+        for bad in [
+            "redis+sentinel://127.0.0.1:26379",
+            "redis+sentinel:///svc",
+            "redis+sentinel://127.0.0.1:26379/",
+            "redis+sentinel://127.0.0.1:26379/svc/x",
+        ] {
+            assert!(matches!(target(bad), Err(StoreError::Url { .. })), "{bad}");
+        }
+    }
+
     #[tokio::test]
     async fn an_unreachable_redis_falls_back_to_the_local_tier() {
         // Port 1 on loopback: nothing listens, the connection is refused at once.
