@@ -1,5 +1,8 @@
 //! The cluster store: a [`MemoryTier`] in front of Redis, the repository tier.
 //!
+//! * Redis is one address (`redis://`, `rediss://`) or the primary of a Sentinel service
+//!   (`redis+sentinel://`), asked of the sentinels on every new connection so that the
+//!   store follows a failover.
 //! * Keys are `sudp:<cluster>:<table>:<hex of the record key>`; every record is written
 //!   with `PX` (its TTL), so Redis expires it by itself; values are sealed ([`Sealer`]).
 //! * GET reads the local tier, then Redis (`GET` + `PTTL`), and fills the local tier with
@@ -212,7 +215,7 @@ fn target(url: &str) -> Result<(Target, String), StoreError> {
         let name = format!("sentinel service {service} via {hosts}");
         let client = redis::sentinel::SentinelClient::build(
             sentinels,
-            service.to_owned(),
+            service,
             Some(info),
             redis::sentinel::SentinelServerType::Master,
         )
