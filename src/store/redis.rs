@@ -122,6 +122,8 @@ struct Inner {
     connecting: tokio::sync::Mutex<()>,
     /// Whether the last contact with Redis worked (for logging each outage once).
     up: AtomicBool,
+    /// Outages seen (each logged once).
+    outages: AtomicU64,
     /// Whether the subscriber hears notices now.
     subscribed: AtomicBool,
     /// Bumped by every notice from another node and every (re)subscription.
@@ -369,6 +371,7 @@ impl RedisStore {
                 next_attempt: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(()),
                 up: AtomicBool::new(true),
+                outages: AtomicU64::new(0),
                 subscribed: AtomicBool::new(false),
                 notices: AtomicU64::new(0),
                 subscriber: Mutex::new(None),
@@ -403,6 +406,11 @@ impl RedisStore {
         true
     }
 
+    /// Redis outages this node has seen (and logged, once each) so far.
+    pub fn outages(&self) -> u64 {
+        self.inner.outages.load(Ordering::Relaxed)
+    }
+
     /// The Redis key of a record.
     pub fn redis_key(&self, table: &Table, key: &[u8]) -> String {
         format!("{}{table}:{}", self.inner.prefix, hex::encode(key))
@@ -412,6 +420,7 @@ impl RedisStore {
 impl Inner {
     fn note_down(&self, reason: &dyn std::fmt::Display) {
         if self.up.swap(false, Ordering::AcqRel) {
+            self.outages.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 redis = %self.addr,
                 error = %reason,
