@@ -220,6 +220,7 @@ async fn a_node_keeps_serving_while_redis_is_down_and_uses_it_again_when_it_retu
     let (a, b) = two_nodes(&redis).await;
     assert!(a.add(&T, b"before", b"v", TTL).await.unwrap());
     assert!(a.get(&T, b"before").await.unwrap().is_some());
+    assert_eq!(a.outages(), 0);
 
     redis.stop();
     until("A notices the outage", || !a.is_subscribed()).await;
@@ -235,6 +236,11 @@ async fn a_node_keeps_serving_while_redis_is_down_and_uses_it_again_when_it_retu
         "{:?}",
         started.elapsed()
     );
+    for _ in 0..20 {
+        let _ = a.get(&T, b"missing").await.unwrap();
+        let _ = a.delete(&T, b"missing").await.unwrap();
+    }
+    assert_eq!(a.outages(), 1, "one outage, logged once");
 
     // Redis returns on the same port (empty): both nodes use it again, no restart.
     redis.restart();
@@ -264,6 +270,7 @@ async fn a_node_keeps_serving_while_redis_is_down_and_uses_it_again_when_it_retu
         b.local().get(&T, b"after").is_none()
     })
     .await;
+    assert_eq!((a.outages(), b.outages()), (1, 1));
 }
 
 mod tls {

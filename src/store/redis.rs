@@ -604,7 +604,11 @@ async fn subscriber(store: Weak<Inner>) {
                 inner.notices.fetch_add(1, Ordering::AcqRel);
                 inner.local.clear();
                 inner.subscribed.store(true, Ordering::Release);
-                inner.note_up();
+                // Recovery is declared by the command connection, not by this one: a PING
+                // brings it back now (and logs the recovery once it answers), so that the
+                // first command after an outage does not find it still broken and count a
+                // second outage.
+                let _ = inner.query::<String>(Req::Cmd(&redis::cmd("PING"))).await;
                 drop(inner);
                 let mut messages = pubsub.into_on_message();
                 while let Some(msg) = messages.next().await {
