@@ -608,7 +608,18 @@ async fn subscriber(store: Weak<Inner>) {
                 // brings it back now (and logs the recovery once it answers), so that the
                 // first command after an outage does not find it still broken and count a
                 // second outage.
-                let _ = inner.query::<String>(Req::Cmd(&redis::cmd("PING"))).await;
+                // The first command on a connection broken by the outage fails and starts the
+                // reconnection: a few tries, 200 ms apart.
+                for _ in 0..10 {
+                    if inner
+                        .query::<String>(Req::Cmd(&redis::cmd("PING")))
+                        .await
+                        .is_some()
+                    {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
                 drop(inner);
                 let mut messages = pubsub.into_on_message();
                 while let Some(msg) = messages.next().await {
