@@ -479,27 +479,46 @@ impl Inner {
 
     /// Runs one command or pipeline; `None` (logged once per outage) if Redis fails.
     async fn query<T: FromRedisValue>(&self, req: Req<'_>) -> Option<T> {
-        let mut conn = self.manager().await?;
-        let run = async {
-            match req {
-                Req::Cmd(c) => c.query_async::<T>(&mut conn).await,
-                Req::Pipe(p) => p.query_async::<T>(&mut conn).await,
-            }
-        };
-        match tokio::time::timeout(self.opts.op_timeout, run).await {
-            Ok(Ok(v)) => {
-                self.note_up();
-                Some(v)
-            }
-            Ok(Err(e)) => {
-                self.note_down(&e);
-                self.forget_primary();
-                None
-            }
-            Err(_) => {
-                self.note_down(&"command timed out");
-                self.forget_primary();
-                None
+        self.run(req, false).await
+    }
+
+    /// [`Inner::query`] for a read, tried a second time on a fresh connection if the first
+    /// found the connection dropped (after a failover the sentinel closes every client
+    /// connection). Writes are not retried: the first try may have been applied.
+    async fn query_read<T: FromRedisValue>(&self, req: Req<'_>) -> Option<T> {
+        self.run(req, true).await
+    }
+
+    async fn run<T: FromRedisValue>(&self, req: Req<'_>, retry: bool) -> Option<T> {
+        let mut tries = if retry { 2 } else { 1 };
+        loop {
+            tries -= 1;
+            let mut conn = self.manager().await?;
+            let exec = async {
+                match req {
+                    Req::Cmd(c) => c.query_async::<T>(&mut conn).await,
+                    Req::Pipe(p) => p.query_async::<T>(&mut conn).await,
+                }
+            };
+            match tokio::time::timeout(self.opts.op_timeout, exec).await {
+                Ok(Ok(v)) => {
+                    self.note_up();
+                    return Some(v);
+                }
+                Ok(Err(e)) => {
+                    self.forget_primary();
+                    let dropped = e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal();
+                    if tries > 0 && dropped {
+                        continue;
+                    }
+                    self.note_down(&e);
+                    return None;
+                }
+                Err(_) => {
+                    self.note_down(&"command timed out");
+                    self.forget_primary();
+                    return None;
+                }
             }
         }
     }
@@ -576,6 +595,7 @@ impl Inner {
     }
 }
 
+#[derive(Clone, Copy)]
 enum Req<'a> {
     Cmd(&'a redis::Cmd),
     Pipe(&'a redis::Pipeline),
@@ -651,7 +671,7 @@ impl SessionStore for RedisStore {
             let k = s.key(table, key);
             let mut pipe = redis::pipe();
             pipe.cmd("GET").arg(&k).cmd("PTTL").arg(&k);
-            let Some((stored, pttl)) = s.query::<(Option<Vec<u8>>, i64)>(Req::Pipe(&pipe)).await else {
+            let Some((stored, pttl)) = s.query_read::<(Option<Vec<u8>>, i64)>(Req::Pipe(&pipe)).await else {
                 return Ok(None);
             };
             let Some(record) = stored.and_then(|v| s.open(table, key, &v)) else {
