@@ -602,6 +602,42 @@ mod gateway {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// `rediss://`: TLS to Redis through rustls, the server certificate checked against the
+    /// system trust store (here a test CA through `SSL_CERT_FILE`, which
+    /// rustls-native-certs reads), in a child process so the variable stays there.
+    #[test]
+    fn rediss_reaches_a_tls_redis_and_checks_its_certificate() {
+        if !common::have_redis_server() {
+            return;
+        }
+        let dir = tempdir("tls");
+        sudp::cert::write(&sudp::cert::ephemeral(), &dir).unwrap();
+        let redis = RedisServer::start_as(common::RedisRole::Tls(dir.clone())).unwrap();
+        let url = format!("rediss://127.0.0.1:{}/0", redis.port);
+        let purge = |ca: Option<&std::path::Path>| {
+            let mut cmd = Command::new(BIN);
+            cmd.args(["store", "purge", "--store", &url, "--table", "tls-session"]);
+            cmd.env_remove("SSL_CERT_FILE").env_remove("SSL_CERT_DIR");
+            if let Some(ca) = ca {
+                cmd.env("SSL_CERT_FILE", ca);
+            }
+            cmd.output().unwrap()
+        };
+        let out = purge(Some(&dir.join("ca.pem")));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("purged 0 records"));
+        // A server the trust store does not vouch for is refused.
+        let out = purge(None);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("UnknownIssuer") || err.contains("certificate"),
+            "{err}"
+        );
+        drop(redis);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn a_store_without_a_cluster_key_is_refused_by_name() {
         let out = Command::new(BIN)

@@ -336,6 +336,9 @@ pub enum RedisRole {
     /// A sentinel monitoring the primary on `primary` as `service` (quorum 1, down after
     /// 500 ms, so that a test's failover takes a few seconds).
     Sentinel { primary: u16, service: String },
+    /// TLS only (`--port 0 --tls-port`), with `gateway.pem`/`gateway.key` of a PKI written
+    /// into this directory (`sudp::cert::write`), no client certificates asked for.
+    Tls(std::path::PathBuf),
 }
 
 impl RedisServer {
@@ -395,6 +398,16 @@ impl RedisServer {
             );
             std::fs::write(&conf, text).unwrap();
             cmd.arg(&conf).arg("--sentinel");
+        } else if let RedisRole::Tls(pki) = &self.role {
+            cmd.args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .arg("--tls-cert-file")
+                .arg(pki.join("gateway.pem"))
+                .arg("--tls-key-file")
+                .arg(pki.join("gateway.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(pki.join("ca.pem"))
+                .args(["--tls-auth-clients", "no"]);
         } else {
             cmd.args(["--port", &self.port.to_string()])
                 .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
@@ -427,13 +440,16 @@ impl RedisServer {
         false
     }
 
-    /// Whether a PING gets a PONG.
+    /// Whether a PING gets a PONG (for a TLS server: whether it accepts connections).
     pub fn ping(&self) -> bool {
         use std::io::{Read, Write};
         let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
         let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
             return false;
         };
+        if matches!(self.role, RedisRole::Tls(_)) {
+            return true;
+        }
         let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
         let mut buf = [0u8; 7];
         s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
