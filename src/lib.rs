@@ -21,4 +21,5 @@ pub mod net;
 pub mod policy;
 pub mod proto;
 pub mod shim;
+pub mod store;
 pub mod tls;

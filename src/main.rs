@@ -81,6 +81,10 @@ enum Cmd {
     Cert(sudp::cert::CertArgs),
     /// Hash a password read on stdin into a users-file line
     Passwd(sudp::auth::PasswdArgs),
+    /// Write a new cluster key (seals what the gateways of a cluster share in the store)
+    ClusterKey(sudp::store::cli::ClusterKeyArgs),
+    /// Operate on a cluster's shared store (Redis): `sudp store purge`
+    Store(sudp::store::cli::StoreArgs),
     /// Run the gateway: SOCKS5 over TLS; naked and secure UDP on one relay socket
     Gateway(Box<GatewayCmd>),
     /// Run the client shim: a local SOCKS5 server and port forwards that reach targets
@@ -179,6 +183,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Man(args) => write_man_pages(&args.out),
+        Cmd::ClusterKey(args) => sudp::store::cli::run_cluster_key(args),
+        Cmd::Store(args) => sudp::store::cli::run_store(args),
         Cmd::Bench(args) => runtime()?.block_on(sudp::bench::run_cli(*args, shutdown_signal())),
         Cmd::Limits => {
             use sudp::proto::record;

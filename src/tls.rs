@@ -11,9 +11,11 @@
 //!   every UDP key, is open to the triple-handshake attack (RFC 7627 §5.4).
 //! * No ALPN, so a plain TLS client (`openssl s_client`, a SOCKS5-over-TLS library) works.
 //! * No 0-RTT: early data is replayable, and the control channel carries authentication.
-//! * Session resumption on both sides: stateless tickets plus a server session cache
-//!   ([`SessionCache`], the seam for a shared store) on the gateway, rustls' in-memory
-//!   session store on the client.
+//! * Session resumption on both sides. On the gateway, [`Resumption`]: in this process
+//!   (stateless tickets plus [`SessionCache`]), stateful in a store shared by the cluster
+//!   ([`crate::store::tls::StoreSessions`]), or stateless tickets under keys the cluster
+//!   shares ([`crate::store::tls::StoreTicketer`]). On the client, rustls' in-memory
+//!   session store.
 //! * Client certificates are off, optional (a client without one may still authenticate
 //!   with a password inside SOCKS5) or required. Certificate revocation lists, if given, are
 //!   checked for the client's end-entity certificate; once any CRL is given, a client whose
@@ -30,7 +32,7 @@ use std::sync::Arc;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::server::{ServerSessionMemoryCache, StoresServerSessions, WebPkiClientVerifier};
+use rustls::server::{ProducesTickets, ServerSessionMemoryCache, StoresServerSessions, WebPkiClientVerifier};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore, ServerConfig,
     SignatureScheme, SupportedProtocolVersion,
@@ -323,18 +325,56 @@ pub struct ServerTlsOptions {
     pub allow_tls12: bool,
 }
 
-/// Builds the gateway's rustls configuration, with an in-memory [`SessionCache`].
-pub fn server_config(opts: ServerTlsOptions) -> Result<Arc<ServerConfig>, TlsError> {
-    server_config_with_store(opts, Arc::new(SessionCache::default()))
+/// How the gateway's TLS sessions resume, and where their state lives.
+pub enum Resumption {
+    /// This process only: stateless tickets under keys rustls keeps (and rotates) in
+    /// memory, TLS 1.2 session ids in an in-memory [`SessionCache`]. What
+    /// [`server_config`] builds; a client resumes only on the node that issued its ticket.
+    Local,
+    /// Stateful: every session in `storage`, TLS 1.3 tickets being lookup keys into it. The
+    /// ticketer is off, since rustls consults the session storage for TLS 1.3 only then. With
+    /// a shared store every node resumes every client.
+    Stateful(Arc<dyn StoresServerSessions>),
+    /// Stateless tickets sealed by `ticketer` (keys shared by the cluster), and TLS 1.2
+    /// clients without tickets resuming by session id from `storage`.
+    Tickets {
+        /// Seals and opens tickets.
+        ticketer: Arc<dyn ProducesTickets>,
+        /// TLS 1.2 session-id storage.
+        storage: Arc<dyn StoresServerSessions>,
+    },
 }
 
-/// Builds the gateway's rustls configuration with `store` as its server-side session storage.
-///
-/// This is where a shared store (one every gateway node reaches, such as Redis) replaces the
-/// in-memory [`SessionCache`].
+impl fmt::Debug for Resumption {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Resumption::Local => "Local",
+            Resumption::Stateful(_) => "Stateful",
+            Resumption::Tickets { .. } => "Tickets",
+        })
+    }
+}
+
+/// Builds the gateway's rustls configuration, resuming in this process only
+/// ([`Resumption::Local`]).
+pub fn server_config(opts: ServerTlsOptions) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_resuming(opts, Resumption::Local)
+}
+
+/// Builds the gateway's rustls configuration with `store` as its server-side session storage
+/// for stateful resumption ([`Resumption::Stateful`]): the ticketer is off, so TLS 1.3
+/// resumption goes through `store` too.
 pub fn server_config_with_store(
     opts: ServerTlsOptions,
     store: Arc<dyn StoresServerSessions>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_resuming(opts, Resumption::Stateful(store))
+}
+
+/// Builds the gateway's rustls configuration with the given [`Resumption`].
+pub fn server_config_resuming(
+    opts: ServerTlsOptions,
+    resumption: Resumption,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
     let builder = ServerConfig::builder_with_provider(provider.clone())
@@ -378,11 +418,23 @@ pub fn server_config_with_store(
             what: "gateway certificate and key",
             error,
         })?;
-    config.session_storage = store;
-    config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|error| TlsError::Rustls {
-        what: "session ticket keys",
-        error,
-    })?;
+    match resumption {
+        Resumption::Local => {
+            config.session_storage = Arc::new(SessionCache::default());
+            config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|error| TlsError::Rustls {
+                what: "session ticket keys",
+                error,
+            })?;
+        }
+        Resumption::Stateful(storage) => {
+            // The builder's default ticketer never produces tickets: keep it so.
+            config.session_storage = storage;
+        }
+        Resumption::Tickets { ticketer, storage } => {
+            config.session_storage = storage;
+            config.ticketer = ticketer;
+        }
+    }
     config.require_ems = true;
     config.max_early_data_size = 0;
     Ok(Arc::new(config))
@@ -391,12 +443,10 @@ pub fn server_config_with_store(
 /// Server-side TLS session storage (stateful resumption: TLS 1.2 session ids, and TLS 1.3
 /// when tickets are off), behind rustls' [`StoresServerSessions`].
 ///
-/// This is the seam for a cluster of gateways: a type backed by a shared store (Redis, ...)
-/// implementing [`StoresServerSessions`] replaces this one through
-/// [`server_config_with_store`], so a client resumes on whichever node it reaches. Tickets
-/// are the other half: every node must then also share the ticket keys, or tickets turned
-/// off so that resumption goes through the store. Stored values are resumption secrets: a
-/// shared store must be access-controlled and encrypted in transit.
+/// The session storage of [`Resumption::Local`]. A cluster uses
+/// [`crate::store::tls::StoreSessions`] instead (stateful resumption through the shared
+/// store, ticketer off) or [`crate::store::tls::StoreTicketer`] (tickets under keys every
+/// node shares); see docs/CLUSTER.md.
 #[derive(Debug)]
 pub struct SessionCache {
     inner: Arc<ServerSessionMemoryCache>,

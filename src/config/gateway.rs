@@ -36,6 +36,8 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
 /// Default time a CONNECT tunnel may carry no byte either way before it is closed.
 pub const DEFAULT_CONNECT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Cluster name when neither the file nor a flag gives one.
+pub const DEFAULT_CLUSTER: &str = "default";
 
 /// Run the secure-UDP gateway: SOCKS5 over TLS plus a UDP relay for naked and secure UDP.
 ///
@@ -170,6 +172,57 @@ pub struct GatewayArgs {
     /// net.core.rmem_max) [default: 4MiB].
     #[arg(long, value_name = "SIZE", value_parser = super::parse_size)]
     pub udp_buffer: Option<usize>,
+    /// Session store shared by the gateways of a cluster: redis://HOST:PORT/DB,
+    /// rediss://HOST:PORT/DB (TLS to Redis) or
+    /// redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB] (needs --cluster-key)
+    /// [default: in-process only].
+    #[arg(long, value_name = "URL", value_parser = parse_store_url)]
+    pub store: Option<StoreUrl>,
+
+    /// Name of the cluster: the namespace of its records and channel in the store
+    /// [default: default].
+    #[arg(long, value_name = "NAME", value_parser = parse_cluster)]
+    pub cluster: Option<String>,
+
+    /// Cluster key file (written by `sudp cluster-key --out FILE`): seals every value put in
+    /// the store. Required with --store.
+    #[arg(long, value_name = "FILE")]
+    pub cluster_key: Option<PathBuf>,
+
+    /// TLS session resumption: `stateful` (sessions in the store) or `tickets` (stateless
+    /// tickets under keys shared through the store) [default: stateful].
+    #[arg(long, value_name = "MODE", value_parser = parse_resumption)]
+    pub resumption: Option<ResumptionMode>,
+}
+
+/// A store URL (`redis://` or `rediss://`), checked. Its `Debug` hides any password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoreUrl(String);
+
+impl StoreUrl {
+    /// The URL as given.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // scheme://[user:password@]host...: print the scheme and what follows the '@'.
+        let (scheme, rest) = self.0.split_once("://").unwrap_or(("", &self.0));
+        let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+        write!(f, "StoreUrl({scheme}://{host})")
+    }
+}
+
+/// How TLS sessions resume across the cluster (`resumption`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ResumptionMode {
+    /// Sessions kept in the store; TLS 1.3 tickets are lookup keys.
+    #[default]
+    Stateful,
+    /// Stateless tickets sealed under keys the cluster shares through the store.
+    Tickets,
 }
 
 /// The gateway's configuration: typed and validated.
@@ -223,6 +276,14 @@ pub struct GatewayConfig {
     pub udp_buffer: usize,
     /// Where to serve `/metrics` and `/healthz`, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// The shared session store; `None`: in-process only.
+    pub store: Option<StoreUrl>,
+    /// The cluster's name (namespace in the store).
+    pub cluster: String,
+    /// The cluster key file; always set when `store` is.
+    pub cluster_key: Option<PathBuf>,
+    /// How TLS sessions resume.
+    pub resumption: ResumptionMode,
 }
 
 /// How the gateway authenticates clients. At least one method is on, or authentication is
@@ -306,6 +367,10 @@ struct GatewayFile {
     /// A size string such as "4MiB" or a number of bytes, hence a raw value.
     udp_buffer: Option<toml::Value>,
     metrics: Option<String>,
+    store: Option<String>,
+    cluster: Option<String>,
+    cluster_key: Option<PathBuf>,
+    resumption: Option<String>,
     /// Sorted, so that of several bad entries the same one is always reported.
     users_policy: Option<BTreeMap<String, UserPolicyFile>>,
 }
@@ -482,6 +547,26 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
         crate::net::UDP_BUFFER,
     )?;
 
+    // Cluster: a shared store seals what it holds, so it needs the key.
+    let store = args
+        .store
+        .or(file_value(&o, "store", file.store, parse_store_url)?);
+    let cluster = args
+        .cluster
+        .or(file_value(&o, "cluster", file.cluster, parse_cluster)?)
+        .unwrap_or_else(|| DEFAULT_CLUSTER.to_owned());
+    let cluster_key = o.path(args.cluster_key, file.cluster_key);
+    if store.is_some() && cluster_key.is_none() {
+        return Err(ConfigError::Requires {
+            key: "store",
+            needs: "cluster_key",
+        });
+    }
+    let resumption = args
+        .resumption
+        .or(file_value(&o, "resumption", file.resumption, parse_resumption)?)
+        .unwrap_or_default();
+
     Ok(GatewayConfig {
         listen,
         cert,
@@ -507,7 +592,34 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
         metrics: args
             .metrics
             .or(file_value(&o, "metrics", file.metrics, parse_socket_addr)?),
+        store,
+        cluster,
+        cluster_key,
+        resumption,
     })
+}
+
+fn parse_store_url(text: &str) -> Result<StoreUrl, Problem> {
+    let url = text.trim();
+    crate::store::redis::check_url(url).map_err(|e| match e {
+        crate::store::StoreError::Url { reason } => Problem::StoreUrl(reason),
+        other => Problem::StoreUrl(other.to_string()),
+    })?;
+    Ok(StoreUrl(url.to_owned()))
+}
+
+fn parse_cluster(text: &str) -> Result<String, Problem> {
+    let name = text.trim();
+    crate::store::check_name("cluster", name).map_err(|_| Problem::ClusterName(text.to_owned()))?;
+    Ok(name.to_owned())
+}
+
+fn parse_resumption(text: &str) -> Result<ResumptionMode, Problem> {
+    match text.trim() {
+        "stateful" => Ok(ResumptionMode::Stateful),
+        "tickets" => Ok(ResumptionMode::Tickets),
+        _ => Err(Problem::Resumption(text.to_owned())),
+    }
 }
 
 fn parse_ip_addr(text: &str) -> Result<IpAddr, Problem> {
@@ -990,6 +1102,9 @@ mod tests {
             ["--advertise", "1.2.3.4:5"],
             ["--max-associations", "x"],
             ["--max-associations=-1", "--tls12"],
+            ["--store", "memcached://x"],
+            ["--cluster", "a b"],
+            ["--resumption", "never"],
         ] {
             let args = std::iter::once("gateway").chain(argv);
             let err = Cli::try_parse_from(args).err().expect("must fail");
@@ -1016,6 +1131,64 @@ mod tests {
         assert!(got.contains("max_connections"), "{got}");
         let got = error("listen = ", &[]);
         assert!(got.starts_with("gateway.toml: "), "{got}");
+    }
+
+    #[test]
+    fn cluster_keys() {
+        let c = from_toml(MINIMAL, &[]).unwrap();
+        assert_eq!((c.store.as_ref(), c.cluster.as_str()), (None, "default"));
+        assert_eq!(c.resumption, ResumptionMode::Stateful);
+        let file = "store = \"redis://127.0.0.1:6379/2\"\ncluster = \"edge-1\"\n\
+                    cluster_key = \"keys/cluster.key\"\nresumption = \"tickets\"\n";
+        let c = from_toml(&format!("{MINIMAL}{file}"), &[]).unwrap();
+        assert_eq!(c.store.as_ref().unwrap().as_str(), "redis://127.0.0.1:6379/2");
+        assert_eq!(c.cluster, "edge-1");
+        assert_eq!(c.cluster_key, Some(PathBuf::from("keys/cluster.key")));
+        assert_eq!(c.resumption, ResumptionMode::Tickets);
+        let c = from_toml(
+            &format!("{MINIMAL}{file}"),
+            &[
+                "--cluster=b",
+                "--resumption=stateful",
+                "--store=rediss://[::1]:6380/0",
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            (c.cluster.as_str(), c.resumption),
+            ("b", ResumptionMode::Stateful)
+        );
+        assert!(c.store.unwrap().as_str().starts_with("rediss://"));
+
+        // A store without a key names both.
+        let got = error(MINIMAL, &["--store=redis://127.0.0.1:6379/0"]);
+        assert_eq!(got, "`store` (--store) needs `cluster_key` (--cluster-key)");
+        let got = error(&format!("{MINIMAL}store = \"redis://127.0.0.1:6379\"\n"), &[]);
+        assert!(got.contains("`cluster_key`"), "{got}");
+        for (extra, want) in [
+            (
+                "store = \"http://x:1\"",
+                "gateway.toml: key `store`: invalid store URL",
+            ),
+            (
+                "cluster = \"a:b\"",
+                "gateway.toml: key `cluster`: invalid cluster name",
+            ),
+            (
+                "resumption = \"both\"",
+                "gateway.toml: key `resumption`: invalid resumption mode",
+            ),
+        ] {
+            let got = error(&format!("{MINIMAL}{extra}\n"), &[]);
+            assert!(got.starts_with(want), "{got}");
+        }
+        // A password in the URL is never printed.
+        let url = StoreUrl("redis://:hunter2@127.0.0.1:6379/0".into());
+        assert_eq!(format!("{url:?}"), "StoreUrl(redis://127.0.0.1:6379/0)");
+        let err = parse_store_url("redis://:hunter2@[::1/0")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
     }
 
     #[test]

@@ -38,9 +38,9 @@ use crate::proto::keys::CipherSuite;
 use crate::proto::replay;
 
 pub use gateway::{
-    Auth, GatewayArgs, GatewayConfig, DEFAULT_CONNECT_IDLE_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT,
-    DEFAULT_IDLE_TIMEOUT, DEFAULT_LISTEN, DEFAULT_MAX_ASSOCIATIONS, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_CONNECTIONS_PER_IP,
+    Auth, GatewayArgs, GatewayConfig, ResumptionMode, StoreUrl, DEFAULT_CLUSTER,
+    DEFAULT_CONNECT_IDLE_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_LISTEN,
+    DEFAULT_MAX_ASSOCIATIONS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_IP,
 };
 pub use shim::{
     parse_forward, parse_host_port, Forward, ForwardProto, PasswordLogin, ShimArgs, ShimConfig, Trust,
@@ -258,6 +258,15 @@ pub enum Problem {
          certificate identities are cert:NAME"
     )]
     PolicyKey(String),
+    /// A store URL this build cannot use. The URL is not repeated: it may hold a password.
+    #[error("invalid store URL: {0}")]
+    StoreUrl(String),
+    /// A cluster name outside `a-z A-Z 0-9 - _ .` or 1..=64 characters.
+    #[error("invalid cluster name \"{0}\" (1 to 64 characters of a-z A-Z 0-9 - _ .)")]
+    ClusterName(String),
+    /// Not a resumption mode.
+    #[error("invalid resumption mode \"{0}\" (expected `stateful` or `tickets`)")]
+    Resumption(String),
 }
 
 /// Text that is not a duration (see [`parse_duration`]).

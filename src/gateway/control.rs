@@ -174,6 +174,8 @@ pub(crate) async fn serve(
             return;
         }
     };
+    // Full or resumed (with a shared store, possibly a session another node issued).
+    shared.metrics.count_handshake(tls.get_ref().1.handshake_kind());
     let negotiated = tokio::time::timeout_at(deadline, negotiate(&shared, tls, peer, deadline)).await;
     let (proto, cmd, target, session) = match negotiated {
         Ok(Ok(Some(x))) => x,

@@ -22,13 +22,15 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use crate::auth::{AuthLimits, Authenticator, Backend, Certificates, Users};
-use crate::config::{Auth, GatewayConfig};
+use crate::config::{Auth, GatewayConfig, ResumptionMode};
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::net::channel::Heartbeat;
 use crate::net::dns::{Resolve, Resolver, SystemResolve};
 use crate::policy::Policy;
 use crate::proto::CipherSuite;
-use crate::tls::ServerTlsOptions;
+use crate::store::tls::{StoreSessions, StoreTicketer, DEFAULT_TICKET_PERIOD};
+use crate::store::{ClusterKey, MemoryStore, RedisOptions, RedisStore, SessionStore};
+use crate::tls::{Resumption, ServerTlsOptions};
 use relay::{Relay, RelaySettings};
 
 /// How long shutdown waits for connections to finish.
@@ -96,6 +98,9 @@ pub struct Settings {
     /// Where destination names are resolved: the system resolver by default; tests put a
     /// [`crate::net::dns::StaticResolve`] here so no query leaves the machine.
     pub resolver: Arc<dyn Resolve>,
+    /// The session store (in-process, or shared by the cluster through Redis); `tls`
+    /// resumes through the same store when built by [`Settings::from_config`].
+    pub store: Arc<dyn SessionStore>,
 }
 
 /// The gateway's heartbeat: a PING every second, a client silent for 10 s is gone. Clients
@@ -136,6 +141,7 @@ impl Settings {
             udp_buffer: crate::net::UDP_BUFFER,
             metrics: None,
             resolver: Arc::new(SystemResolve),
+            store: Arc::new(MemoryStore::default()),
         }
     }
 
@@ -153,14 +159,38 @@ impl Settings {
         for path in &cfg.client_crl {
             client_crls.extend(crate::tls::load_crls(path)?);
         }
-        let tls = crate::tls::server_config(ServerTlsOptions {
-            cert_chain: crate::tls::load_certs(&cfg.cert).context("`cert` (--cert)")?,
-            key: crate::tls::load_key(&cfg.key).context("`key` (--key)")?,
-            client_ca,
-            require_client_cert,
-            client_crls,
-            allow_tls12: cfg.tls12,
-        })
+        let store: Arc<dyn SessionStore> = match (&cfg.store, &cfg.cluster_key) {
+            (Some(url), Some(key_file)) => {
+                let key = ClusterKey::load(key_file)?;
+                Arc::new(RedisStore::new(
+                    url.as_str(),
+                    &cfg.cluster,
+                    &key,
+                    RedisOptions::default(),
+                )?)
+            }
+            // The config refuses a store without a key; without a store the key is unused.
+            _ => Arc::new(MemoryStore::default()),
+        };
+        let sessions = Arc::new(StoreSessions::new(store.clone()));
+        let resumption = match cfg.resumption {
+            ResumptionMode::Stateful => Resumption::Stateful(sessions),
+            ResumptionMode::Tickets => Resumption::Tickets {
+                ticketer: Arc::new(StoreTicketer::new(store.clone(), DEFAULT_TICKET_PERIOD)),
+                storage: sessions,
+            },
+        };
+        let tls = crate::tls::server_config_resuming(
+            ServerTlsOptions {
+                cert_chain: crate::tls::load_certs(&cfg.cert).context("`cert` (--cert)")?,
+                key: crate::tls::load_key(&cfg.key).context("`key` (--key)")?,
+                client_ca,
+                require_client_cert,
+                client_crls,
+                allow_tls12: cfg.tls12,
+            },
+            resumption,
+        )
         .context("`cert` and `key` (--cert, --key)")?;
         let users = match cfg.auth.users() {
             Some(p) => {
@@ -197,6 +227,7 @@ impl Settings {
             udp_buffer: cfg.udp_buffer,
             metrics: cfg.metrics,
             resolver: Arc::new(SystemResolve),
+            store,
         })
     }
 }
@@ -305,6 +336,8 @@ impl Gateway {
             settings.policy.clone(),
         )
         .map_err(crate::net::bind_error("UDP relay socket", udp, "--udp-listen"))?;
+        // Connect to the shared store now, not in the first client's handshake.
+        settings.store.start();
         let acceptor = TlsAcceptor::from(settings.tls.clone());
         let metrics_listener = match settings.metrics {
             Some(a) => Some(crate::metrics::http::bind(a).await?),

@@ -133,6 +133,18 @@ impl prometheus_client::collector::Collector for Collector {
         )?;
         {
             let mut family = enc.encode_descriptor(
+                "tls_handshakes",
+                "TLS handshakes of control connections, by kind (full, or resumed from a session of this node or, with a shared store, of another)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (kind, c) in [("full", &m.handshakes_full), ("resumed", &m.handshakes_resumed)] {
+                let labels = [("kind", kind)];
+                ConstCounter::new(load(c)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut family = enc.encode_descriptor(
                 "auth_failures",
                 "Authentication attempts refused, by method",
                 None,

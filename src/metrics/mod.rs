@@ -146,6 +146,11 @@ pub struct Metrics {
     pub auth_overloaded: AtomicU64,
     /// Control connections closed at once: their source already held its share of slots.
     pub connections_over_source_cap: AtomicU64,
+    /// TLS handshakes completed in full (no session resumed).
+    pub handshakes_full: AtomicU64,
+    /// TLS handshakes that resumed a session (abbreviated), from this node or, with a
+    /// shared store, from another node of the cluster.
+    pub handshakes_resumed: AtomicU64,
     /// Datagrams the kernel dropped at our own sockets' receive queues, by socket role.
     pub socket_drops: SocketDrops,
 }
@@ -234,6 +239,15 @@ impl Metrics {
             s.push_str("none");
         }
         s
+    }
+
+    /// Counts a finished TLS handshake by its kind (`handshake_kind()` of the connection).
+    pub fn count_handshake(&self, kind: Option<rustls::HandshakeKind>) {
+        let counter = match kind {
+            Some(rustls::HandshakeKind::Resumed) => &self.handshakes_resumed,
+            _ => &self.handshakes_full,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts one authentication failure of `method`.

@@ -427,3 +427,178 @@ impl Drop for GatewayProcess {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+pub fn have_redis_server() -> bool {
+    tool_available("Debian's redis-server", "redis-server", &["--version"])
+}
+
+/// A throwaway `redis-server` on 127.0.0.1, persistence off, in a directory of its own;
+/// killed when dropped. Redis cannot bind port 0, so the port is one the kernel just handed
+/// out (bound and closed here); if another process takes it first, Redis fails to bind and
+/// the start is retried on another port.
+pub struct RedisServer {
+    child: Option<std::process::Child>,
+    pub port: u16,
+    dir: std::path::PathBuf,
+    role: RedisRole,
+}
+
+/// What a [`RedisServer`] runs as.
+#[derive(Clone)]
+pub enum RedisRole {
+    /// A standalone server (or a primary).
+    Primary,
+    /// A replica of the server on this port.
+    ReplicaOf(u16),
+    /// A sentinel monitoring the primary on `primary` as `service` (quorum 1, down after
+    /// 500 ms, so that a test's failover takes a few seconds).
+    Sentinel { primary: u16, service: String },
+    /// TLS only (`--port 0 --tls-port`), with `gateway.pem`/`gateway.key` of a PKI written
+    /// into this directory (`sudp::cert::write`), no client certificates asked for.
+    Tls(std::path::PathBuf),
+}
+
+impl RedisServer {
+    /// Starts one, or `None` (with a note; a failure under `SUDP_REQUIRE_TOOLS`) when
+    /// `redis-server` is not installed.
+    pub fn start() -> Option<RedisServer> {
+        Self::start_as(RedisRole::Primary)
+    }
+
+    /// [`RedisServer::start`] in another role.
+    pub fn start_as(role: RedisRole) -> Option<RedisServer> {
+        if !have_redis_server() {
+            return None;
+        }
+        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("sudp-redis-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for _ in 0..10 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut server = RedisServer {
+                child: None,
+                port,
+                dir: dir.clone(),
+                role: role.clone(),
+            };
+            if server.spawn() {
+                return Some(server);
+            }
+        }
+        panic!("redis-server did not start on any of 10 free ports");
+    }
+
+    /// `redis://127.0.0.1:PORT/0`
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts redis-server on `self.port`; false if it exited (port taken) or never
+    /// answered.
+    fn spawn(&mut self) -> bool {
+        let mut cmd = std::process::Command::new("redis-server");
+        if let RedisRole::Sentinel { primary, service } = &self.role {
+            // A sentinel needs a config file it can rewrite.
+            let conf = self.dir.join("sentinel.conf");
+            let text = format!(
+                "port {}\nbind 127.0.0.1\ndaemonize no\n\
+                 sentinel monitor {service} 127.0.0.1 {primary} 1\n\
+                 sentinel down-after-milliseconds {service} 500\n\
+                 sentinel failover-timeout {service} 2000\n",
+                self.port
+            );
+            std::fs::write(&conf, text).unwrap();
+            cmd.arg(&conf).arg("--sentinel");
+        } else if let RedisRole::Tls(pki) = &self.role {
+            cmd.args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .arg("--tls-cert-file")
+                .arg(pki.join("gateway.pem"))
+                .arg("--tls-key-file")
+                .arg(pki.join("gateway.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(pki.join("ca.pem"))
+                .args(["--tls-auth-clients", "no"]);
+        } else {
+            cmd.args(["--port", &self.port.to_string()])
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--protected-mode", "yes", "--daemonize", "no"]);
+            if let RedisRole::ReplicaOf(primary) = self.role {
+                cmd.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
+            }
+        }
+        let child = cmd
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::time::Instant::now() < deadline {
+            if self.child.as_mut().unwrap().try_wait().unwrap().is_some() {
+                self.child = None;
+                return false;
+            }
+            if self.ping() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.stop();
+        false
+    }
+
+    /// Whether a PING gets a PONG (for a TLS server: whether it accepts connections).
+    pub fn ping(&self) -> bool {
+        use std::io::{Read, Write};
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+            return false;
+        };
+        if matches!(self.role, RedisRole::Tls(_)) {
+            return true;
+        }
+        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut buf = [0u8; 7];
+        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+    }
+
+    /// Kills the server (SIGKILL: no goodbye to the clients, as in a crash) and waits.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port (an empty database: persistence is off). Retries
+    /// for a while in case the port is not free again at once.
+    pub fn restart(&mut self) {
+        self.stop();
+        let deadline = std::time::Instant::now() + WAIT;
+        while !self.spawn() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not restart on port {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
