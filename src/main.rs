@@ -335,11 +335,37 @@ fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 fn run_gateway(args: sudp::config::GatewayArgs) -> anyhow::Result<()> {
-    let config = sudp::config::GatewayConfig::from_args(args).map_err(fatal)?;
+    let config = sudp::config::GatewayConfig::from_args(args.clone()).map_err(fatal)?;
     let settings = sudp::gateway::Settings::from_config(&config).map_err(fatal)?;
     runtime()?.block_on(async {
         let gateway = sudp::gateway::Gateway::bind(settings).await?;
         let shutdown = armed_shutdown_signal().await;
+        // Installed before the bound addresses are printed, like the shutdown signals: a
+        // SIGHUP from then on reloads instead of killing the process.
+        let hangups = hangup_signal()?;
+        let reloader = gateway.reloader(&config);
+        let reloads = tokio::spawn(serve_hangups(hangups, move || {
+            let (reloader, args) = (reloader.clone(), args.clone());
+            async move {
+                // File reads and parsing block: off the async workers.
+                match tokio::task::spawn_blocking(move || reloader.reload(args)).await {
+                    Ok(Ok(r)) if r.needs_restart.is_empty() => {
+                        tracing::info!("SIGHUP: configuration reloaded: {}", r.changes);
+                    }
+                    Ok(Ok(r)) => tracing::warn!(
+                        "SIGHUP: configuration reloaded: {}; changed but needs a restart (running values kept): {}",
+                        r.changes,
+                        r.needs_restart.join(", ")
+                    ),
+                    Ok(Err(e)) => tracing::error!(
+                        "SIGHUP: reload failed, the running configuration stays in force: {e}"
+                    ),
+                    Err(e) => tracing::error!(
+                        "SIGHUP: reload failed, the running configuration stays in force: {e}"
+                    ),
+                }
+            }
+        }));
         println!("control (TLS) {}", gateway.control_addr());
         println!("relay (UDP) {}", gateway.relay_addr());
         if let Some(a) = gateway.metrics_addr() {
@@ -347,7 +373,9 @@ fn run_gateway(args: sudp::config::GatewayArgs) -> anyhow::Result<()> {
         }
         use std::io::Write as _;
         std::io::stdout().flush()?;
-        gateway.run(shutdown).await?;
+        let r = gateway.run(shutdown).await;
+        reloads.abort();
+        r?;
         Ok(())
     })
 }
@@ -358,6 +386,13 @@ fn run_shim(args: sudp::config::ShimArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         let shim = sudp::shim::Shim::bind(settings).await?;
         let shutdown = armed_shutdown_signal().await;
+        // The shim re-reads nothing on SIGHUP (its settings are built into each dialer); it
+        // says so instead of dying of the signal's default action.
+        let reloads = tokio::spawn(serve_hangups(hangup_signal()?, || async {
+            tracing::warn!(
+                "SIGHUP: the shim does not reload its configuration; restart it to apply changes"
+            );
+        }));
         if let Some(a) = shim.socks_addr() {
             println!("socks {a}");
         }
@@ -384,7 +419,9 @@ fn run_shim(args: sudp::config::ShimArgs) -> anyhow::Result<()> {
                 },
             }
         };
-        shim.run(stop).await?;
+        let r = shim.run(stop).await;
+        reloads.abort();
+        r?;
         if let Some(e) = refusal.into_inner().unwrap_or_else(|e| e.into_inner()) {
             return Err(fatal(anyhow::anyhow!("{e} (at startup)")));
         }
@@ -406,6 +443,41 @@ async fn armed_shutdown_signal() -> std::pin::Pin<Box<dyn std::future::Future<Ou
         _ = &mut signal => Box::pin(std::future::ready(())),
         _ = std::future::ready(()) => signal,
     }
+}
+
+/// A SIGHUP stream, registered now (from here on the signal no longer kills the process).
+#[cfg(unix)]
+fn hangup_signal() -> std::io::Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+}
+
+/// No SIGHUP off Unix.
+#[cfg(not(unix))]
+fn hangup_signal() -> std::io::Result<()> {
+    Ok(())
+}
+
+/// Runs `on_hangup` for each SIGHUP, one at a time (signals that arrive during one coalesce
+/// into the next), until aborted.
+#[cfg(unix)]
+async fn serve_hangups<F, Fut>(mut hangups: tokio::signal::unix::Signal, on_hangup: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    while hangups.recv().await.is_some() {
+        on_hangup().await;
+    }
+}
+
+/// No SIGHUP off Unix: waits forever.
+#[cfg(not(unix))]
+async fn serve_hangups<F, Fut>(_: (), _: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    std::future::pending::<()>().await
 }
 
 /// Completes on SIGINT or SIGTERM.

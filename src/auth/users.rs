@@ -33,6 +33,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, BufRead, IsTerminal as _, Read as _};
 use std::path::Path;
+use std::sync::Arc;
 
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHashString, SaltString};
@@ -238,6 +239,42 @@ impl Backend for Users {
         // A name the file holds came from UTF-8 text, so this conversion succeeds.
         let name = std::str::from_utf8(user).ok()?;
         Some(Identity::password(name))
+    }
+}
+
+/// A users file that a reload replaces whole while connections authenticate against it:
+/// each check loads the file in force when it starts (lock-free), so a check never sees
+/// half of an old file and half of a new one.
+pub struct ReloadableUsers(arc_swap::ArcSwap<Users>);
+
+impl ReloadableUsers {
+    /// Starts with `users`.
+    pub fn new(users: Arc<Users>) -> ReloadableUsers {
+        ReloadableUsers(arc_swap::ArcSwap::new(users))
+    }
+
+    /// The users in force now.
+    pub fn current(&self) -> Arc<Users> {
+        self.0.load_full()
+    }
+
+    /// Puts `users` in force for every authentication that starts from now on.
+    pub fn replace(&self, users: Arc<Users>) {
+        self.0.store(users);
+    }
+}
+
+impl Backend for ReloadableUsers {
+    fn method(&self) -> Method {
+        Method::Password
+    }
+
+    fn cost(&self) -> Cost {
+        self.0.load().cost()
+    }
+
+    fn verify(&self, credentials: &Credentials) -> Option<Identity> {
+        Backend::verify(&**self.0.load(), credentials)
     }
 }
 

@@ -160,7 +160,7 @@ pub(crate) async fn serve(
         Err(_) => return,
     };
     let _ = tcp.set_nodelay(true);
-    let tls = match tokio::time::timeout_at(deadline, shared.acceptor.accept(tcp)).await {
+    let tls = match tokio::time::timeout_at(deadline, tokio_rustls::TlsAcceptor::from(shared.tls.load_full()).accept(tcp)).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             if is_certificate_error(&e) {
@@ -390,9 +390,11 @@ async fn connect(
             Err(_) => return refuse(proto, Refusal::Resolve(name.clone())).await,
         },
     };
+    // One policy for the whole request, even if a reload lands while it resolves.
+    let policy = shared.relay.policy();
     let allowed: Vec<SocketAddr> = candidates
         .into_iter()
-        .filter(|a| shared.settings.policy.check(session.user.as_deref(), *a).is_ok())
+        .filter(|a| policy.check(session.user.as_deref(), *a).is_ok())
         .collect();
     if allowed.is_empty() {
         return refuse(proto, Refusal::Policy).await;

@@ -7,6 +7,9 @@
 
 pub mod control;
 pub mod relay;
+mod reload;
+
+pub use reload::{ReloadError, Reloader};
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -19,9 +22,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
+use arc_swap::ArcSwap;
 
-use crate::auth::{AuthLimits, Authenticator, Backend, Certificates, Users};
+use crate::auth::{AuthLimits, Authenticator, Backend, Certificates, ReloadableUsers, Users};
 use crate::config::{Auth, GatewayConfig};
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::net::channel::Heartbeat;
@@ -250,10 +253,18 @@ impl Drop for SourceSlot {
 }
 
 /// State shared by every connection task.
+///
+/// `settings` are the start-time settings: what a reload cannot change is read from there.
+/// What a reload can change sits behind swaps: the TLS server config (certificate, key,
+/// client CA, CRLs) here, the users in `users`, the policy in the relay.
 pub(crate) struct Shared {
     pub(crate) settings: Settings,
     pub(crate) auth: Authenticator,
-    pub(crate) acceptor: TlsAcceptor,
+    /// Loaded once per accepted connection: a reload reaches new handshakes only, and
+    /// established TLS sessions keep theirs.
+    pub(crate) tls: ArcSwap<rustls::ServerConfig>,
+    /// The users backend `auth` checks passwords against, if the gateway has users.
+    pub(crate) users: Option<Arc<ReloadableUsers>>,
     pub(crate) relay: Arc<Relay>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) dns: Arc<Resolver>,
@@ -296,13 +307,18 @@ impl Gateway {
             settings.policy.clone(),
         )
         .map_err(crate::net::bind_error("UDP relay socket", udp, "--udp-listen"))?;
-        let acceptor = TlsAcceptor::from(settings.tls.clone());
+        let tls = ArcSwap::new(settings.tls.clone());
         let metrics_listener = match settings.metrics {
             Some(a) => Some(crate::metrics::http::bind(a).await?),
             None => None,
         };
         let mut backends: Vec<Arc<dyn Backend>> = Vec::new();
-        if let Some(users) = &settings.auth.users {
+        let users = settings
+            .auth
+            .users
+            .as_ref()
+            .map(|u| Arc::new(ReloadableUsers::new(u.clone())));
+        if let Some(users) = &users {
             backends.push(users.clone());
         }
         backends.push(Arc::new(Certificates));
@@ -313,7 +329,8 @@ impl Gateway {
             shared: Arc::new(Shared {
                 settings,
                 auth,
-                acceptor,
+                tls,
+                users,
                 relay,
                 metrics,
                 dns,
@@ -338,6 +355,13 @@ impl Gateway {
         self.metrics_listener
             .as_ref()
             .map(|l| l.local_addr().expect("bound listener"))
+    }
+
+    /// A handle that puts a re-read configuration in force while the gateway runs (SIGHUP).
+    /// `running` is the configuration the gateway was built from: reloads are compared
+    /// with it.
+    pub fn reloader(&self, running: &GatewayConfig) -> Reloader {
+        Reloader::new(self.shared.clone(), running)
     }
 
     /// The gateway's counters.
