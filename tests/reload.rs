@@ -405,16 +405,16 @@ async fn shim_logs_each_gateway_connection_and_survives_sighup() {
     assert!(first[0].contains(&want) && first[0].contains(" INFO "), "{}", first[0]);
 
     // SIGHUP: logged, not fatal.
-    let kill = |sig: &str| {
-        assert!(std::process::Command::new("kill")
-            .args([sig, &shim.id().to_string()])
-            .status()
-            .unwrap()
-            .success())
-    };
-    kill("-HUP");
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &shim.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
     let deadline = Instant::now() + WAIT;
     while !log().contains("SIGHUP") {
+        if let Some(status) = shim.try_wait().unwrap() {
+            panic!("the shim died of SIGHUP: {status}\n{}", log());
+        }
         assert!(Instant::now() < deadline, "{}", log());
         std::thread::sleep(Duration::from_millis(20));
     }
