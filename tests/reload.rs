@@ -344,16 +344,29 @@ async fn each_connect_logs_one_line_when_it_ends() {
         .unwrap();
     assert!((1000..5000).contains(&ms), "{line}");
 
-    // A tunnel still open at shutdown ends with reason shutdown.
+    // A tunnel still open at shutdown (and busy, so the idle timeout does not end it first)
+    // gets the drain's grace, then ends with reason shutdown.
     let mut open = connect_tcp(&opts, &Address::Ip(target)).await.unwrap();
-    open.write_all(b"yz").await.unwrap();
-    let mut two = [0u8; 2];
-    open.read_exact(&mut two).await.unwrap();
+    let busy = tokio::spawn(async move {
+        let mut n = 0u64;
+        let mut two = [0u8; 2];
+        while open.write_all(b"yz").await.is_ok() && open.read_exact(&mut two).await.is_ok() {
+            n += 2;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        n
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let mut gw = gw;
+    let stopping = Instant::now();
     let status = common::terminate(&mut gw.child, "gateway");
     assert!(status.success(), "{status}");
+    let sent = tokio::time::timeout(WAIT, busy).await.unwrap().unwrap();
     let line = wait_for_log(&gw, "CONNECT ended", 3);
-    assert!(line.contains("reason=\"shutdown\"") && line.contains("bytes_up=2"), "{line}");
+    assert!(line.contains("reason=\"shutdown\""), "{line}");
+    assert!(line.contains(&format!("bytes_up={sent} bytes_down={sent}")), "{line}");
+    let grace = stopping.elapsed();
+    assert!(grace >= Duration::from_secs(3), "tunnel cut after {grace:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

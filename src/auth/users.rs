@@ -461,6 +461,19 @@ mod tests {
     }
 
     #[test]
+    fn reloadable_users_check_against_the_file_in_force() {
+        let swap = ReloadableUsers::new(Arc::new(users_with(&[("alice", "a-pw")])));
+        let bob = Credentials::password(b"bob", b"b-pw");
+        let alice = Credentials::password(b"alice", b"a-pw");
+        assert_eq!(Backend::verify(&swap, &bob), None);
+        swap.replace(Arc::new(users_with(&[("bob", "b-pw")])));
+        assert_eq!(Backend::verify(&swap, &bob), Some(Identity::password("bob")));
+        assert_eq!(Backend::verify(&swap, &alice), None, "the old file is gone whole");
+        assert_eq!(swap.current().len(), 1);
+        assert_eq!(swap.method(), Method::Password);
+    }
+
+    #[test]
     fn hash_then_verify() {
         let users = users_with(&[("alice", "correct horse"), ("bob", "battery staple")]);
         assert_eq!(users.len(), 2);

@@ -423,13 +423,24 @@ async fn connect(
     let (mut a, mut b) = (activity.watch(tls), activity.watch(outbound));
     let (up, down) = (a.read.clone(), b.read.clone());
     // Half-close is carried through: EOF one way shuts down that direction's writer only.
+    let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+    tokio::pin!(copy);
+    let ended = |r: io::Result<(u64, u64)>| match r {
+        Ok(_) => (TunnelEnd::Eof, None),
+        Err(e) => (TunnelEnd::Error, Some(e)),
+    };
     let (reason, error) = tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut a, &mut b) => match r {
-            Ok(_) => (TunnelEnd::Eof, None),
-            Err(e) => (TunnelEnd::Error, Some(e)),
-        },
+        r = &mut copy => ended(r),
         _ = activity.idle_for(idle) => (TunnelEnd::Idle, None),
-        _ = shutdown.changed() => (TunnelEnd::Shutdown, None),
+        _ = shutdown.changed() => {
+            // Draining: a transfer under way may finish, within the drain's bounds, then
+            // the tunnel is closed (and logged) before the drain gives up on the task.
+            tokio::select! {
+                r = &mut copy => ended(r),
+                _ = activity.idle_for(idle) => (TunnelEnd::Idle, None),
+                _ = tokio::time::sleep(super::CONNECT_DRAIN) => (TunnelEnd::Shutdown, None),
+            }
+        }
     };
     // The one line per tunnel (same field names as the UDP association's end line). The
     // target is the client's request (a name comes off the wire: escaped); `remote` is the
@@ -462,7 +473,7 @@ enum TunnelEnd {
     Idle,
     /// A read or write failed on either side (a reset, a TLS error).
     Error,
-    /// The gateway shut down.
+    /// The gateway shut down and the tunnel was still open after [`super::CONNECT_DRAIN`].
     Shutdown,
 }
 

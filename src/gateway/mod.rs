@@ -37,6 +37,10 @@ use relay::{Relay, RelaySettings};
 /// How long shutdown waits for connections to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a CONNECT tunnel may go on once shutdown began: it then closes itself (and logs
+/// its end line), before [`DRAIN_TIMEOUT`] aborts what is left.
+pub(crate) const CONNECT_DRAIN: Duration = Duration::from_secs(4);
+
 /// Which client authentication the gateway offers.
 #[derive(Clone, Default)]
 pub struct AuthSettings {

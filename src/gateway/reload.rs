@@ -259,3 +259,75 @@ fn restart_only_changes(old: &GatewayConfig, new: &GatewayConfig) -> Vec<&'stati
     check("metrics", old.metrics != new.metrics);
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: impl FnOnce(&mut GatewayArgs)) -> GatewayConfig {
+        let mut args = GatewayArgs {
+            cert: Some("gateway.pem".into()),
+            key: Some("gateway.key".into()),
+            users: Some("users".into()),
+            ..GatewayArgs::default()
+        };
+        extra(&mut args);
+        GatewayConfig::from_args(args).unwrap()
+    }
+
+    #[test]
+    fn restart_only_keys_are_named_and_reloadable_ones_are_not() {
+        let old = config(|_| {});
+        let same = config(|a| {
+            a.cert = Some("other.pem".into());
+            a.users = Some("other-users".into());
+            a.allow = vec![crate::policy::Rule::parse(crate::policy::Action::Allow, "10.0.0.0/8").unwrap()];
+            a.tls12 = true;
+        });
+        assert_eq!(restart_only_changes(&old, &same), Vec::<&str>::new());
+        let moved = config(|a| {
+            a.listen = Some("127.0.0.1:9443".parse().unwrap());
+            a.max_connections = Some(7);
+            a.udp_buffer = Some(1 << 20);
+        });
+        assert_eq!(
+            restart_only_changes(&old, &moved),
+            ["listen", "max_connections", "udp_buffer"]
+        );
+    }
+
+    #[test]
+    fn auth_methods_are_told_apart() {
+        let users = config(|_| {});
+        let both = config(|a| a.client_ca = Some("ca.pem".into()));
+        assert_eq!(methods(&users.auth), "users");
+        assert_eq!(methods(&both.auth), "users or client certificates");
+        assert_ne!(
+            std::mem::discriminant(&users.auth),
+            std::mem::discriminant(&both.auth)
+        );
+    }
+
+    #[test]
+    fn digests_tell_a_changed_file_from_the_same_one() {
+        let dir = std::env::temp_dir().join(format!("sudp-reload-digest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("cert.pem");
+        std::fs::write(&p, "one").unwrap();
+        let a = digest(std::iter::once(p.as_path()));
+        assert!(a.is_some());
+        assert_eq!(a, digest(std::iter::once(p.as_path())));
+        std::fs::write(&p, "two").unwrap();
+        assert_ne!(a, digest(std::iter::once(p.as_path())));
+        assert_eq!(digest(std::iter::once(dir.join("missing").as_path())), None);
+        // Lengths are hashed in: ["ab", "c"] is not ["a", "bc"].
+        let (x, y) = (dir.join("x"), dir.join("y"));
+        std::fs::write(&x, "ab").unwrap();
+        std::fs::write(&y, "c").unwrap();
+        let xy = digest([x.as_path(), y.as_path()].into_iter());
+        std::fs::write(&x, "a").unwrap();
+        std::fs::write(&y, "bc").unwrap();
+        assert_ne!(xy, digest([x.as_path(), y.as_path()].into_iter()));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
