@@ -389,9 +389,7 @@ fn run_shim(args: sudp::config::ShimArgs) -> anyhow::Result<()> {
         // The shim re-reads nothing on SIGHUP (its settings are built into each dialer); it
         // says so instead of dying of the signal's default action.
         let reloads = tokio::spawn(serve_hangups(hangup_signal()?, || async {
-            tracing::warn!(
-                "SIGHUP: the shim does not reload its configuration; restart it to apply changes"
-            );
+            tracing::warn!("SIGHUP: the shim does not reload its configuration; restart it to apply changes");
         }));
         if let Some(a) = shim.socks_addr() {
             println!("socks {a}");

@@ -56,7 +56,8 @@ fn scrape(addr: SocketAddr) -> String {
     use std::io::{Read as _, Write as _};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(WAIT)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
@@ -82,7 +83,10 @@ fn wait_for_log(gw: &GatewayProcess, needle: &str, n: usize) -> String {
         if hits.len() >= n {
             return hits[n - 1].to_owned();
         }
-        assert!(Instant::now() < deadline, "no {n}th `{needle}` in the log:\n{log}");
+        assert!(
+            Instant::now() < deadline,
+            "no {n}th `{needle}` in the log:\n{log}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -142,7 +146,10 @@ async fn sighup_reloads_users_policy_and_certificate_without_dropping_a_stream_o
     // A second old association, for the probes of the second target (the first one's
     // replies belong to the stream task below).
     let probe = SecureUdp::connect(&alice).await.unwrap();
-    assert_eq!(echo_once(&probe, e2, b"before").await.as_deref(), Some(&b"before"[..]));
+    assert_eq!(
+        echo_once(&probe, e2, b"before").await.as_deref(),
+        Some(&b"before"[..])
+    );
     assert_eq!(connect_refusal(&alice, t2).await, None);
     let mut tunnel = connect_tcp(&alice, &Address::Ip(t1)).await.unwrap();
     let bob_a = options(gw.control, &ca_a, "bob", "bob-pw");
@@ -235,9 +242,15 @@ async fn sighup_reloads_users_policy_and_certificate_without_dropping_a_stream_o
     let ca_b = second.join("ca.pem");
     let bob = options(gw.control, &ca_b, "bob", "bob-pw");
     let udp_bob = SecureUdp::connect(&bob).await.unwrap();
-    assert_eq!(echo_once(&udp_bob, e1, b"bob").await.as_deref(), Some(&b"bob"[..]));
+    assert_eq!(
+        echo_once(&udp_bob, e1, b"bob").await.as_deref(),
+        Some(&b"bob"[..])
+    );
     let alice_a = options(gw.control, &ca_a, "alice", "alice-pw");
-    assert!(SecureUdp::connect(&alice_a).await.is_err(), "old CA still trusted");
+    assert!(
+        SecureUdp::connect(&alice_a).await.is_err(),
+        "old CA still trusted"
+    );
 
     // The denied destination: refused for the old association's datagrams (counted) and
     // for a new CONNECT (0x02).
@@ -262,7 +275,10 @@ async fn sighup_reloads_users_policy_and_certificate_without_dropping_a_stream_o
     assert!(line.contains("running configuration stays in force"), "{line}");
     assert_eq!(connect_refusal(&bob, t2).await, Some(ReplyCode::NotAllowed));
     let udp_bob2 = SecureUdp::connect(&bob).await.unwrap();
-    assert_eq!(echo_once(&udp_bob2, e1, b"bob2").await.as_deref(), Some(&b"bob2"[..]));
+    assert_eq!(
+        echo_once(&udp_bob2, e1, b"bob2").await.as_deref(),
+        Some(&b"bob2"[..])
+    );
 
     // A config file that does not parse: same.
     std::fs::write(
@@ -288,7 +304,10 @@ async fn sighup_reloads_users_policy_and_certificate_without_dropping_a_stream_o
 /// The one successful reload's line, checking there was only one.
 fn line_count_check(gw: &GatewayProcess) -> String {
     let log = gw.stderr();
-    let hits: Vec<&str> = log.lines().filter(|l| l.contains("configuration reloaded")).collect();
+    let hits: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("configuration reloaded"))
+        .collect();
     assert_eq!(hits.len(), 1, "{log}");
     hits[0].to_owned()
 }
@@ -300,26 +319,39 @@ async fn each_connect_logs_one_line_when_it_ends() {
     let gw = GatewayProcess::start(
         &pki,
         "connect-log",
-        &["--no-auth", "--allow", "127.0.0.0/8", "--connect-idle-timeout", "1s"],
+        &[
+            "--no-auth",
+            "--allow",
+            "127.0.0.0/8",
+            "--connect-idle-timeout",
+            "1s",
+        ],
     );
     let opts = ClientOptions::new(gw.control, "localhost", common::client_tls(&pki, false));
 
-    // EOF both ways: 11 bytes up, echoed down, then the client closes its side.
-    let mut s = connect_tcp(&opts, &Address::Ip(target)).await.unwrap();
+    // EOF both ways, an HTTP GET: a short request up, a 5000-byte body down, then the server
+    // closes and so does the client.
+    let http = common::http_server(vec![b'x'; 5000]).await;
+    let mut s = connect_tcp(&opts, &Address::Ip(http)).await.unwrap();
     let source = s.get_ref().0.local_addr().unwrap();
-    s.write_all(b"hello there").await.unwrap();
-    let mut back = [0u8; 11];
-    s.read_exact(&mut back).await.unwrap();
+    let request = b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n";
+    s.write_all(request).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(response.len() > 5000);
     s.shutdown().await.unwrap();
-    let mut rest = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut rest)).await.unwrap().unwrap();
+    drop(s);
     let line = wait_for_log(&gw, "CONNECT ended", 1);
     for field in [
         "user=anonymous".to_owned(),
         format!("source={source}"),
-        format!("target={target}"),
-        "bytes_up=11".to_owned(),
-        "bytes_down=11".to_owned(),
+        format!("target={http}"),
+        format!("remote={http}"),
+        format!("bytes_up={}", request.len()),
+        format!("bytes_down={}", response.len()),
         "reason=\"eof\"".to_owned(),
         "duration_ms=".to_owned(),
     ] {
@@ -364,7 +396,10 @@ async fn each_connect_logs_one_line_when_it_ends() {
     let sent = tokio::time::timeout(WAIT, busy).await.unwrap().unwrap();
     let line = wait_for_log(&gw, "CONNECT ended", 3);
     assert!(line.contains("reason=\"shutdown\""), "{line}");
-    assert!(line.contains(&format!("bytes_up={sent} bytes_down={sent}")), "{line}");
+    assert!(
+        line.contains(&format!("bytes_up={sent} bytes_down={sent}")),
+        "{line}"
+    );
     let grace = stopping.elapsed();
     assert!(grace >= Duration::from_secs(3), "tunnel cut after {grace:?}");
 }
@@ -415,7 +450,11 @@ async fn shim_logs_each_gateway_connection_and_survives_sighup() {
     // The startup probe: the first connection, a full handshake.
     let first = connected(1);
     let want = format!("connected to gateway {} (TLS 1.3, full handshake)", gw.control);
-    assert!(first[0].contains(&want) && first[0].contains(" INFO "), "{}", first[0]);
+    assert!(
+        first[0].contains(&want) && first[0].contains(" INFO "),
+        "{}",
+        first[0]
+    );
 
     // SIGHUP: logged, not fatal.
     assert!(std::process::Command::new("kill")
@@ -441,7 +480,10 @@ async fn shim_logs_each_gateway_connection_and_survives_sighup() {
         .unwrap();
     s.write_all(b"ping").await.unwrap();
     let mut back = [0u8; 4];
-    tokio::time::timeout(WAIT, s.read_exact(&mut back)).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, s.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
     let both = connected(2);
     let want = format!("connected to gateway {} (TLS 1.3, resumed)", gw.control);
     assert!(both[1].contains(&want), "{}", both[1]);

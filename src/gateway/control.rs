@@ -160,7 +160,12 @@ pub(crate) async fn serve(
         Err(_) => return,
     };
     let _ = tcp.set_nodelay(true);
-    let tls = match tokio::time::timeout_at(deadline, tokio_rustls::TlsAcceptor::from(shared.tls.load_full()).accept(tcp)).await {
+    let tls = match tokio::time::timeout_at(
+        deadline,
+        tokio_rustls::TlsAcceptor::from(shared.tls.load_full()).accept(tcp),
+    )
+    .await
+    {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             if is_certificate_error(&e) {

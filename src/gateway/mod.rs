@@ -19,10 +19,10 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
-use arc_swap::ArcSwap;
 
 use crate::auth::{AuthLimits, Authenticator, Backend, Certificates, ReloadableUsers, Users};
 use crate::config::{Auth, GatewayConfig};

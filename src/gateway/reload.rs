@@ -244,17 +244,35 @@ fn restart_only_changes(old: &GatewayConfig, new: &GatewayConfig) -> Vec<&'stati
     check("udp_listen", old.udp_listen != new.udp_listen);
     check("advertise", old.advertise != new.advertise);
     check("full_cone", old.full_cone != new.full_cone);
-    check("naked_require_port", old.naked_require_port != new.naked_require_port);
+    check(
+        "naked_require_port",
+        old.naked_require_port != new.naked_require_port,
+    );
     check("idle_timeout", old.idle_timeout != new.idle_timeout);
     check("max_associations", old.max_associations != new.max_associations);
     check("max_connections", old.max_connections != new.max_connections);
-    check("max_connections_per_ip", old.max_connections_per_ip != new.max_connections_per_ip);
-    check("handshake_timeout", old.handshake_timeout != new.handshake_timeout);
-    check("connect_idle_timeout", old.connect_idle_timeout != new.connect_idle_timeout);
+    check(
+        "max_connections_per_ip",
+        old.max_connections_per_ip != new.max_connections_per_ip,
+    );
+    check(
+        "handshake_timeout",
+        old.handshake_timeout != new.handshake_timeout,
+    );
+    check(
+        "connect_idle_timeout",
+        old.connect_idle_timeout != new.connect_idle_timeout,
+    );
     check("replay_window", old.replay_window != new.replay_window);
     check("suites", old.suites != new.suites);
-    check("heartbeat_interval", old.heartbeat.interval != new.heartbeat.interval);
-    check("heartbeat_timeout", old.heartbeat.timeout != new.heartbeat.timeout);
+    check(
+        "heartbeat_interval",
+        old.heartbeat.interval != new.heartbeat.interval,
+    );
+    check(
+        "heartbeat_timeout",
+        old.heartbeat.timeout != new.heartbeat.timeout,
+    );
     check("udp_buffer", old.udp_buffer != new.udp_buffer);
     check("metrics", old.metrics != new.metrics);
     out
