@@ -381,15 +381,35 @@ fn run_gateway(args: sudp::config::GatewayArgs) -> anyhow::Result<()> {
 }
 
 fn run_shim(args: sudp::config::ShimArgs) -> anyhow::Result<()> {
-    let config = sudp::config::ShimConfig::from_args(args).map_err(fatal)?;
+    let config = sudp::config::ShimConfig::from_args(args.clone()).map_err(fatal)?;
     let settings = sudp::shim::ShimSettings::from_config(&config).map_err(fatal)?;
     runtime()?.block_on(async {
         let shim = sudp::shim::Shim::bind(settings).await?;
         let shutdown = armed_shutdown_signal().await;
-        // The shim re-reads nothing on SIGHUP (its settings are built into each dialer); it
-        // says so instead of dying of the signal's default action.
-        let reloads = tokio::spawn(serve_hangups(hangup_signal()?, || async {
-            tracing::warn!("SIGHUP: the shim does not reload its configuration; restart it to apply changes");
+        // Installed before the bound addresses are printed (see the gateway).
+        let hangups = hangup_signal()?;
+        let reloader = std::sync::Arc::new(shim.reloader(&config));
+        let reloads = tokio::spawn(serve_hangups(hangups, move || {
+            let (reloader, args) = (reloader.clone(), args.clone());
+            async move {
+                // File reads block: off the async workers.
+                match tokio::task::spawn_blocking(move || reloader.reload(args)).await {
+                    Ok(Ok(r)) if r.needs_restart.is_empty() => {
+                        tracing::info!("SIGHUP: configuration reloaded (for new connections): {}", r.changes);
+                    }
+                    Ok(Ok(r)) => tracing::warn!(
+                        "SIGHUP: configuration reloaded (for new connections): {}; changed but needs a restart (running values kept): {}",
+                        r.changes,
+                        r.needs_restart.join(", ")
+                    ),
+                    Ok(Err(e)) => tracing::error!(
+                        "SIGHUP: reload failed, the running configuration stays in force: {e}"
+                    ),
+                    Err(e) => tracing::error!(
+                        "SIGHUP: reload failed, the running configuration stays in force: {e}"
+                    ),
+                }
+            }
         }));
         if let Some(a) = shim.socks_addr() {
             println!("socks {a}");

@@ -404,18 +404,42 @@ async fn each_connect_logs_one_line_when_it_ends() {
     assert!(grace >= Duration::from_secs(3), "tunnel cut after {grace:?}");
 }
 
+/// One CONNECT through the shim's local SOCKS5 port to the echo server `target`.
+async fn connect_via_shim(socks: SocketAddr, target: SocketAddr) -> Result<(), ReplyCode> {
+    let mut s = tokio::net::TcpStream::connect(socks).await.unwrap();
+    sudp::client::authenticate_plain(&mut s, None).await.unwrap();
+    sudp::client::request(&mut s, sudp::proto::socks::Command::Connect, &Address::Ip(target))
+        .await
+        .map_err(|e| e.reply_code())?;
+    s.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    tokio::time::timeout(WAIT, s.read_exact(&mut back)).await.unwrap().unwrap();
+    assert_eq!(&back, b"ping");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shim_logs_each_gateway_connection_and_survives_sighup() {
+async fn shim_logs_each_gateway_connection_and_reloads_on_sighup() {
     let target = common::tcp_echo().await;
     let pki = common::pki();
-    let gw = GatewayProcess::start(&pki, "shim-log", &["--no-auth", "--allow", "127.0.0.0/8"]);
     let dir = tempdir("shim");
+    let users = dir.join("users");
+    std::fs::write(&users, users_line("alice", "first-pw")).unwrap();
+    let mut gw = GatewayProcess::start(
+        &pki,
+        "shim-log",
+        &["--users", users.to_str().unwrap(), "--allow", "127.0.0.0/8"],
+    );
     let ca = dir.join("ca.pem");
     std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let password = dir.join("password");
+    std::fs::write(&password, "first-pw\n").unwrap();
     let stderr = std::fs::File::create(dir.join("shim.log")).unwrap();
     let mut shim = std::process::Command::new(BIN)
         .args(["shim", "--gateway", &gw.control.to_string(), "--ca"])
         .arg(&ca)
+        .args(["--user", "alice", "--password-file"])
+        .arg(&password)
         .args(["--server-name", "localhost", "--socks", "127.0.0.1:0"])
         .stdout(std::process::Stdio::piped())
         .stderr(stderr)
@@ -431,65 +455,84 @@ async fn shim_logs_each_gateway_connection_and_survives_sighup() {
         .parse()
         .unwrap();
     let log = || std::fs::read_to_string(dir.join("shim.log")).unwrap_or_default();
-    let connected = |n: usize| {
+    let wait_log = |needle: &str, n: usize| -> Vec<String> {
         let deadline = Instant::now() + WAIT;
         loop {
             let l = log();
-            let hits: Vec<String> = l
-                .lines()
-                .filter(|x| x.contains(&format!("connected to gateway {}", gw.control)))
-                .map(str::to_owned)
-                .collect();
+            let hits: Vec<String> = l.lines().filter(|x| x.contains(needle)).map(str::to_owned).collect();
             if hits.len() >= n {
                 return hits;
             }
-            assert!(Instant::now() < deadline, "fewer than {n} connected lines:\n{l}");
+            assert!(Instant::now() < deadline, "fewer than {n} `{needle}` lines:\n{l}");
             std::thread::sleep(Duration::from_millis(20));
         }
     };
+    let connected = format!("connected to gateway {}", gw.control);
     // The startup probe: the first connection, a full handshake.
-    let first = connected(1);
-    let want = format!("connected to gateway {} (TLS 1.3, full handshake)", gw.control);
+    let first = wait_log(&connected, 1);
     assert!(
-        first[0].contains(&want) && first[0].contains(" INFO "),
+        first[0].contains(&format!("{connected} (TLS 1.3, full handshake)")) && first[0].contains(" INFO "),
         "{}",
         first[0]
     );
-
-    // SIGHUP: logged, not fatal.
-    assert!(std::process::Command::new("kill")
-        .args(["-HUP", &shim.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
-    let deadline = Instant::now() + WAIT;
-    while !log().contains("SIGHUP") {
-        if let Some(status) = shim.try_wait().unwrap() {
-            panic!("the shim died of SIGHUP: {status}\n{}", log());
-        }
-        assert!(Instant::now() < deadline, "{}", log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(shim.try_wait().unwrap().is_none(), "the shim died of SIGHUP");
-
     // A CONNECT through the shim's SOCKS port: a second control connection, resumed.
-    let mut s = tokio::net::TcpStream::connect(socks).await.unwrap();
-    sudp::client::authenticate_plain(&mut s, None).await.unwrap();
-    sudp::client::request(&mut s, sudp::proto::socks::Command::Connect, &Address::Ip(target))
-        .await
+    connect_via_shim(socks, target).await.unwrap();
+    let two = wait_log(&connected, 2);
+    assert!(two[1].contains(&format!("{connected} (TLS 1.3, resumed)")), "{}", two[1]);
+
+    // Rotate the password and the certificate (another CA) at the gateway, and the shim's
+    // password file and CA file to match; SIGHUP both.
+    let second = dir.join("pki-b");
+    let out = std::process::Command::new(BIN)
+        .args(["cert", "--out"])
+        .arg(&second)
+        .output()
         .unwrap();
-    s.write_all(b"ping").await.unwrap();
-    let mut back = [0u8; 4];
-    tokio::time::timeout(WAIT, s.read_exact(&mut back))
-        .await
-        .unwrap()
-        .unwrap();
-    let both = connected(2);
-    let want = format!("connected to gateway {} (TLS 1.3, resumed)", gw.control);
-    assert!(both[1].contains(&want), "{}", both[1]);
-    drop(s);
+    assert!(out.status.success());
+    std::fs::write(&users, users_line("alice", "second-pw")).unwrap();
+    std::fs::copy(second.join("gateway.pem"), gw.dir.join("gateway.pem")).unwrap();
+    std::fs::copy(second.join("gateway.key"), gw.dir.join("gateway.key")).unwrap();
+    gw.signal("HUP");
+    wait_for_log(&gw, "configuration reloaded", 1);
+    // The shim's old CA no longer matches: refused until the shim reloads too.
+    assert!(connect_via_shim(socks, target).await.is_err());
+    std::fs::write(&password, "second-pw\n").unwrap();
+    std::fs::copy(second.join("ca.pem"), &ca).unwrap();
+    let pid = shim.id().to_string();
+    let hup = || {
+        assert!(std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success())
+    };
+    hup();
+    let line = wait_log("SIGHUP: configuration reloaded", 1).remove(0);
+    assert!(line.contains("gateway login changed") && !line.contains("second-pw"), "{line}");
+    assert!(shim.try_wait().unwrap().is_none(), "the shim died of SIGHUP");
+    // The refusal of a moment ago is held for a while (REFUSAL_HOLD); then new connections
+    // use the new password and trust, in a full handshake (new TLS configs both sides).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while connect_via_shim(socks, target).await.is_err() {
+        assert!(Instant::now() < deadline, "the reloaded shim never got through:\n{}", log());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let all = wait_log(&connected, 3);
+    assert!(
+        all.last().unwrap().contains(&format!("{connected} (TLS 1.3, full handshake)")),
+        "{all:?}"
+    );
+
+    // A broken password file: the reload fails, the shim keeps its login and runs on.
+    std::fs::write(&password, "").unwrap();
+    hup();
+    let line = wait_log("SIGHUP: reload failed", 1).remove(0);
+    assert!(line.contains(password.to_str().unwrap()), "{line}");
+    connect_via_shim(socks, target).await.unwrap();
 
     let status = common::terminate(&mut shim, "shim");
     assert!(status.success(), "{status}\n{}", log());
+    let status = common::terminate(&mut gw.child, "gateway");
+    assert!(status.success(), "{status}");
     let _ = std::fs::remove_dir_all(&dir);
 }
