@@ -281,6 +281,17 @@ impl Dialer {
         }
     }
 
+    /// Forgets the refusals met so far (a reload may have fixed their cause): the next
+    /// request dials again, and a refusal met again is logged again.
+    fn forget_refusals(&self) {
+        *self.refusals.last.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.refusals
+            .logged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
     /// Notes that a gateway accepted the shim: any held refusal is lifted.
     fn accepted(&self) {
         *self.refusals.last.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -830,6 +841,7 @@ impl ShimReloader {
             changes.push(format!("local SOCKS5 login {}", word(same)));
         }
         self.ctx.socks_credentials.store(Arc::new(new.socks_credentials));
+        dialer.forget_refusals();
         let needs_restart = shim_restart_only_changes(&running, &cfg);
         let mut kept = running.clone();
         kept.trust = cfg.trust.clone();
@@ -863,8 +875,14 @@ fn shim_restart_only_changes(old: &ShimConfig, new: &ShimConfig) -> Vec<&'static
     check("max_flows", old.max_flows != new.max_flows);
     check("max_connections", old.max_connections != new.max_connections);
     check("connect_timeout", old.connect_timeout != new.connect_timeout);
-    check("heartbeat_interval", old.heartbeat.interval != new.heartbeat.interval);
-    check("heartbeat_timeout", old.heartbeat.timeout != new.heartbeat.timeout);
+    check(
+        "heartbeat_interval",
+        old.heartbeat.interval != new.heartbeat.interval,
+    );
+    check(
+        "heartbeat_timeout",
+        old.heartbeat.timeout != new.heartbeat.timeout,
+    );
     check("flow_queue", old.flow_queue != new.flow_queue);
     check("metrics", old.metrics != new.metrics);
     out
