@@ -348,11 +348,15 @@ fn run_gateway(args: sudp::config::GatewayArgs) -> anyhow::Result<()> {
             let (reloader, args) = (reloader.clone(), args.clone());
             async move {
                 // File reads and parsing block: off the async workers.
-                match tokio::task::spawn_blocking(move || reloader.reload(args)).await {
+                let started = std::time::Instant::now();
+                let result = tokio::task::spawn_blocking(move || reloader.reload(args)).await;
+                let ms = started.elapsed().as_millis() as u64;
+                match result {
                     Ok(Ok(r)) if r.needs_restart.is_empty() => {
-                        tracing::info!("SIGHUP: configuration reloaded: {}", r.changes);
+                        tracing::info!(duration_ms = ms, "SIGHUP: configuration reloaded: {}", r.changes);
                     }
                     Ok(Ok(r)) => tracing::warn!(
+                        duration_ms = ms,
                         "SIGHUP: configuration reloaded: {}; changed but needs a restart (running values kept): {}",
                         r.changes,
                         r.needs_restart.join(", ")

@@ -290,6 +290,30 @@ async fn sighup_reloads_users_policy_and_certificate_without_dropping_a_stream_o
     let line = wait_for_log(&gw, "reload failed", 2);
     assert!(line.contains("not a rule") && line.contains("allow"), "{line}");
     assert_eq!(connect_refusal(&bob, t2).await, Some(ReplyCode::NotAllowed));
+
+    // Another authentication method (client certificates beside users): a restart's job;
+    // refused whole, even with the users file fixed and the deny rules gone beside it.
+    std::fs::write(
+        &users,
+        users_line("alice", "alice-pw") + &users_line("bob", "bob-pw"),
+    )
+    .unwrap();
+    std::fs::write(
+        &conf,
+        format!(
+            "users = \"{}\"\nclient_ca = \"{}\"\nallow = [\"127.0.0.0/8\"]\n",
+            users.display(),
+            ca_a.display()
+        ),
+    )
+    .unwrap();
+    gw.signal("HUP");
+    let line = wait_for_log(&gw, "reload failed", 3);
+    assert!(
+        line.contains("`auth` methods changed (users -> users or client certificates): needs a restart"),
+        "{line}"
+    );
+    assert_eq!(connect_refusal(&bob, t2).await, Some(ReplyCode::NotAllowed));
     progressed(before).await;
 
     stop.store(true, Ordering::Relaxed);
