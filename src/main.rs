@@ -350,24 +350,11 @@ fn run_gateway(args: sudp::config::GatewayArgs) -> anyhow::Result<()> {
                 // File reads and parsing block: off the async workers.
                 let started = std::time::Instant::now();
                 let result = tokio::task::spawn_blocking(move || reloader.reload(args)).await;
-                let ms = started.elapsed().as_millis() as u64;
-                match result {
-                    Ok(Ok(r)) if r.needs_restart.is_empty() => {
-                        tracing::info!(duration_ms = ms, "SIGHUP: configuration reloaded: {}", r.changes);
-                    }
-                    Ok(Ok(r)) => tracing::warn!(
-                        duration_ms = ms,
-                        "SIGHUP: configuration reloaded: {}; changed but needs a restart (running values kept): {}",
-                        r.changes,
-                        r.needs_restart.join(", ")
-                    ),
-                    Ok(Err(e)) => tracing::error!(
-                        "SIGHUP: reload failed, the running configuration stays in force: {e}"
-                    ),
-                    Err(e) => tracing::error!(
-                        "SIGHUP: reload failed, the running configuration stays in force: {e}"
-                    ),
-                }
+                log_reload(
+                    "",
+                    result.map(|r| r.map(|r| (r.changes, r.needs_restart))),
+                    started,
+                );
             }
         }));
         println!("control (TLS) {}", gateway.control_addr());
@@ -397,22 +384,13 @@ fn run_shim(args: sudp::config::ShimArgs) -> anyhow::Result<()> {
             let (reloader, args) = (reloader.clone(), args.clone());
             async move {
                 // File reads block: off the async workers.
-                match tokio::task::spawn_blocking(move || reloader.reload(args)).await {
-                    Ok(Ok(r)) if r.needs_restart.is_empty() => {
-                        tracing::info!("SIGHUP: configuration reloaded (for new connections): {}", r.changes);
-                    }
-                    Ok(Ok(r)) => tracing::warn!(
-                        "SIGHUP: configuration reloaded (for new connections): {}; changed but needs a restart (running values kept): {}",
-                        r.changes,
-                        r.needs_restart.join(", ")
-                    ),
-                    Ok(Err(e)) => tracing::error!(
-                        "SIGHUP: reload failed, the running configuration stays in force: {e}"
-                    ),
-                    Err(e) => tracing::error!(
-                        "SIGHUP: reload failed, the running configuration stays in force: {e}"
-                    ),
-                }
+                let started = std::time::Instant::now();
+                let result = tokio::task::spawn_blocking(move || reloader.reload(args)).await;
+                log_reload(
+                    " (for new connections)",
+                    result.map(|r| r.map(|r| (r.changes, r.needs_restart))),
+                    started,
+                );
             }
         }));
         if let Some(a) = shim.socks_addr() {
@@ -464,6 +442,36 @@ async fn armed_shutdown_signal() -> std::pin::Pin<Box<dyn std::future::Future<Ou
         biased;
         _ = &mut signal => Box::pin(std::future::ready(())),
         _ = std::future::ready(()) => signal,
+    }
+}
+
+/// The one log line of a reload: what changed (and what needs a restart), or why nothing
+/// did. `scope` follows "configuration reloaded".
+fn log_reload<E: std::fmt::Display>(
+    scope: &str,
+    result: Result<Result<(String, Vec<&'static str>), E>, tokio::task::JoinError>,
+    started: std::time::Instant,
+) {
+    let ms = started.elapsed().as_millis() as u64;
+    match result {
+        Ok(Ok((changes, restart))) if restart.is_empty() => {
+            tracing::info!(
+                duration_ms = ms,
+                "SIGHUP: configuration reloaded{scope}: {changes}"
+            );
+        }
+        Ok(Ok((changes, restart))) => tracing::warn!(
+            duration_ms = ms,
+            "SIGHUP: configuration reloaded{scope}: {changes}; changed but needs a restart \
+             (running values kept): {}",
+            restart.join(", ")
+        ),
+        Ok(Err(e)) => {
+            tracing::error!("SIGHUP: reload failed, the running configuration stays in force: {e}")
+        }
+        Err(e) => {
+            tracing::error!("SIGHUP: reload failed, the running configuration stays in force: {e}")
+        }
     }
 }
 

@@ -91,10 +91,17 @@ fn wait_for_log(gw: &GatewayProcess, needle: &str, n: usize) -> String {
     }
 }
 
+/// Sends `payload` to the echo server `target` and waits for it to come back: 3 s when it
+/// should (generous on a loaded machine), 700 ms when a refusal is expected (the policy
+/// counter then confirms the drop).
 async fn echo_once(udp: &SecureUdp, target: SocketAddr, payload: &[u8]) -> Option<Vec<u8>> {
+    echo_within(udp, target, payload, Duration::from_secs(3)).await
+}
+
+async fn echo_within(udp: &SecureUdp, target: SocketAddr, payload: &[u8], wait: Duration) -> Option<Vec<u8>> {
     udp.send_to(payload, &Address::Ip(target)).await.unwrap();
     let mut buf = vec![0u8; 2048];
-    match tokio::time::timeout(Duration::from_millis(700), udp.recv_from(&mut buf)).await {
+    match tokio::time::timeout(wait, udp.recv_from(&mut buf)).await {
         Ok(Ok((n, _))) => Some(buf[..n].to_vec()),
         _ => None,
     }
@@ -255,7 +262,10 @@ async fn sighup_reloads_users_policy_and_certificate_without_dropping_a_stream_o
     // The denied destination: refused for the old association's datagrams (counted) and
     // for a new CONNECT (0x02).
     let denied_before = policy_denied(metrics);
-    assert_eq!(echo_once(&probe, e2, b"after").await, None);
+    assert_eq!(
+        echo_within(&probe, e2, b"after", Duration::from_millis(700)).await,
+        None
+    );
     assert_eq!(echo_once(&probe, e1, b"e1").await.as_deref(), Some(&b"e1"[..]));
     common::eventually(|| policy_denied(metrics) == denied_before + 1).await;
     assert_eq!(connect_refusal(&bob, t2).await, Some(ReplyCode::NotAllowed));
