@@ -587,3 +587,82 @@ async fn shim_logs_each_gateway_connection_and_reloads_on_sighup() {
     assert!(status.success(), "{status}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_crl_and_a_revoked_client_cannot_resume_its_session() {
+    let target = common::tcp_echo().await;
+    let mut ca = sudp::cert::DevCa::new().unwrap();
+    let (gateway_cert_pem, gateway_key_pem) = ca.gateway(&[]).unwrap();
+    let ops = ca.client("ops").unwrap();
+    let pki = sudp::cert::DevPki {
+        ca_pem: ca.ca_pem().to_owned(),
+        gateway_cert_pem,
+        gateway_key_pem,
+        client_cert_pem: ops.cert_pem.clone(),
+        client_key_pem: ops.key_pem.clone(),
+    };
+    let dir = tempdir("crl");
+    let (ca_file, crl_file, conf) = (dir.join("ca.pem"), dir.join("crl.pem"), dir.join("gateway.toml"));
+    std::fs::write(&ca_file, ca.ca_pem()).unwrap();
+    std::fs::write(&crl_file, ca.crl(&[]).unwrap()).unwrap();
+    std::fs::write(
+        &conf,
+        format!(
+            "client_ca = \"{}\"\nclient_crl = [\"{}\"]\nallow = [\"127.0.0.0/8\"]\n",
+            ca_file.display(),
+            crl_file.display()
+        ),
+    )
+    .unwrap();
+    let mut gw = GatewayProcess::start(&pki, "crl", &["--config", conf.to_str().unwrap()]);
+    // One client config for every connection: its session cache resumes them.
+    let tls = sudp::tls::client_config(ClientTlsOptions {
+        trust: ServerTrust::Ca(vec![ca.ca_der()]),
+        client_auth: Some((ops.chain(), ops.key())),
+        allow_tls12: false,
+    })
+    .unwrap();
+    let mut opts = ClientOptions::new(gw.control, "localhost", tls);
+    opts.timeout = WAIT;
+    let echo = |mut s: sudp::client::Control| async move {
+        s.write_all(b"abc").await.unwrap();
+        let mut back = [0u8; 3];
+        tokio::time::timeout(WAIT, s.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&back, b"abc");
+        s
+    };
+    let old = echo(connect_tcp(&opts, &Address::Ip(target)).await.unwrap()).await;
+    let second = connect_tcp(&opts, &Address::Ip(target)).await.unwrap();
+    assert_eq!(
+        second.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed),
+        "the client resumes before the reload"
+    );
+    drop(second);
+
+    // Revoke the client's certificate and reload.
+    std::fs::write(&crl_file, ca.crl(&[ops.serial]).unwrap()).unwrap();
+    gw.signal("HUP");
+    let line = wait_for_log(&gw, "configuration reloaded", 1);
+    assert!(
+        line.contains("client CA reloaded (unchanged), CRL files 1 -> 1 (changed)"),
+        "{line}"
+    );
+    // A new connection is refused, though the client offers a session from before the
+    // reload (resuming it would skip the certificate check).
+    assert!(connect_tcp(&opts, &Address::Ip(target)).await.is_err());
+    assert!(
+        gw.stderr().contains("TLS handshake failed"),
+        "refused in the handshake:\n{}",
+        gw.stderr()
+    );
+    // The established tunnel goes on.
+    let old = echo(old).await;
+    drop(old);
+    let status = common::terminate(&mut gw.child, "gateway");
+    assert!(status.success(), "{status}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
