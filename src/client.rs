@@ -357,10 +357,33 @@ pub async fn connect_tls(opts: &ClientOptions) -> Result<Control, ClientError> {
     ))]
     let keepalive = keepalive.with_retries(KEEPALIVE_RETRIES);
     let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
-    TlsConnector::from(opts.tls.clone())
+    let tls = TlsConnector::from(opts.tls.clone())
         .connect(name, tcp)
         .await
-        .map_err(|e| ClientError::from_tls_io(e, &opts.server_name))
+        .map_err(|e| ClientError::from_tls_io(e, &opts.server_name))?;
+    // One line per control connection: which gateway, and whether the session cache saved
+    // the full handshake (a client that never resumes has lost its cache or its tickets).
+    let conn = tls.get_ref().1;
+    tracing::info!(
+        "connected to gateway {} ({}, {})",
+        opts.gateway,
+        tls_version_name(conn.protocol_version()),
+        match conn.handshake_kind() {
+            Some(rustls::HandshakeKind::Resumed) => "resumed",
+            _ => "full handshake",
+        }
+    );
+    Ok(tls)
+}
+
+/// `TLS 1.3` for the log line of [`connect_tls`].
+fn tls_version_name(v: Option<rustls::ProtocolVersion>) -> String {
+    match v {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLS 1.3".to_owned(),
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLS 1.2".to_owned(),
+        Some(other) => format!("{other:?}"),
+        None => "TLS version unknown".to_owned(),
+    }
 }
 
 /// Reads one message whose parser reports how many bytes it needs, byte-exactly.

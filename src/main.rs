@@ -341,11 +341,28 @@ fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 fn run_gateway(args: sudp::config::GatewayArgs) -> anyhow::Result<()> {
-    let config = sudp::config::GatewayConfig::from_args(args).map_err(fatal)?;
+    let config = sudp::config::GatewayConfig::from_args(args.clone()).map_err(fatal)?;
     let settings = sudp::gateway::Settings::from_config(&config).map_err(fatal)?;
     runtime()?.block_on(async {
         let gateway = sudp::gateway::Gateway::bind(settings).await?;
         let shutdown = armed_shutdown_signal().await;
+        // Installed before the bound addresses are printed, like the shutdown signals: a
+        // SIGHUP from then on reloads instead of killing the process.
+        let hangups = hangup_signal()?;
+        let reloader = gateway.reloader(&config);
+        let reloads = tokio::spawn(serve_hangups(hangups, move || {
+            let (reloader, args) = (reloader.clone(), args.clone());
+            async move {
+                // File reads and parsing block: off the async workers.
+                let started = std::time::Instant::now();
+                let result = tokio::task::spawn_blocking(move || reloader.reload(args)).await;
+                log_reload(
+                    "",
+                    result.map(|r| r.map(|r| (r.changes, r.needs_restart))),
+                    started,
+                );
+            }
+        }));
         println!("control (TLS) {}", gateway.control_addr());
         println!("relay (UDP) {}", gateway.relay_addr());
         if let Some(a) = gateway.metrics_addr() {
@@ -353,17 +370,35 @@ fn run_gateway(args: sudp::config::GatewayArgs) -> anyhow::Result<()> {
         }
         use std::io::Write as _;
         std::io::stdout().flush()?;
-        gateway.run(shutdown).await?;
+        let r = gateway.run(shutdown).await;
+        reloads.abort();
+        r?;
         Ok(())
     })
 }
 
 fn run_shim(args: sudp::config::ShimArgs) -> anyhow::Result<()> {
-    let config = sudp::config::ShimConfig::from_args(args).map_err(fatal)?;
+    let config = sudp::config::ShimConfig::from_args(args.clone()).map_err(fatal)?;
     let settings = sudp::shim::ShimSettings::from_config(&config).map_err(fatal)?;
     runtime()?.block_on(async {
         let shim = sudp::shim::Shim::bind(settings).await?;
         let shutdown = armed_shutdown_signal().await;
+        // Installed before the bound addresses are printed (see the gateway).
+        let hangups = hangup_signal()?;
+        let reloader = std::sync::Arc::new(shim.reloader(&config));
+        let reloads = tokio::spawn(serve_hangups(hangups, move || {
+            let (reloader, args) = (reloader.clone(), args.clone());
+            async move {
+                // File reads block: off the async workers.
+                let started = std::time::Instant::now();
+                let result = tokio::task::spawn_blocking(move || reloader.reload(args)).await;
+                log_reload(
+                    " (for new connections)",
+                    result.map(|r| r.map(|r| (r.changes, r.needs_restart))),
+                    started,
+                );
+            }
+        }));
         if let Some(a) = shim.socks_addr() {
             println!("socks {a}");
         }
@@ -390,7 +425,9 @@ fn run_shim(args: sudp::config::ShimArgs) -> anyhow::Result<()> {
                 },
             }
         };
-        shim.run(stop).await?;
+        let r = shim.run(stop).await;
+        reloads.abort();
+        r?;
         if let Some(e) = refusal.into_inner().unwrap_or_else(|e| e.into_inner()) {
             return Err(fatal(anyhow::anyhow!("{e} (at startup)")));
         }
@@ -412,6 +449,71 @@ async fn armed_shutdown_signal() -> std::pin::Pin<Box<dyn std::future::Future<Ou
         _ = &mut signal => Box::pin(std::future::ready(())),
         _ = std::future::ready(()) => signal,
     }
+}
+
+/// The one log line of a reload: what changed (and what needs a restart), or why nothing
+/// did. `scope` follows "configuration reloaded".
+fn log_reload<E: std::fmt::Display>(
+    scope: &str,
+    result: Result<Result<(String, Vec<&'static str>), E>, tokio::task::JoinError>,
+    started: std::time::Instant,
+) {
+    let ms = started.elapsed().as_millis() as u64;
+    match result {
+        Ok(Ok((changes, restart))) if restart.is_empty() => {
+            tracing::info!(
+                duration_ms = ms,
+                "SIGHUP: configuration reloaded{scope}: {changes}"
+            );
+        }
+        Ok(Ok((changes, restart))) => tracing::warn!(
+            duration_ms = ms,
+            "SIGHUP: configuration reloaded{scope}: {changes}; changed but needs a restart \
+             (running values kept): {}",
+            restart.join(", ")
+        ),
+        Ok(Err(e)) => {
+            tracing::error!("SIGHUP: reload failed, the running configuration stays in force: {e}")
+        }
+        Err(e) => {
+            tracing::error!("SIGHUP: reload failed, the running configuration stays in force: {e}")
+        }
+    }
+}
+
+/// A SIGHUP stream, registered now (from here on the signal no longer kills the process).
+#[cfg(unix)]
+fn hangup_signal() -> std::io::Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+}
+
+/// No SIGHUP off Unix.
+#[cfg(not(unix))]
+fn hangup_signal() -> std::io::Result<()> {
+    Ok(())
+}
+
+/// Runs `on_hangup` for each SIGHUP, one at a time (signals that arrive during one coalesce
+/// into the next), until aborted.
+#[cfg(unix)]
+async fn serve_hangups<F, Fut>(mut hangups: tokio::signal::unix::Signal, on_hangup: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    while hangups.recv().await.is_some() {
+        on_hangup().await;
+    }
+}
+
+/// No SIGHUP off Unix: waits forever.
+#[cfg(not(unix))]
+async fn serve_hangups<F, Fut>(_: (), _: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    std::future::pending::<()>().await
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -376,6 +376,11 @@ impl Policy {
         &self.global
     }
 
+    /// How many users have rules of their own (`[users_policy.NAME]` sections).
+    pub fn users_with_rules(&self) -> usize {
+        self.users.len()
+    }
+
     /// `user`'s own rules, in the order they are checked (empty if the user has none).
     pub fn user_rules(&self, user: &str) -> &[Rule] {
         self.users.get(user).map_or(&[], Vec::as_slice)

@@ -25,7 +25,8 @@ use zeroize::Zeroizing;
 
 pub use limits::{source_key, AuthLimits, Authenticator, Verdict};
 pub use users::{
-    hash_password, run_passwd, AuthError, PasswdArgs, Users, MAX_LEN, MAX_M_COST, MAX_P_COST, MAX_T_COST,
+    hash_password, run_passwd, AuthError, PasswdArgs, ReloadableUsers, Users, MAX_LEN, MAX_M_COST,
+    MAX_P_COST, MAX_T_COST,
 };
 
 /// Prefix of certificate identities in policy keys and logs.

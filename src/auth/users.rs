@@ -33,6 +33,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, BufRead, IsTerminal as _, Read as _};
 use std::path::Path;
+use std::sync::Arc;
 
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHashString, SaltString};
@@ -241,6 +242,42 @@ impl Backend for Users {
     }
 }
 
+/// A users file that a reload replaces whole while connections authenticate against it:
+/// each check loads the file in force when it starts (lock-free), so a check never sees
+/// half of an old file and half of a new one.
+pub struct ReloadableUsers(arc_swap::ArcSwap<Users>);
+
+impl ReloadableUsers {
+    /// Starts with `users`.
+    pub fn new(users: Arc<Users>) -> ReloadableUsers {
+        ReloadableUsers(arc_swap::ArcSwap::new(users))
+    }
+
+    /// The users in force now.
+    pub fn current(&self) -> Arc<Users> {
+        self.0.load_full()
+    }
+
+    /// Puts `users` in force for every authentication that starts from now on.
+    pub fn replace(&self, users: Arc<Users>) {
+        self.0.store(users);
+    }
+}
+
+impl Backend for ReloadableUsers {
+    fn method(&self) -> Method {
+        Method::Password
+    }
+
+    fn cost(&self) -> Cost {
+        self.0.load().cost()
+    }
+
+    fn verify(&self, credentials: &Credentials) -> Option<Identity> {
+        Backend::verify(&**self.0.load(), credentials)
+    }
+}
+
 /// Hashes a password (1..=255 bytes) with Argon2id, default parameters and a random salt,
 /// into a PHC string for the users file.
 pub fn hash_password(pass: &[u8]) -> Result<String, AuthError> {
@@ -426,6 +463,19 @@ mod tests {
             .map(|(name, pass)| format!("{name}:{}\n", hash_password(pass.as_bytes()).unwrap()))
             .collect();
         Users::parse(&text, "users").unwrap()
+    }
+
+    #[test]
+    fn reloadable_users_check_against_the_file_in_force() {
+        let swap = ReloadableUsers::new(Arc::new(users_with(&[("alice", "a-pw")])));
+        let bob = Credentials::password(b"bob", b"b-pw");
+        let alice = Credentials::password(b"alice", b"a-pw");
+        assert_eq!(Backend::verify(&swap, &bob), None);
+        swap.replace(Arc::new(users_with(&[("bob", "b-pw")])));
+        assert_eq!(Backend::verify(&swap, &bob), Some(Identity::password("bob")));
+        assert_eq!(Backend::verify(&swap, &alice), None, "the old file is gone whole");
+        assert_eq!(swap.current().len(), 1);
+        assert_eq!(swap.method(), Method::Password);
     }
 
     #[test]

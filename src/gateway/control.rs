@@ -160,7 +160,12 @@ pub(crate) async fn serve(
         Err(_) => return,
     };
     let _ = tcp.set_nodelay(true);
-    let tls = match tokio::time::timeout_at(deadline, shared.acceptor.accept(tcp)).await {
+    let tls = match tokio::time::timeout_at(
+        deadline,
+        tokio_rustls::TlsAcceptor::from(shared.tls.load_full()).accept(tcp),
+    )
+    .await
+    {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             if is_certificate_error(&e) {
@@ -190,7 +195,7 @@ pub(crate) async fn serve(
         }
     };
     let result = match cmd {
-        Socks5Command::TCPConnect => connect(&shared, proto, target, &session, peer).await,
+        Socks5Command::TCPConnect => connect(&shared, proto, target, &session, peer, shutdown).await,
         Socks5Command::UDPAssociate => {
             udp_associate(&shared, proto, target, session, peer, local, shutdown).await
         }
@@ -384,6 +389,7 @@ async fn connect(
     target: TargetAddr,
     session: &Session,
     peer: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let candidates = match &target {
         TargetAddr::Ip(a) => vec![canonical(*a)],
@@ -392,9 +398,11 @@ async fn connect(
             Err(_) => return refuse(proto, Refusal::Resolve(name.clone())).await,
         },
     };
+    // One policy for the whole request, even if a reload lands while it resolves.
+    let policy = shared.relay.policy();
     let allowed: Vec<SocketAddr> = candidates
         .into_iter()
-        .filter(|a| shared.settings.policy.check(session.user.as_deref(), *a).is_ok())
+        .filter(|a| policy.check(session.user.as_deref(), *a).is_ok())
         .collect();
     if allowed.is_empty() {
         return refuse(proto, Refusal::Policy).await;
@@ -404,14 +412,14 @@ async fn connect(
     for a in allowed {
         match tokio::time::timeout(shared.settings.connect_timeout, TcpStream::connect(a)).await {
             Ok(Ok(s)) => {
-                outbound = Some(s);
+                outbound = Some((s, a));
                 break;
             }
             Ok(Err(e)) => last = Refusal::Connect(e),
             Err(_) => last = Refusal::Timeout,
         }
     }
-    let Some(outbound) = outbound else {
+    let Some((outbound, remote)) = outbound else {
         return refuse(proto, last).await;
     };
     let _ = outbound.set_nodelay(true);
@@ -420,17 +428,71 @@ async fn connect(
     let idle = shared.settings.connect_idle_timeout;
     let activity = Activity::new();
     let (mut a, mut b) = (activity.watch(tls), activity.watch(outbound));
+    let (up, down) = (a.read.clone(), b.read.clone());
     // Half-close is carried through: EOF one way shuts down that direction's writer only.
-    tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut a, &mut b) => {
-            let (up, down) = r?;
-            tracing::debug!(%peer, user = %session.who(), up, down, "CONNECT finished");
+    let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+    tokio::pin!(copy);
+    let ended = |r: io::Result<(u64, u64)>| match r {
+        Ok(_) => (TunnelEnd::Eof, None),
+        Err(e) => (TunnelEnd::Error, Some(e)),
+    };
+    let (reason, error) = tokio::select! {
+        r = &mut copy => ended(r),
+        _ = activity.idle_for(idle) => (TunnelEnd::Idle, None),
+        _ = shutdown.changed() => {
+            // Draining: a transfer under way may finish, within the drain's bounds, then
+            // the tunnel is closed (and logged) before the drain gives up on the task.
+            tokio::select! {
+                r = &mut copy => ended(r),
+                _ = activity.idle_for(idle) => (TunnelEnd::Idle, None),
+                _ = tokio::time::sleep(super::CONNECT_DRAIN) => (TunnelEnd::Shutdown, None),
+            }
         }
-        _ = activity.idle_for(idle) => {
-            tracing::info!(%peer, user = %session.who(), idle = ?idle, "CONNECT closed: idle");
+    };
+    // The one line per tunnel (same field names as the UDP association's end line). The
+    // target is the client's request (a name comes off the wire: escaped); `remote` is the
+    // address the gateway connected to.
+    let target = match &target {
+        TargetAddr::Ip(a) => canonical(*a).to_string(),
+        TargetAddr::Domain(name, port) => format!("{}:{port}", Peer::str(name)),
+    };
+    tracing::info!(
+        user = %session.who(),
+        source = %peer,
+        target = %target,
+        remote = %remote,
+        bytes_up = up.load(Ordering::Relaxed),
+        bytes_down = down.load(Ordering::Relaxed),
+        duration_ms = activity.start.elapsed().as_millis() as u64,
+        reason = reason.as_str(),
+        error = error.as_ref().map(tracing::field::display),
+        "CONNECT ended"
+    );
+    Ok(())
+}
+
+/// Why a CONNECT tunnel ended, as its end line says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TunnelEnd {
+    /// Both sides closed their direction (EOF each way).
+    Eof,
+    /// No byte either way for `connect_idle_timeout`.
+    Idle,
+    /// A read or write failed on either side (a reset, a TLS error).
+    Error,
+    /// The gateway shut down and the tunnel was still open after [`super::CONNECT_DRAIN`].
+    Shutdown,
+}
+
+impl TunnelEnd {
+    fn as_str(self) -> &'static str {
+        match self {
+            TunnelEnd::Eof => "eof",
+            TunnelEnd::Idle => "idle_timeout",
+            TunnelEnd::Error => "error",
+            TunnelEnd::Shutdown => "shutdown",
         }
     }
-    Ok(())
 }
 
 /// When bytes last moved on a CONNECT tunnel, either way.
@@ -454,6 +516,7 @@ impl Activity {
             io,
             start: self.start,
             last_ms: self.last_ms.clone(),
+            read: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -476,6 +539,9 @@ struct Watched<S> {
     io: S,
     start: Instant,
     last_ms: Arc<AtomicU64>,
+    /// Bytes read from `io`: what it sent into the tunnel. Shared, so that it can still be
+    /// read when the copy ended in an error (which reports no totals).
+    read: Arc<AtomicU64>,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
@@ -486,9 +552,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
+        let n = buf.filled().len() - before;
+        if n > 0 {
             let ms = self.start.elapsed().as_millis() as u64;
             self.last_ms.fetch_max(ms, Ordering::Relaxed);
+            self.read.fetch_add(n as u64, Ordering::Relaxed);
         }
         r
     }

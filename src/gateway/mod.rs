@@ -7,6 +7,9 @@
 
 pub mod control;
 pub mod relay;
+mod reload;
+
+pub use reload::{ReloadError, Reloader};
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -16,12 +19,12 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
 
-use crate::auth::{AuthLimits, Authenticator, Backend, Certificates, Users};
+use crate::auth::{AuthLimits, Authenticator, Backend, Certificates, ReloadableUsers, Users};
 use crate::config::{Auth, GatewayConfig, ResumptionMode};
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::net::channel::Heartbeat;
@@ -35,6 +38,10 @@ use relay::{Relay, RelaySettings};
 
 /// How long shutdown waits for connections to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a CONNECT tunnel may go on once shutdown began: it then closes itself (and logs
+/// its end line), before [`DRAIN_TIMEOUT`] aborts what is left.
+pub(crate) const CONNECT_DRAIN: Duration = Duration::from_secs(4);
 
 /// Which client authentication the gateway offers.
 #[derive(Clone, Default)]
@@ -148,6 +155,15 @@ impl Settings {
     /// Loads the files a validated config names (certificates, key, users, client CA) and
     /// builds the runtime settings. Errors name the file and the problem.
     pub fn from_config(cfg: &GatewayConfig) -> anyhow::Result<Settings> {
+        Settings::from_config_in(cfg, None)
+    }
+
+    /// [`Settings::from_config`] that keeps `store` (the running gateway's, on a reload)
+    /// instead of opening another: the TLS sessions resume through it as before.
+    pub fn from_config_in(
+        cfg: &GatewayConfig,
+        store: Option<Arc<dyn SessionStore>>,
+    ) -> anyhow::Result<Settings> {
         use anyhow::Context as _;
         // Each error names the key (and flag) that named the file, then the file's problem.
         let client_ca = match cfg.auth.client_ca() {
@@ -159,8 +175,9 @@ impl Settings {
         for path in &cfg.client_crl {
             client_crls.extend(crate::tls::load_crls(path)?);
         }
-        let store: Arc<dyn SessionStore> = match (&cfg.store, &cfg.cluster_key) {
-            (Some(url), Some(key_file)) => {
+        let store: Arc<dyn SessionStore> = match (store, &cfg.store, &cfg.cluster_key) {
+            (Some(running), _, _) => running,
+            (None, Some(url), Some(key_file)) => {
                 let key = ClusterKey::load(key_file)?;
                 Arc::new(RedisStore::new(
                     url.as_str(),
@@ -170,7 +187,7 @@ impl Settings {
                 )?)
             }
             // The config refuses a store without a key; without a store the key is unused.
-            _ => Arc::new(MemoryStore::default()),
+            (None, _, _) => Arc::new(MemoryStore::default()),
         };
         let sessions = Arc::new(StoreSessions::new(store.clone()));
         let resumption = match cfg.resumption {
@@ -286,10 +303,18 @@ impl Drop for SourceSlot {
 }
 
 /// State shared by every connection task.
+///
+/// `settings` are the start-time settings: what a reload cannot change is read from there.
+/// What a reload can change sits behind swaps: the TLS server config (certificate, key,
+/// client CA, CRLs) here, the users in `users`, the policy in the relay.
 pub(crate) struct Shared {
     pub(crate) settings: Settings,
     pub(crate) auth: Authenticator,
-    pub(crate) acceptor: TlsAcceptor,
+    /// Loaded once per accepted connection: a reload reaches new handshakes only, and
+    /// established TLS sessions keep theirs.
+    pub(crate) tls: ArcSwap<rustls::ServerConfig>,
+    /// The users backend `auth` checks passwords against, if the gateway has users.
+    pub(crate) users: Option<Arc<ReloadableUsers>>,
     pub(crate) relay: Arc<Relay>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) dns: Arc<Resolver>,
@@ -338,13 +363,18 @@ impl Gateway {
         .map_err(crate::net::bind_error("UDP relay socket", udp, "--udp-listen"))?;
         // Connect to the shared store now, not in the first client's handshake.
         settings.store.start();
-        let acceptor = TlsAcceptor::from(settings.tls.clone());
+        let tls = ArcSwap::new(settings.tls.clone());
         let metrics_listener = match settings.metrics {
             Some(a) => Some(crate::metrics::http::bind(a).await?),
             None => None,
         };
         let mut backends: Vec<Arc<dyn Backend>> = Vec::new();
-        if let Some(users) = &settings.auth.users {
+        let users = settings
+            .auth
+            .users
+            .as_ref()
+            .map(|u| Arc::new(ReloadableUsers::new(u.clone())));
+        if let Some(users) = &users {
             backends.push(users.clone());
         }
         backends.push(Arc::new(Certificates));
@@ -355,7 +385,8 @@ impl Gateway {
             shared: Arc::new(Shared {
                 settings,
                 auth,
-                acceptor,
+                tls,
+                users,
                 relay,
                 metrics,
                 dns,
@@ -380,6 +411,13 @@ impl Gateway {
         self.metrics_listener
             .as_ref()
             .map(|l| l.local_addr().expect("bound listener"))
+    }
+
+    /// A handle that puts a re-read configuration in force while the gateway runs (SIGHUP).
+    /// `running` is the configuration the gateway was built from: reloads are compared
+    /// with it.
+    pub fn reloader(&self, running: &GatewayConfig) -> Reloader {
+        Reloader::new(self.shared.clone(), running)
     }
 
     /// The gateway's counters.

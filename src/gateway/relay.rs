@@ -113,7 +113,8 @@ pub struct Relay {
     settings: RelaySettings,
     metrics: Arc<Metrics>,
     dns: Arc<Resolver>,
-    policy: Arc<Policy>,
+    /// Swapped whole on reload ([`Relay::set_policy`]); one lock-free load per datagram.
+    policy: ArcSwap<Policy>,
     epoch: Instant,
 }
 
@@ -335,7 +336,7 @@ impl Relay {
             settings,
             metrics,
             dns,
-            policy,
+            policy: ArcSwap::new(policy),
             epoch: Instant::now(),
         }))
     }
@@ -547,13 +548,13 @@ impl Relay {
         for i in 0..self.ios.len() {
             workers.spawn(self.clone().receive_loop(i));
         }
-        let policy = self.policy.clone();
+        let relay = self.clone();
         workers.spawn(async move {
             let mut tick = tokio::time::interval(LOCAL_ADDRS_REFRESH);
             tick.tick().await;
             loop {
                 tick.tick().await;
-                if let Err(e) = refresh_local_addrs(&policy) {
+                if let Err(e) = relay.refresh_local_addrs() {
                     tracing::warn!(error = %e, "cannot enumerate interface addresses; keeping the previous set");
                 }
             }
@@ -565,7 +566,20 @@ impl Relay {
     /// denies them by default). The relay does this when it binds and every
     /// [`LOCAL_ADDRS_REFRESH`] while it runs.
     pub fn refresh_local_addrs(&self) -> io::Result<()> {
-        refresh_local_addrs(&self.policy)
+        refresh_local_addrs(&self.policy.load())
+    }
+
+    /// The destination policy in force now.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
+    /// Puts `policy` in force for every datagram and CONNECT checked from now on (a reload).
+    /// It inherits the host addresses the running policy knows, so the built-in default
+    /// keeps denying them until the next refresh.
+    pub fn set_policy(&self, policy: Arc<Policy>) {
+        policy.set_local_addrs((*self.policy.load().local_addrs()).clone());
+        self.policy.store(policy);
     }
 
     /// Receive workers in use.
@@ -845,7 +859,7 @@ fn admit(
     peers: &mut PeerCache,
 ) -> Option<SocketAddr> {
     let target = canonical(target);
-    if relay.policy.check(assoc.user.as_deref(), target).is_err() {
+    if relay.policy.load().check(assoc.user.as_deref(), target).is_err() {
         relay.metrics.count_drop(DropReason::PolicyDenied);
         return None;
     }
@@ -1188,8 +1202,8 @@ mod tests {
     #[tokio::test]
     async fn binding_hands_the_host_addresses_to_the_policy() {
         let r = relay(false);
-        assert!(r.policy.local_addrs().is_local("127.0.0.1".parse().unwrap()));
+        assert!(r.policy().local_addrs().is_local("127.0.0.1".parse().unwrap()));
         r.refresh_local_addrs().unwrap();
-        assert!(!r.policy.local_addrs().is_empty());
+        assert!(!r.policy().local_addrs().is_empty());
     }
 }

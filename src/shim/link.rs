@@ -578,8 +578,8 @@ mod tests {
         .unwrap();
         Arc::new(Dialer {
             gateways: vec![GatewayEndpoint::new(Address::Ip("127.0.0.1:9".parse().unwrap()))],
-            tls,
-            credentials: None,
+            tls: tls.into(),
+            credentials: Default::default(),
             suites: crate::proto::CipherSuite::ALL.to_vec(),
             timeout: Duration::from_secs(1),
             replay_window: 1024,

@@ -39,12 +39,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::client::{self, ClientError, ClientOptions, Control, SecureUdp, Transport};
-use crate::config::{Forward, ForwardProto, PasswordLogin, ShimConfig, Trust};
+use crate::config::{ConfigError, Forward, ForwardProto, PasswordLogin, ShimArgs, ShimConfig, Trust};
 use crate::metrics::Metrics;
 use crate::net::channel::Heartbeat;
 use crate::proto::socks::Address;
@@ -237,8 +238,11 @@ fn read_login(login: &PasswordLogin) -> anyhow::Result<(String, String)> {
 /// Opens connections and associations through the gateway list.
 pub(crate) struct Dialer {
     gateways: Vec<GatewayEndpoint>,
-    tls: Arc<rustls::ClientConfig>,
-    credentials: Option<(String, String)>,
+    /// Swapped whole on reload (SIGHUP): CA or pin, client certificate, versions. Each
+    /// connection loads it once; a new config also means a new session cache.
+    tls: ArcSwap<rustls::ClientConfig>,
+    /// The gateway login, swapped on reload (the password file read again).
+    credentials: ArcSwap<Option<(String, String)>>,
     suites: Vec<CipherSuite>,
     timeout: Duration,
     replay_window: usize,
@@ -280,6 +284,17 @@ impl Dialer {
             Some((at, e)) if at.elapsed() < REFUSAL_HOLD => e.permanent_copy(),
             _ => None,
         }
+    }
+
+    /// Forgets the refusals met so far (a reload may have fixed their cause): the next
+    /// request dials again, and a refusal met again is logged again.
+    fn forget_refusals(&self) {
+        *self.refusals.last.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.refusals
+            .logged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// Notes that a gateway accepted the shim: any held refusal is lifted.
@@ -383,13 +398,13 @@ impl Dialer {
         Ok(addrs
             .into_iter()
             .map(|a| ClientOptions {
-                credentials: self.credentials.clone(),
+                credentials: (**self.credentials.load()).clone(),
                 suites: self.suites.clone(),
                 timeout: self.timeout,
                 replay_window: self.replay_window,
                 heartbeat: self.heartbeat,
                 transport: self.transport,
-                ..ClientOptions::new(a, &g.server_name, self.tls.clone())
+                ..ClientOptions::new(a, &g.server_name, self.tls.load_full())
             })
             .collect())
     }
@@ -478,7 +493,8 @@ impl Dialer {
 pub(crate) struct Ctx {
     pub(crate) dialer: Arc<Dialer>,
     pub(crate) metrics: Arc<Metrics>,
-    pub(crate) socks_credentials: Option<(String, String)>,
+    /// What local SOCKS5 clients must give; swapped on reload (its file read again).
+    pub(crate) socks_credentials: ArcSwap<Option<(String, String)>>,
     pub(crate) idle_timeout: Duration,
     pub(crate) max_flows: usize,
     /// Local TCP connections (SOCKS5 clients and TCP forwards).
@@ -556,8 +572,8 @@ impl Shim {
         let metrics = Arc::new(Metrics::default());
         let dialer = Arc::new(Dialer {
             gateways: settings.gateways,
-            tls: settings.tls,
-            credentials: settings.credentials,
+            tls: ArcSwap::new(settings.tls),
+            credentials: ArcSwap::from_pointee(settings.credentials),
             suites: settings.suites,
             timeout: settings.connect_timeout,
             replay_window: settings.replay_window,
@@ -580,12 +596,21 @@ impl Shim {
             ctx: Arc::new(Ctx {
                 dialer,
                 metrics,
-                socks_credentials: settings.socks_credentials,
+                socks_credentials: ArcSwap::from_pointee(settings.socks_credentials),
                 idle_timeout: settings.idle_timeout,
                 max_flows: settings.max_flows.max(1),
                 connections: Arc::new(Semaphore::new(settings.max_connections.max(1))),
             }),
         })
+    }
+
+    /// A handle that puts a re-read configuration in force while the shim runs (SIGHUP).
+    /// `running` is the configuration the shim was built from.
+    pub fn reloader(&self, running: &ShimConfig) -> ShimReloader {
+        ShimReloader {
+            ctx: self.ctx.clone(),
+            running: std::sync::Mutex::new(running.clone()),
+        }
     }
 
     /// The bound SOCKS5 address, if the listener is on.
@@ -753,4 +778,119 @@ pub(crate) async fn drain(mut conns: JoinSet<()>, what: &str) {
         );
         conns.shutdown().await;
     }
+}
+
+/// Why a shim reload left the running configuration in force.
+#[derive(Debug, thiserror::Error)]
+pub enum ShimReloadError {
+    /// The configuration (flags and file) does not validate.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// A file the configuration names does not load (the message names key and file).
+    #[error("{0:#}")]
+    Load(anyhow::Error),
+    /// A login was switched on or off: the local SOCKS5 methods (and the warning about an
+    /// open listener) are decided at start.
+    #[error("`{0}` switched on or off: needs a restart")]
+    LoginSwitched(&'static str),
+}
+
+/// What one successful shim reload changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShimReloaded {
+    /// The changes, for a log line (never a password).
+    pub changes: String,
+    /// Configuration keys that changed but need a restart; kept at their running values.
+    pub needs_restart: Vec<&'static str>,
+}
+
+/// Puts a re-read shim configuration in force: the trust (CA or pin), the client
+/// certificate, `tls12`, and the passwords read from the password files again, for every
+/// connection to a gateway and every local SOCKS5 login from then on. Associations and
+/// tunnels already open go on; a link that reconnects later uses the new settings.
+pub struct ShimReloader {
+    ctx: Arc<Ctx>,
+    running: std::sync::Mutex<ShimConfig>,
+}
+
+impl ShimReloader {
+    /// Re-reads the configuration from `args` (the flags the shim started with) and the
+    /// files it names, and swaps the reloadable pieces in. Blocks on file reads. On error
+    /// nothing changed.
+    pub fn reload(&self, args: ShimArgs) -> Result<ShimReloaded, ShimReloadError> {
+        let cfg = ShimConfig::from_args(args)?;
+        // A poisoned lock only means a reload panicked before it swapped anything.
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if running.login.is_some() != cfg.login.is_some() {
+            return Err(ShimReloadError::LoginSwitched("user"));
+        }
+        if running.socks_login.is_some() != cfg.socks_login.is_some() {
+            return Err(ShimReloadError::LoginSwitched("socks_user"));
+        }
+        let new = ShimSettings::from_config(&cfg).map_err(ShimReloadError::Load)?;
+        let dialer = &self.ctx.dialer;
+        let mut changes = vec![match &cfg.trust {
+            Trust::Ca(p) => format!("trust: CA {}", p.display()),
+            Trust::Pin(pin) => format!("trust: pin {}", crate::tls::pin_hex(pin)),
+        }];
+        if let Some((cert, _)) = &cfg.client_cert {
+            changes.push(format!("client certificate {}", cert.display()));
+        }
+        dialer.tls.store(new.tls);
+        let word = |same: bool| if same { "unchanged" } else { "changed" };
+        if new.credentials.is_some() {
+            let same = **dialer.credentials.load() == new.credentials;
+            changes.push(format!("gateway login {}", word(same)));
+        }
+        dialer.credentials.store(Arc::new(new.credentials));
+        if new.socks_credentials.is_some() {
+            let same = **self.ctx.socks_credentials.load() == new.socks_credentials;
+            changes.push(format!("local SOCKS5 login {}", word(same)));
+        }
+        self.ctx.socks_credentials.store(Arc::new(new.socks_credentials));
+        dialer.forget_refusals();
+        let needs_restart = shim_restart_only_changes(&running, &cfg);
+        let mut kept = running.clone();
+        kept.trust = cfg.trust.clone();
+        kept.client_cert = cfg.client_cert.clone();
+        kept.login = cfg.login.clone();
+        kept.socks_login = cfg.socks_login.clone();
+        kept.tls12 = cfg.tls12;
+        *running = kept;
+        Ok(ShimReloaded {
+            changes: changes.join(", "),
+            needs_restart,
+        })
+    }
+}
+
+/// The shim configuration keys whose change needs a restart.
+fn shim_restart_only_changes(old: &ShimConfig, new: &ShimConfig) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut check = |key, changed: bool| {
+        if changed {
+            out.push(key);
+        }
+    };
+    check("gateway", old.gateways != new.gateways);
+    check("server_name", old.server_name != new.server_name);
+    check("socks", old.socks != new.socks);
+    check("forward", old.forwards != new.forwards);
+    check("suites", old.suites != new.suites);
+    check("replay_window", old.replay_window != new.replay_window);
+    check("idle_timeout", old.idle_timeout != new.idle_timeout);
+    check("max_flows", old.max_flows != new.max_flows);
+    check("max_connections", old.max_connections != new.max_connections);
+    check("connect_timeout", old.connect_timeout != new.connect_timeout);
+    check(
+        "heartbeat_interval",
+        old.heartbeat.interval != new.heartbeat.interval,
+    );
+    check(
+        "heartbeat_timeout",
+        old.heartbeat.timeout != new.heartbeat.timeout,
+    );
+    check("flow_queue", old.flow_queue != new.flow_queue);
+    check("metrics", old.metrics != new.metrics);
+    out
 }

@@ -99,7 +99,9 @@ async fn serve_conn(ctx: Arc<Ctx>, mut tcp: TcpStream, peer: SocketAddr, stop: w
 async fn handshake(ctx: &Ctx, tcp: &mut TcpStream) -> Result<(Command, Address), LocalError> {
     let greeting = read_msg(tcp, |b| socks::parse_greeting(b).map(|(_, n)| n)).await?;
     let (methods, _) = socks::parse_greeting(&greeting)?;
-    let chosen = match &ctx.socks_credentials {
+    // One login for the whole handshake, even if a reload lands during it.
+    let local_login = ctx.socks_credentials.load_full();
+    let chosen = match &*local_login {
         Some(_) if methods.contains(&method::USERPASS) => method::USERPASS,
         Some(_) => method::NONE_ACCEPTABLE,
         None if methods.contains(&method::NO_AUTH) => method::NO_AUTH,
@@ -114,7 +116,7 @@ async fn handshake(ctx: &Ctx, tcp: &mut TcpStream) -> Result<(Command, Address),
     if chosen == method::USERPASS {
         let msg = read_msg(tcp, |b| socks::parse_userpass(b).map(|(_, n)| n)).await?;
         let ((user, pass), _) = socks::parse_userpass(&msg)?;
-        let ok = match &ctx.socks_credentials {
+        let ok = match &*local_login {
             Some((u, p)) => ct_eq(user, u.as_bytes()) & ct_eq(pass, p.as_bytes()),
             None => true,
         };
