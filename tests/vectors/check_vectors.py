@@ -45,6 +45,8 @@ DEFAULT_WINDOW = 1024
 CONTROL_ATYP = 0x00
 PATH_CHALLENGE = 0x01
 PATH_RESPONSE = 0x02
+PROBE = 0x03
+PROBE_ACK = 0x04
 TOKEN_LEN = 8
 
 
@@ -251,7 +253,7 @@ class Receiver:
         # 11: control plaintext (§4.1) or address
         if plaintext[:1] == bytes([CONTROL_ATYP]):
             if (len(plaintext) != 2 + TOKEN_LEN
-                    or plaintext[1] not in (PATH_CHALLENGE, PATH_RESPONSE)):
+                    or plaintext[1] not in (PATH_CHALLENGE, PATH_RESPONSE, PROBE, PROBE_ACK)):
                 raise Drop("bad_control")
             return nonce, ("control", plaintext[1], plaintext[2:]), b""
         addr, used = parse_address(plaintext)
@@ -426,7 +428,11 @@ def check_document_rules(t, first):
             "PATH_CHALLENGE opens as control")
     got = rx.open(seal(keys, assoc, 10, b"\x00\x02" + bytes(8)))
     t.check(got[1] == ("control", PATH_RESPONSE, bytes(8)), "PATH_RESPONSE opens as control")
-    t.expect_drop(lambda: rx.open(seal(keys, assoc, 11, b"\x00\x03" + bytes(8))), "bad_control",
+    got = rx.open(seal(keys, assoc, 15, b"\x00\x03" + bytes(range(8))))
+    t.check(got[1] == ("control", PROBE, bytes(range(8))), "PROBE opens as control")
+    got = rx.open(seal(keys, assoc, 16, b"\x00\x04" + bytes(8)))
+    t.check(got[1] == ("control", PROBE_ACK, bytes(8)), "PROBE_ACK opens as control")
+    t.expect_drop(lambda: rx.open(seal(keys, assoc, 11, b"\x00\x05" + bytes(8))), "bad_control",
                   "unknown control kind")
     t.expect_drop(lambda: rx.open(seal(keys, assoc, 12, b"\x00\x01" + bytes(9))), "bad_control",
                   "control body too long")
