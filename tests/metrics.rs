@@ -170,6 +170,35 @@ async fn counters_move_as_the_stream_and_a_replay_say() {
         assert!(std::time::Instant::now() < deadline, "association gauge stuck");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The association's end line says what it carried, each way, and why it ended.
+    let deadline = std::time::Instant::now() + WAIT;
+    let line = loop {
+        if let Some(l) = gw.stderr().lines().find(|l| l.contains("UDP association closed")) {
+            break l.to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no end line:\n{}",
+            gw.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for field in [
+        format!("datagrams_up={N}"),
+        format!("bytes_up={}", N * 100),
+        format!("datagrams_down={N}"),
+        format!("bytes_down={}", N * 100),
+        "targets=1".to_owned(),
+        "secure=true".to_owned(),
+        // Dropped without a TLS close_notify: "closed" or "reset", both name the connection.
+        "reason=control connection".to_owned(),
+    ] {
+        assert!(line.contains(&field), "{field} missing in {line}");
+    }
+    assert!(
+        line.contains("duration_ms=") && line.contains("source=127.0.0.1:"),
+        "{line}"
+    );
     // The health check, as a load balancer sees it.
     let out = std::process::Command::new("curl")
         .args([

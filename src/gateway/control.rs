@@ -611,6 +611,7 @@ async fn udp_associate(
         .reply_success(SocketAddr::new(bnd_ip, relay_addr.port()))
         .await?;
     tracing::info!(%peer, assoc = %handle.id(), secure = session.secure.is_some(), user = %session.who(), "UDP association open");
+    let opened_at = std::time::Instant::now();
 
     let idle = shared.settings.idle_timeout;
     let mut tick = tokio::time::interval(idle.min(Duration::from_secs(1)).max(Duration::from_millis(50)));
@@ -674,7 +675,22 @@ async fn udp_associate(
         (None, why.to_owned())
     };
     let why = why.1;
-    tracing::info!(%peer, assoc = %handle.id(), reason = %why, "UDP association closed");
+    // The one line per association (the same field names as the CONNECT end line).
+    let stats = handle.stats();
+    tracing::info!(
+        user = %session.who(),
+        source = %peer,
+        assoc = %handle.id(),
+        secure = session.secure.is_some(),
+        targets = handle.destinations(),
+        datagrams_up = stats.datagrams_up.load(Ordering::Relaxed),
+        bytes_up = stats.bytes_up.load(Ordering::Relaxed),
+        datagrams_down = stats.datagrams_down.load(Ordering::Relaxed),
+        bytes_down = stats.bytes_down.load(Ordering::Relaxed),
+        duration_ms = opened_at.elapsed().as_millis() as u64,
+        reason = %why,
+        "UDP association closed"
+    );
     drop(handle);
     Ok(())
 }

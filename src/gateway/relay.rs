@@ -139,6 +139,22 @@ pub struct Association {
     tls: ArcSwapOption<FrameSender>,
     /// Replies go inside TLS: the client's newest data record came that way.
     via_tls: AtomicBool,
+    /// What the association carried, for its end line.
+    stats: AssocStats,
+}
+
+/// Datagrams and payload bytes one association carried each way (relaxed counters,
+/// updated per send, i.e. per train).
+#[derive(Debug, Default)]
+pub struct AssocStats {
+    /// Client to targets.
+    pub datagrams_up: AtomicU64,
+    /// Payload bytes client to targets.
+    pub bytes_up: AtomicU64,
+    /// Targets to client.
+    pub datagrams_down: AtomicU64,
+    /// Payload bytes targets to client.
+    pub bytes_down: AtomicU64,
 }
 
 enum Kind {
@@ -240,6 +256,16 @@ impl AssociationHandle {
     pub fn detach_tls(&self) {
         self.assoc.tls.store(None);
         self.assoc.via_tls.store(false, Ordering::Relaxed);
+    }
+
+    /// What the association carried so far.
+    pub fn stats(&self) -> &AssocStats {
+        &self.assoc.stats
+    }
+
+    /// Distinct destinations the client sent to (up to the bound the restricted cone keeps).
+    pub fn destinations(&self) -> usize {
+        self.assoc.peers.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// Whether replies currently travel inside TLS.
@@ -417,6 +443,7 @@ impl Relay {
             pending_resolves: AtomicUsize::new(0),
             tls: ArcSwapOption::empty(),
             via_tls: AtomicBool::new(false),
+            stats: AssocStats::default(),
             kind,
         }))
     }
@@ -832,7 +859,14 @@ impl Relay {
                 Ok(Ok(target)) => {
                     if let Some(dest) = admit(&relay, &assoc, target, &mut PeerCache::default()) {
                         match assoc.outbound.try_send(dest, &payload, None) {
-                            Ok(()) => relay.metrics.forwarded_on(assoc.path(), 1, payload.len() as u64),
+                            Ok(()) => {
+                                relay.metrics.forwarded_on(assoc.path(), 1, payload.len() as u64);
+                                assoc.stats.datagrams_up.fetch_add(1, Ordering::Relaxed);
+                                assoc
+                                    .stats
+                                    .bytes_up
+                                    .fetch_add(payload.len() as u64, Ordering::Relaxed);
+                            }
                             Err(_) => relay.metrics.count_drop(DropReason::SendFailed),
                         }
                     }
@@ -920,7 +954,12 @@ impl Forwarder {
                 } else {
                     assoc.path()
                 };
-                relay.metrics.forwarded_on(path, n as u64, bytes.len() as u64)
+                relay.metrics.forwarded_on(path, n as u64, bytes.len() as u64);
+                assoc.stats.datagrams_up.fetch_add(n as u64, Ordering::Relaxed);
+                assoc
+                    .stats
+                    .bytes_up
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
             }
             Err(_) => {
                 for _ in 0..n {
@@ -1045,10 +1084,15 @@ impl Replies {
         }
     }
 
-    fn sent(&mut self, relay: &Relay, path: Path, ok: bool) {
+    fn sent(&mut self, relay: &Relay, assoc: &Association, path: Path, ok: bool) {
         let n = self.train.len() as u64;
         if ok {
             relay.metrics.returned_on(path, n, self.payload_bytes as u64);
+            assoc.stats.datagrams_down.fetch_add(n, Ordering::Relaxed);
+            assoc
+                .stats
+                .bytes_down
+                .fetch_add(self.payload_bytes as u64, Ordering::Relaxed);
         } else {
             for _ in 0..n {
                 relay.metrics.count_drop(DropReason::SendFailed);
@@ -1069,7 +1113,12 @@ impl Replies {
             Some((dest, bytes, seg)) => relay.io().try_send(dest, bytes, seg).is_ok(),
             None => true,
         };
-        self.sent(relay, if send.is_some() { Path::Secure } else { Path::Naked }, ok);
+        self.sent(
+            relay,
+            assoc,
+            if send.is_some() { Path::Secure } else { Path::Naked },
+            ok,
+        );
         true
     }
 
@@ -1090,7 +1139,12 @@ impl Replies {
             Some((dest, bytes, seg)) => relay.io().send(dest, bytes, seg).await.is_ok(),
             None => true,
         };
-        self.sent(relay, if send.is_some() { Path::Secure } else { Path::Naked }, ok);
+        self.sent(
+            relay,
+            assoc,
+            if send.is_some() { Path::Secure } else { Path::Naked },
+            ok,
+        );
         true
     }
 
@@ -1120,6 +1174,8 @@ impl Replies {
             let n = self.train.len() as u64;
             let bytes = self.payload_bytes as u64 * sent / n.max(1);
             relay.metrics.returned_on(Path::Tls, sent, bytes);
+            assoc.stats.datagrams_down.fetch_add(sent, Ordering::Relaxed);
+            assoc.stats.bytes_down.fetch_add(bytes, Ordering::Relaxed);
         }
         for _ in 0..failed {
             relay.metrics.count_drop(DropReason::SendFailed);
