@@ -148,6 +148,8 @@ pub struct ReflectArgs {
 pub enum ModeArg {
     /// Secure records through the gateway.
     Secure,
+    /// Secure records carried inside the TLS control connection (`--transport tls`).
+    Tls,
     /// Conventional SOCKS5 UDP through the proxy.
     Naked,
     /// No proxy.
@@ -164,6 +166,8 @@ pub enum ModeArg {
 pub enum Mode {
     /// Secure-UDP records through the gateway.
     Secure,
+    /// Secure-UDP records inside the TLS control connection (PROTOCOL.md §6.4).
+    Tls,
     /// Conventional SOCKS5 UDP (RFC 1928 §7) through the proxy.
     Naked,
     /// Straight to the reflector.
@@ -175,6 +179,7 @@ impl Mode {
     pub fn name(&self) -> &'static str {
         match self {
             Mode::Secure => "secure",
+            Mode::Tls => "tls",
             Mode::Naked => "naked",
             Mode::Direct => "direct",
         }
@@ -280,12 +285,13 @@ impl Options {
             (None, Some(r)) if r.socks.is_some() => vec![Mode::Naked, Mode::Direct],
             (None, Some(_)) => vec![Mode::Direct],
             (Some(ModeArg::Secure), _) => vec![Mode::Secure],
+            (Some(ModeArg::Tls), _) => vec![Mode::Tls],
             (Some(ModeArg::Naked), _) => vec![Mode::Naked],
             (Some(ModeArg::Direct), _) => vec![Mode::Direct],
             (Some(ModeArg::Both | ModeArg::All), Some(_)) => vec![Mode::Secure],
         };
         if let Some(r) = &remote {
-            if modes.contains(&Mode::Secure) {
+            if modes.contains(&Mode::Secure) || modes.contains(&Mode::Tls) {
                 return Err(BenchError::Config(
                     "secure mode runs against the in-process gateway only: with --socks/--target use \
                      --mode naked or direct"
@@ -609,6 +615,20 @@ async fn local(opts: &Options, progress: &Progress) -> Result<Vec<RunResult>, Be
                     })?),
                     Address::Ip(t),
                 ),
+                (Mode::Tls, Some(g)) => {
+                    let opts = ClientOptions {
+                        transport: crate::client::Transport::Tls,
+                        ..g.client.clone()
+                    };
+                    Link::Secure(
+                        Box::new(
+                            SecureUdp::connect(&opts)
+                                .await
+                                .map_err(|source| BenchError::Associate { mode: "tls", source })?,
+                        ),
+                        Address::Ip(t),
+                    )
+                }
                 (_, None) => return Err(BenchError::Setup("no gateway".into())),
             });
         }
@@ -665,9 +685,9 @@ async fn remote(opts: &Options, r: &Remote, progress: &Progress) -> Result<Vec<R
                         })?;
                     Link::Naked(udp, target_addr.clone())
                 }
-                Mode::Secure => {
+                Mode::Secure | Mode::Tls => {
                     return Err(BenchError::Config(
-                        "secure mode needs the in-process gateway".into(),
+                        "secure and tls modes need the in-process gateway".into(),
                     ))
                 }
             });

@@ -304,6 +304,7 @@ pub fn write_csv(r: &Report, path: &Path) -> io::Result<()> {
 fn color(m: Mode) -> RGBColor {
     match m {
         Mode::Secure => RGBColor(200, 40, 40),
+        Mode::Tls => RGBColor(200, 140, 30),
         Mode::Naked => RGBColor(40, 90, 200),
         Mode::Direct => RGBColor(110, 110, 110),
     }
