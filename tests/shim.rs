@@ -730,6 +730,55 @@ async fn udp_forward_gives_each_local_source_its_own_flow() {
     gw.stop().await;
 }
 
+/// Beyond `max_flows`, a new source is refused and counted; the admitted flows are never
+/// evicted for it (evicting made each new source close another flow, which closed another:
+/// every flow lost its stream).
+#[tokio::test]
+async fn a_forward_at_its_flow_limit_refuses_new_sources_and_keeps_its_flows() {
+    let pki = pki();
+    let gw = TestGateway::start(settings(&pki)).await;
+    let echo = udp_echo().await;
+    let mut s = shim_settings(&pki, &[gw.control]);
+    s.socks = None;
+    s.max_flows = 2;
+    s.forwards = vec![forward(&format!("udp:127.0.0.1:0={echo}"))];
+    let shim = TestShim::start(s).await;
+    let local = shim.forward(ForwardProto::Udp);
+    let socks: Vec<UdpSocket> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        }
+        v
+    };
+    let mut buf = vec![0u8; 2048];
+    // The first two sources are admitted and answered.
+    for s in &socks[..2] {
+        s.send_to(b"hello", local).await.unwrap();
+        let (n, _) = timeout(WAIT, s.recv_from(&mut buf)).await.unwrap().unwrap();
+        assert_eq!(&buf[..n], b"hello");
+    }
+    // The third is refused, every time, and counted.
+    for _ in 0..5 {
+        socks[2].send_to(b"intruder", local).await.unwrap();
+    }
+    eventually(|| shim.metrics.drops(DropReason::FlowLimit) == 5).await;
+    assert!(timeout(Duration::from_millis(300), socks[2].recv_from(&mut buf))
+        .await
+        .is_err());
+    // The admitted flows are untouched: still answered, on their first associations.
+    for round in 0..10 {
+        for s in &socks[..2] {
+            s.send_to(&[round; 10], local).await.unwrap();
+            let (n, _) = timeout(WAIT, s.recv_from(&mut buf)).await.unwrap().unwrap();
+            assert_eq!(&buf[..n], &[round; 10]);
+        }
+    }
+    assert_eq!(gw.metrics.associations.load(Ordering::Relaxed), 2);
+    shim.stop().await;
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn udp_and_tcp_forwards_share_a_local_port() {
     let pki = pki();

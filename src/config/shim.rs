@@ -109,8 +109,8 @@ pub struct ShimArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub idle_timeout: Option<Duration>,
 
-    /// Most concurrent local sources (flows) per UDP forward; the least recently active is
-    /// closed to make room [default: 256].
+    /// Most concurrent local sources (flows) per UDP forward; datagrams from a new source
+    /// beyond it are refused and counted while the admitted flows go on [default: 256].
     #[arg(long, value_name = "N")]
     pub max_flows: Option<usize>,
 

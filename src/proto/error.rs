@@ -57,11 +57,14 @@ pub enum DropReason {
     /// A datagram waited in the flow-start queue longer than its age limit, or its flow was
     /// closed before its association came up (client side).
     QueueExpired,
+    /// A datagram from a new local source found its UDP forward at its flow limit: refused,
+    /// the admitted flows untouched (client side).
+    FlowLimit,
 }
 
 impl DropReason {
     /// Number of reasons; counters are arrays of this length.
-    pub const COUNT: usize = DropReason::QueueExpired as usize + 1;
+    pub const COUNT: usize = DropReason::FlowLimit as usize + 1;
 
     /// Every reason, in index order.
     pub const ALL: [DropReason; DropReason::COUNT] = [
@@ -87,6 +90,7 @@ impl DropReason {
         DropReason::BadControl,
         DropReason::QueueFull,
         DropReason::QueueExpired,
+        DropReason::FlowLimit,
     ];
 
     /// Index into a counter array.
@@ -119,6 +123,7 @@ impl DropReason {
             DropReason::BadControl => "bad_control",
             DropReason::QueueFull => "queue_full",
             DropReason::QueueExpired => "queue_expired",
+            DropReason::FlowLimit => "flow_limit",
         }
     }
 }

@@ -3,8 +3,9 @@
 //!
 //! **UDP.** Each local source address gets its own flow: a [`Link`] (one secure
 //! association, reconnecting) and a task that returns the gateway's replies to that source
-//! from the forward's socket. Flows are bounded (`max_flows`; the least recently active
-//! one is closed to make room) and closed after `idle_timeout` without traffic either way.
+//! from the forward's socket. Flows are bounded (`max_flows`: a new source beyond it is
+//! refused and counted, never at the expense of an admitted flow) and closed after
+//! `idle_timeout` without traffic either way.
 //! See the module documentation of [`crate::shim`] for why a flow per source.
 //!
 //! The target's address is written in front of each received payload and the record is
@@ -84,6 +85,7 @@ pub(crate) async fn serve_udp(
     let mut sweep =
         tokio::time::interval((idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5)));
     let too_large_logged = AtomicBool::new(false);
+    let flow_limit_logged = AtomicBool::new(false);
     let m = ctx.metrics.clone();
     loop {
         tokio::select! {
@@ -95,6 +97,8 @@ pub(crate) async fn serve_udp(
             _ = sweep.tick() => {
                 let now = now_ms();
                 let idle_ms = idle.as_millis() as u64;
+                // A flow that ends makes room: the next refusal is logged again.
+                flow_limit_logged.store(false, Ordering::Relaxed);
                 flows.retain(|src, f| {
                     // Idle means `idle` since the last datagram. (Not `last > now - idle`:
                     // in the first milliseconds both sides are 0 and a brand-new flow, with
@@ -128,14 +132,20 @@ pub(crate) async fn serve_udp(
                 continue;
             }
             if !flows.contains_key(&src) && flows.len() >= ctx.max_flows {
-                let oldest = flows
-                    .iter()
-                    .min_by_key(|(_, f)| f.last.load(Ordering::Relaxed))
-                    .map(|(a, _)| *a);
-                if let Some(old) = oldest {
-                    tracing::info!(forward = %spec, src = %old, "flow limit reached: closing the least recently active flow");
-                    flows.remove(&old);
+                // Refuse the excess, never evict a live flow for it: evicting made each new
+                // source close another, which closed another (every flow lost its stream).
+                // The admitted flows go on; the refused source is counted and logged once
+                // per burst of refusals.
+                m.count_drop(DropReason::FlowLimit);
+                if !flow_limit_logged.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        forward = %spec,
+                        %src,
+                        max_flows = ctx.max_flows,
+                        "flow limit reached: datagrams from new sources are refused (counted as flow_limit) until a flow ends"
+                    );
                 }
+                continue;
             }
             let flow = flows
                 .entry(src)
