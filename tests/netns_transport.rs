@@ -192,7 +192,7 @@ fn a_firewall_that_drops_udp_moves_records_into_tls_and_back() {
             std::env::var_os("SUDP_REQUIRE_TOOLS").is_none(),
             "network namespaces are required here but `ip netns add` failed"
         );
-        eprintln!("SKIPPED: cannot create network namespaces (needs root)");
+        skipped("cannot create network namespaces (needs root)");
         return;
     };
     let pki = pki();

@@ -228,9 +228,16 @@ pub fn tool_available(what: &str, program: &str, probe: &[&str]) -> bool {
             std::env::var_os("SUDP_REQUIRE_TOOLS").is_none(),
             "{what} is required here (SUDP_REQUIRE_TOOLS is set) but `{program}` is missing"
         );
-        eprintln!("SKIPPED: {what} not installed (`bash .ci/run` installs it)");
+        skipped(&format!("{what} not installed (`bash .ci/run` installs it)"));
     }
     ok
+}
+
+/// Says that a test skipped, on the process's real stderr: the test harness captures what
+/// `eprintln!` prints for a passing test, so a skip said that way would never be seen.
+pub fn skipped(why: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
 }
 
 pub fn have_curl() -> bool {
