@@ -141,7 +141,7 @@ fn passwd_prints_a_users_line_without_the_password() {
         .spawn()
         .unwrap();
     child.stdin.take().unwrap().write_all(b"s3cret-pass\n").unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = common::output_within(child, common::WAIT, "the child process");
     assert!(out.status.success());
     let line = String::from_utf8_lossy(&out.stdout);
     assert!(line.starts_with("alice:$argon2id$"), "{line}");
@@ -208,7 +208,7 @@ async fn no_secret_in_gateway_logs_at_trace_level() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let pid = child.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = common::output_within(child, common::WAIT, "the child process");
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("UDP association open"), "trace log captured:\n{log}");
     assert!(!log.contains(secret), "password in the logs:\n{log}");

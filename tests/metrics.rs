@@ -41,7 +41,7 @@ for fam in p.text_string_to_metric_families(sys.stdin.read()):
         .unwrap();
     use std::io::Write as _;
     child.stdin.take().unwrap().write_all(&out.stdout).unwrap();
-    let parsed = child.wait_with_output().unwrap();
+    let parsed = output_within(child, WAIT, "the Prometheus text parser");
     assert!(
         parsed.status.success(),
         "the Prometheus text parser refused the exposition: {}",

@@ -306,7 +306,7 @@ fn a_firewall_that_drops_udp_moves_records_into_tls_and_back() {
         "ip", "netns", "exec", &h.cl, "nft", "delete", "table", "inet", "sudp",
     ]);
     // Bounded: the app ends by itself after 10 s (+1 s of draining).
-    let out = app.wait_with_output().unwrap();
+    let out = output_within(app, Duration::from_secs(30), "the application");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     let mut it = text.split_whitespace().map(|x| x.parse::<u64>().unwrap());

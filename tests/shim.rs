@@ -220,13 +220,16 @@ async fn run_process(program: &str, args: Vec<String>) -> std::process::Output {
 /// Binds a free port on 127.0.0.1 for both TCP and UDP at this instant (another process may
 /// take it before the caller binds it again; callers retry).
 fn free_tcp_udp_port() -> u16 {
-    loop {
+    // Bounded: a loopback with no port free for both protocols after this many tries is
+    // broken, not busy.
+    for _ in 0..1000 {
         let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = t.local_addr().unwrap().port();
         if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
+    panic!("no port free for both TCP and UDP on 127.0.0.1 after 1000 tries")
 }
 
 /// A UDP stream through a forward: one datagram every `every`, each carrying its sequence

@@ -233,6 +233,27 @@ pub fn tool_available(what: &str, program: &str, probe: &[&str]) -> bool {
     ok
 }
 
+/// `child.wait_with_output()` bounded by `within`: a child that does not finish in time is
+/// killed (SIGKILL, reaped) and the test fails, instead of waiting for ever.
+pub fn output_within(child: std::process::Child, within: Duration, what: &str) -> std::process::Output {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(within) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            // The waiting thread reaps it.
+            let _ = rx.recv_timeout(Duration::from_secs(5));
+            panic!("{what} did not finish within {within:?}");
+        }
+    }
+}
+
 /// Says that a test skipped, on the process's real stderr: the test harness captures what
 /// `eprintln!` prints for a passing test, so a skip said that way would never be seen.
 pub fn skipped(why: &str) {
