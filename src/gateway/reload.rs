@@ -306,6 +306,11 @@ fn restart_only_changes(old: &GatewayConfig, new: &GatewayConfig) -> Vec<&'stati
     );
     check("udp_buffer", old.udp_buffer != new.udp_buffer);
     check("metrics", old.metrics != new.metrics);
+    // The store is the running one across reloads (its sessions, its connection).
+    check("store", old.store != new.store);
+    check("cluster", old.cluster != new.cluster);
+    check("cluster_key", old.cluster_key != new.cluster_key);
+    check("resumption", old.resumption != new.resumption);
     out
 }
 

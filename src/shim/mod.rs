@@ -892,5 +892,6 @@ fn shim_restart_only_changes(old: &ShimConfig, new: &ShimConfig) -> Vec<&'static
     );
     check("flow_queue", old.flow_queue != new.flow_queue);
     check("metrics", old.metrics != new.metrics);
+    check("transport", old.transport != new.transport);
     out
 }
