@@ -4,6 +4,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -414,7 +415,7 @@ async fn association_ends_with_its_control_connection_and_on_idle() {
     let gw = TestGateway::start(s).await;
     let udp = SecureUdp::connect(&gw.options(&pki)).await.unwrap();
     assert!(!udp.is_closed());
-    // No traffic: the gateway closes it after the idle timeout.
+    // No traffic: the gateway closes it after the idle timeout, and says why (CLOSE frame).
     let deadline = tokio::time::Instant::now() + WAIT;
     while !udp.is_closed() {
         assert!(
@@ -423,6 +424,35 @@ async fn association_ends_with_its_control_connection_and_on_idle() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let why = udp.close_reason().unwrap();
+    assert!(why.contains("idle timeout"), "{why}");
+    eventually(|| gw.metrics.associations_active.load(Ordering::Relaxed) == 0).await;
+
+    // The other half: the client closes its control connection, and the association ends
+    // with it (its id is unknown to the relay from then on).
+    let mut s = settings(&pki);
+    s.idle_timeout = Duration::from_secs(60);
+    let gw2 = TestGateway::start(s).await;
+    let RawSecure {
+        control,
+        assoc,
+        keys,
+        socket,
+        relay,
+    } = raw_secure(&gw2, &pki).await;
+    assert_eq!(gw2.metrics.associations_active.load(Ordering::Relaxed), 1);
+    drop(control);
+    eventually(|| gw2.metrics.associations_active.load(Ordering::Relaxed) == 0).await;
+    let (mut tx, _) = keys.into_sessions(assoc, sudp::proto::Role::Client, 1024);
+    let mut rec = vec![0u8; 256];
+    let echo = udp_echo().await;
+    let n = tx
+        .seal(&sudp::proto::socks::AddrRef::Ip(echo), b"late", &mut rec)
+        .unwrap();
+    socket.send_to(&rec[..n], relay).await.unwrap();
+    eventually(|| gw2.metrics.drops(DropReason::UnknownAssociation) == 1).await;
+    assert_eq!(gw2.metrics.forwarded.load(Ordering::Relaxed), 0);
+    gw2.stop().await;
     gw.stop().await;
 }
 
