@@ -74,7 +74,8 @@ async fn counting_echo(seen: Arc<Seen>) -> SocketAddr {
         let mut buf = vec![0u8; 65_536];
         while let Ok((n, from)) = s.recv_from(&mut buf).await {
             let d = &buf[..n];
-            let known = n == PAYLOAD && matches!(d[0], LEGIT | RAW) && d[1] < 3 && d[6..].iter().all(|&b| b == 0x5a);
+            let known =
+                n == PAYLOAD && matches!(d[0], LEGIT | RAW) && d[1] < 3 && d[6..].iter().all(|&b| b == 0x5a);
             if !known {
                 seen.strangers.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -103,7 +104,10 @@ async fn send_phase(client: &SecureUdp, target: &Address, phase: u8, seq: &mut u
     while start.elapsed() < length {
         let due = (start.elapsed().as_secs_f64() * RATE as f64) as u64;
         while sent < due {
-            client.send_to(&payload(LEGIT, phase, *seq), target).await.unwrap();
+            client
+                .send_to(&payload(LEGIT, phase, *seq), target)
+                .await
+                .unwrap();
             *seq += 1;
             sent += 1;
         }
@@ -155,7 +159,13 @@ impl Sprayed {
 
 /// Sprays `relay` from a new socket on 127.0.0.1 at `rate` for `length`, the five classes
 /// in turn. Runs on its own thread so the flood does not wait on the test's runtime.
-fn spray(relay: SocketAddr, victim: AssociationId, captured: Vec<Vec<u8>>, rate: u64, length: Duration) -> Sprayed {
+fn spray(
+    relay: SocketAddr,
+    victim: AssociationId,
+    captured: Vec<Vec<u8>>,
+    rate: u64,
+    length: Duration,
+) -> Sprayed {
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id()));
     let mut out = Sprayed::default();
@@ -281,14 +291,19 @@ async fn a_flood_of_garbage_forgeries_and_replays_neither_gets_through_nor_slows
     let base_sent = send_phase(&client, &target, 1, &mut seq, PHASE).await;
     let base_secs = t.elapsed().as_secs_f64();
     tokio::time::sleep(drain).await;
-    assert_eq!(drops_now(&gw), base_drops, "the legitimate stream alone drops nothing");
+    assert_eq!(
+        drops_now(&gw),
+        base_drops,
+        "the legitimate stream alone drops nothing"
+    );
 
     // Flood: the sprayer starts before and ends after the legitimate phase.
     let before = drops_now(&gw);
     let kernel_before = gw.metrics.socket_drops.relay.total();
     let (relay, victim) = (gw.relay, client.assoc());
     let lead = Duration::from_millis(100);
-    let sprayer = std::thread::spawn(move || spray(relay, victim, captured, RATE * FLOOD_FACTOR, PHASE + 2 * lead));
+    let sprayer =
+        std::thread::spawn(move || spray(relay, victim, captured, RATE * FLOOD_FACTOR, PHASE + 2 * lead));
     tokio::time::sleep(lead).await;
     let t = Instant::now();
     let flood_sent = send_phase(&client, &target, 2, &mut seq, PHASE).await;
@@ -303,7 +318,9 @@ async fn a_flood_of_garbage_forgeries_and_replays_neither_gets_through_nor_slows
     let delta = |r: DropReason| gw.metrics.drops(r) - before[r.index()];
     let kernel = || gw.metrics.socket_drops.relay.total() - kernel_before;
     let deadline = Instant::now() + WAIT;
-    while FLOOD_REASONS.iter().map(|r| delta(*r)).sum::<u64>() + kernel() < sprayed.total() && Instant::now() < deadline {
+    while FLOOD_REASONS.iter().map(|r| delta(*r)).sum::<u64>() + kernel() < sprayed.total()
+        && Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     counter.abort();
@@ -340,9 +357,21 @@ async fn a_flood_of_garbage_forgeries_and_replays_neither_gets_through_nor_slows
     );
 
     // Nothing forged or replayed was delivered.
-    assert_eq!(seen.strangers.load(Ordering::Relaxed), 0, "a forgery reached the target");
-    assert_eq!(seen.duplicates.load(Ordering::Relaxed), 0, "a replay reached the target");
-    assert_eq!(seen.raw.load(Ordering::Relaxed), u64::from(CAPTURED), "a replay reached the target");
+    assert_eq!(
+        seen.strangers.load(Ordering::Relaxed),
+        0,
+        "a forgery reached the target"
+    );
+    assert_eq!(
+        seen.duplicates.load(Ordering::Relaxed),
+        0,
+        "a replay reached the target"
+    );
+    assert_eq!(
+        seen.raw.load(Ordering::Relaxed),
+        u64::from(CAPTURED),
+        "a replay reached the target"
+    );
     assert!(got(1) <= base_sent && got(2) <= flood_sent);
 
     // The flood really was ten times the stream.
@@ -357,9 +386,21 @@ async fn a_flood_of_garbage_forgeries_and_replays_neither_gets_through_nor_slows
     let rate = |n: u64, secs: f64| n as f64 / secs;
     let kept = rate(got(2), flood_secs) / rate(got(1), base_secs);
     let kept_echo = rate(back(2), flood_secs) / rate(back(1), base_secs);
-    eprintln!("flood: throughput kept {:.1}% at the target, {:.1}% echoed", kept * 100.0, kept_echo * 100.0);
-    assert!(kept >= 0.95, "the stream kept {:.1}% of its throughput at the target", kept * 100.0);
-    assert!(kept_echo >= 0.95, "the stream kept {:.1}% of its echoes", kept_echo * 100.0);
+    eprintln!(
+        "flood: throughput kept {:.1}% at the target, {:.1}% echoed",
+        kept * 100.0,
+        kept_echo * 100.0
+    );
+    assert!(
+        kept >= 0.95,
+        "the stream kept {:.1}% of its throughput at the target",
+        kept * 100.0
+    );
+    assert!(
+        kept_echo >= 0.95,
+        "the stream kept {:.1}% of its echoes",
+        kept_echo * 100.0
+    );
 
     // Every sprayed datagram counted under its reason, nothing under any other.
     let counted: u64 = FLOOD_REASONS.iter().map(|r| delta(*r)).sum();
@@ -368,7 +409,12 @@ async fn a_flood_of_garbage_forgeries_and_replays_neither_gets_through_nor_slows
         .filter(|r| !FLOOD_REASONS.contains(r))
         .map(|r| delta(*r))
         .sum();
-    assert_eq!(others, 0, "drops under other reasons: {}", gw.metrics.drop_summary());
+    assert_eq!(
+        others,
+        0,
+        "drops under other reasons: {}",
+        gw.metrics.drop_summary()
+    );
     if kernel() == 0 {
         let by_class = [
             sprayed.unknown,
@@ -430,7 +476,9 @@ fn sockstat_mem() -> (u64, u64) {
             .find(|l| l.starts_with(proto))
             .and_then(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
-                f.iter().position(|w| *w == "mem").map(|i| f[i + 1].parse().unwrap())
+                f.iter()
+                    .position(|w| *w == "mem")
+                    .map(|i| f[i + 1].parse().unwrap())
             })
             .unwrap_or(0)
     };
@@ -460,41 +508,85 @@ fn raise_nofile(n: u64) {
                 rlim_max: lim.rlim_max,
             };
             assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &soft), 0);
-            assert!(lim.rlim_max >= n, "RLIMIT_NOFILE hard limit {} < {n}", lim.rlim_max);
+            assert!(
+                lim.rlim_max >= n,
+                "RLIMIT_NOFILE hard limit {} < {n}",
+                lim.rlim_max
+            );
         }
     }
 }
 
-/// One idle secure association: TLS control connection, SUDP negotiation, UDP ASSOCIATE.
-/// The control connection keeps it alive; the client never sends a datagram.
-async fn associate(gw: SocketAddr, tls: Arc<rustls::ClientConfig>) -> Control {
+/// A TLS control connection with the SUDP method negotiated: the first half of an idle
+/// secure association.
+async fn negotiated(gw: SocketAddr, tls: Arc<rustls::ClientConfig>) -> Control {
     let opts = sudp::client::ClientOptions::new(gw, "localhost", tls);
     let mut control = connect_tls(&opts).await.unwrap();
     negotiate_sudp(&mut control, &opts).await.unwrap();
-    request(&mut control, Command::UdpAssociate, &Address::Ip("0.0.0.0:0".parse().unwrap()))
-        .await
-        .unwrap();
     control
 }
 
-/// Opens `n` associations, `parallel` at a time.
-async fn open_many(gw: SocketAddr, tls: &Arc<rustls::ClientConfig>, n: usize, parallel: usize, into: &mut Vec<Control>) {
+/// The second half: UDP ASSOCIATE (the gateway binds the association's outbound socket).
+/// The control connection keeps the association alive; the client never sends a datagram.
+async fn associate(mut control: Control) -> Control {
+    request(
+        &mut control,
+        Command::UdpAssociate,
+        &Address::Ip("0.0.0.0:0".parse().unwrap()),
+    )
+    .await
+    .unwrap();
+    control
+}
+
+/// Opens `n` negotiated control connections, `parallel` at a time.
+async fn connect_many(
+    gw: SocketAddr,
+    tls: &Arc<rustls::ClientConfig>,
+    n: usize,
+    parallel: usize,
+    into: &mut Vec<Control>,
+) {
     let mut left = n;
     while left > 0 {
         let batch = left.min(parallel);
         let tasks: Vec<_> = (0..batch)
-            .map(|_| tokio::spawn(tokio::time::timeout(WAIT, associate(gw, tls.clone()))))
+            .map(|_| tokio::spawn(tokio::time::timeout(WAIT, negotiated(gw, tls.clone()))))
             .collect();
         for t in tasks {
-            into.push(t.await.unwrap().expect("association opened in time"));
+            into.push(t.await.unwrap().expect("connection negotiated in time"));
         }
         left -= batch;
     }
 }
 
+/// Sends UDP ASSOCIATE on every connection of `controls`, `parallel` at a time.
+async fn associate_all(controls: Vec<Control>, parallel: usize) -> Vec<Control> {
+    let mut out = Vec::with_capacity(controls.len());
+    let mut it = controls.into_iter().peekable();
+    while it.peek().is_some() {
+        let tasks: Vec<_> = it
+            .by_ref()
+            .take(parallel)
+            .map(|c| tokio::spawn(tokio::time::timeout(WAIT, associate(c))))
+            .collect();
+        for t in tasks {
+            out.push(t.await.unwrap().expect("associated in time"));
+        }
+    }
+    out
+}
+
 /// Gateway-side kernel objects of one secure association: the accepted TCP socket and the
 /// dual-stack outbound UDP socket, each with its inode, file and epoll registration.
-const KERNEL_CACHES: [&str; 6] = ["TCP", "UDPv6", "sock_inode_cache", "filp", "eventpoll_epi", "dentry"];
+const KERNEL_CACHES: [&str; 6] = [
+    "TCP",
+    "UDPv6",
+    "sock_inode_cache",
+    "filp",
+    "eventpoll_epi",
+    "dentry",
+];
 
 /// Per-association figures of the gateway binary holding `n` idle secure associations.
 struct IdleFigures {
@@ -527,15 +619,20 @@ async fn idle_associations(n: usize) -> IdleFigures {
     );
     let pid = gw.child.id();
     let tls = client_tls(&pki, false);
-    let mut held = Vec::with_capacity(n + WARM);
+    let mut held = Vec::with_capacity(WARM);
     // Warm-up: first-use allocations (runtime, TLS and session caches) are not per-association.
-    open_many(gw.control, &tls, WARM, 16, &mut held).await;
+    connect_many(gw.control, &tls, WARM, 16, &mut held).await;
+    let mut held = associate_all(held, 16).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss0 = status_kib(pid, "VmRSS:");
     let slab0 = slabs(&KERNEL_CACHES);
     let mem0 = sockstat_mem();
     let t = Instant::now();
-    open_many(gw.control, &tls, n, 64, &mut held).await;
+    let mut fresh = Vec::with_capacity(n);
+    connect_many(gw.control, &tls, n, 64, &mut fresh).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_mid = status_kib(pid, "VmRSS:");
+    held.extend(associate_all(fresh, 64).await);
     let opened = t.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss1 = status_kib(pid, "VmRSS:");
@@ -545,6 +642,11 @@ async fn idle_associations(n: usize) -> IdleFigures {
     assert!(gw.child.try_wait().unwrap().is_none(), "the gateway exited");
 
     let rss_per_assoc = (rss1.saturating_sub(rss0) * 1024) as f64 / n as f64;
+    eprintln!(
+        "idle: of which the negotiated TLS control connection {:.0} B, UDP ASSOCIATE (outbound socket, reply task, keys) {:.0} B",
+        (rss_mid.saturating_sub(rss0) * 1024) as f64 / n as f64,
+        (rss1.saturating_sub(rss_mid) * 1024) as f64 / n as f64
+    );
     eprintln!(
         "idle: {n} associations opened in {:.1}s; gateway VmRSS {rss0} -> {rss1} KiB (peak {hwm} KiB): {rss_per_assoc:.0} B per association",
         opened.as_secs_f64()
@@ -567,7 +669,9 @@ async fn idle_associations(n: usize) -> IdleFigures {
                     _ => 2 * size,
                 };
             }
-            eprintln!("idle: kernel objects per association on the gateway side: {model} B (model from slab sizes)");
+            eprintln!(
+                "idle: kernel objects per association on the gateway side: {model} B (model from slab sizes)"
+            );
             Some(model as f64)
         }
         _ => {
