@@ -495,3 +495,93 @@ async fn association_limit_answers_general_failure_and_frees_on_close() {
     }
     gw.stop().await;
 }
+
+/// PROTOCOL.md §2.2: no offered suite the gateway allows gets NO_SUITE (0x02), then the
+/// gateway closes; the library client reports `NoSuite`.
+#[tokio::test]
+async fn no_common_suite_gets_no_suite_and_the_connection_closes() {
+    use sudp::proto::CipherSuite;
+    let pki = pki();
+    let mut s = settings(&pki);
+    s.suites = vec![CipherSuite::Aes256CbcHmacSha256];
+    let gw = TestGateway::start(s).await;
+    // Raw: greeting and a hello offering suite 0x01 only, without credentials.
+    let mut c = connect_tls(&gw.options(&pki)).await.unwrap();
+    c.write_all(&[5, 1, 0x80, 0x01, 1, 0x01, 0]).await.unwrap();
+    let mut reply = [0u8; 2 + 11];
+    tokio::time::timeout(WAIT, c.read_exact(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&reply[..2], &[5, 0x80], "method 0x80 selected");
+    assert_eq!(
+        &reply[2..],
+        &[1, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        "NO_SUITE, suite 0, id 0"
+    );
+    let mut rest = [0u8; 16];
+    let n = tokio::time::timeout(WAIT, c.read(&mut rest))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the gateway closes after the refusal");
+    // The library client says so.
+    let mut opts = gw.options(&pki);
+    opts.suites = vec![CipherSuite::Aes128CbcHmacSha256];
+    let err = SecureUdp::connect(&opts).await.err().expect("refused");
+    assert!(matches!(err, ClientError::NoSuite), "{err}");
+    gw.stop().await;
+}
+
+/// PROTOCOL.md §2.2: a malformed SudpHello (NSUITES = 0) gets no reply: the gateway closes.
+#[tokio::test]
+async fn a_malformed_hello_is_closed_without_a_reply() {
+    let pki = pki();
+    let gw = TestGateway::start(settings(&pki)).await;
+    for hello in [
+        &[1u8, 0, 0][..],
+        &[2, 1, 1, 0],
+        &[1, 17, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0],
+    ] {
+        let mut c = connect_tls(&gw.options(&pki)).await.unwrap();
+        let mut msg = vec![5, 1, 0x80];
+        msg.extend_from_slice(hello);
+        c.write_all(&msg).await.unwrap();
+        let mut sel = [0u8; 2];
+        tokio::time::timeout(WAIT, c.read_exact(&mut sel))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(sel, [5, 0x80]);
+        let mut rest = [0u8; 16];
+        let n = tokio::time::timeout(WAIT, c.read(&mut rest))
+            .await
+            .unwrap()
+            .unwrap_or(0);
+        assert_eq!(n, 0, "hello {hello:?}: no SudpAccept, the connection closes");
+    }
+    gw.stop().await;
+}
+
+/// PROTOCOL.md §5/§11: a secure association never accepts naked datagrams (no downgrade):
+/// a naked datagram from the secure client's own socket is refused, nothing forwarded.
+#[tokio::test]
+async fn a_secure_association_never_accepts_naked_datagrams() {
+    let pki = pki();
+    let gw = TestGateway::start(settings(&pki)).await;
+    let echo = udp_echo().await;
+    let raw = raw_secure(&gw, &pki).await;
+    let mut d = vec![0u8; 64];
+    let n = socks::encode_udp_header(&Address::Ip(echo).as_ref(), &mut d).unwrap();
+    d[n..n + 5].copy_from_slice(b"naked");
+    raw.socket.send_to(&d[..n + 5], raw.relay).await.unwrap();
+    eventually(|| gw.metrics.drops(DropReason::ForeignSource) == 1).await;
+    assert_eq!(gw.metrics.forwarded.load(Ordering::Relaxed), 0);
+    let mut buf = [0u8; 64];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), raw.socket.recv_from(&mut buf))
+            .await
+            .is_err()
+    );
+    gw.stop().await;
+}
