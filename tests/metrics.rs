@@ -67,10 +67,20 @@ async fn counters_move_as_the_stream_and_a_replay_say() {
         return;
     }
     let pki = pki();
+    let audit_dir = common::TempDir::new("audit");
+    let audit = audit_dir.path().join("audit.jsonl");
     let gw = GatewayProcess::start(
         &pki,
         "gw-metrics",
-        &["--no-auth", "--allow", "127.0.0.0/8", "--metrics", "127.0.0.1:0"],
+        &[
+            "--no-auth",
+            "--allow",
+            "127.0.0.0/8",
+            "--metrics",
+            "127.0.0.1:0",
+            "--audit-log",
+            audit.to_str().unwrap(),
+        ],
     );
     let metrics = gw.metrics.unwrap();
     let echo = udp_echo().await;
@@ -199,6 +209,32 @@ async fn counters_move_as_the_stream_and_a_replay_say() {
         line.contains("duration_ms=") && line.contains("source=127.0.0.1:"),
         "{line}"
     );
+    // The audit log holds the same figures, as one JSON line (what a SIEM ingests).
+    let deadline = std::time::Instant::now() + WAIT;
+    let text = loop {
+        let text = std::fs::read_to_string(&audit).unwrap_or_default();
+        if text.ends_with('\n') {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "no audit line");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(text.lines().count(), 1, "{text}");
+    let v: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+    assert_eq!(v["event"], "association_end", "{v}");
+    assert_eq!(v["user"], "anonymous", "{v}");
+    assert_eq!(v["method"], "none", "{v}");
+    assert_eq!(v["secure"], true, "{v}");
+    assert_eq!(v["datagrams_up"], N as u64, "{v}");
+    assert_eq!(v["bytes_up"], (N * 100) as u64, "{v}");
+    assert_eq!(v["datagrams_down"], N as u64, "{v}");
+    assert_eq!(v["bytes_down"], (N * 100) as u64, "{v}");
+    assert_eq!(v["targets"], serde_json::json!([echo.to_string()]), "{v}");
+    assert!(
+        v["reason"].as_str().unwrap().starts_with("control connection"),
+        "{v}"
+    );
+    assert!(v["source"].as_str().unwrap().starts_with("127.0.0.1:"), "{v}");
     // The health check, as a load balancer sees it.
     let out = std::process::Command::new("curl")
         .args([

@@ -168,6 +168,12 @@ pub struct GatewayArgs {
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
 
+    /// Append one JSON line per ended CONNECT tunnel and UDP association (user, method,
+    /// source, targets, bytes and datagrams each way, duration, reason) to this file
+    /// [default: off].
+    #[arg(long, value_name = "FILE")]
+    pub audit_log: Option<PathBuf>,
+
     /// Receive buffer asked of the kernel for each relay socket, e.g. 4MiB (it grants at most
     /// net.core.rmem_max) [default: 4MiB].
     #[arg(long, value_name = "SIZE", value_parser = super::parse_size)]
@@ -276,6 +282,8 @@ pub struct GatewayConfig {
     pub udp_buffer: usize,
     /// Where to serve `/metrics` and `/healthz`, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// The audit log (JSON lines), if any.
+    pub audit_log: Option<PathBuf>,
     /// The shared session store; `None`: in-process only.
     pub store: Option<StoreUrl>,
     /// The cluster's name (namespace in the store).
@@ -367,6 +375,7 @@ struct GatewayFile {
     /// A size string such as "4MiB" or a number of bytes, hence a raw value.
     udp_buffer: Option<toml::Value>,
     metrics: Option<String>,
+    audit_log: Option<PathBuf>,
     store: Option<String>,
     cluster: Option<String>,
     cluster_key: Option<PathBuf>,
@@ -592,6 +601,7 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
         metrics: args
             .metrics
             .or(file_value(&o, "metrics", file.metrics, parse_socket_addr)?),
+        audit_log: o.path(args.audit_log, file.audit_log),
         store,
         cluster,
         cluster_key,

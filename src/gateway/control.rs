@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 
+use crate::audit;
 use crate::auth::{Credentials, Identity, Method as AuthMethodKind, Verdict};
 use crate::gateway::relay::AssocError;
 use crate::gateway::Shared;
@@ -130,6 +131,16 @@ impl Session {
     fn set_identity(&mut self, identity: Identity) {
         self.user = Some(identity.qualified());
         self.identity = Some(identity);
+    }
+
+    /// For the audit log: the qualified name as is (JSON escapes it), or `anonymous`.
+    fn audit_user(&self) -> String {
+        self.user.clone().unwrap_or_else(|| "anonymous".to_owned())
+    }
+
+    /// For the audit log: how the client authenticated.
+    fn audit_method(&self) -> &'static str {
+        self.identity.as_ref().map_or("none", |i| i.method().name())
     }
 
     /// For logs: the escaped qualified name, or `anonymous`.
@@ -468,6 +479,17 @@ async fn connect(
         error = error.as_ref().map(tracing::field::display),
         "CONNECT ended"
     );
+    shared.settings.audit.write(&audit::Event::ConnectEnd {
+        user: session.audit_user(),
+        method: session.audit_method().to_owned(),
+        source: peer.to_string(),
+        target,
+        remote: remote.to_string(),
+        bytes_up: up.load(Ordering::Relaxed),
+        bytes_down: down.load(Ordering::Relaxed),
+        duration_ms: activity.start.elapsed().as_millis() as u64,
+        reason: reason.as_str().to_owned(),
+    });
     Ok(())
 }
 
@@ -691,6 +713,20 @@ async fn udp_associate(
         reason = %why,
         "UDP association closed"
     );
+    shared.settings.audit.write(&audit::Event::AssociationEnd {
+        user: session.audit_user(),
+        method: session.audit_method().to_owned(),
+        source: peer.to_string(),
+        assoc: handle.id().to_string(),
+        secure: session.secure.is_some(),
+        targets: handle.destination_list(),
+        datagrams_up: stats.datagrams_up.load(Ordering::Relaxed),
+        bytes_up: stats.bytes_up.load(Ordering::Relaxed),
+        datagrams_down: stats.datagrams_down.load(Ordering::Relaxed),
+        bytes_down: stats.bytes_down.load(Ordering::Relaxed),
+        duration_ms: opened_at.elapsed().as_millis() as u64,
+        reason: why.clone(),
+    });
     drop(handle);
     Ok(())
 }

@@ -24,6 +24,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::audit::AuditLog;
 use crate::auth::{AuthLimits, Authenticator, Backend, Certificates, ReloadableUsers, Users};
 use crate::config::{Auth, GatewayConfig, ResumptionMode};
 use crate::metrics::{GaugeGuard, Metrics};
@@ -96,6 +97,8 @@ pub struct Settings {
     pub workers: usize,
     /// Where to serve `/metrics` and `/healthz` over HTTP, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// Where audit lines go (one per ended tunnel and association); disabled by default.
+    pub audit: AuditLog,
     /// Receive buffer asked for each relay socket, in bytes (the kernel may grant less; see
     /// `net.core.rmem_max`).
     pub udp_buffer: usize,
@@ -147,6 +150,7 @@ impl Settings {
             heartbeat: DEFAULT_HEARTBEAT,
             udp_buffer: crate::net::UDP_BUFFER,
             metrics: None,
+            audit: AuditLog::disabled(),
             resolver: Arc::new(SystemResolve),
             store: Arc::new(MemoryStore::default()),
         }
@@ -165,6 +169,7 @@ impl Settings {
         store: Option<Arc<dyn SessionStore>>,
     ) -> anyhow::Result<Settings> {
         use anyhow::Context as _;
+        let store_given = store.is_some();
         // Each error names the key (and flag) that named the file, then the file's problem.
         let client_ca = match cfg.auth.client_ca() {
             Some(p) => Some(crate::tls::load_certs(p).context("`client_ca` (--client-ca)")?),
@@ -243,6 +248,12 @@ impl Settings {
             heartbeat: cfg.heartbeat,
             udp_buffer: cfg.udp_buffer,
             metrics: cfg.metrics,
+            // A reload (a store handed over) keeps the running audit log: reopening it is
+            // the reload's business, not a second writer's.
+            audit: match store_given {
+                false => AuditLog::from_option(cfg.audit_log.as_deref())?,
+                true => AuditLog::disabled(),
+            },
             resolver: Arc::new(SystemResolve),
             store,
         })

@@ -268,6 +268,14 @@ impl AssociationHandle {
         self.assoc.peers.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
+    /// The distinct destinations so far (bounded like the set itself), sorted.
+    pub fn destination_list(&self) -> Vec<String> {
+        let peers = self.assoc.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut list: Vec<SocketAddr> = peers.iter().copied().collect();
+        list.sort();
+        list.into_iter().map(|a| a.to_string()).collect()
+    }
+
     /// Whether replies currently travel inside TLS.
     pub fn via_tls(&self) -> bool {
         self.assoc.via_tls.load(Ordering::Relaxed)

@@ -157,6 +157,10 @@ impl Reloader {
         }
         let new =
             Settings::from_config_in(cfg, Some(shared.settings.store.clone())).map_err(ReloadError::Load)?;
+        // logrotate moved the audit log: carry on in a fresh file of the same name.
+        if let Err(e) = shared.settings.audit.reopen() {
+            tracing::error!(error = %e, "SIGHUP: could not reopen the audit log; still writing the old file");
+        }
 
         let mut changes = String::new();
         let sep = |out: &mut String| {
@@ -272,6 +276,7 @@ fn restart_only_changes(old: &GatewayConfig, new: &GatewayConfig) -> Vec<&'stati
         }
     };
     check("listen", old.listen != new.listen);
+    check("audit_log", old.audit_log != new.audit_log);
     check("udp_listen", old.udp_listen != new.udp_listen);
     check("advertise", old.advertise != new.advertise);
     check("full_cone", old.full_cone != new.full_cone);
