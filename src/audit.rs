@@ -78,6 +78,9 @@ pub enum Event {
         bytes_down: u64,
         /// How long the association lived.
         duration_ms: u64,
+        /// Its epoch on this connection (0, or the epoch of its latest re-attach); a moved
+        /// association has one line per epoch, each with that epoch's figures.
+        epoch: u32,
         /// Why it ended.
         reason: String,
     },
@@ -338,6 +341,7 @@ mod tests {
             datagrams_down: 0,
             bytes_down: 0,
             duration_ms: 0,
+            epoch: 0,
             reason: "eof".into(),
         });
         assert_eq!((log.dropped(), log.failed()), (0, 0));

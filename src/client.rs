@@ -39,7 +39,7 @@ use crate::metrics::Metrics;
 use crate::net::batch::{stretches, BatchSocket, RecvBatch, RUN};
 use crate::net::channel::{Channel, ChannelError, Event, FrameSender, Heartbeat};
 use crate::net::{canonical, DATAGRAM_BUF};
-use crate::proto::frame::feature;
+use crate::proto::frame::{feature, Frame, RefuseReason};
 use crate::proto::path::ControlMessage;
 use crate::proto::path::TOKEN_LEN;
 use crate::proto::record::{record_len, PREFIX_LEN};
@@ -537,6 +537,10 @@ pub struct SecureUdp {
     recv: Mutex<RecvSession>,
     assoc: AssociationId,
     suite: CipherSuite,
+    /// 0, or the epoch this connection re-attached the association under.
+    epoch: u32,
+    /// Why the gateway refused the re-attach asked for, if it did.
+    reattach_refused: Option<RefuseReason>,
     relay: SocketAddr,
     control: JoinHandle<()>,
     closed: tokio::sync::watch::Receiver<bool>,
@@ -586,12 +590,29 @@ pub const RECORD_BUF: usize = DATAGRAM_BUF;
 impl SecureUdp {
     /// Connects, negotiates, associates and derives keys.
     pub async fn connect(opts: &ClientOptions) -> Result<SecureUdp, ClientError> {
-        tokio::time::timeout(opts.timeout, Self::connect_inner(opts))
+        Self::connect_reattach(opts, None).await
+    }
+
+    /// [`SecureUdp::connect`], then, with `previous` (the id and suite of an association
+    /// this identity opened on an earlier control connection, e.g. [`SecureUdp::resume_token`]
+    /// of one that was lost), asks the gateway to re-attach that association to the new
+    /// connection (PROTOCOL.md §2.4 REATTACH): on success the result carries the old id
+    /// under the keys of its new epoch ([`SecureUdp::epoch`]). A gateway that refuses (or
+    /// does not speak REATTACH) leaves the association the connection opened, with a new
+    /// id: [`SecureUdp::reattach_refused`] says why.
+    pub async fn connect_reattach(
+        opts: &ClientOptions,
+        previous: Option<(AssociationId, CipherSuite)>,
+    ) -> Result<SecureUdp, ClientError> {
+        tokio::time::timeout(opts.timeout, Self::connect_inner(opts, previous))
             .await
             .map_err(|_| ClientError::Timeout)?
     }
 
-    async fn connect_inner(opts: &ClientOptions) -> Result<SecureUdp, ClientError> {
+    async fn connect_inner(
+        opts: &ClientOptions,
+        previous: Option<(AssociationId, CipherSuite)>,
+    ) -> Result<SecureUdp, ClientError> {
         let mut control = connect_tls(opts).await?;
         // A TLS 1.3 server's verdict on our certificate arrives with its first reply.
         let (suite, assoc) = negotiate_sudp(&mut control, opts)
@@ -624,16 +645,34 @@ impl SecureUdp {
         socket.connect(relay).await?;
         let (closed_tx, closed) = tokio::sync::watch::channel(false);
         let why_closed = Arc::new(Mutex::new(None));
-        let mut send = SendSession::new(assoc, &keys, Role::Client);
-        let mut recv = RecvSession::new(assoc, &keys, Role::Client, opts.replay_window);
         // The association lives as long as the control connection, which carries frames
         // (PROTOCOL.md §2.4): the heartbeat both ways, the gateway's CLOSE, and records
         // when UDP is blocked. A gateway that closes the connection, sends CLOSE, or falls
         // silent ends the association.
-        let channel = Channel::open(control, opts.heartbeat, &[feature::RECORDS]);
+        let mut channel = Channel::open(control, opts.heartbeat, &[feature::RECORDS, feature::REATTACH]);
         let sender = channel.sender();
         let (hello_tx, mut hello) = tokio::sync::watch::channel(None);
         let (inbound_tx, inbound) = tokio::sync::mpsc::channel(TLS_INBOUND);
+        let (mut assoc, mut suite, mut keys, mut assoc_epoch, mut reattach_refused) =
+            (assoc, suite, keys, 0, None);
+        if let Some((old, old_suite)) = previous {
+            let port = socket.local_addr()?.port();
+            match reattach_on(&mut channel, old, port, &inbound_tx).await? {
+                Reattach::Done(e) => {
+                    keys = channel
+                        .with_stream(|c| crate::tls::export_epoch_keys(c.get_ref().1, old, old_suite, e))
+                        .map_err(|e| ClientError::Keys(e.to_string()))?;
+                    (assoc, suite, assoc_epoch) = (old, old_suite, e);
+                }
+                Reattach::Refused(r) => reattach_refused = Some(r),
+            }
+            if let Some(h) = channel.peer() {
+                let _ = hello_tx.send(Some(h.has(feature::RECORDS)));
+            }
+        }
+        let mut send = SendSession::new(assoc, &keys, Role::Client);
+        let mut recv = RecvSession::new(assoc, &keys, Role::Client, opts.replay_window);
+        drop(keys);
         let control = tokio::spawn(watch_control(
             channel,
             assoc,
@@ -685,6 +724,8 @@ impl SecureUdp {
             recv: Mutex::new(recv),
             assoc,
             suite,
+            epoch: assoc_epoch,
+            reattach_refused,
             relay,
             control,
             closed,
@@ -784,6 +825,24 @@ impl SecureUdp {
     /// The negotiated suite.
     pub fn suite(&self) -> CipherSuite {
         self.suite
+    }
+
+    /// The association's epoch on this connection: 0 when it was opened here, else the
+    /// epoch of the re-attach (PROTOCOL.md §3.1).
+    pub fn epoch(&self) -> u32 {
+        self.epoch
+    }
+
+    /// What a later connection needs to re-attach this association
+    /// ([`SecureUdp::connect_reattach`]).
+    pub fn resume_token(&self) -> (AssociationId, CipherSuite) {
+        (self.assoc, self.suite)
+    }
+
+    /// Why the gateway refused the re-attach this connection asked for, if it did (the
+    /// association is then a new one).
+    pub fn reattach_refused(&self) -> Option<RefuseReason> {
+        self.reattach_refused
     }
 
     /// The gateway's relay address.
@@ -1154,6 +1213,52 @@ async fn first_probe(socket: &tokio::net::UdpSocket, send: &mut SendSession, rec
     false
 }
 
+/// What a REATTACH got.
+enum Reattach {
+    /// Re-attached under this epoch.
+    Done(u32),
+    /// Refused (or not spoken by the gateway): the connection's own association stays.
+    Refused(RefuseReason),
+}
+
+/// Waits for the gateway's HELLO, sends REATTACH for `old` if the gateway speaks it, and
+/// waits for the answer. Records that arrive meanwhile go to `inbound`.
+async fn reattach_on(
+    channel: &mut Channel<Control>,
+    old: AssociationId,
+    port: u16,
+    inbound: &tokio::sync::mpsc::Sender<Vec<u8>>,
+) -> Result<Reattach, ClientError> {
+    let mut asked = false;
+    loop {
+        if !asked {
+            if let Some(h) = channel.peer() {
+                if !h.has(feature::REATTACH) {
+                    return Ok(Reattach::Refused(RefuseReason::Other(0)));
+                }
+                channel
+                    .send(&Frame::Reattach { assoc: old, port })
+                    .map_err(|e| ClientError::Io(io::Error::other(e.to_string())))?;
+                asked = true;
+            }
+        }
+        match channel.next().await {
+            Ok(Event::Hello(_)) => {}
+            Ok(Event::Reattached { assoc, epoch }) if assoc == old && asked => {
+                return Ok(Reattach::Done(epoch))
+            }
+            Ok(Event::ReattachRefused { assoc, reason }) if assoc == old && asked => {
+                return Ok(Reattach::Refused(reason))
+            }
+            Ok(Event::Record(r)) => {
+                let _ = inbound.try_send(r);
+            }
+            Ok(_) => {}
+            Err(e) => return Err(ClientError::Io(io::Error::other(e.to_string()))),
+        }
+    }
+}
+
 /// Runs the client's side of the control channel until the association ends; records why.
 /// Tells whether the gateway speaks RECORD frames (`hello`), and hands the records it sends
 /// inside TLS to the receive path (`inbound`; what does not fit is counted).
@@ -1179,7 +1284,12 @@ async fn watch_control(
             Ok(Event::Close { assoc: a, reason }) if a == assoc => {
                 break format!("the gateway closed the association: {}", reason.describe());
             }
-            Ok(Event::Close { .. }) => {}
+            Ok(
+                Event::Close { .. }
+                | Event::Reattach { .. }
+                | Event::Reattached { .. }
+                | Event::ReattachRefused { .. },
+            ) => {}
             Err(ChannelError::Closed) => break "the gateway closed the control connection".to_owned(),
             Err(e) => break e.to_string(),
         }

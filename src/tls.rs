@@ -596,6 +596,22 @@ pub fn export_keys(
     Ok(KeySchedule::from_exporter(suite, &material).expect("exporter output of the suite's length"))
 }
 
+/// [`export_keys`] for epoch `epoch` of a re-attached association (context
+/// [`KeySchedule::epoch_context`]; epoch 0 is `export_keys` itself).
+pub fn export_epoch_keys(
+    conn: &impl ExportKeyingMaterial,
+    assoc: AssociationId,
+    suite: CipherSuite,
+    epoch: u32,
+) -> Result<KeySchedule, TlsError> {
+    let mut material = Zeroizing::new(vec![0u8; suite.exporter_len()]);
+    let context = KeySchedule::epoch_context(assoc, suite, epoch);
+    conn.export_material(&mut material, EXPORTER_LABEL, &context)
+        .map_err(TlsError::Export)?;
+    // Invariant: as in `export_keys`.
+    Ok(KeySchedule::from_exporter(suite, &material).expect("exporter output of the suite's length"))
+}
+
 /// The identity in the client's certificate, if it presented one: the first DNS or URI
 /// subject alternative name, else the subject's common name.
 ///

@@ -25,12 +25,13 @@ use tokio_rustls::server::TlsStream;
 
 use crate::audit;
 use crate::auth::{Credentials, Identity, Method as AuthMethodKind, Verdict};
+use crate::gateway::moves;
 use crate::gateway::relay::AssocError;
 use crate::gateway::Shared;
 use crate::logsafe::Peer;
 use crate::net::canonical;
 use crate::net::channel::{Channel, ChannelError, Event};
-use crate::proto::frame::{feature, CloseReason, Frame};
+use crate::proto::frame::{feature, CloseReason, Frame, RefuseReason};
 use crate::proto::socks::{self, choose_suite, method, sudp_status, SudpAccept, SudpHello};
 use crate::proto::{AssociationId, KeySchedule, SocksError};
 
@@ -598,6 +599,50 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     }
 }
 
+/// Serves a REATTACH (PROTOCOL.md §2.4): claims association `assoc` in the store for the
+/// identity this connection authenticated, derives the keys of its new epoch from this
+/// connection's exporter (§3.1), and opens it in the relay in place of any copy this node
+/// still serves. The caller swaps it in for the association the connection opened.
+async fn reattach(
+    shared: &Shared,
+    channel: &Channel<Tls>,
+    session: &Session,
+    peer: SocketAddr,
+    assoc: AssociationId,
+    port: u16,
+    ttl: Duration,
+) -> Result<(crate::gateway::relay::AssociationHandle, moves::Held), RefuseReason> {
+    let owner = session.user.as_deref().ok_or(RefuseReason::Anonymous)?;
+    let store = &*shared.settings.store;
+    let held = moves::Held::claim(store, assoc, owner, moves::node_id(), ttl).await?;
+    let (suite, epoch) = (held.record.suite, held.record.epoch);
+    let keys = channel
+        .with_stream(|s| crate::tls::export_epoch_keys(s.get_ref().1, assoc, suite, epoch))
+        .map_err(|e| {
+            tracing::warn!(%peer, assoc = %assoc, error = %e, "re-attach: no keys from the exporter");
+            RefuseReason::Busy
+        })?;
+    let relay = &shared.relay;
+    let here = relay.supersede(assoc);
+    let port = (port != 0).then_some(port);
+    let handle = relay
+        .open_secure(assoc, &keys, peer.ip(), port, session.user.clone())
+        .map_err(|e| {
+            tracing::warn!(%peer, assoc = %assoc, error = %e, "re-attach: cannot open the association");
+            RefuseReason::Busy
+        })?;
+    shared.metrics.reattached.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(
+        %peer,
+        assoc = %assoc,
+        user = %session.who(),
+        epoch,
+        from = if here { "this node" } else { "another node or an ended connection" },
+        "association re-attached"
+    );
+    Ok((handle, held))
+}
+
 async fn udp_associate(
     shared: &Shared,
     proto: Socks5ServerProtocol<Tls, fast_socks5::server::states::CommandRead>,
@@ -617,7 +662,7 @@ async fn udp_associate(
         Some((id, keys)) => relay.open_secure(*id, keys, peer.ip(), port, session.user.clone()),
         None => relay.open_naked(peer.ip(), port, session.user.clone()),
     };
-    let handle = match opened {
+    let mut handle = match opened {
         Ok(h) => h,
         // `naked_require_port`: a rule refuses it, RFC 1928's 0x02.
         Err(AssocError::PortRequired) => return refuse(proto, Refusal::Policy).await,
@@ -637,10 +682,28 @@ async fn udp_associate(
 
     let idle = shared.settings.idle_timeout;
     let mut tick = tokio::time::interval(idle.min(Duration::from_secs(1)).max(Duration::from_millis(50)));
+    let mut epoch = 0u32;
     // Why the association ends: the CLOSE reason told to a framing client, and a log text.
-    let why: (Option<CloseReason>, String) = if session.secure.is_some() {
+    let why: (Option<CloseReason>, String) = if let Some((_, keys)) = &session.secure {
+        let store = shared.settings.store.clone();
+        let ttl = moves::record_ttl(idle);
+        // An association with an owner has a record in the store, so that the owner can
+        // re-attach it to another connection, here or on another node (PROTOCOL.md §2.4).
+        let mut held = match &session.user {
+            Some(owner) => {
+                let record = moves::AssocRecord::new(keys.c2g.suite(), moves::node_id(), owner);
+                moves::Held::announce(&*store, handle.id(), record, ttl).await
+            }
+            None => None,
+        };
+        let mut reattached = false;
+        let mut last_check = std::time::Instant::now();
         // A secure association's control connection carries frames (PROTOCOL.md §2.4).
-        let mut channel = Channel::open(stream, shared.settings.heartbeat, &[feature::RECORDS]);
+        let mut channel = Channel::open(
+            stream,
+            shared.settings.heartbeat,
+            &[feature::RECORDS, feature::REATTACH],
+        );
         handle.attach_tls(channel.sender());
         let why = loop {
             tokio::select! {
@@ -648,23 +711,75 @@ async fn udp_associate(
                     Ok(Event::Hello(h)) => {
                         tracing::debug!(%peer, assoc = %handle.id(), version = h.version, ping_ms = h.ping_interval_ms, "control channel: client hello");
                     }
-                    // Only the gateway ends associations with CLOSE; one from a client is ignored.
-                    Ok(Event::Close { .. }) => {}
+                    Ok(Event::Reattach { assoc, port }) => {
+                        let claimed = if reattached {
+                            Err(RefuseReason::AlreadyAttached)
+                        } else {
+                            reattach(shared, &channel, &session, peer, assoc, port, ttl).await
+                        };
+                        match claimed {
+                            Ok((new, new_held)) => {
+                                // The association this connection opened gives way to the
+                                // re-attached one, whose id the client keeps.
+                                if let Some(h) = held.take() {
+                                    h.release(&*store).await;
+                                }
+                                epoch = new_held.record.epoch;
+                                held = Some(new_held);
+                                handle = new;
+                                handle.attach_tls(channel.sender());
+                                reattached = true;
+                                let _ = channel.send(&Frame::Reattached { assoc, epoch });
+                            }
+                            Err(reason) => {
+                                shared.metrics.count_reattach_refused(reason);
+                                tracing::info!(%peer, assoc = %assoc, user = %session.who(), reason = reason.name(), "re-attach refused");
+                                let _ = channel.send(&Frame::ReattachRefused { assoc, reason });
+                            }
+                        }
+                    }
+                    // Only the gateway ends associations with CLOSE and answers re-attaches;
+                    // such frames from a client are ignored.
+                    Ok(Event::Close { .. } | Event::Reattached { .. } | Event::ReattachRefused { .. }) => {}
                     Ok(Event::Record(mut record)) => handle.receive_tls_record(&mut record),
                     Err(ChannelError::Closed) => break (None, "control connection closed".to_owned()),
                     Err(e) => break (None, e.to_string()),
                 },
                 _ = tick.tick() => {
+                    if handle.is_superseded() {
+                        break (Some(CloseReason::Moved), "re-attached to another connection".to_owned());
+                    }
                     if handle.idle_for() >= idle {
                         break (Some(CloseReason::Idle), "idle timeout".to_owned());
                     }
                     if handle.is_dead() {
                         break (Some(CloseReason::KeyExhausted), "sending key exhausted".to_owned());
                     }
+                    if let Some(h) = held.as_mut().filter(|_| last_check.elapsed() >= moves::CHECK_EVERY) {
+                        last_check = std::time::Instant::now();
+                        if h.check(&*store).await == moves::Standing::Moved {
+                            // Another node re-attached it: this copy ends (its client
+                            // moved on; records of our epoch fail there).
+                            held = None;
+                            shared.metrics.moved_away.fetch_add(1, Ordering::Relaxed);
+                            break (Some(CloseReason::Moved), "re-attached on another node".to_owned());
+                        }
+                    }
                 }
                 _ = shutdown.changed() => break (Some(CloseReason::Shutdown), "gateway shutting down".to_owned()),
             }
         };
+        if handle.is_superseded() {
+            shared.metrics.moved_away.fetch_add(1, Ordering::Relaxed);
+            held = None;
+        }
+        // The record goes with an association that ended for good; one whose connection
+        // broke stays (until its TTL) so that its owner can re-attach it.
+        if matches!(why.0, Some(CloseReason::Idle | CloseReason::KeyExhausted)) {
+            if let Some(h) = &held {
+                h.release(&*store).await;
+            }
+        }
         if let Some(reason) = why.0 {
             let _ = channel.send(&Frame::Close {
                 assoc: handle.id(),
@@ -710,6 +825,7 @@ async fn udp_associate(
         datagrams_down = stats.datagrams_down.load(Ordering::Relaxed),
         bytes_down = stats.bytes_down.load(Ordering::Relaxed),
         duration_ms = opened_at.elapsed().as_millis() as u64,
+        epoch,
         reason = %why,
         "UDP association closed"
     );
@@ -725,6 +841,7 @@ async fn udp_associate(
         datagrams_down: stats.datagrams_down.load(Ordering::Relaxed),
         bytes_down: stats.bytes_down.load(Ordering::Relaxed),
         duration_ms: opened_at.elapsed().as_millis() as u64,
+        epoch,
         reason: why.clone(),
     });
     drop(handle);

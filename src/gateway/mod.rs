@@ -6,6 +6,7 @@
 //! accepting, closes every association and waits (bounded) for connections to drain.
 
 pub mod control;
+mod moves;
 pub mod relay;
 mod reload;
 

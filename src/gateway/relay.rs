@@ -121,6 +121,9 @@ pub struct Relay {
 /// One association (naked or secure).
 pub struct Association {
     id: AssociationId,
+    /// Unique for the life of the process (ids are not: a re-attached association reuses
+    /// one), for caches that must never mistake a successor for its predecessor.
+    serial: u64,
     user: Option<String>,
     client_ip: IpAddr,
     /// Where replies go: naked, the client's port once known; secure, the path its
@@ -141,6 +144,9 @@ pub struct Association {
     via_tls: AtomicBool,
     /// What the association carried, for its end line.
     stats: AssocStats,
+    /// Another control connection re-attached this association's id
+    /// ([`Relay::supersede`]): it is out of the tables, and its task ends it.
+    superseded: AtomicBool,
 }
 
 /// Datagrams and payload bytes one association carried each way (relaxed counters,
@@ -218,20 +224,26 @@ impl Association {
 
 /// Remembers the last (association, peer) pair a loop checked, so a steady stream takes
 /// the peer-set lock once, not once per datagram.
+///
+/// Keyed by the association's [`Association::serial`], not its id: a re-attached association
+/// reuses its predecessor's id but starts with an empty peer set.
 #[derive(Default)]
 struct PeerCache {
-    last: Option<(AssociationId, SocketAddr, u64)>,
+    last: Option<(u64, SocketAddr, u64)>,
 }
 
 impl PeerCache {
     fn hit(&self, assoc: &Association, peer: SocketAddr) -> bool {
-        self.last == Some((assoc.id, peer, assoc.peers_generation.load(Ordering::Acquire)))
+        self.last == Some((assoc.serial, peer, assoc.peers_generation.load(Ordering::Acquire)))
     }
 
     fn set(&mut self, assoc: &Association, peer: SocketAddr) {
-        self.last = Some((assoc.id, peer, assoc.peers_generation.load(Ordering::Acquire)));
+        self.last = Some((assoc.serial, peer, assoc.peers_generation.load(Ordering::Acquire)));
     }
 }
+
+/// Source of [`Association::serial`].
+static SERIALS: AtomicU64 = AtomicU64::new(0);
 
 /// Keeps an association open; dropping it closes the association (tables, reply task).
 pub struct AssociationHandle {
@@ -319,6 +331,12 @@ impl AssociationHandle {
         };
         relay.forward(assoc, addr, payload, &mut out);
         out.flush(relay);
+    }
+
+    /// True once another control connection re-attached this association's id: the caller
+    /// ends it (its CLOSE reason is `moved`).
+    pub fn is_superseded(&self) -> bool {
+        self.assoc.superseded.load(Ordering::Acquire)
     }
 
     /// True when the association can carry no more replies (its sending key is exhausted).
@@ -440,6 +458,7 @@ impl Relay {
         self.metrics.associations_active.fetch_add(1, Ordering::Relaxed);
         Ok(Arc::new(Association {
             id,
+            serial: SERIALS.fetch_add(1, Ordering::Relaxed),
             user,
             client_ip: canonical_ip(client_ip),
             client: ArcSwapOption::new(client.map(Arc::new)),
@@ -452,6 +471,7 @@ impl Relay {
             tls: ArcSwapOption::empty(),
             via_tls: AtomicBool::new(false),
             stats: AssocStats::default(),
+            superseded: AtomicBool::new(false),
             kind,
         }))
     }
@@ -540,13 +560,37 @@ impl Relay {
         })
     }
 
+    /// Takes the live secure association `id`, if any, out of the tables at once, so that
+    /// a re-attached association of the same id can take its place; the old one's task sees
+    /// [`AssociationHandle::is_superseded`] and ends it. Returns whether there was one.
+    pub fn supersede(&self, id: AssociationId) -> bool {
+        let _writers = self.naked_pending.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(old) = self.secure.load().get(&id).cloned() else {
+            return false;
+        };
+        old.superseded.store(true, Ordering::Release);
+        self.secure.rcu(|t| {
+            let mut t = HashMap::clone(t);
+            t.remove(&id);
+            t
+        });
+        self.ids.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        true
+    }
+
     fn remove(&self, assoc: &Arc<Association>) {
         let mut pending = self.naked_pending.lock().unwrap_or_else(|e| e.into_inner());
+        // A superseded association left the tables and its id already: they may hold its
+        // successor now.
+        let superseded = assoc.superseded.load(Ordering::Acquire);
         match &assoc.kind {
+            Kind::Secure { .. } if superseded => {}
             Kind::Secure { .. } => {
                 self.secure.rcu(|t| {
                     let mut t = HashMap::clone(t);
-                    t.remove(&assoc.id);
+                    if t.get(&assoc.id).is_some_and(|x| Arc::ptr_eq(x, assoc)) {
+                        t.remove(&assoc.id);
+                    }
                     t
                 });
             }
@@ -568,10 +612,12 @@ impl Relay {
                 }
             }
         }
-        self.ids
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&assoc.id);
+        if !superseded {
+            self.ids
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&assoc.id);
+        }
         self.live.fetch_sub(1, Ordering::AcqRel);
         self.metrics.associations_active.fetch_sub(1, Ordering::Relaxed);
     }

@@ -143,6 +143,30 @@ impl prometheus_client::collector::Collector for Collector {
                 ConstCounter::new(load(c)).encode(family.encode_family(&labels)?)?;
             }
         }
+        counter(
+            &mut enc,
+            "associations_reattached",
+            "Associations re-attached to a new control connection (after a node loss, a broken connection or roaming)",
+            load(&m.reattached),
+        )?;
+        counter(
+            &mut enc,
+            "associations_moved_away",
+            "Associations released here because another control connection re-attached them",
+            load(&m.moved_away),
+        )?;
+        {
+            let mut family = enc.encode_descriptor(
+                "reattach_refused",
+                "Re-attaches refused, by reason",
+                None,
+                MetricType::Counter,
+            )?;
+            for (i, r) in crate::metrics::REATTACH_REFUSALS.iter().enumerate() {
+                let labels = [("reason", r.name())];
+                ConstCounter::new(load(&m.reattach_refused[i])).encode(family.encode_family(&labels)?)?;
+            }
+        }
         {
             let mut family = enc.encode_descriptor(
                 "auth_failures",

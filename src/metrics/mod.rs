@@ -153,6 +153,44 @@ pub struct Metrics {
     pub handshakes_resumed: AtomicU64,
     /// Datagrams the kernel dropped at our own sockets' receive queues, by socket role.
     pub socket_drops: SocketDrops,
+    /// Associations re-attached to a new control connection (gateway: accepted; shim:
+    /// re-attached after a loss).
+    pub reattached: AtomicU64,
+    /// Re-attaches refused, by [`REATTACH_REFUSALS`] reason (gateway: refused; shim:
+    /// refused to it, after which it opened a new association).
+    pub reattach_refused: [AtomicU64; REATTACH_REFUSALS.len()],
+    /// Associations this node released because another connection re-attached them.
+    pub moved_away: AtomicU64,
+}
+
+/// The refusal reasons of a REATTACH, as metric labels (index of
+/// [`Metrics::reattach_refused`]).
+pub const REATTACH_REFUSALS: [crate::proto::frame::RefuseReason; 6] = {
+    use crate::proto::frame::RefuseReason as R;
+    [
+        R::Unknown,
+        R::NotOwner,
+        R::Anonymous,
+        R::Busy,
+        R::AlreadyAttached,
+        R::Other(0),
+    ]
+};
+
+impl Metrics {
+    /// Counts a refused re-attach.
+    pub fn count_reattach_refused(&self, reason: crate::proto::frame::RefuseReason) {
+        use crate::proto::frame::RefuseReason as R;
+        let i = match reason {
+            R::Unknown => 0,
+            R::NotOwner => 1,
+            R::Anonymous => 2,
+            R::Busy => 3,
+            R::AlreadyAttached => 4,
+            R::Other(_) => 5,
+        };
+        self.reattach_refused[i].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Holds one unit of a gauge of [`Metrics`] (e.g. `connections_active`) while alive, so the

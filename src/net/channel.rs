@@ -17,7 +17,11 @@
 use std::io;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -52,6 +56,27 @@ pub enum Event {
     Hello(Hello),
     /// A secure-UDP record carried inside TLS (RECORD frame), for the record layer.
     Record(Vec<u8>),
+    /// The client asks to re-attach an association to this connection (feature REATTACH).
+    Reattach {
+        /// The association.
+        assoc: crate::proto::AssociationId,
+        /// The client's UDP port (0: unknown).
+        port: u16,
+    },
+    /// The gateway re-attached the association, under the keys of `epoch`.
+    Reattached {
+        /// The association.
+        assoc: crate::proto::AssociationId,
+        /// Its new epoch.
+        epoch: u32,
+    },
+    /// The gateway refused the re-attach.
+    ReattachRefused {
+        /// The association.
+        assoc: crate::proto::AssociationId,
+        /// Why.
+        reason: frame::RefuseReason,
+    },
     /// The gateway ended an association.
     Close {
         /// The association.
@@ -123,9 +148,41 @@ impl FrameSender {
     }
 }
 
+/// Both halves of the stream, behind one lock taken for the length of one poll (as
+/// `tokio::io::split` does), so that the owner can still reach the stream itself: the TLS
+/// exporter, for the keys of a re-attached association (PROTOCOL.md §3.1).
+struct Half<S>(Arc<Mutex<S>>);
+
+impl<S> Half<S> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, S> {
+        // A poisoned lock only means a poll panicked; the stream's state is still whole.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Half<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.lock()).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Half<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.lock()).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.lock()).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.lock()).poll_shutdown(cx)
+    }
+}
+
 /// One side of a framed control channel.
 pub struct Channel<S> {
-    reader: ReadHalf<S>,
+    reader: Half<S>,
     decoder: Decoder,
     tx: mpsc::Sender<Vec<u8>>,
     writer: JoinHandle<()>,
@@ -138,11 +195,12 @@ pub struct Channel<S> {
     unknown: u64,
 }
 
-impl<S: AsyncRead + AsyncWrite + Send + 'static> Channel<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Channel<S> {
     /// Starts the channel on `stream` and queues our HELLO, listing `features`
     /// ([`crate::proto::frame::feature`]).
     pub fn open(stream: S, heartbeat: Heartbeat, features: &[u8]) -> Channel<S> {
-        let (reader, writer) = tokio::io::split(stream);
+        let stream = Arc::new(Mutex::new(stream));
+        let (reader, writer) = (Half(stream.clone()), Half(stream));
         let (tx, rx) = mpsc::channel(QUEUE);
         let writer = tokio::spawn(write_loop(writer, rx, heartbeat.timeout));
         let now = Instant::now();
@@ -166,6 +224,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Channel<S> {
         // Invariant: the queue is empty, so a fresh channel always has room for its HELLO.
         ch.queue(&hello).expect("room for the HELLO");
         ch
+    }
+
+    /// Runs `f` on the stream (e.g. the TLS exporter), between two polls of the halves.
+    pub fn with_stream<R>(&self, f: impl FnOnce(&S) -> R) -> R {
+        f(&self.reader.lock())
     }
 
     /// The peer's HELLO, once it arrived.
@@ -267,6 +330,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Channel<S> {
                 },
                 Frame::Pong(_) => {}
                 Frame::Close { assoc, reason } => return Ok(Some(Event::Close { assoc, reason })),
+                Frame::Reattach { assoc, port } => return Ok(Some(Event::Reattach { assoc, port })),
+                Frame::Reattached { assoc, epoch } => return Ok(Some(Event::Reattached { assoc, epoch })),
+                Frame::ReattachRefused { assoc, reason } => {
+                    return Ok(Some(Event::ReattachRefused { assoc, reason }))
+                }
                 Frame::Record(r) => return Ok(Some(Event::Record(r.to_vec()))),
                 Frame::Unknown { .. } => self.unknown += 1,
             }
@@ -287,7 +355,7 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
-async fn write_loop<S: AsyncWrite>(mut w: WriteHalf<S>, mut rx: mpsc::Receiver<Vec<u8>>, limit: Duration) {
+async fn write_loop<S: AsyncWrite + Unpin>(mut w: Half<S>, mut rx: mpsc::Receiver<Vec<u8>>, limit: Duration) {
     while let Some(bytes) = rx.recv().await {
         let wrote = tokio::time::timeout(limit, async {
             w.write_all(&bytes).await?;

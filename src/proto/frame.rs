@@ -45,6 +45,13 @@ pub mod kind {
     pub const PING: u8 = 0x02;
     /// Answer to a PING, echoing its body.
     pub const PONG: u8 = 0x03;
+    /// The client re-attaches an association to this connection (feature
+    /// [`super::feature::REATTACH`]).
+    pub const REATTACH: u8 = 0x04;
+    /// The gateway accepted a REATTACH: the association's new epoch.
+    pub const REATTACHED: u8 = 0x05;
+    /// The gateway refused a REATTACH, and why.
+    pub const REATTACH_REFUSED: u8 = 0x06;
     /// An association ends, and why (gateway to client).
     pub const CLOSE: u8 = 0x07;
     /// A secure-UDP record carried inside TLS (feature [`super::feature::RECORDS`]).
@@ -55,6 +62,64 @@ pub mod kind {
 pub mod feature {
     /// Secure-UDP records inside TLS: RECORD frames, for networks that block UDP.
     pub const RECORDS: u8 = 0x01;
+    /// Associations that move: REATTACH, REATTACHED and REATTACH_REFUSED frames (§2.4, §3.1).
+    pub const REATTACH: u8 = 0x02;
+}
+
+/// Why a gateway refused a REATTACH ([`Frame::ReattachRefused`]); unknown codes are kept as
+/// [`RefuseReason::Other`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefuseReason {
+    /// No such association in the cluster (never existed, ended, or its record expired).
+    Unknown,
+    /// The association belongs to another identity.
+    NotOwner,
+    /// The association was opened anonymously: nobody can prove to own it.
+    Anonymous,
+    /// Another re-attach of it is under way, or the store could not be updated: try again.
+    Busy,
+    /// This connection already carries a re-attached association.
+    AlreadyAttached,
+    /// A code this version does not name.
+    Other(u8),
+}
+
+impl RefuseReason {
+    /// The wire code.
+    pub fn code(self) -> u8 {
+        match self {
+            RefuseReason::Unknown => 0x01,
+            RefuseReason::NotOwner => 0x02,
+            RefuseReason::Anonymous => 0x03,
+            RefuseReason::Busy => 0x04,
+            RefuseReason::AlreadyAttached => 0x05,
+            RefuseReason::Other(c) => c,
+        }
+    }
+
+    /// The reason of a wire code.
+    pub fn from_code(code: u8) -> Self {
+        match code {
+            0x01 => RefuseReason::Unknown,
+            0x02 => RefuseReason::NotOwner,
+            0x03 => RefuseReason::Anonymous,
+            0x04 => RefuseReason::Busy,
+            0x05 => RefuseReason::AlreadyAttached,
+            c => RefuseReason::Other(c),
+        }
+    }
+
+    /// Stable snake_case name, for logs and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            RefuseReason::Unknown => "unknown_association",
+            RefuseReason::NotOwner => "not_owner",
+            RefuseReason::Anonymous => "anonymous",
+            RefuseReason::Busy => "busy",
+            RefuseReason::AlreadyAttached => "already_attached",
+            RefuseReason::Other(_) => "other",
+        }
+    }
 }
 
 /// Why a gateway ended an association ([`Frame::Close`]); unknown codes are kept as
@@ -69,6 +134,9 @@ pub enum CloseReason {
     Shutdown,
     /// The peer stopped answering heartbeats.
     Heartbeat,
+    /// The association was re-attached to another control connection (this node's or
+    /// another's).
+    Moved,
     /// A code this version does not name.
     Other(u8),
 }
@@ -81,6 +149,7 @@ impl CloseReason {
             CloseReason::KeyExhausted => 0x02,
             CloseReason::Shutdown => 0x03,
             CloseReason::Heartbeat => 0x04,
+            CloseReason::Moved => 0x05,
             CloseReason::Other(c) => c,
         }
     }
@@ -91,6 +160,7 @@ impl CloseReason {
             0x01 => CloseReason::Idle,
             0x02 => CloseReason::KeyExhausted,
             0x03 => CloseReason::Shutdown,
+            0x05 => CloseReason::Moved,
             0x04 => CloseReason::Heartbeat,
             c => CloseReason::Other(c),
         }
@@ -103,6 +173,7 @@ impl CloseReason {
             CloseReason::KeyExhausted => "sending key exhausted",
             CloseReason::Shutdown => "gateway shutting down",
             CloseReason::Heartbeat => "heartbeat timeout",
+            CloseReason::Moved => "re-attached to another connection",
             CloseReason::Other(_) => "unknown reason",
         }
     }
@@ -150,6 +221,29 @@ pub enum Frame<'a> {
     Pong([u8; 8]),
     /// A secure-UDP record (header, id, nonce, ciphertext, tag), carried in TLS.
     Record(&'a [u8]),
+    /// The client asks to carry association `assoc` (opened on an earlier connection) on
+    /// this one, sending from UDP `port` (0: not known, the reply path starts at the first
+    /// record).
+    Reattach {
+        /// The association.
+        assoc: AssociationId,
+        /// The client's UDP port.
+        port: u16,
+    },
+    /// The gateway moved `assoc` to this connection; its keys are those of `epoch` (§3.1).
+    Reattached {
+        /// The association.
+        assoc: AssociationId,
+        /// The new epoch, at least 1.
+        epoch: u32,
+    },
+    /// The gateway refused to re-attach `assoc`.
+    ReattachRefused {
+        /// The association.
+        assoc: AssociationId,
+        /// Why.
+        reason: RefuseReason,
+    },
     /// The gateway ended association `assoc`.
     Close {
         /// The association.
@@ -173,6 +267,9 @@ impl Frame<'_> {
             Frame::Hello(_) => kind::HELLO,
             Frame::Ping(_) => kind::PING,
             Frame::Pong(_) => kind::PONG,
+            Frame::Reattach { .. } => kind::REATTACH,
+            Frame::Reattached { .. } => kind::REATTACHED,
+            Frame::ReattachRefused { .. } => kind::REATTACH_REFUSED,
             Frame::Close { .. } => kind::CLOSE,
             Frame::Record(_) => kind::RECORD,
             Frame::Unknown { kind, .. } => *kind,
@@ -196,6 +293,18 @@ impl Frame<'_> {
             }
             Frame::Ping(b) | Frame::Pong(b) => out.extend_from_slice(b),
             Frame::Close { assoc, reason } => {
+                out.extend_from_slice(&assoc.to_bytes());
+                out.push(reason.code());
+            }
+            Frame::Reattach { assoc, port } => {
+                out.extend_from_slice(&assoc.to_bytes());
+                out.extend_from_slice(&port.to_be_bytes());
+            }
+            Frame::Reattached { assoc, epoch } => {
+                out.extend_from_slice(&assoc.to_bytes());
+                out.extend_from_slice(&epoch.to_be_bytes());
+            }
+            Frame::ReattachRefused { assoc, reason } => {
                 out.extend_from_slice(&assoc.to_bytes());
                 out.push(reason.code());
             }
@@ -312,11 +421,49 @@ pub fn parse_body(ty: u8, body: &[u8]) -> Result<Frame<'_>, FrameError> {
                 reason: CloseReason::from_code(body[8]),
             })
         }
+        kind::REATTACH => {
+            if body.len() != 10 {
+                return Err(bad("body is not 10 bytes"));
+            }
+            Ok(Frame::Reattach {
+                assoc: assoc_at(body),
+                port: u16::from_be_bytes([body[8], body[9]]),
+            })
+        }
+        kind::REATTACHED => {
+            if body.len() != 12 {
+                return Err(bad("body is not 12 bytes"));
+            }
+            let epoch = u32::from_be_bytes([body[8], body[9], body[10], body[11]]);
+            if epoch == 0 {
+                return Err(bad("epoch 0"));
+            }
+            Ok(Frame::Reattached {
+                assoc: assoc_at(body),
+                epoch,
+            })
+        }
+        kind::REATTACH_REFUSED => {
+            if body.len() != 9 {
+                return Err(bad("body is not 9 bytes"));
+            }
+            Ok(Frame::ReattachRefused {
+                assoc: assoc_at(body),
+                reason: RefuseReason::from_code(body[8]),
+            })
+        }
         // The record layer checks the record (§6.1); an empty one cannot be a record.
         kind::RECORD if body.is_empty() => Err(bad("empty record")),
         kind::RECORD => Ok(Frame::Record(body)),
         kind => Ok(Frame::Unknown { kind, body }),
     }
+}
+
+/// The association id at the start of a body the caller checked to be long enough.
+fn assoc_at(body: &[u8]) -> AssociationId {
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&body[..8]);
+    AssociationId::from_bytes(id)
 }
 
 /// Incremental frame reader over a byte stream (sans-IO): the caller reads from its socket
@@ -426,6 +573,37 @@ mod tests {
             encoded(&close),
             [0x07, 0x00, 0x09, 0x53, 0x44, 0x55, 0x50, 0, 0, 0, 1, 0x01]
         );
+        // The examples of PROTOCOL.md §2.4.
+        let id = AssociationId(0x5344_5550_0000_0001);
+        let reattach = Frame::Reattach {
+            assoc: id,
+            port: 40000,
+        };
+        assert_eq!(
+            encoded(&reattach),
+            [0x04, 0x00, 0x0a, 0x53, 0x44, 0x55, 0x50, 0, 0, 0, 1, 0x9c, 0x40]
+        );
+        let done = Frame::Reattached { assoc: id, epoch: 2 };
+        assert_eq!(
+            encoded(&done),
+            [0x05, 0x00, 0x0c, 0x53, 0x44, 0x55, 0x50, 0, 0, 0, 1, 0, 0, 0, 2]
+        );
+        let no = Frame::ReattachRefused {
+            assoc: id,
+            reason: RefuseReason::NotOwner,
+        };
+        assert_eq!(
+            encoded(&no),
+            [0x06, 0x00, 0x09, 0x53, 0x44, 0x55, 0x50, 0, 0, 0, 1, 0x02]
+        );
+        for f in [reattach, done, no] {
+            let bytes = encoded(&f);
+            assert_eq!(parse(&bytes).unwrap(), (f, bytes.len()));
+        }
+        for c in 0..=255u8 {
+            assert_eq!(RefuseReason::from_code(c).code(), c);
+            assert_eq!(CloseReason::from_code(c).code(), c);
+        }
     }
 
     #[test]
@@ -459,6 +637,16 @@ mod tests {
             (&[0x02, 0, 7, 0, 0, 0, 0, 0, 0, 0], "body is not 8 bytes"),
             (&[0x03, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0], "body is not 8 bytes"),
             (&[0x07, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0], "body is not 9 bytes"),
+            (&[0x04, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0], "body is not 10 bytes"),
+            (&[0x05, 0, 12, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0], "epoch 0"),
+            (
+                &[0x05, 0, 11, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1],
+                "body is not 12 bytes",
+            ),
+            (
+                &[0x06, 0, 10, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0],
+                "body is not 9 bytes",
+            ),
         ];
         for (bytes, problem) in cases {
             assert_eq!(
@@ -598,11 +786,28 @@ mod tests {
             any::<[u8; 8]>().prop_map(|b| (kind::PING, b.to_vec())),
             any::<[u8; 8]>().prop_map(|b| (kind::PONG, b.to_vec())),
             any::<[u8; 9]>().prop_map(|b| (kind::CLOSE, b.to_vec())),
+            any::<[u8; 10]>().prop_map(|b| (kind::REATTACH, b.to_vec())),
+            (any::<[u8; 8]>(), 1..=u32::MAX).prop_map(|(id, e)| {
+                let mut b = id.to_vec();
+                b.extend_from_slice(&e.to_be_bytes());
+                (kind::REATTACHED, b)
+            }),
+            any::<[u8; 9]>().prop_map(|b| (kind::REATTACH_REFUSED, b.to_vec())),
             proptest::collection::vec(any::<u8>(), 1..200).prop_map(|b| (kind::RECORD, b)),
             (any::<u8>(), proptest::collection::vec(any::<u8>(), 0..64)).prop_filter_map(
                 "unknown types only",
-                |(t, b)| (![kind::HELLO, kind::PING, kind::PONG, kind::CLOSE, kind::RECORD].contains(&t))
-                    .then_some((t, b))
+                |(t, b)| (![
+                    kind::HELLO,
+                    kind::PING,
+                    kind::PONG,
+                    kind::CLOSE,
+                    kind::RECORD,
+                    kind::REATTACH,
+                    kind::REATTACHED,
+                    kind::REATTACH_REFUSED
+                ]
+                .contains(&t))
+                .then_some((t, b))
             ),
         ]
     }

@@ -210,6 +210,18 @@ impl KeySchedule {
         c
     }
 
+    /// The exporter context of epoch `epoch` of an association (PROTOCOL.md §3.1): epoch 0
+    /// (the association's first control connection) is [`KeySchedule::exporter_context`];
+    /// a re-attached association's epoch `e >= 1` appends `e` (4 bytes BE), so its keys
+    /// come from the new connection's exporter with the epoch bound in.
+    pub fn epoch_context(assoc: AssociationId, suite: CipherSuite, epoch: u32) -> Vec<u8> {
+        let mut c = Self::exporter_context(assoc, suite).to_vec();
+        if epoch > 0 {
+            c.extend_from_slice(&epoch.to_be_bytes());
+        }
+        c
+    }
+
     /// Cuts exporter output into keys. `material` must be exactly
     /// [`CipherSuite::exporter_len`] bytes; the caller zeroizes its copy.
     pub fn from_exporter(suite: CipherSuite, material: &[u8]) -> Option<Self> {
@@ -280,6 +292,20 @@ impl KeySchedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn epoch_contexts() {
+        let id = AssociationId(0x0102_0304_0506_0708);
+        let s = CipherSuite::Aes128CbcHmacSha256;
+        assert_eq!(
+            KeySchedule::epoch_context(id, s, 0),
+            KeySchedule::exporter_context(id, s).to_vec()
+        );
+        assert_eq!(
+            KeySchedule::epoch_context(id, s, 2),
+            [1, 2, 3, 4, 5, 6, 7, 8, 0x01, 0, 0, 0, 2]
+        );
+    }
 
     #[test]
     fn exporter_cut_order_and_lengths() {

@@ -375,6 +375,8 @@ async fn supervise(shared: Arc<Shared>, mut first: Option<(SecureUdp, usize)>) {
     let mut next = dialer.preferred();
     let mut backoff = BACKOFF_MIN;
     let mut lost_at: Option<Instant> = None;
+    // The association lost last: the next connection asks to re-attach it.
+    let mut previous = None;
     loop {
         let (udp, gw) = match first.take() {
             Some(x) => x,
@@ -386,7 +388,7 @@ async fn supervise(shared: Arc<Shared>, mut first: Option<(SecureUdp, usize)>) {
                         shared.wake.notified().await;
                     }
                     attempt += 1;
-                    match dialer.udp_via(next).await {
+                    match dialer.udp_reattach_via(next, previous).await {
                         Ok(u) => break (u, next),
                         Err(e) if e.is_permanent() => {
                             // Refused for good (logged once by the dialer): no retry loop on
@@ -416,15 +418,33 @@ async fn supervise(shared: Arc<Shared>, mut first: Option<(SecureUdp, usize)>) {
         };
         backoff = BACKOFF_MIN;
         dialer.set_preferred(gw);
-        match lost_at.take() {
-            Some(at) => tracing::info!(
-                link = %shared.label,
-                gateway = %dialer.name(gw),
-                assoc = %udp.assoc(),
-                down_for = ?at.elapsed(),
-                "secure association re-established"
-            ),
-            None => tracing::debug!(
+        match (lost_at.take(), previous.take()) {
+            (Some(at), Some((old, _))) if udp.assoc() == old => {
+                shared.metrics.reattached.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    link = %shared.label,
+                    gateway = %dialer.name(gw),
+                    assoc = %udp.assoc(),
+                    epoch = udp.epoch(),
+                    down_for = ?at.elapsed(),
+                    "secure association re-attached"
+                )
+            }
+            (Some(at), old) => {
+                if let Some(reason) = udp.reattach_refused() {
+                    shared.metrics.count_reattach_refused(reason);
+                }
+                tracing::info!(
+                    link = %shared.label,
+                    gateway = %dialer.name(gw),
+                    assoc = %udp.assoc(),
+                    previous = ?old.map(|(id, _)| id.to_string()),
+                    refused = udp.reattach_refused().map(|r| r.name()),
+                    down_for = ?at.elapsed(),
+                    "secure association re-established (a new association)"
+                )
+            }
+            (None, _) => tracing::debug!(
                 link = %shared.label,
                 gateway = %dialer.name(gw),
                 assoc = %udp.assoc(),
@@ -452,6 +472,7 @@ async fn supervise(shared: Arc<Shared>, mut first: Option<(SecureUdp, usize)>) {
             "secure association lost: reconnecting"
         );
         lost_at = Some(Instant::now());
+        previous = Some(assoc.udp.resume_token());
         next = (gw + 1) % n;
     }
 }

@@ -412,12 +412,22 @@ impl Dialer {
     /// Opens a secure association through gateway `i`, trying each of its addresses; while
     /// a permanent refusal is held, answers with it without dialing.
     pub(crate) async fn udp_via(&self, i: usize) -> Result<SecureUdp, ClientError> {
+        self.udp_reattach_via(i, None).await
+    }
+
+    /// [`Dialer::udp_via`] that asks the gateway to re-attach association `previous` (one
+    /// this shim lost) to the new connection ([`SecureUdp::connect_reattach`]).
+    pub(crate) async fn udp_reattach_via(
+        &self,
+        i: usize,
+        previous: Option<(crate::proto::AssociationId, crate::proto::CipherSuite)>,
+    ) -> Result<SecureUdp, ClientError> {
         if let Some(e) = self.held_refusal() {
             return Err(e);
         }
         let mut last = None;
         for opts in self.options(i).await? {
-            match SecureUdp::connect(&opts).await {
+            match SecureUdp::connect_reattach(&opts, previous).await {
                 Ok(u) => {
                     self.accepted();
                     return Ok(u.with_metrics(self.metrics.clone()));

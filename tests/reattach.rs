@@ -1,0 +1,216 @@
+//! Associations that move (PROTOCOL.md §2.4 REATTACH, §3.1 epochs), against one in-process
+//! gateway: the owner re-attaches its association to a new control connection and keeps its
+//! id under new keys; a stranger, an anonymous client and a second re-attach on one
+//! connection are refused with their reasons; records of the old epoch fail authentication;
+//! a copy still served on another connection is superseded and told so (CLOSE `moved`).
+//! The cluster (two gateway processes sharing Redis) is `tests/cluster.rs`.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use sudp::auth::{hash_password, Users};
+use sudp::client::{connect_tls, negotiate_sudp, request, ClientOptions, SecureUdp};
+use sudp::proto::frame::RefuseReason;
+use sudp::proto::socks::{Address, Command};
+use sudp::proto::{DropReason, Role};
+use tokio::net::UdpSocket;
+
+async fn users_gateway(pki: &sudp::cert::DevPki) -> TestGateway {
+    let mut s = settings(pki);
+    let lines = format!(
+        "alice:{}\nbob:{}\n",
+        hash_password(b"alice pw").unwrap(),
+        hash_password(b"bob pw").unwrap()
+    );
+    s.auth.no_auth = false;
+    s.auth.users = Some(Arc::new(Users::parse(&lines, "test").unwrap()));
+    TestGateway::start(s).await
+}
+
+fn as_user(gw: &TestGateway, pki: &sudp::cert::DevPki, user: &str) -> ClientOptions {
+    let mut o = gw.options(pki);
+    o.credentials = Some((user.into(), format!("{user} pw")));
+    o
+}
+
+/// One datagram to the echo and back, checked byte for byte.
+async fn echoes(u: &SecureUdp, echo: std::net::SocketAddr, payload: &[u8]) {
+    u.send_to(payload, &Address::Ip(echo)).await.unwrap();
+    let mut buf = vec![0u8; sudp::client::RECORD_BUF];
+    let (n, from) = tokio::time::timeout(WAIT, u.recv_from(&mut buf))
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "no echo of {:?} within the wait",
+                String::from_utf8_lossy(payload)
+            )
+        })
+        .unwrap();
+    assert_eq!(&buf[..n], payload);
+    assert_eq!(from, Address::Ip(echo));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owner_re_attaches_under_a_new_epoch_and_strangers_are_refused() {
+    let pki = pki();
+    let gw = users_gateway(&pki).await;
+    let echo = udp_echo().await;
+    let alice = as_user(&gw, &pki, "alice");
+
+    let first = SecureUdp::connect(&alice).await.unwrap();
+    assert_eq!(first.epoch(), 0);
+    echoes(&first, echo, b"epoch 0").await;
+    let token = first.resume_token();
+    // The control connection breaks (the client's side goes away).
+    drop(first);
+    eventually(|| {
+        gw.metrics
+            .associations_active
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0
+    })
+    .await;
+
+    // Another identity cannot take it: refused as not the owner, and it gets an
+    // association of its own.
+    let bob = SecureUdp::connect_reattach(&as_user(&gw, &pki, "bob"), Some(token))
+        .await
+        .unwrap();
+    assert_eq!(bob.reattach_refused(), Some(RefuseReason::NotOwner));
+    assert_ne!(bob.assoc(), token.0);
+    echoes(&bob, echo, b"bob's own").await;
+    assert_eq!(
+        gw.metrics.reattach_refused[1].load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+
+    // The owner re-attaches it: same id, epoch 1, and it carries datagrams.
+    let second = SecureUdp::connect_reattach(&alice, Some(token)).await.unwrap();
+    assert_eq!(second.reattach_refused(), None);
+    assert_eq!(second.assoc(), token.0);
+    assert_eq!(second.epoch(), 1);
+    echoes(&second, echo, b"epoch 1").await;
+
+    // Again, while the epoch-1 copy is still served on its connection: the new connection
+    // takes it over (epoch 2) and the old one is told it moved.
+    let third = SecureUdp::connect_reattach(&alice, Some(token)).await.unwrap();
+    assert_eq!((third.assoc(), third.epoch()), (token.0, 2));
+    tokio::time::timeout(WAIT, second.closed())
+        .await
+        .expect("the superseded copy is closed");
+    let why = second.close_reason().unwrap();
+    assert!(why.contains("re-attached"), "{why}");
+    echoes(&third, echo, b"epoch 2").await;
+    assert_eq!(
+        gw.metrics.reattached.load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+
+    // An id nobody holds.
+    let none = SecureUdp::connect_reattach(&alice, Some((sudp::proto::AssociationId(7), token.1)))
+        .await
+        .unwrap();
+    assert_eq!(none.reattach_refused(), Some(RefuseReason::Unknown));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_associations_cannot_be_re_attached() {
+    let pki = pki();
+    let gw = TestGateway::start(settings(&pki)).await;
+    let first = SecureUdp::connect(&gw.options(&pki)).await.unwrap();
+    let token = first.resume_token();
+    drop(first);
+    let again = SecureUdp::connect_reattach(&gw.options(&pki), Some(token))
+        .await
+        .unwrap();
+    assert_eq!(again.reattach_refused(), Some(RefuseReason::Anonymous));
+    assert_ne!(again.assoc(), token.0);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_an_older_epoch_fail_authentication_after_a_re_attach() {
+    let pki = pki();
+    let gw = users_gateway(&pki).await;
+    let echo = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let target = echo.local_addr().unwrap();
+    let alice = as_user(&gw, &pki, "alice");
+
+    // Epoch 0 by hand, so the test holds its sealed records.
+    let mut control = connect_tls(&alice).await.unwrap();
+    let (suite, assoc) = negotiate_sudp(&mut control, &alice).await.unwrap();
+    let keys = sudp::tls::export_keys(control.get_ref().1, assoc, suite).unwrap();
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let bnd = request(
+        &mut control,
+        Command::UdpAssociate,
+        &Address::Ip(socket.local_addr().unwrap()),
+    )
+    .await
+    .unwrap();
+    let Address::Ip(relay) = bnd else {
+        panic!("BND is a domain")
+    };
+    let (mut send, _) = keys.into_sessions(assoc, Role::Client, 1024);
+    let mut captured = Vec::new();
+    for i in 0..5u8 {
+        let mut buf = vec![0u8; 2048];
+        let n = send
+            .seal(&Address::Ip(target).as_ref(), &[b'0', i], &mut buf)
+            .unwrap();
+        buf.truncate(n);
+        socket.send_to(&buf, relay).await.unwrap();
+        captured.push(buf);
+    }
+    let mut got = [0u8; 64];
+    for i in 0..5u8 {
+        let (n, _) = tokio::time::timeout(WAIT, echo.recv_from(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&got[..n], &[b'0', i]);
+    }
+    drop(control);
+    eventually(|| {
+        gw.metrics
+            .associations_active
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0
+    })
+    .await;
+
+    let moved = SecureUdp::connect_reattach(&alice, Some((assoc, suite)))
+        .await
+        .unwrap();
+    assert_eq!((moved.assoc(), moved.epoch()), (assoc, 1));
+    let bad_mac = gw.metrics.drops(DropReason::BadMac);
+    let before = bad_mac + gw.metrics.drops(DropReason::Duplicate);
+    // Epoch-0 records replayed from the client's own address: every one fails the MAC
+    // under the epoch-1 keys, and none reaches the target.
+    for r in &captured {
+        socket.send_to(r, relay).await.unwrap();
+    }
+    // (The window is checked before the tag: a nonce the new epoch used already, such as
+    // its first PROBE's, is dropped as a duplicate without a MAC computation.)
+    let rejected = || gw.metrics.drops(DropReason::BadMac) + gw.metrics.drops(DropReason::Duplicate);
+    eventually(|| rejected() == before + captured.len() as u64).await;
+    assert!(gw.metrics.drops(DropReason::BadMac) >= bad_mac + captured.len() as u64 - 1);
+    // The re-attached association carries traffic; the target sees only that.
+    moved.send_to(b"epoch 1", &Address::Ip(target)).await.unwrap();
+    let (n, _) = tokio::time::timeout(WAIT, echo.recv_from(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got[..n], b"epoch 1");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), echo.recv_from(&mut got))
+            .await
+            .is_err(),
+        "nothing else reached the target"
+    );
+    gw.stop().await;
+}
