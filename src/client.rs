@@ -1331,6 +1331,8 @@ mod tests {
             recv: Mutex::new(RecvSession::new(assoc, &ks, Role::Client, 1024)),
             assoc,
             suite,
+            epoch: 0,
+            reattach_refused: None,
             relay,
             control: tokio::spawn(async move {
                 let _keep = closed_tx;
