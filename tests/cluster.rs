@@ -420,3 +420,84 @@ async fn records_of_the_dead_node_s_epoch_are_dropped_by_the_other() {
         1.0
     );
 }
+
+/// (c) Redis stops: each gateway says so once, keeps serving from its local tier (a new
+/// client connects, with a full handshake, and its association works), and when Redis is back
+/// on the same address the gateways use it again without a restart: a session made on A after
+/// the return resumes on B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_ride_out_a_redis_outage_and_use_it_again() {
+    use sudp::client::{connect_tls, negotiate_sudp, ClientOptions, SecureUdp};
+
+    let pki = pki();
+    let Some(mut c) = cluster(&pki) else { return };
+    let echo = udp_echo().await;
+    let tls = client_tls(&pki, false);
+    let opts = |gw: &GatewayProcess| {
+        let mut o = ClientOptions::new(gw.control, "localhost", tls.clone());
+        o.credentials = Some(("alice".into(), "alice pw".into()));
+        o
+    };
+    let roundtrip = |u: SecureUdp| async move {
+        u.send_to(b"ping", &Address::Ip(echo)).await.unwrap();
+        let mut buf = vec![0u8; sudp::client::RECORD_BUF];
+        let (n, _) = tokio::time::timeout(WAIT, u.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buf[..n], b"ping");
+    };
+    // Both gateways talk to Redis first (an association each).
+    roundtrip(SecureUdp::connect(&opts(&c.a)).await.unwrap()).await;
+    roundtrip(SecureUdp::connect(&opts(&c.b)).await.unwrap()).await;
+
+    c.redis.stop();
+    // New clients still get served, several times over; the outage is logged once.
+    for _ in 0..3 {
+        roundtrip(SecureUdp::connect(&opts(&c.a)).await.unwrap()).await;
+    }
+    let said = |gw: &GatewayProcess, what: &str| gw.stderr().matches(what).count();
+    let down = "Redis unreachable; serving from the local tier";
+    let deadline = Instant::now() + WAIT;
+    while said(&c.a, down) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "A never said Redis is down:\n{}",
+            c.a.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(said(&c.a, down), 1, "logged once:\n{}", c.a.stderr());
+
+    c.redis.restart();
+    // A fresh client (its own TLS config: no session yet) handshakes in full with A; once
+    // A is back on Redis its session lands there, and B resumes it.
+    let fresh = client_tls(&pki, false);
+    let mut resumed = false;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !resumed {
+        assert!(
+            Instant::now() < deadline,
+            "B never resumed a session A made after Redis returned"
+        );
+        let mut oa = opts(&c.a);
+        oa.tls = fresh.clone();
+        let mut ca = connect_tls(&oa).await.unwrap();
+        negotiate_sudp(&mut ca, &oa).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut ob = opts(&c.b);
+        ob.tls = fresh.clone();
+        let mut cb = connect_tls(&ob).await.unwrap();
+        negotiate_sudp(&mut cb, &ob).await.unwrap();
+        resumed = cb.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    }
+    let deadline = Instant::now() + WAIT;
+    while said(&c.a, "Redis reachable again") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "A never said Redis is back:\n{}",
+            c.a.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
