@@ -75,6 +75,10 @@ pub enum ClientError {
     /// No common cipher suite.
     #[error("no cipher suite in common with the gateway")]
     NoSuite,
+    /// The gateway did not check the credentials now (its verification queue is full):
+    /// retry after a backoff, or another gateway.
+    #[error("the gateway is too busy to check credentials now (SudpAccept BUSY): retrying")]
+    Busy,
     /// The gateway refused the request with a SOCKS5 reply code.
     #[error("request refused: {0:?}")]
     Refused(ReplyCode),
@@ -153,6 +157,7 @@ impl ClientError {
             ClientError::Io(_)
             | ClientError::Protocol(_)
             | ClientError::NoSuite
+            | ClientError::Busy
             | ClientError::Tls { .. }
             | ClientError::Keys(_)
             | ClientError::NoTlsTransport
@@ -481,6 +486,7 @@ pub async fn negotiate_sudp(
     match accept.status {
         sudp_status::OK => {}
         sudp_status::NO_SUITE => return Err(ClientError::NoSuite),
+        sudp_status::BUSY => return Err(ClientError::Busy),
         _ => return Err(ClientError::AuthFailed),
     }
     let suite = CipherSuite::from_id(accept.suite)

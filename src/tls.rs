@@ -546,7 +546,113 @@ pub fn client_config(opts: ClientTlsOptions) -> Result<Arc<ClientConfig>, TlsErr
         None => builder.with_no_client_auth(),
     };
     config.require_ems = true;
+    config.resumption = rustls::client::Resumption::store(Arc::new(TicketStore::default()));
     Ok(Arc::new(config))
+}
+
+/// TLS 1.3 tickets a client keeps per server name ([`TicketStore`]).
+pub const CLIENT_TICKETS_PER_SERVER: usize = 4096;
+/// Server names a client keeps sessions for.
+const CLIENT_SESSION_SERVERS: usize = 64;
+
+/// The client's TLS session cache: rustls' default keeps 8 TLS 1.3 tickets per server name,
+/// and each ticket resumes one connection. A shim opens one control connection per
+/// association, to one gateway name, so after a gateway loss its hundreds of associations
+/// reconnect at once and all but 8 would make full handshakes. This store keeps up to
+/// [`CLIENT_TICKETS_PER_SERVER`] tickets per name (each used once, oldest first) for up to 64
+/// names, the name used longest ago forgotten first.
+#[derive(Debug, Default)]
+pub struct TicketStore {
+    inner: std::sync::Mutex<TicketStoreInner>,
+}
+
+#[derive(Debug, Default)]
+struct TicketStoreInner {
+    servers: std::collections::HashMap<ServerName<'static>, ServerSessions>,
+    /// Bumped on every use, to find the name used longest ago.
+    clock: u64,
+}
+
+#[derive(Debug, Default)]
+struct ServerSessions {
+    kx: Option<rustls::NamedGroup>,
+    tls12: Option<rustls::client::Tls12ClientSessionValue>,
+    tls13: std::collections::VecDeque<rustls::client::Tls13ClientSessionValue>,
+    used: u64,
+}
+
+impl TicketStore {
+    fn with<R>(&self, name: ServerName<'static>, f: impl FnOnce(&mut ServerSessions) -> R) -> R {
+        // A poisoned lock only means a caller panicked mid-update of a cache entry.
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.clock += 1;
+        let now = inner.clock;
+        if !inner.servers.contains_key(&name) && inner.servers.len() >= CLIENT_SESSION_SERVERS {
+            if let Some(oldest) = inner
+                .servers
+                .iter()
+                .min_by_key(|(_, s)| s.used)
+                .map(|(k, _)| k.clone())
+            {
+                inner.servers.remove(&oldest);
+            }
+        }
+        let entry = inner.servers.entry(name).or_default();
+        entry.used = now;
+        f(entry)
+    }
+
+    fn with_existing<R>(
+        &self,
+        name: &ServerName<'_>,
+        f: impl FnOnce(&mut ServerSessions) -> Option<R>,
+    ) -> Option<R> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.servers.get_mut(&name.to_owned()).and_then(f)
+    }
+
+    /// TLS 1.3 tickets held for `name` (tests, metrics).
+    pub fn tickets(&self, name: &ServerName<'_>) -> usize {
+        self.with_existing(name, |s| Some(s.tls13.len())).unwrap_or(0)
+    }
+}
+
+impl rustls::client::ClientSessionStore for TicketStore {
+    fn set_kx_hint(&self, name: ServerName<'static>, group: rustls::NamedGroup) {
+        self.with(name, |s| s.kx = Some(group));
+    }
+
+    fn kx_hint(&self, name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.with_existing(name, |s| s.kx)
+    }
+
+    fn set_tls12_session(&self, name: ServerName<'static>, value: rustls::client::Tls12ClientSessionValue) {
+        self.with(name, |s| s.tls12 = Some(value));
+    }
+
+    fn tls12_session(&self, name: &ServerName<'_>) -> Option<rustls::client::Tls12ClientSessionValue> {
+        self.with_existing(name, |s| s.tls12.clone())
+    }
+
+    fn remove_tls12_session(&self, name: &ServerName<'static>) {
+        self.with_existing(name, |s| s.tls12.take());
+    }
+
+    fn insert_tls13_ticket(&self, name: ServerName<'static>, value: rustls::client::Tls13ClientSessionValue) {
+        self.with(name, |s| {
+            if s.tls13.len() >= CLIENT_TICKETS_PER_SERVER {
+                s.tls13.pop_front();
+            }
+            s.tls13.push_back(value);
+        });
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        name: &ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        self.with_existing(name, |s| s.tls13.pop_front())
+    }
 }
 
 /// A finished TLS connection that can run the exporter (RFC 8446 §7.5, RFC 5705).

@@ -214,3 +214,71 @@ async fn records_of_an_older_epoch_fail_authentication_after_a_re_attach() {
     );
     gw.stop().await;
 }
+
+/// A reconnect storm can fill the gateway's password-check queue. What does not fit is told
+/// BUSY (SudpAccept 0x03), which the client retries, not AUTH_FAILED, which it must not:
+/// with a queue of one and a check slot held by a slow client, a second login is BUSY and
+/// the client's error is not permanent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_check_queue_answers_busy_not_auth_failed() {
+    use sudp::client::ClientError;
+    let pki = pki();
+    let mut s = settings(&pki);
+    let lines = format!("alice:{}\n", hash_password(b"alice pw").unwrap());
+    s.auth.no_auth = false;
+    s.auth.users = Some(Arc::new(Users::parse(&lines, "test").unwrap()));
+    s.auth_limits.concurrency = 1;
+    s.auth_limits.max_queued = 0;
+    let gw = TestGateway::start(s).await;
+    let alice = as_user(&gw, &pki, "alice");
+    // Several logins at once against one check slot and no queue: at least one is BUSY,
+    // every one is either accepted or BUSY (never AUTH_FAILED: the password is right).
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let o = alice.clone();
+        tasks.push(tokio::spawn(
+            async move { SecureUdp::connect(&o).await.map(|_| ()) },
+        ));
+    }
+    let mut busy = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => {}
+            Err(ClientError::Busy) => busy += 1,
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert!(busy >= 1, "no login was told BUSY");
+    assert!(!ClientError::Busy.is_permanent());
+    assert!(ClientError::Busy.is_gateway_failure());
+    gw.stop().await;
+}
+
+/// After a gateway loss every association of a shim reconnects at once. Each TLS 1.3 ticket
+/// resumes one connection, and rustls' default client cache keeps 8 per server name; sudp's
+/// keeps thousands, so all of them resume (the reconnect storm's handshake cost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_connections_resume_at_once() {
+    const N: usize = 30;
+    let pki = pki();
+    let gw = TestGateway::start(settings(&pki)).await;
+    let opts = gw.options(&pki);
+    let handshake = |o: ClientOptions| async move {
+        let mut c = connect_tls(&o).await.unwrap();
+        // The SOCKS exchange reads, so the client also takes in the session tickets.
+        negotiate_sudp(&mut c, &o).await.unwrap();
+        c.get_ref().1.handshake_kind().unwrap()
+    };
+    let mut first = Vec::new();
+    for _ in 0..N {
+        first.push(handshake(opts.clone()).await);
+    }
+    // Then all at once, as after a loss.
+    let again: Vec<_> = futures_util::future::join_all((0..N).map(|_| handshake(opts.clone()))).await;
+    let resumed = again
+        .iter()
+        .filter(|k| **k == rustls::HandshakeKind::Resumed)
+        .count();
+    assert_eq!(resumed, N, "{again:?}");
+    gw.stop().await;
+}

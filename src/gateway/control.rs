@@ -332,6 +332,15 @@ async fn negotiate(
                         session.set_identity(identity);
                         true
                     }
+                    // Not checked for want of capacity: the client may retry (BUSY), unlike
+                    // a refusal, which it must not retry in a loop.
+                    Verdict::Overloaded => {
+                        stream
+                            .write_all(&SudpAccept::refuse(sudp_status::BUSY).encode())
+                            .await?;
+                        stream.shutdown().await?;
+                        return Ok(None);
+                    }
                     _ => false,
                 }
             };

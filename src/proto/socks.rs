@@ -549,6 +549,9 @@ pub mod sudp_status {
     pub const AUTH_FAILED: u8 = 0x01;
     /// No offered suite is acceptable; the gateway closes the connection.
     pub const NO_SUITE: u8 = 0x02;
+    /// The credentials were not checked because the gateway's verification queue is full (a
+    /// reconnect storm): try again after a backoff. The gateway closes the connection.
+    pub const BUSY: u8 = 0x03;
 }
 
 /// The sudp sub-negotiation reply, gateway to client (always 11 bytes):
