@@ -603,3 +603,140 @@ fn base64_matches_rfc4648() {
     assert_eq!(base64(&[0xfb, 0xff, 0xfe], STANDARD_B64), "+//+");
     assert_eq!(base64(&[0xfb, 0xff, 0xfe], URL_SAFE_B64), "-__-");
 }
+
+// --- Gateway flags end to end (the binary) -------------------------------------------------
+
+/// Client options for a `sudp gateway` process started by [`common::GatewayProcess`].
+fn process_options(gw: &common::GatewayProcess, pki: &sudp::cert::DevPki) -> sudp::client::ClientOptions {
+    sudp::client::ClientOptions::new(gw.control, "localhost", common::client_tls(pki, false))
+}
+
+/// `--max-connections 2`: a third client waits (its TLS handshake is not served) until one
+/// of the two connections closes, then gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_queues_the_third_client_until_a_slot_frees() {
+    use sudp::client::connect_tls;
+    let pki = common::pki();
+    let gw = common::GatewayProcess::start(
+        &pki,
+        "max-conn",
+        &["--no-auth", "--allow", "127.0.0.0/8", "--max-connections", "2"],
+    );
+    let opts = process_options(&gw, &pki);
+    let first = connect_tls(&opts).await.unwrap();
+    let _second = connect_tls(&opts).await.unwrap();
+    let third = tokio::spawn({
+        let opts = opts.clone();
+        async move { connect_tls(&opts).await }
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!third.is_finished(), "a third connection was served");
+    drop(first);
+    let third = tokio::time::timeout(common::WAIT, third)
+        .await
+        .expect("the third client got the freed slot")
+        .unwrap();
+    assert!(third.is_ok(), "{:?}", third.err());
+}
+
+/// `--handshake-timeout 500ms`: a client that connects and says nothing is closed after
+/// about that long (not at once, and not after the 10 s default).
+#[test]
+fn handshake_timeout_closes_a_silent_client() {
+    use std::io::Read as _;
+    let pki = common::pki();
+    let gw = common::GatewayProcess::start(
+        &pki,
+        "hs-timeout",
+        &["--no-auth", "--allow", "127.0.0.0/8", "--handshake-timeout", "500ms"],
+    );
+    let mut tcp = std::net::TcpStream::connect(gw.control).unwrap();
+    tcp.set_read_timeout(Some(common::WAIT)).unwrap();
+    let t0 = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let n = tcp.read(&mut buf).unwrap_or(0);
+    let waited = t0.elapsed();
+    assert_eq!(n, 0, "closed, nothing sent");
+    assert!(
+        waited >= Duration::from_millis(400) && waited < Duration::from_secs(3),
+        "closed after {waited:?}"
+    );
+}
+
+/// `--replay-window 64`: a record 70 nonces behind the newest is refused (too old), one 60
+/// behind is accepted; with the default window (1 024) both would be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_window_flag_sets_the_gateways_window() {
+    use sudp::client::{connect_tls, negotiate_sudp, request};
+    use sudp::proto::socks::{Address, Command as SocksCommand};
+    use sudp::proto::{Role, SendSession};
+    let pki = common::pki();
+    let gw = common::GatewayProcess::start(
+        &pki,
+        "replay-window",
+        &["--no-auth", "--allow", "127.0.0.0/8", "--replay-window", "64"],
+    );
+    let echo = common::udp_echo().await;
+    let opts = process_options(&gw, &pki);
+    let mut control = connect_tls(&opts).await.unwrap();
+    let (suite, assoc) = negotiate_sudp(&mut control, &opts).await.unwrap();
+    let keys = sudp::tls::export_keys(control.get_ref().1, assoc, suite).unwrap();
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let bnd = request(
+        &mut control,
+        SocksCommand::UdpAssociate,
+        &Address::Ip(sock.local_addr().unwrap()),
+    )
+    .await
+    .unwrap();
+    let Address::Ip(relay) = bnd else { panic!("BND is a domain") };
+    let mut recv = sudp::proto::RecvSession::new(assoc, &keys, Role::Client, 1024);
+    // Each record at a chosen nonce (the test door), each nonce used once; the echo
+    // carries the nonce back as its payload.
+    let mut buf = [0u8; 512];
+    for (nonce, comes_back, why) in [
+        (100u64, true, "the newest"),
+        (30, false, "70 behind the newest: too old with W = 64"),
+        (40, true, "60 behind the newest: inside W = 64"),
+    ] {
+        let mut send = SendSession::resume(assoc, &keys, Role::Client, nonce);
+        let mut rec = vec![0u8; 256];
+        let n = send
+            .seal(&Address::Ip(echo).as_ref(), &nonce.to_be_bytes(), &mut rec)
+            .unwrap();
+        sock.send_to(&rec[..n], relay).await.unwrap();
+        let got = match tokio::time::timeout(Duration::from_millis(700), sock.recv_from(&mut buf)).await {
+            Ok(r) => {
+                let n = r.unwrap().0;
+                let o = recv.open(&mut buf[..n]).unwrap();
+                Some(u64::from_be_bytes(o.data().unwrap().1.try_into().unwrap()))
+            }
+            Err(_) => None,
+        };
+        assert_eq!(got, comes_back.then_some(nonce), "nonce {nonce}, {why}");
+    }
+    drop(control);
+}
+
+/// `--advertise 127.0.0.9`: UDP ASSOCIATE replies name that address with the relay's port
+/// (for a gateway behind a NAT or a load balancer), for secure and naked clients alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn advertise_flag_sets_bnd_addr() {
+    use sudp::client::{authenticate_plain, connect_tls, negotiate_sudp, request};
+    use sudp::proto::socks::{Address, Command as SocksCommand};
+    let pki = common::pki();
+    let gw = common::GatewayProcess::start(
+        &pki,
+        "advertise",
+        &["--no-auth", "--allow", "127.0.0.0/8", "--advertise", "127.0.0.9"],
+    );
+    let opts = process_options(&gw, &pki);
+    let want = Address::Ip(([127, 0, 0, 9], gw.relay.port()).into());
+    let any = Address::Ip("0.0.0.0:0".parse().unwrap());
+    let mut c = connect_tls(&opts).await.unwrap();
+    negotiate_sudp(&mut c, &opts).await.unwrap();
+    assert_eq!(request(&mut c, SocksCommand::UdpAssociate, &any).await.unwrap(), want);
+    let mut c = connect_tls(&opts).await.unwrap();
+    authenticate_plain(&mut c, None).await.unwrap();
+    assert_eq!(request(&mut c, SocksCommand::UdpAssociate, &any).await.unwrap(), want);
+}
