@@ -298,11 +298,8 @@ async fn refusals_get_the_rfc_reply_and_others_lose_nothing() {
         raw_request_code(&gw, &pki, 0x09, &denied).await,
         ReplyCode::CommandNotSupported as u8
     );
-    // Connection refused: a port nobody listens on.
-    let closed = {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        l.local_addr().unwrap()
-    };
+    // Connection refused: a port nobody listens on (held, so nobody else takes it).
+    let (_held, closed) = refusing_tcp_addr();
     assert_eq!(
         raw_request_code(&gw, &pki, 1, &Address::Ip(closed)).await,
         ReplyCode::ConnectionRefused as u8

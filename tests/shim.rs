@@ -18,7 +18,7 @@ use sudp::proto::socks::{self, Address};
 use sudp::proto::DropReason;
 use sudp::shim::{GatewayEndpoint, Shim, ShimSettings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -218,7 +218,8 @@ async fn run_process(program: &str, args: Vec<String>) -> std::process::Output {
 }
 
 /// Binds a free port on 127.0.0.1 for both TCP and UDP at this instant (another process may
-/// take it before the caller binds it again; callers retry).
+/// take it before the caller binds it again: callers retry on EADDRINUSE, a bounded number
+/// of times, and fail on any other error).
 fn free_tcp_udp_port() -> u16 {
     // Bounded: a loopback with no port free for both protocols after this many tries is
     // broken, not busy.
@@ -431,12 +432,8 @@ async fn socks_udp_drops_fragments_oversize_and_strangers_then_carries_on() {
 #[tokio::test]
 async fn udp_associate_without_a_reachable_gateway_is_refused() {
     let pki = pki();
-    // A port with nothing listening.
-    let dead = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // A port with nothing listening (held, so nobody else takes it).
+    let (_held, dead) = refusing_tcp_addr();
     let mut s = shim_settings(&pki, &[dead]);
     s.connect_timeout = Duration::from_secs(1);
     let shim = TestShim::start(s).await;
@@ -478,11 +475,7 @@ async fn socks_connect_carries_half_close_and_passes_refusals_on() {
     assert!(back == data, "echo intact through a half-closed CONNECT");
 
     // A closed port: the gateway's "connection refused" reaches the application.
-    let closed = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let (_held, closed) = refusing_tcp_addr();
     let (code, _) = socks_connect(shim.socks(), &Address::Ip(closed)).await;
     assert_eq!(code, 5, "connection refused");
     // A destination the gateway's policy denies.
@@ -798,9 +791,13 @@ async fn udp_and_tcp_forwards_share_a_local_port() {
             forward(&format!("udp:127.0.0.1:{port}={uecho}")),
             forward(&format!("tcp:127.0.0.1:{port}={techo}")),
         ];
-        if let Ok(shim) = TestShim::try_start(s).await {
-            bound = Some((shim, port));
-            break;
+        match TestShim::try_start(s).await {
+            Ok(shim) => {
+                bound = Some((shim, port));
+                break;
+            }
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
+            Err(e) => panic!("shim on port {port}: {e}"),
         }
     }
     let (shim, port) = bound.expect("a port free for both TCP and UDP");
@@ -988,8 +985,10 @@ async fn shim_with_forward_pair(
             forward(&format!("udp:127.0.0.1:{port}={target}")),
             forward(&format!("tcp:127.0.0.1:{port}={target}")),
         ];
-        if let Ok(shim) = TestShim::try_start(s).await {
-            return (shim, port);
+        match TestShim::try_start(s).await {
+            Ok(shim) => return (shim, port),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
+            Err(e) => panic!("shim on port {port}: {e}"),
         }
     }
     panic!("no port free for both TCP and UDP");
@@ -1002,34 +1001,40 @@ async fn iperf3_udp_through_a_tcp_and_udp_forward_pair() {
     }
     let pki = pki();
     let gw = TestGateway::start(settings(&pki)).await;
-    let server_port = free_tcp_udp_port();
-    let mut server = ChildGuard(
-        std::process::Command::new("iperf3")
-            .args([
-                "-s",
-                "--forceflush",
-                "-B",
-                "127.0.0.1",
-                "-p",
-                &server_port.to_string(),
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot run iperf3; .ci/run installs it"),
-    );
-    let stdout = server.0.stdout.take().unwrap();
-    let listening = tokio::task::spawn_blocking(move || {
-        use std::io::BufRead;
-        std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .any(|l| l.contains("Server listening"))
-    });
-    assert!(
-        timeout(WAIT, listening).await.unwrap().unwrap(),
-        "iperf3 server did not start"
-    );
+    // iperf3 binds the port itself: a port free a moment ago may be taken by then, so a
+    // server that exits without listening is started again on another (5 tries).
+    let mut started = None;
+    for _ in 0..5 {
+        let server_port = free_tcp_udp_port();
+        let mut server = ChildGuard(
+            std::process::Command::new("iperf3")
+                .args([
+                    "-s",
+                    "--forceflush",
+                    "-B",
+                    "127.0.0.1",
+                    "-p",
+                    &server_port.to_string(),
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("cannot run iperf3; .ci/run installs it"),
+        );
+        let stdout = server.0.stdout.take().unwrap();
+        let listening = tokio::task::spawn_blocking(move || {
+            use std::io::BufRead;
+            std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .any(|l| l.contains("Server listening"))
+        });
+        if timeout(WAIT, listening).await.unwrap().unwrap() {
+            started = Some((server, server_port));
+            break;
+        }
+    }
+    let (_server, server_port) = started.expect("iperf3 server did not start on any of 5 ports");
 
     let server: SocketAddr = ([127, 0, 0, 1], server_port).into();
     let (shim, port) = shim_with_forward_pair(&pki, gw.control, server).await;
