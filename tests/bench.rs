@@ -264,7 +264,10 @@ fn reflect_direct_and_socks_through_a_running_proxy() {
     let target = line_starting(&mut reflect.0, "reflecting UDP on ");
     let fixed = ["--size", "200", "--rate", "2000", "--duration", "500ms"];
 
-    let runs = bench_json(&[&["--mode", "direct", "--target", &target][..], &fixed].concat(), "direct");
+    let runs = bench_json(
+        &[&["--mode", "direct", "--target", &target][..], &fixed].concat(),
+        "direct",
+    );
     assert_eq!(runs.len(), 1, "{runs:?}");
     assert_eq!(runs[0]["mode"], "direct");
     assert!(runs[0]["received"].as_u64().unwrap() > 0, "{:?}", runs[0]);
@@ -276,7 +279,13 @@ fn reflect_direct_and_socks_through_a_running_proxy() {
     std::fs::write(&ca, &pki.ca_pem).unwrap();
     let mut shim = Reaped(
         std::process::Command::new(bin)
-            .args(["shim", "--gateway", &gw.control.to_string(), "--server-name", "localhost"])
+            .args([
+                "shim",
+                "--gateway",
+                &gw.control.to_string(),
+                "--server-name",
+                "localhost",
+            ])
             .arg("--ca")
             .arg(&ca)
             .args(["--socks", "127.0.0.1:0"])
@@ -288,7 +297,11 @@ fn reflect_direct_and_socks_through_a_running_proxy() {
     );
     let socks = line_starting(&mut shim.0, "socks ");
     let runs = bench_json(
-        &[&["--socks", &socks, "--target", &target, "--mode", "naked"][..], &fixed].concat(),
+        &[
+            &["--socks", &socks, "--target", &target, "--mode", "naked"][..],
+            &fixed,
+        ]
+        .concat(),
         "socks",
     );
     assert_eq!(runs.len(), 1, "{runs:?}");

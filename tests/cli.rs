@@ -218,7 +218,9 @@ async fn no_secret_in_gateway_logs_at_trace_level() {
     let echo_thread = std::thread::spawn(move || {
         let mut buf = [0u8; 2048];
         for _ in 0..2 {
-            let Ok((n, from)) = echo.recv_from(&mut buf) else { return };
+            let Ok((n, from)) = echo.recv_from(&mut buf) else {
+                return;
+            };
             let _ = echo.send_to(&buf[..n], from);
         }
     });
@@ -252,7 +254,9 @@ async fn no_secret_in_gateway_logs_at_trace_level() {
         )
         .await
         .unwrap();
-        let Address::Ip(relay) = bnd else { panic!("BND is a domain") };
+        let Address::Ip(relay) = bnd else {
+            panic!("BND is a domain")
+        };
         let (mut send, mut recv) = keys.into_sessions(assoc, Role::Client, 1024);
         let mut rec = vec![0u8; 256];
         let n = send
@@ -648,7 +652,13 @@ fn handshake_timeout_closes_a_silent_client() {
     let gw = common::GatewayProcess::start(
         &pki,
         "hs-timeout",
-        &["--no-auth", "--allow", "127.0.0.0/8", "--handshake-timeout", "500ms"],
+        &[
+            "--no-auth",
+            "--allow",
+            "127.0.0.0/8",
+            "--handshake-timeout",
+            "500ms",
+        ],
     );
     let mut tcp = std::net::TcpStream::connect(gw.control).unwrap();
     tcp.set_read_timeout(Some(common::WAIT)).unwrap();
@@ -689,7 +699,9 @@ async fn replay_window_flag_sets_the_gateways_window() {
     )
     .await
     .unwrap();
-    let Address::Ip(relay) = bnd else { panic!("BND is a domain") };
+    let Address::Ip(relay) = bnd else {
+        panic!("BND is a domain")
+    };
     let mut recv = sudp::proto::RecvSession::new(assoc, &keys, Role::Client, 1024);
     // Each record at a chosen nonce (the test door), each nonce used once; the echo
     // carries the nonce back as its payload.
@@ -735,8 +747,14 @@ async fn advertise_flag_sets_bnd_addr() {
     let any = Address::Ip("0.0.0.0:0".parse().unwrap());
     let mut c = connect_tls(&opts).await.unwrap();
     negotiate_sudp(&mut c, &opts).await.unwrap();
-    assert_eq!(request(&mut c, SocksCommand::UdpAssociate, &any).await.unwrap(), want);
+    assert_eq!(
+        request(&mut c, SocksCommand::UdpAssociate, &any).await.unwrap(),
+        want
+    );
     let mut c = connect_tls(&opts).await.unwrap();
     authenticate_plain(&mut c, None).await.unwrap();
-    assert_eq!(request(&mut c, SocksCommand::UdpAssociate, &any).await.unwrap(), want);
+    assert_eq!(
+        request(&mut c, SocksCommand::UdpAssociate, &any).await.unwrap(),
+        want
+    );
 }

@@ -217,7 +217,10 @@ async fn with_dst_port_zero_replies_wait_for_the_first_authenticated_record() {
         .unwrap();
     let opened = recv.open(&mut buf[..n]).unwrap();
     assert_eq!(opened.data().unwrap().1, b"now");
-    assert!(silent(&raw.socket, Duration::from_millis(100)).await, "not the other socket");
+    assert!(
+        silent(&raw.socket, Duration::from_millis(100)).await,
+        "not the other socket"
+    );
     assert_eq!(gw.metrics.drops(DropReason::UnsolicitedReply), 1);
     drop(raw.control);
     gw.stop().await;
@@ -242,7 +245,9 @@ async fn naked_dst_port_zero_binds_the_port_of_the_first_datagram() {
     )
     .await
     .unwrap();
-    let Address::Ip(relay) = bnd else { panic!("BND is a domain") };
+    let Address::Ip(relay) = bnd else {
+        panic!("BND is a domain")
+    };
     let datagram = |payload: &[u8]| {
         let mut d = vec![0u8; 64];
         let n = socks::encode_udp_header(&Address::Ip(echo).as_ref(), &mut d).unwrap();
@@ -266,7 +271,10 @@ async fn naked_dst_port_zero_binds_the_port_of_the_first_datagram() {
     }
     eventually(|| gw.metrics.drops(DropReason::ForeignSource) == 3).await;
     assert!(silent(&b, Duration::from_millis(200)).await);
-    assert!(silent(&a, Duration::from_millis(1)).await, "no echo of b's datagrams");
+    assert!(
+        silent(&a, Duration::from_millis(1)).await,
+        "no echo of b's datagrams"
+    );
     assert_eq!(gw.metrics.forwarded.load(Ordering::Relaxed), 1);
     // The bound port still works.
     a.send_to(&datagram(b"third"), relay).await.unwrap();
@@ -316,8 +324,18 @@ async fn gateway_drop_reasons_are_counted_and_never_answered() {
     });
     let forwarded = || gw.metrics.forwarded.load(Ordering::Relaxed);
     let check = |reason: DropReason, what: &str| {
-        assert_eq!(gw.metrics.drops(reason), 1, "{what}: {}", gw.metrics.drop_summary());
-        assert_eq!(gw.metrics.total_drops(), 1, "{what}: {}", gw.metrics.drop_summary());
+        assert_eq!(
+            gw.metrics.drops(reason),
+            1,
+            "{what}: {}",
+            gw.metrics.drop_summary()
+        );
+        assert_eq!(
+            gw.metrics.total_drops(),
+            1,
+            "{what}: {}",
+            gw.metrics.drop_summary()
+        );
     };
 
     // bad_address, in an authenticated record: ATYP 0x05.
@@ -410,12 +428,13 @@ async fn bytes_after_the_associate_reply_are_ignored_for_methods_00_and_02() {
         let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let me = Address::Ip(sock.local_addr().unwrap());
         let bnd = request(&mut control, Command::UdpAssociate, &me).await.unwrap();
-        let Address::Ip(relay) = bnd else { panic!("BND is a domain") };
+        let Address::Ip(relay) = bnd else {
+            panic!("BND is a domain")
+        };
         // A second request (UDP ASSOCIATE, then CONNECT), then bytes that are no request.
         let mut out = Vec::new();
         socks::encode_request(Command::UdpAssociate.to_u8(), &me.as_ref(), &mut out).unwrap();
-        socks::encode_request(Command::Connect.to_u8(), &Address::Ip(echo).as_ref(), &mut out)
-            .unwrap();
+        socks::encode_request(Command::Connect.to_u8(), &Address::Ip(echo).as_ref(), &mut out).unwrap();
         out.extend_from_slice(&[0xff; 100]);
         control.write_all(&out).await.unwrap();
         control.flush().await.unwrap();
@@ -488,13 +507,18 @@ async fn auth_failed_replies_are_exact_and_the_gateway_closes() {
     c.write_all(&msg).await.unwrap();
     let rest = read_until_closed(&mut c).await;
     let mut want = vec![5, method::SUDP];
-    want.extend_from_slice(&SudpAccept {
-        status: socks::sudp_status::AUTH_FAILED,
-        suite: 0,
-        assoc: AssociationId(0),
-    }
-    .encode());
-    assert_eq!(rest, want, "05 80, then AUTH_FAILED with suite 0 and id 0, then close");
+    want.extend_from_slice(
+        &SudpAccept {
+            status: socks::sudp_status::AUTH_FAILED,
+            suite: 0,
+            assoc: AssociationId(0),
+        }
+        .encode(),
+    );
+    assert_eq!(
+        rest, want,
+        "05 80, then AUTH_FAILED with suite 0 and id 0, then close"
+    );
     assert_eq!(&want[2..], &[1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
 
     let mut c = connect_tls(&gw.options(&pki)).await.unwrap();

@@ -556,10 +556,7 @@ async fn shim_logs_each_gateway_connection_and_reloads_on_sighup() {
     // reload (a resumption shows no certificate, so its old CA is not consulted), and the
     // gateway refuses the stale password: AUTH_FAILED, which the shim answers with 0x02
     // (not allowed, `ClientError::reply_code`).
-    assert_eq!(
-        connect_via_shim(socks, target).await,
-        Err(ReplyCode::NotAllowed)
-    );
+    assert_eq!(connect_via_shim(socks, target).await, Err(ReplyCode::NotAllowed));
     std::fs::write(&password, "second-pw\n").unwrap();
     std::fs::copy(second.join("ca.pem"), &ca).unwrap();
     let pid = shim.id().to_string();

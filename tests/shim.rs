@@ -891,7 +891,10 @@ async fn stream_resumes_after_the_gateway_restarts_on_the_same_ports() {
     // builds. A backoff that starts at seconds, or a reconnect that waits for a timeout,
     // fails.
     let bound = up * 2 + Duration::from_millis(1600);
-    assert!(gap <= bound, "gap {gap:?} > {bound:?} (gateway back after {up:?})");
+    assert!(
+        gap <= bound,
+        "gap {gap:?} > {bound:?} (gateway back after {up:?})"
+    );
     // The loss: only datagrams sent during the outage (one per 5 ms of the gap) may be
     // lost, plus a few in flight at either end; a ratio of all datagrams would depend on how
     // long the stream ran before the stop, so the bound is a count.

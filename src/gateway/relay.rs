@@ -476,7 +476,12 @@ impl Relay {
         #[cfg(not(feature = "test-doors"))]
         let tx = SendSession::new(id, keys, Role::Gateway);
         #[cfg(feature = "test-doors")]
-        let tx = SendSession::resume(id, keys, Role::Gateway, TEST_G2C_FIRST_NONCE.load(Ordering::Relaxed));
+        let tx = SendSession::resume(
+            id,
+            keys,
+            Role::Gateway,
+            TEST_G2C_FIRST_NONCE.load(Ordering::Relaxed),
+        );
         let kind = Kind::Secure {
             rx: Box::new(Mutex::new(rx)),
             tx: Box::new(Mutex::new(tx)),
