@@ -128,7 +128,7 @@ fn rows_are_printed_as_they_finish_when_stdout_is_not_a_terminal() {
 
 /// The rate search (no `--rate`): short probes, then the measured run at the rate found and
 /// the half-rate latency run. On loopback without a proxy (`direct`) even a busy debug
-/// build sustains far more than 2 000 datagrams/s of 200 B, so a search that gave up at its
+/// build sustains far more than 1 000 datagrams/s of 200 B, so a search that gave up at its
 /// floor (100/s) or never ran fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rate_search_finds_a_sustained_rate_and_measures_half_of_it() {
@@ -153,7 +153,7 @@ async fn the_rate_search_finds_a_sustained_rate_and_measures_half_of_it() {
     let (found, half) = (&report.runs[0], &report.runs[1]);
     assert_eq!(found.mode, Mode::Direct);
     assert!(
-        (2_000.0..=4_000_000.0).contains(&found.requested_pps),
+        (1_000.0..=4_000_000.0).contains(&found.requested_pps),
         "{found:?}"
     );
     assert!(found.loss_pct < 5.0, "{found:?}");

@@ -876,11 +876,11 @@ async fn stream_resumes_after_the_gateway_restarts_on_the_same_ports() {
         stream.sent.load(Ordering::Relaxed),
         stream.received.load(Ordering::Relaxed),
     );
-    let lost = sent - received;
+    let lost = sent.saturating_sub(received); // a duplicate echo could make received larger
     eprintln!(
         "restart: gateway back {up:?} and stream resumed {gap:?} after the stop (stopped at \
          #{stopped_at}, {} unanswered then); {received} of {sent} echoed ({lost} lost, {:.1}%)",
-        stopped_at - received_at_stop,
+        stopped_at.saturating_sub(received_at_stop),
         100.0 * lost as f64 / sent as f64
     );
     // The gap: the shim retries 100 ms after the loss, then doubling (100, 300, 700,
