@@ -248,7 +248,8 @@ fn bench_json(args: &[&str], tag: &str) -> Vec<serde_json::Value> {
 
 /// The remote forms, as across machines but on loopback: `sudp bench reflect` as the far
 /// end, `--mode direct --target` to it, and `--socks` through a running plain SOCKS5 proxy
-/// (the `sudp shim`'s SOCKS5 port, in front of a `sudp gateway` process), naked mode.
+/// (the `sudp shim`'s SOCKS5 port, in front of a `sudp gateway` process), naked mode with
+/// `--streams 2`.
 #[test]
 fn reflect_direct_and_socks_through_a_running_proxy() {
     let bin = env!("CARGO_BIN_EXE_sudp");
@@ -296,9 +297,19 @@ fn reflect_direct_and_socks_through_a_running_proxy() {
             .unwrap(),
     );
     let socks = line_starting(&mut shim.0, "socks ");
+    // Two streams through the proxy; the report says so (an ignored flag fails here).
     let runs = bench_json(
         &[
-            &["--socks", &socks, "--target", &target, "--mode", "naked"][..],
+            &[
+                "--socks",
+                &socks,
+                "--target",
+                &target,
+                "--mode",
+                "naked",
+                "--streams",
+                "2",
+            ][..],
             &fixed,
         ]
         .concat(),
@@ -306,10 +317,11 @@ fn reflect_direct_and_socks_through_a_running_proxy() {
     );
     assert_eq!(runs.len(), 1, "{runs:?}");
     assert_eq!(runs[0]["mode"], "naked");
+    assert_eq!(runs[0]["streams"], 2);
     assert!(runs[0]["received"].as_u64().unwrap() > 0, "{:?}", runs[0]);
     assert!(runs[0]["loss_pct"].as_f64().unwrap() < 5.0, "{:?}", runs[0]);
-    // The datagrams went through the gateway: it opened an association for the shim.
     drop(shim);
     let log = gw.stderr();
+    // The datagrams went through the gateway: it opened associations for the shim.
     assert!(log.contains("UDP association open"), "{log}");
 }
