@@ -1,6 +1,8 @@
 //! The bench library end to end: in-process gateway, secure and naked modes, a fixed low
 //! rate for about a second at one size, and the JSON report's keys.
 
+mod common;
+
 use std::time::Duration;
 
 use sudp::bench::stats::Rate;
@@ -122,4 +124,204 @@ fn rows_are_printed_as_they_finish_when_stdout_is_not_a_terminal() {
         "{text:#?}"
     );
     assert!(text.iter().any(|l| l.starts_with("sudp bench ")), "{text:#?}");
+}
+
+/// The rate search (no `--rate`): short probes, then the measured run at the rate found and
+/// the half-rate latency run. On loopback without a proxy (`direct`) even a busy debug
+/// build sustains far more than 1 000 datagrams/s of 200 B, so a search that gave up at its
+/// floor (100/s) or never ran fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_search_finds_a_sustained_rate_and_measures_half_of_it() {
+    let opts = Options {
+        modes: vec![Mode::Direct],
+        sizes: vec![200],
+        rate: None,
+        probe: Duration::from_millis(100),
+        duration: Duration::from_millis(300),
+        half: true,
+        ..Options::default()
+    };
+    let report = tokio::time::timeout(
+        Duration::from_secs(60),
+        sudp::bench::run(&opts, &Progress::hidden()),
+    )
+    .await
+    .expect("bench finished in time")
+    .expect("bench ran");
+    let sources: Vec<&str> = report.runs.iter().map(|r| r.rate_source).collect();
+    assert_eq!(sources, ["search", "half"], "{:?}", report.runs);
+    let (found, half) = (&report.runs[0], &report.runs[1]);
+    assert_eq!(found.mode, Mode::Direct);
+    assert!(
+        (1_000.0..=4_000_000.0).contains(&found.requested_pps),
+        "{found:?}"
+    );
+    assert!(found.loss_pct < 5.0, "{found:?}");
+    assert!(found.received > 0 && half.received > 0, "{half:?}");
+    let ratio = half.requested_pps / found.requested_pps;
+    assert!((0.49..=0.51).contains(&ratio), "half of {found:?}: {half:?}");
+}
+
+/// `--streams 2`: two associations through the in-process gateway, each with its own
+/// sender and reflector; the report and the run say so, and both carried traffic (the
+/// delivered count is above what one stream was asked to send).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_streams_run_side_by_side() {
+    let opts = Options {
+        modes: vec![Mode::Secure],
+        sizes: vec![200],
+        rate: Some(Rate::Pps(2_000.0)),
+        duration: Duration::from_millis(600),
+        streams: 2,
+        ..Options::default()
+    };
+    let report = tokio::time::timeout(
+        Duration::from_secs(30),
+        sudp::bench::run(&opts, &Progress::hidden()),
+    )
+    .await
+    .expect("bench finished in time")
+    .expect("bench ran");
+    assert_eq!(report.streams, 2);
+    assert_eq!(report.runs.len(), 1);
+    let run = &report.runs[0];
+    assert_eq!((run.streams, run.rate_source), (2, "fixed"), "{run:?}");
+    assert!(run.loss_pct < 5.0, "{run:?}");
+    assert!(run.received * 100 >= run.sent * 95, "{run:?}");
+}
+
+/// Reads lines of `child`'s stdout on a thread until one starts with `prefix`; returns the
+/// rest of that line (bounded wait).
+fn line_starting(child: &mut std::process::Child, prefix: &str) -> String {
+    use std::io::BufRead as _;
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let wanted = prefix.to_owned();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            // Read on after the line (to EOF): a closed pipe would fail the child's next
+            // print.
+            if let Some(rest) = line.strip_prefix(&wanted) {
+                let _ = tx.send(rest.trim().to_owned());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("no line starting with {prefix:?}"))
+}
+
+/// Kills and reaps a child when dropped, so a failing test leaves no process behind.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `sudp bench ARGS --json FILE` (bounded) and returns the JSON report's runs.
+fn bench_json(args: &[&str], tag: &str) -> Vec<serde_json::Value> {
+    let path = std::env::temp_dir().join(format!("sudp-bench-{tag}-{}.json", std::process::id()));
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_sudp"))
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .arg(&path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = common::output_within(child, Duration::from_secs(60), "sudp bench");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&path);
+    json["runs"].as_array().expect("runs").clone()
+}
+
+/// The remote forms, as across machines but on loopback: `sudp bench reflect` as the far
+/// end, `--mode direct --target` to it, and `--socks` through a running plain SOCKS5 proxy
+/// (the `sudp shim`'s SOCKS5 port, in front of a `sudp gateway` process), naked mode with
+/// `--streams 2`.
+#[test]
+fn reflect_direct_and_socks_through_a_running_proxy() {
+    let bin = env!("CARGO_BIN_EXE_sudp");
+    let mut reflect = Reaped(
+        std::process::Command::new(bin)
+            .args(["bench", "reflect", "--listen", "127.0.0.1:0"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let target = line_starting(&mut reflect.0, "reflecting UDP on ");
+    let fixed = ["--size", "200", "--rate", "2000", "--duration", "500ms"];
+
+    let runs = bench_json(
+        &[&["--mode", "direct", "--target", &target][..], &fixed].concat(),
+        "direct",
+    );
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0]["mode"], "direct");
+    assert!(runs[0]["received"].as_u64().unwrap() > 0, "{:?}", runs[0]);
+    assert!(runs[0]["loss_pct"].as_f64().unwrap() < 5.0, "{:?}", runs[0]);
+
+    let pki = common::pki();
+    let gw = common::GatewayProcess::start(&pki, "bench-socks", &["--no-auth", "--allow", "127.0.0.0/8"]);
+    let ca = gw.dir.join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let mut shim = Reaped(
+        std::process::Command::new(bin)
+            .args([
+                "shim",
+                "--gateway",
+                &gw.control.to_string(),
+                "--server-name",
+                "localhost",
+            ])
+            .arg("--ca")
+            .arg(&ca)
+            .args(["--socks", "127.0.0.1:0"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let socks = line_starting(&mut shim.0, "socks ");
+    // Two streams through the proxy; the report says so (an ignored flag fails here).
+    let runs = bench_json(
+        &[
+            &[
+                "--socks",
+                &socks,
+                "--target",
+                &target,
+                "--mode",
+                "naked",
+                "--streams",
+                "2",
+            ][..],
+            &fixed,
+        ]
+        .concat(),
+        "socks",
+    );
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0]["mode"], "naked");
+    assert_eq!(runs[0]["streams"], 2);
+    assert!(runs[0]["received"].as_u64().unwrap() > 0, "{:?}", runs[0]);
+    assert!(runs[0]["loss_pct"].as_f64().unwrap() < 5.0, "{:?}", runs[0]);
+    drop(shim);
+    let log = gw.stderr();
+    // The datagrams went through the gateway: it opened associations for the shim.
+    assert!(log.contains("UDP association open"), "{log}");
 }

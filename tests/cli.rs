@@ -153,7 +153,9 @@ fn passwd_prints_a_users_line_without_the_password() {
 /// Passwords and keys never reach the logs, even at trace level.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_in_gateway_logs_at_trace_level() {
-    use sudp::client::{authenticate_plain, connect_tls, ClientOptions, SecureUdp};
+    use sudp::client::{authenticate_plain, connect_tls, negotiate_sudp, request, ClientOptions, SecureUdp};
+    use sudp::proto::keys::{CipherSuite, KeySchedule, Role, EXPORTER_LABEL};
+    use sudp::proto::socks::{Address, Command as SocksCommand};
     use sudp::tls::{ClientTlsOptions, ServerTrust};
 
     let dir = tempdir("secrets");
@@ -198,13 +200,78 @@ async fn no_secret_in_gateway_logs_at_trace_level() {
     // A wrong password that contains the real one, then the real one, on both methods.
     let wrong = format!("{secret}-nope");
     let mut c = connect_tls(&opts).await.unwrap();
-    assert!(authenticate_plain(&mut c, Some(("alice", &wrong))).await.is_err());
+    let r = authenticate_plain(&mut c, Some(("alice", &wrong))).await;
+    assert!(matches!(r, Err(sudp::client::ClientError::AuthFailed)), "{r:?}");
     let mut c = connect_tls(&opts).await.unwrap();
     authenticate_plain(&mut c, Some(("alice", secret))).await.unwrap();
     opts.credentials = Some(("alice".into(), secret.into()));
     let udp = SecureUdp::connect(&opts).await.unwrap();
     drop(udp);
     drop(c);
+
+    // An association whose keys the test knows: the client side's exporter output, and the
+    // six keys cut from it, for both suites (the gateway logs at trace while it derives,
+    // seals and opens with them). One record each way, so every key is used.
+    let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    echo.set_read_timeout(Some(common::WAIT)).unwrap();
+    let echo_thread = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        for _ in 0..2 {
+            let Ok((n, from)) = echo.recv_from(&mut buf) else {
+                return;
+            };
+            let _ = echo.send_to(&buf[..n], from);
+        }
+    });
+    let mut secrets: Vec<(String, Vec<u8>)> = Vec::new();
+    for suite in CipherSuite::ALL {
+        let mut o = opts.clone();
+        o.suites = vec![suite];
+        let mut control = connect_tls(&o).await.unwrap();
+        let (suite, assoc) = negotiate_sudp(&mut control, &o).await.unwrap();
+        let conn = control.get_ref().1;
+        let mut material = vec![0u8; suite.exporter_len()];
+        conn.export_keying_material(
+            &mut material,
+            EXPORTER_LABEL,
+            Some(&KeySchedule::exporter_context(assoc, suite)),
+        )
+        .unwrap();
+        secrets.push((format!("{} exporter output", suite.name()), material.clone()));
+        let keys = sudp::tls::export_keys(conn, assoc, suite).unwrap();
+        let (c2g, g2c) = keys.for_role(Role::Client);
+        for (dir, k) in [("c2g", c2g), ("g2c", g2c)] {
+            secrets.push((format!("{} {dir} enc", suite.name()), k.enc().to_vec()));
+            secrets.push((format!("{} {dir} mac", suite.name()), k.mac().to_vec()));
+            secrets.push((format!("{} {dir} iv", suite.name()), k.iv().to_vec()));
+        }
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let bnd = request(
+            &mut control,
+            SocksCommand::UdpAssociate,
+            &Address::Ip(sock.local_addr().unwrap()),
+        )
+        .await
+        .unwrap();
+        let Address::Ip(relay) = bnd else {
+            panic!("BND is a domain")
+        };
+        let (mut send, mut recv) = keys.into_sessions(assoc, Role::Client, 1024);
+        let mut rec = vec![0u8; 256];
+        let n = send
+            .seal(&Address::Ip(echo_addr).as_ref(), b"keyed", &mut rec)
+            .unwrap();
+        sock.send_to(&rec[..n], relay).await.unwrap();
+        let mut buf = [0u8; 512];
+        let (n, _) = tokio::time::timeout(common::WAIT, sock.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(recv.open(&mut buf[..n]).unwrap().data().unwrap().1, b"keyed");
+        drop(control);
+    }
+    echo_thread.join().unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let pid = child.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
@@ -212,6 +279,29 @@ async fn no_secret_in_gateway_logs_at_trace_level() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("UDP association open"), "trace log captured:\n{log}");
     assert!(!log.contains(secret), "password in the logs:\n{log}");
+    // Every form a key could take in a log line: hex (either case), base64 (standard and
+    // URL-safe) and Rust's `Debug` of a byte slice, of every 9-byte window of each secret
+    // (a key printed whole, cut short, from an offset or wrapped across lines still shows
+    // one; 9 bytes, a multiple of 3, so some window is aligned with any base64 encoding).
+    assert_eq!(secrets.len(), 14, "two suites x (exporter output + six keys)");
+    let mut forms_checked = 0;
+    for (what, key) in &secrets {
+        for part in key.windows(9) {
+            let debug = format!("{part:?}");
+            let forms = [
+                hex::encode(part),
+                hex::encode_upper(part),
+                base64(part, STANDARD_B64),
+                base64(part, URL_SAFE_B64),
+                debug[1..debug.len() - 1].to_owned(),
+            ];
+            for form in forms {
+                assert!(!log.contains(&form), "{what} in the logs as {form:?}:\n{log}");
+                forms_checked += 1;
+            }
+        }
+    }
+    assert!(forms_checked > 2_000, "{forms_checked}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -489,4 +579,182 @@ fn completions_and_man_pages_are_generated() {
     );
     assert!(gw.contains("\\-\\-check"), "{gw}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+const STANDARD_B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+const URL_SAFE_B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+/// Base64 of `data` (RFC 4648) with `alphabet`, unpadded (a window of a longer encoding
+/// has no padding): the forms a key would take if some code path logged it encoded.
+fn base64(data: &[u8], alphabet: &[u8; 64]) -> String {
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..=chunk.len() {
+            out.push(alphabet[(n >> (18 - 6 * i)) as usize & 63] as char);
+        }
+    }
+    out
+}
+
+#[test]
+fn base64_matches_rfc4648() {
+    assert_eq!(base64(b"", STANDARD_B64), "");
+    assert_eq!(base64(b"f", STANDARD_B64), "Zg");
+    assert_eq!(base64(b"fo", STANDARD_B64), "Zm8");
+    assert_eq!(base64(b"foobar", STANDARD_B64), "Zm9vYmFy");
+    assert_eq!(base64(&[0xfb, 0xff, 0xfe], STANDARD_B64), "+//+");
+    assert_eq!(base64(&[0xfb, 0xff, 0xfe], URL_SAFE_B64), "-__-");
+}
+
+// --- Gateway flags end to end (the binary) -------------------------------------------------
+
+/// Client options for a `sudp gateway` process started by [`common::GatewayProcess`].
+fn process_options(gw: &common::GatewayProcess, pki: &sudp::cert::DevPki) -> sudp::client::ClientOptions {
+    sudp::client::ClientOptions::new(gw.control, "localhost", common::client_tls(pki, false))
+}
+
+/// `--max-connections 2`: a third client waits (its TLS handshake is not served) until one
+/// of the two connections closes, then gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_queues_the_third_client_until_a_slot_frees() {
+    use sudp::client::connect_tls;
+    let pki = common::pki();
+    let gw = common::GatewayProcess::start(
+        &pki,
+        "max-conn",
+        &["--no-auth", "--allow", "127.0.0.0/8", "--max-connections", "2"],
+    );
+    let opts = process_options(&gw, &pki);
+    let first = connect_tls(&opts).await.unwrap();
+    let _second = connect_tls(&opts).await.unwrap();
+    let third = tokio::spawn({
+        let opts = opts.clone();
+        async move { connect_tls(&opts).await }
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!third.is_finished(), "a third connection was served");
+    drop(first);
+    let third = tokio::time::timeout(common::WAIT, third)
+        .await
+        .expect("the third client got the freed slot")
+        .unwrap();
+    assert!(third.is_ok(), "{:?}", third.err());
+}
+
+/// `--handshake-timeout 500ms`: a client that connects and says nothing is closed after
+/// about that long (not at once, and not after the 10 s default).
+#[test]
+fn handshake_timeout_closes_a_silent_client() {
+    use std::io::Read as _;
+    let pki = common::pki();
+    let gw = common::GatewayProcess::start(
+        &pki,
+        "hs-timeout",
+        &[
+            "--no-auth",
+            "--allow",
+            "127.0.0.0/8",
+            "--handshake-timeout",
+            "500ms",
+        ],
+    );
+    let mut tcp = std::net::TcpStream::connect(gw.control).unwrap();
+    tcp.set_read_timeout(Some(common::WAIT)).unwrap();
+    let t0 = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let n = tcp.read(&mut buf).unwrap_or(0);
+    let waited = t0.elapsed();
+    assert_eq!(n, 0, "closed, nothing sent");
+    assert!(
+        waited >= Duration::from_millis(400) && waited < Duration::from_secs(3),
+        "closed after {waited:?}"
+    );
+}
+
+/// `--replay-window 64`: a record 70 nonces behind the newest is refused (too old), one 60
+/// behind is accepted; with the default window (1 024) both would be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_window_flag_sets_the_gateways_window() {
+    use sudp::client::{connect_tls, negotiate_sudp, request};
+    use sudp::proto::socks::{Address, Command as SocksCommand};
+    use sudp::proto::{Role, SendSession};
+    let pki = common::pki();
+    let gw = common::GatewayProcess::start(
+        &pki,
+        "replay-window",
+        &["--no-auth", "--allow", "127.0.0.0/8", "--replay-window", "64"],
+    );
+    let echo = common::udp_echo().await;
+    let opts = process_options(&gw, &pki);
+    let mut control = connect_tls(&opts).await.unwrap();
+    let (suite, assoc) = negotiate_sudp(&mut control, &opts).await.unwrap();
+    let keys = sudp::tls::export_keys(control.get_ref().1, assoc, suite).unwrap();
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let bnd = request(
+        &mut control,
+        SocksCommand::UdpAssociate,
+        &Address::Ip(sock.local_addr().unwrap()),
+    )
+    .await
+    .unwrap();
+    let Address::Ip(relay) = bnd else {
+        panic!("BND is a domain")
+    };
+    let mut recv = sudp::proto::RecvSession::new(assoc, &keys, Role::Client, 1024);
+    // Each record at a chosen nonce (the test door), each nonce used once; the echo
+    // carries the nonce back as its payload.
+    let mut buf = [0u8; 512];
+    for (nonce, comes_back, why) in [
+        (100u64, true, "the newest"),
+        (30, false, "70 behind the newest: too old with W = 64"),
+        (40, true, "60 behind the newest: inside W = 64"),
+    ] {
+        let mut send = SendSession::resume(assoc, &keys, Role::Client, nonce);
+        let mut rec = vec![0u8; 256];
+        let n = send
+            .seal(&Address::Ip(echo).as_ref(), &nonce.to_be_bytes(), &mut rec)
+            .unwrap();
+        sock.send_to(&rec[..n], relay).await.unwrap();
+        let got = match tokio::time::timeout(Duration::from_millis(700), sock.recv_from(&mut buf)).await {
+            Ok(r) => {
+                let n = r.unwrap().0;
+                let o = recv.open(&mut buf[..n]).unwrap();
+                Some(u64::from_be_bytes(o.data().unwrap().1.try_into().unwrap()))
+            }
+            Err(_) => None,
+        };
+        assert_eq!(got, comes_back.then_some(nonce), "nonce {nonce}, {why}");
+    }
+    drop(control);
+}
+
+/// `--advertise 127.0.0.9`: UDP ASSOCIATE replies name that address with the relay's port
+/// (for a gateway behind a NAT or a load balancer), for secure and naked clients alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn advertise_flag_sets_bnd_addr() {
+    use sudp::client::{authenticate_plain, connect_tls, negotiate_sudp, request};
+    use sudp::proto::socks::{Address, Command as SocksCommand};
+    let pki = common::pki();
+    let gw = common::GatewayProcess::start(
+        &pki,
+        "advertise",
+        &["--no-auth", "--allow", "127.0.0.0/8", "--advertise", "127.0.0.9"],
+    );
+    let opts = process_options(&gw, &pki);
+    let want = Address::Ip(([127, 0, 0, 9], gw.relay.port()).into());
+    let any = Address::Ip("0.0.0.0:0".parse().unwrap());
+    let mut c = connect_tls(&opts).await.unwrap();
+    negotiate_sudp(&mut c, &opts).await.unwrap();
+    assert_eq!(
+        request(&mut c, SocksCommand::UdpAssociate, &any).await.unwrap(),
+        want
+    );
+    let mut c = connect_tls(&opts).await.unwrap();
+    authenticate_plain(&mut c, None).await.unwrap();
+    assert_eq!(
+        request(&mut c, SocksCommand::UdpAssociate, &any).await.unwrap(),
+        want
+    );
 }

@@ -298,11 +298,8 @@ async fn refusals_get_the_rfc_reply_and_others_lose_nothing() {
         raw_request_code(&gw, &pki, 0x09, &denied).await,
         ReplyCode::CommandNotSupported as u8
     );
-    // Connection refused: a port nobody listens on.
-    let closed = {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        l.local_addr().unwrap()
-    };
+    // Connection refused: a port nobody listens on (held, so nobody else takes it).
+    let (_held, closed) = refusing_tcp_addr();
     assert_eq!(
         raw_request_code(&gw, &pki, 1, &Address::Ip(closed)).await,
         ReplyCode::ConnectionRefused as u8
@@ -392,7 +389,12 @@ async fn mtls_client_certificate_is_required_and_identifies_the_user() {
         authenticate_plain(&mut c, None).await
     }
     .await;
-    assert!(r.is_err(), "a client without certificate must not get through");
+    // TLS 1.3: the server's verdict on the missing certificate arrives with the client's
+    // first read, as the alert `certificate_required` (RFC 8446 §4.4.2.4).
+    assert!(
+        matches!(&r, Err(ClientError::Io(e)) if alert(e) == Some(rustls::AlertDescription::CertificateRequired)),
+        "a client without certificate must not get through: {r:?}"
+    );
     // With one, no password is needed: identity comes from the certificate.
     let mut o = gw.options(&pki);
     o.tls = client_tls(&pki, true);
@@ -584,4 +586,12 @@ async fn a_secure_association_never_accepts_naked_datagrams() {
             .is_err()
     );
     gw.stop().await;
+}
+
+/// The TLS alert the peer sent, when `e` is one (rustls reports it inside an I/O error).
+fn alert(e: &std::io::Error) -> Option<rustls::AlertDescription> {
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::AlertReceived(a) => Some(*a),
+        _ => None,
+    }
 }

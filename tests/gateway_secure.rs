@@ -94,7 +94,7 @@ async fn gateway_refuses_replayed_records_and_accepts_reordered_ones() {
         socket: sock,
         relay,
     } = raw_secure(&gw, &pki).await;
-    let (mut send, _) = keys.into_sessions(assoc, Role::Client, 1024);
+    let (mut send, mut recv) = keys.into_sessions(assoc, Role::Client, 1024);
     let mut records = Vec::new();
     for i in 0..3u8 {
         let mut b = vec![0u8; 256];
@@ -106,18 +106,36 @@ async fn gateway_refuses_replayed_records_and_accepts_reordered_ones() {
     for i in [2usize, 0, 2, 0, 1] {
         sock.send_to(&records[i], relay).await.unwrap();
     }
-    let mut got = Vec::new();
+    // Which records came back, not only how many: each echo is opened with the client's
+    // keys, and the payloads must be exactly records 0, 1 and 2, each once, from the echo,
+    // under g2c nonces 0, 1 and 2 (the gateway sealed three replies and no more).
+    let mut payloads = Vec::new();
+    let mut nonces = Vec::new();
     let mut buf = [0u8; 512];
     for _ in 0..3 {
         let (n, _) = tokio::time::timeout(WAIT, sock.recv_from(&mut buf))
             .await
             .unwrap()
             .unwrap();
-        assert!(n > 0);
-        got.push(n);
+        let opened = recv.open(&mut buf[..n]).unwrap();
+        let (from, payload) = opened.data().expect("a data record");
+        assert_eq!(from.to_owned(), Address::Ip(echo));
+        payloads.push(payload.to_vec());
+        nonces.push(opened.nonce);
     }
+    payloads.sort();
+    assert_eq!(payloads, vec![vec![0u8; 10], vec![1u8; 10], vec![2u8; 10]]);
+    nonces.sort_unstable();
+    assert_eq!(nonces, vec![0, 1, 2]);
     eventually(|| gw.metrics.drops(DropReason::Duplicate) == 2).await;
     assert_eq!(gw.metrics.forwarded.load(std::sync::atomic::Ordering::Relaxed), 3);
+    // And no fourth reply: a replay that slipped through would be echoed once more.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sock.recv_from(&mut buf))
+            .await
+            .is_err(),
+        "a replayed record was forwarded and echoed"
+    );
     drop(control);
     gw.stop().await;
 }

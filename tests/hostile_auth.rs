@@ -518,7 +518,11 @@ async fn revoked_client_certificates_are_refused_in_the_handshake() {
         .await
         .unwrap();
     let r = connect_code(&gw, client_with(&p, Some(&p.gone)), None, echo).await;
-    assert!(r.is_err(), "a revoked certificate got through");
+    // RFC 8446 §6.2: the alert `certificate_revoked`.
+    assert!(
+        matches!(&r, Err(ClientError::Io(e)) if alert(e) == Some(rustls::AlertDescription::CertificateRevoked)),
+        "a revoked certificate got through: {r:?}"
+    );
     assert!(
         !matches!(r, Err(ClientError::Refused(_))),
         "refused only at the request: {r:?}"
@@ -555,4 +559,12 @@ async fn no_auth_accepts_credentials_as_anonymous() {
     drop(udp);
     assert_eq!(gw.metrics.auth_failures.load(Ordering::Relaxed), 0);
     gw.stop().await;
+}
+
+/// The TLS alert the peer sent, when `e` is one (rustls reports it inside an I/O error).
+fn alert(e: &std::io::Error) -> Option<rustls::AlertDescription> {
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::AlertReceived(a) => Some(*a),
+        _ => None,
+    }
 }

@@ -493,9 +493,18 @@ impl Relay {
             session: RecvSession::new(id, keys, Role::Gateway, self.settings.replay_window),
             path: PathValidator::new(announced),
         };
+        #[cfg(not(feature = "test-doors"))]
+        let tx = SendSession::new(id, keys, Role::Gateway);
+        #[cfg(feature = "test-doors")]
+        let tx = SendSession::resume(
+            id,
+            keys,
+            Role::Gateway,
+            TEST_G2C_FIRST_NONCE.load(Ordering::Relaxed),
+        );
         let kind = Kind::Secure {
             rx: Box::new(Mutex::new(rx)),
-            tx: Box::new(Mutex::new(SendSession::new(id, keys, Role::Gateway))),
+            tx: Box::new(Mutex::new(tx)),
         };
         let assoc = self.new_association(id, user, client_ip, announced, kind)?;
         {
@@ -1100,6 +1109,13 @@ async fn reply_loop(relay: Arc<Relay>, assoc: Arc<Association>) {
         }
     }
 }
+
+/// Test door (feature `test-doors`, never enabled for library users): the first g2c nonce
+/// of every secure association opened from now on, so that a test reaches key exhaustion
+/// (PROTOCOL.md §8) without sealing 2^48 records. Process-wide, so only a test binary of
+/// its own sets it (`tests/key_exhaustion.rs`); 0, the protocol's start, otherwise.
+#[cfg(feature = "test-doors")]
+pub static TEST_G2C_FIRST_NONCE: AtomicU64 = AtomicU64::new(0);
 
 /// A train of replies for one client.
 struct Replies {

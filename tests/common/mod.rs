@@ -657,3 +657,14 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A TCP address on 127.0.0.1 where nobody listens, kept so while the returned socket
+/// lives: the socket is bound but never listens, so a connection to it is refused (RST)
+/// and no other test can take the port in the meantime (a port picked, closed and reused
+/// later could be anyone's by then).
+pub fn refusing_tcp_addr() -> (socket2::Socket, SocketAddr) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    (s, addr)
+}
