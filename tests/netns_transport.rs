@@ -9,29 +9,11 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::netns::{lines, must, sh, wait_file, Kill};
 use common::*;
-
-fn sh(args: &[&str]) -> bool {
-    Command::new(args[0])
-        .args(&args[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn must(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Two namespaces and a veth pair between them, removed when dropped (also on failure).
 struct Hosts {
@@ -99,31 +81,6 @@ impl Drop for Hosts {
     }
 }
 
-/// Kills a child when dropped.
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Reads lines of a child's stdout on a thread; `next` waits for one, bounded.
-fn lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
-    use std::io::BufRead as _;
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
 /// The application in the client's namespace: one 200-byte datagram every 10 ms to the
 /// shim's forward for `secs` seconds; prints "sent echoed".
 const APP: &str = r#"
@@ -166,17 +123,6 @@ fn scrape(h: &Hosts, port: u16, key: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse().ok()))
         .unwrap_or(0.0)
-}
-
-fn wait_log(path: &std::path::Path, needle: &str, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if std::fs::read_to_string(path).unwrap_or_default().contains(needle) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
 }
 
 #[test]
@@ -301,7 +247,7 @@ fn a_firewall_that_drops_udp_moves_records_into_tls_and_back() {
     );
     eprintln!("UDP blocked by nftables for 5 s: the shim forwarded tls={tls} udp={udp}");
     assert!(tls > 300.0 && udp == 0.0, "tls={tls} udp={udp}");
-    assert!(wait_log(&shim_log, "carrying records inside TLS", WAIT));
+    assert!(wait_file(&shim_log, "carrying records inside TLS", WAIT));
     must(&[
         "ip", "netns", "exec", &h.cl, "nft", "delete", "table", "inet", "sudp",
     ]);
@@ -327,6 +273,6 @@ fn a_firewall_that_drops_udp_moves_records_into_tls_and_back() {
         "{echoed} of {sent} echoed across the two phases"
     );
     assert!(udp2 > 200.0, "records never went back to UDP (udp={udp2})");
-    assert!(wait_log(&shim_log, "records back on UDP", WAIT));
+    assert!(wait_file(&shim_log, "records back on UDP", WAIT));
     let _ = std::fs::remove_dir_all(&dir);
 }

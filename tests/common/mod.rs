@@ -2,6 +2,8 @@
 //! the `sudp cert` logic), echo servers, and client configurations.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
