@@ -343,8 +343,7 @@ impl Gateway {
     /// Binds the control listener and the relay socket. Errors name the socket and its
     /// address (`TLS control listener 127.0.0.1:8443: address in use ...`).
     pub async fn bind(settings: Settings) -> io::Result<Gateway> {
-        let listener = TcpListener::bind(settings.listen)
-            .await
+        let listener = crate::net::bind_tcp_listener(settings.listen)
             .map_err(crate::net::bind_error(
                 "TLS control listener",
                 settings.listen,

@@ -61,6 +61,27 @@ pub fn bind_error(
     }
 }
 
+/// Connections a TCP listener's accept queue holds (the kernel caps it at
+/// `net.core.somaxconn`). std's and mio's defaults (128, 1024) overflowed in a reconnect
+/// storm: every shim association of a lost gateway connects to the next one at once, and an
+/// overflowed queue drops the SYN, which the client repeats only after a second.
+pub const LISTEN_BACKLOG: i32 = 4096;
+
+/// Binds a TCP listener (`SO_REUSEADDR`, as std does) with a [`LISTEN_BACKLOG`] accept
+/// queue, registered with tokio.
+pub fn bind_tcp_listener(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(socket.into())
+}
+
 /// Binds a UDP socket with large buffers, non-blocking, registered with tokio.
 pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     bind_udp_opts(addr, false)
