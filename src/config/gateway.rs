@@ -77,9 +77,21 @@ pub struct GatewayArgs {
     pub client_crl: Vec<PathBuf>,
 
     /// Accept clients without any authentication. For tests and demos only; cannot be
-    /// combined with --users or --client-ca.
+    /// combined with --users, --client-ca or --kerberos-keytab.
     #[arg(long)]
     pub no_auth: bool,
+
+    /// Keytab holding the key of --kerberos-service: user names and passwords (RFC 1929,
+    /// sudp hello) are then checked against the KDC (after the users file, if any), and the
+    /// GSS-API method (RFC 1961) is offered. Needs a build with `--features kerberos` and
+    /// --kerberos-service; the realm and KDC come from krb5.conf (KRB5_CONFIG).
+    #[arg(long, value_name = "FILE")]
+    pub kerberos_keytab: Option<PathBuf>,
+
+    /// The gateway's Kerberos service principal, e.g. socks/gw.example.com (realm: krb5.conf's
+    /// default_realm unless given as @REALM). Needs --kerberos-keytab.
+    #[arg(long, value_name = "PRINCIPAL")]
+    pub kerberos_service: Option<String>,
 
     /// UDP relay socket [default: the --listen IP, port 0 (any free port)].
     #[arg(long, value_name = "ADDR")]
@@ -242,6 +254,8 @@ pub struct GatewayConfig {
     pub key: PathBuf,
     /// How clients authenticate.
     pub auth: Auth,
+    /// Kerberos password checks and GSS-API, if configured.
+    pub kerberos: Option<KerberosConfig>,
     /// Revocation lists (PEM files) for client certificates; empty unless `auth` has a
     /// client CA.
     pub client_crl: Vec<PathBuf>,
@@ -313,6 +327,18 @@ pub enum Auth {
         /// CA for client certificates (PEM).
         client_ca: PathBuf,
     },
+    /// Kerberos alone ([`GatewayConfig::kerberos`]): passwords checked against the KDC and
+    /// GSS-API tickets, no users file, no client CA.
+    Kerberos,
+}
+
+/// `kerberos_keytab` and `kerberos_service`: both or neither.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KerberosConfig {
+    /// Keytab file with the service principal's key.
+    pub keytab: PathBuf,
+    /// The service principal (`socks/gw.example.com`, optionally `@REALM`).
+    pub service: String,
 }
 
 impl Auth {
@@ -320,7 +346,7 @@ impl Auth {
     pub fn users(&self) -> Option<&Path> {
         match self {
             Auth::Users(users) | Auth::UsersOrClientCert { users, .. } => Some(users),
-            Auth::NoAuth | Auth::ClientCert(_) => None,
+            Auth::NoAuth | Auth::ClientCert(_) | Auth::Kerberos => None,
         }
     }
 
@@ -328,7 +354,7 @@ impl Auth {
     pub fn client_ca(&self) -> Option<&Path> {
         match self {
             Auth::ClientCert(ca) | Auth::UsersOrClientCert { client_ca: ca, .. } => Some(ca),
-            Auth::NoAuth | Auth::Users(_) => None,
+            Auth::NoAuth | Auth::Users(_) | Auth::Kerberos => None,
         }
     }
 }
@@ -353,6 +379,8 @@ struct GatewayFile {
     client_ca: Option<PathBuf>,
     client_crl: Option<Vec<PathBuf>>,
     no_auth: Option<bool>,
+    kerberos_keytab: Option<PathBuf>,
+    kerberos_service: Option<String>,
     udp_listen: Option<String>,
     advertise: Option<String>,
     allow: Option<Vec<String>>,
@@ -429,6 +457,18 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
     let users = o.path(args.users, file.users);
     let client_ca = o.path(args.client_ca, file.client_ca);
     let no_auth = args.no_auth || file.no_auth.unwrap_or(false);
+    let kerberos = kerberos_config(
+        o.path(args.kerberos_keytab, file.kerberos_keytab),
+        args.kerberos_service
+            .map(|s| (s, true))
+            .or(file.kerberos_service.map(|s| (s, false))),
+        &o,
+    )?;
+    if no_auth && kerberos.is_some() {
+        return Err(ConfigError::AuthConflict {
+            with: "kerberos_keytab",
+        });
+    }
     let auth = match (no_auth, users, client_ca) {
         (true, Some(_), _) => return Err(ConfigError::AuthConflict { with: "users" }),
         (true, None, Some(_)) => return Err(ConfigError::AuthConflict { with: "client_ca" }),
@@ -436,6 +476,7 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
         (false, Some(users), Some(client_ca)) => Auth::UsersOrClientCert { users, client_ca },
         (false, Some(users), None) => Auth::Users(users),
         (false, None, Some(ca)) => Auth::ClientCert(ca),
+        (false, None, None) if kerberos.is_some() => Auth::Kerberos,
         (false, None, None) => return Err(ConfigError::NoAuthMethod),
     };
     let dir = o.path.parent().unwrap_or(Path::new(""));
@@ -602,11 +643,51 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
             .metrics
             .or(file_value(&o, "metrics", file.metrics, parse_socket_addr)?),
         audit_log: o.path(args.audit_log, file.audit_log),
+        kerberos,
         store,
         cluster,
         cluster_key,
         resumption,
     })
+}
+
+/// `kerberos_keytab` and `kerberos_service` (`(name, from_flag)`): both or neither, the
+/// service a nonempty principal name, and a build that has Kerberos.
+fn kerberos_config(
+    keytab: Option<PathBuf>,
+    service: Option<(String, bool)>,
+    o: &Origins,
+) -> Result<Option<KerberosConfig>, ConfigError> {
+    let (keytab, (service, from_flag)) = match (keytab, service) {
+        (None, None) => return Ok(None),
+        (Some(_), None) => {
+            return Err(ConfigError::Requires {
+                key: "kerberos_keytab",
+                needs: "kerberos_service",
+            })
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::Requires {
+                key: "kerberos_service",
+                needs: "kerberos_keytab",
+            })
+        }
+        (Some(k), Some(s)) => (k, s),
+    };
+    let service = service.trim().to_owned();
+    if service.is_empty() || service.contains(['\0', ' ', '\n']) {
+        return Err(value_err(
+            o.at("kerberos_service", from_flag),
+            Problem::Principal(service),
+        ));
+    }
+    if !cfg!(feature = "kerberos") {
+        return Err(value_err(
+            o.at("kerberos_service", from_flag),
+            Problem::NoKerberos,
+        ));
+    }
+    Ok(Some(KerberosConfig { keytab, service }))
 }
 
 fn parse_store_url(text: &str) -> Result<StoreUrl, Problem> {
