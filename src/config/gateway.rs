@@ -512,11 +512,18 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
     };
     let mut users_policy = HashMap::new();
     for (user, rules) in file.users_policy.unwrap_or_default() {
-        // A password user's name has no ':'; a certificate's identity is `cert:NAME`
-        // (crate::auth): a key of neither form would silently never apply.
-        let possible = match user.strip_prefix(crate::auth::CERT_PREFIX) {
-            Some(name) => !name.is_empty(),
-            None => !user.contains(':'),
+        // A password user's name has no ':'; a certificate's identity is `cert:NAME`, a
+        // Kerberos principal's `krb:user@REALM` (crate::auth): a key of no such form would
+        // silently never apply.
+        let possible = match (
+            user.strip_prefix(crate::auth::CERT_PREFIX),
+            user.strip_prefix(crate::auth::KRB_PREFIX),
+        ) {
+            (Some(name), _) => !name.is_empty(),
+            (_, Some(principal)) => principal
+                .rsplit_once('@')
+                .is_some_and(|(name, realm)| !name.is_empty() && !realm.is_empty()),
+            (None, None) => !user.contains(':'),
         };
         if !possible {
             return Err(value_err(

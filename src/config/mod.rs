@@ -261,8 +261,8 @@ pub enum Problem {
     UserName,
     /// A `[users_policy.KEY]` that no identity can have.
     #[error(
-        "no identity is named \"{0}\": password users have no ':' in their names, and \
-         certificate identities are cert:NAME"
+        "no identity is named \"{0}\": password users have no ':' in their names, \
+         certificate identities are cert:NAME and Kerberos principals krb:USER@REALM"
     )]
     PolicyKey(String),
     /// A store URL this build cannot use. The URL is not repeated: it may hold a password.

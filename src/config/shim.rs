@@ -65,6 +65,13 @@ pub struct ShimArgs {
     #[arg(long, value_name = "FILE")]
     pub password_file: Option<PathBuf>,
 
+    /// Authenticate to the gateway with GSS-API (Kerberos tickets from KRB5CCNAME, after
+    /// kinit) for this service principal, e.g. socks/gw.example.com: CONNECT only (secure
+    /// UDP takes --user or a certificate). Needs a build with `--features kerberos`; cannot
+    /// be combined with --user.
+    #[arg(long, value_name = "PRINCIPAL")]
+    pub gssapi: Option<String>,
+
     /// Client certificate chain, PEM, for mutual TLS (with --key).
     #[arg(long, value_name = "FILE")]
     pub cert: Option<PathBuf>,
@@ -224,6 +231,8 @@ pub struct ShimConfig {
     pub server_name: Option<String>,
     /// Username/password for the gateway, if any.
     pub login: Option<PasswordLogin>,
+    /// GSS-API to this service principal, if set.
+    pub gssapi: Option<String>,
     /// Client certificate chain and key (mTLS), if any.
     pub client_cert: Option<(PathBuf, PathBuf)>,
     /// Local SOCKS5 listener; `None`: none.
@@ -326,6 +335,7 @@ struct ShimFile {
     server_name: Option<String>,
     user: Option<String>,
     password_file: Option<PathBuf>,
+    gssapi: Option<String>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     socks: Option<String>,
@@ -406,6 +416,26 @@ fn build(args: ShimArgs, file: ShimFile) -> Result<ShimConfig, ConfigError> {
         ("user", pick(args.user, file.user)),
         ("password_file", o.path(args.password_file, file.password_file)),
     )?;
+    let gssapi = match pick(args.gssapi, file.gssapi) {
+        Some((name, from_flag)) => {
+            let name = name.trim().to_owned();
+            if name.is_empty() || name.contains(['\0', ' ', '\n']) {
+                return Err(value_err(o.at("gssapi", from_flag), Problem::Principal(name)));
+            }
+            if !cfg!(feature = "kerberos") {
+                return Err(value_err(o.at("gssapi", from_flag), Problem::NoKerberos));
+            }
+            if login.is_some() {
+                return Err(ConfigError::Conflict {
+                    a: "gssapi",
+                    b: "user",
+                    why: "the gateway connection authenticates one way: tickets or a password",
+                });
+            }
+            Some(name)
+        }
+        None => None,
+    };
     let cert = o.path(args.cert, file.cert);
     let key = o.path(args.key, file.key);
     let client_cert = match (cert, key) {
@@ -529,6 +559,7 @@ fn build(args: ShimArgs, file: ShimFile) -> Result<ShimConfig, ConfigError> {
         trust,
         server_name,
         login,
+        gssapi,
         client_cert,
         socks,
         socks_login,

@@ -1,5 +1,5 @@
-//! One control connection: TLS, SOCKS5 method negotiation (no-auth, RFC 1929
-//! username/password, mTLS identity, the sudp method 0x80), then one command.
+//! One control connection: TLS, SOCKS5 method negotiation (no-auth, GSS-API of RFC 1961,
+//! RFC 1929 username/password, mTLS identity, the sudp method 0x80), then one command.
 //!
 //! The SOCKS5 flow runs on fast-socks5's server protocol API over the TLS stream. Its
 //! `AuthMethod` trait lets us add our own methods; the sub-negotiations themselves are
@@ -82,6 +82,7 @@ pub fn reply_for(r: &Refusal) -> ReplyError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Method {
     NoAuth,
+    Gssapi,
     UserPass,
     Sudp,
 }
@@ -92,6 +93,7 @@ impl<T> AuthMethod<T> for Method {
     fn method_id(self) -> u8 {
         match self {
             Method::NoAuth => method::NO_AUTH,
+            Method::Gssapi => method::GSSAPI,
             Method::UserPass => method::USERPASS,
             Method::Sudp => method::SUDP,
         }
@@ -283,13 +285,21 @@ async fn negotiate(
     if auth.no_auth || cert_identity.is_some() {
         offered.push(Method::NoAuth);
     }
-    if auth.users.is_some() || auth.no_auth {
+    // With a keytab: tickets (GSS-API) before passwords, which the KDC also checks.
+    if shared.auth.has(AuthMethodKind::Gssapi) {
+        offered.push(Method::Gssapi);
+    }
+    if auth.users.is_some() || auth.no_auth || auth.kerberos.is_some() {
         offered.push(Method::UserPass);
     }
     let (method, mut stream) = Socks5ServerProtocol::start(tls).negotiate_auth(&offered).await?;
     let mut session = Session::new(cert_identity.clone());
     match method {
         Method::NoAuth => {}
+        Method::Gssapi => match gssapi(shared, &mut stream, peer, deadline).await? {
+            Some(identity) => session.set_identity(identity),
+            None => return Ok(None),
+        },
         Method::UserPass => {
             let msg = read_message(&mut stream, |b| socks::parse_userpass(b).map(|(_, n)| n)).await?;
             let ((user, pass), _) = socks::parse_userpass(&msg)?;
@@ -363,6 +373,102 @@ async fn negotiate(
     let proto = Socks5ServerProtocol::finish_auth(Authenticated(stream));
     let (proto, cmd, target) = proto.read_command().await?;
     Ok(Some((proto, cmd, target, session)))
+}
+
+/// The GSS-API sub-negotiation (RFC 1961 §3-4, PROTOCOL.md §2.6): one context token in,
+/// accepted by the Authenticator's GSS-API backend, the reply token out, then the
+/// protection level, always answered "none" (TLS protects the channel). `None`: refused,
+/// an abort message sent and the connection closed. The context is dropped (deleted) on
+/// return: nothing after this message uses it.
+async fn gssapi(
+    shared: &Shared,
+    stream: &mut Tls,
+    peer: SocketAddr,
+    deadline: Instant,
+) -> anyhow::Result<Option<Identity>> {
+    use crate::auth::GssExchange;
+    use crate::proto::gssapi::{self, level, GssMessage, MessageType};
+    let msg = read_gss(stream).await?;
+    let (first, _) = GssMessage::parse(&msg)?;
+    if first.mtyp != MessageType::Authentication {
+        // An abort, or a protection message before any context: nothing to answer.
+        tracing::info!(%peer, mtyp = ?first.mtyp, "GSS-API: expected a context token");
+        return Ok(None);
+    }
+    let exchange = GssExchange::new(first.token.to_vec());
+    let verdict = shared
+        .auth
+        .authenticate(
+            peer,
+            Credentials::Gssapi(exchange.clone()),
+            deadline,
+            peer_gone(stream.get_ref().0),
+        )
+        .await;
+    let accepted = match (verdict, exchange.take_accepted()) {
+        (Verdict::Accepted(identity), Some(accepted)) => Some((identity, accepted)),
+        _ => None,
+    };
+    let Some((identity, mut accepted)) = accepted else {
+        abort(stream).await?;
+        return Ok(None);
+    };
+    let mut out = Vec::new();
+    if !accepted.reply.is_empty() {
+        GssMessage::authentication(&accepted.reply).encode(&mut out)?;
+        stream.write_all(&out).await?;
+    }
+    // Protection-level sub-negotiation: the client's wish, wrapped.
+    let msg = read_gss(stream).await?;
+    let (wish, _) = GssMessage::parse(&msg)?;
+    let wanted = match wish.mtyp {
+        MessageType::Protection => accepted
+            .context
+            .unwrap(wish.token)
+            .and_then(|m| gssapi::parse_level(&m).ok()),
+        _ => None,
+    };
+    match wanted {
+        Some(level::NONE | level::INTEGRITY | level::CONFIDENTIALITY | level::SELECTIVE) => {}
+        _ => {
+            tracing::info!(%peer, user = %identity, "GSS-API: no valid protection-level message");
+            abort(stream).await?;
+            return Ok(None);
+        }
+    }
+    let Some(answer) = accepted.context.wrap(&[level::NONE]) else {
+        abort(stream).await?;
+        return Ok(None);
+    };
+    out.clear();
+    GssMessage::protection(&answer).encode(&mut out)?;
+    stream.write_all(&out).await?;
+    Ok(Some(identity))
+}
+
+/// Sends the RFC 1961 abort message and closes.
+async fn abort<S: AsyncWrite + Unpin>(stream: &mut S) -> anyhow::Result<()> {
+    let mut out = Vec::new();
+    crate::proto::gssapi::GssMessage::abort().encode(&mut out)?;
+    stream.write_all(&out).await?;
+    stream.shutdown().await?;
+    Ok(())
+}
+
+/// Reads one RFC 1961 message byte-exactly; its length is bounded before it is read.
+async fn read_gss<S: AsyncRead + Unpin>(stream: &mut S) -> anyhow::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(4);
+    loop {
+        match crate::proto::gssapi::GssMessage::parse(&buf) {
+            Ok(_) => return Ok(buf),
+            Err(SocksError::Incomplete { need }) => {
+                let have = buf.len();
+                buf.resize(need, 0);
+                stream.read_exact(&mut buf[have..]).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Reads one sub-negotiation message byte-exactly: `parse` says how many bytes it needs.
