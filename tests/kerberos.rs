@@ -202,6 +202,12 @@ impl Gateway {
     /// Starts the gateway with Kerberos, the config file `config` (TOML, may be empty) and
     /// an audit log in the realm's directory.
     fn start(realm: &Realm, pki: &DevPki, config: &str) -> Gateway {
+        Gateway::start_with_keytab(realm, &realm.keytab(), pki, config)
+    }
+
+    /// [`Gateway::start`] with the service key from `keytab` (another realm's, to play a
+    /// spoofed KDC).
+    fn start_with_keytab(realm: &Realm, keytab: &Path, pki: &DevPki, config: &str) -> Gateway {
         let dir = realm.path().to_owned();
         std::fs::write(dir.join("gateway.pem"), &pki.gateway_cert_pem).unwrap();
         std::fs::write(dir.join("gateway.key"), &pki.gateway_key_pem).unwrap();
@@ -216,7 +222,7 @@ impl Gateway {
             .arg("--config")
             .arg(dir.join("gateway.toml"))
             .arg("--kerberos-keytab")
-            .arg(realm.keytab())
+            .arg(keytab)
             .args(["--kerberos-service", SERVICE, "--allow", "127.0.0.0/8"])
             .arg("--audit-log")
             .arg(dir.join("audit.jsonl"))
@@ -379,6 +385,33 @@ async fn password_checked_by_the_kdc_and_the_keytab() {
     for secret in ["alice-pw", "bob-pw", "not-her-password"] {
         assert!(!log.contains(secret), "{secret} logged: {log}");
     }
+}
+
+/// A KDC that is not the realm's (it knows the user's password, here: it chose it) issues
+/// tickets the gateway's keytab cannot open: nobody gets in through it.
+#[tokio::test]
+async fn a_spoofed_kdc_logs_nobody_in() {
+    if !have_krb5() {
+        return;
+    }
+    let pki = common::pki();
+    let genuine = Realm::new("krb-genuine", false);
+    // Same realm name, same user and password, its own service key.
+    let spoofed = Realm::new("krb-spoofed", true);
+    let gw = Gateway::start_with_keytab(&spoofed, &genuine.keytab(), &pki, "");
+    let opts = options(&gw, &pki);
+    let (status, _) = userpass(&opts, "alice", "alice-pw").await;
+    assert_eq!(
+        status,
+        0x01,
+        "a ticket the keytab cannot open is no login: {}",
+        gw.log()
+    );
+    // The same gateway with the spoofing realm's own key would have let her in: the refusal
+    // above is the keytab's doing.
+    let trusting = Gateway::start(&spoofed, &pki, "");
+    let (status, _) = userpass(&options(&trusting, &pki), "alice", "alice-pw").await;
+    assert_eq!(status, 0x00);
 }
 
 #[tokio::test]

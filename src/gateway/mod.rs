@@ -469,7 +469,7 @@ impl Gateway {
         let relay_task = tokio::spawn(shared.relay.clone().run());
         let (draining_tx, draining) = watch::channel(false);
         let metrics_task = metrics_listener.map(|l| {
-            let exporter = crate::metrics::export::Exporter::new(
+            let exporter = crate::metrics::export::Exporter::with_audit(
                 "sudp_gateway",
                 shared.metrics.clone(),
                 vec![(
@@ -480,6 +480,7 @@ impl Gateway {
                         move || n
                     }),
                 )],
+                shared.settings.audit.clone(),
             );
             let draining = draining.clone();
             let endpoints = Arc::new(crate::metrics::http::Endpoints {
