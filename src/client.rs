@@ -255,9 +255,9 @@ pub struct ClientOptions {
     /// Username and password, if the gateway wants them.
     pub credentials: Option<(String, String)>,
     /// Authenticate with GSS-API (SOCKS5 method 0x01, RFC 1961) to this service principal
-    /// (e.g. `socks/gw.example.com`), with the user's tickets (`KRB5CCNAME`): CONNECT and
-    /// naked UDP. Needs the `kerberos` feature. Secure UDP (the sudp method, whose hello
-    /// carries a name and password) does not take GSS-API credentials yet.
+    /// (e.g. `socks/gw.example.com`), with the user's tickets (`KRB5CCNAME`): CONNECT, and
+    /// secure UDP through GSS-API's "secure UDP" level then a credential-less hello
+    /// (PROTOCOL.md §2.6). Needs the `kerberos` feature.
     pub gssapi: Option<String>,
     /// Suites to offer, preferred first.
     pub suites: Vec<CipherSuite>,
@@ -466,10 +466,23 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
 /// Method negotiation with GSS-API (RFC 1961, PROTOCOL.md §2.6): a Kerberos context to
 /// `service` from the user's ticket cache, mutual authentication, protection level "none"
 /// (TLS protects the channel). The context is deleted when this returns.
-#[cfg(feature = "kerberos")]
 pub async fn authenticate_gssapi<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     service: &str,
+) -> Result<(), ClientError> {
+    gssapi_exchange(s, service, crate::proto::gssapi::level::NONE).await
+}
+
+/// The RFC 1961 exchange asking for protection level `wish`: [`level::NONE`] before a
+/// request, [`level::SUDP`] before a sudp hello (secure UDP, PROTOCOL.md §2.6).
+///
+/// [`level::NONE`]: crate::proto::gssapi::level::NONE
+/// [`level::SUDP`]: crate::proto::gssapi::level::SUDP
+#[cfg(feature = "kerberos")]
+async fn gssapi_exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    service: &str,
+    wish: u8,
 ) -> Result<(), ClientError> {
     use crate::auth::kerberos::Initiator;
     use crate::proto::gssapi::{level, parse_level, GssMessage, MessageType};
@@ -503,8 +516,9 @@ pub async fn authenticate_gssapi<S: AsyncRead + AsyncWrite + Unpin>(
             .map_err(|e| ClientError::Gssapi(e.to_string()))?;
     }
     let mut ctx = initiator.into_context();
+    let wanted = wish;
     let wish = ctx
-        .wrap(&[level::NONE])
+        .wrap(&[wanted])
         .ok_or_else(|| ClientError::Gssapi("cannot wrap the protection level".to_owned()))?;
     out.clear();
     GssMessage::protection(&wish).encode(&mut out)?;
@@ -516,7 +530,10 @@ pub async fn authenticate_gssapi<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let level = ctx.unwrap(m.token).map(|l| parse_level(&l));
     match level {
-        Some(Ok(level::NONE)) => Ok(()),
+        Some(Ok(l)) if l == wanted => Ok(()),
+        Some(Ok(level::NONE)) if wanted == level::SUDP => Err(ClientError::Gssapi(
+            "the gateway cannot open secure UDP for GSS-API clients".to_owned(),
+        )),
         other => Err(ClientError::Gssapi(format!(
             "the gateway chose a protection level this client does not implement: {other:?}"
         ))),
@@ -525,9 +542,10 @@ pub async fn authenticate_gssapi<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// Without the `kerberos` feature there is no GSS-API library to ask for a ticket.
 #[cfg(not(feature = "kerberos"))]
-pub async fn authenticate_gssapi<S: AsyncRead + AsyncWrite + Unpin>(
+async fn gssapi_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     _s: &mut S,
     _service: &str,
+    _wish: u8,
 ) -> Result<(), ClientError> {
     Err(ClientError::Gssapi(
         "this sudp was built without Kerberos support (cargo feature `kerberos`)".to_owned(),
@@ -573,9 +591,21 @@ pub async fn negotiate_sudp(
     s: &mut Control,
     opts: &ClientOptions,
 ) -> Result<(CipherSuite, AssociationId), ClientError> {
-    let mut out = Vec::new();
-    socks::encode_greeting(&[method::SUDP], &mut out);
     let suites: Vec<u8> = opts.suites.iter().map(|s| s.id()).collect();
+    let mut out = Vec::new();
+    if let Some(service) = &opts.gssapi {
+        // GSS-API first, then a hello without credentials, bound to the GSS identity.
+        gssapi_exchange(s, service, crate::proto::gssapi::level::SUDP).await?;
+        SudpHello {
+            suites: &suites,
+            user: b"",
+            pass: b"",
+        }
+        .encode(&mut out)?;
+        s.write_all(&out).await?;
+        return read_accept(s, opts).await;
+    }
+    socks::encode_greeting(&[method::SUDP], &mut out);
     let (user, pass) = match &opts.credentials {
         Some((u, p)) => (u.as_bytes(), p.as_bytes()),
         None => (&b""[..], &b""[..]),
@@ -592,6 +622,14 @@ pub async fn negotiate_sudp(
     if chosen != method::SUDP {
         return Err(ClientError::NoAcceptableMethod);
     }
+    read_accept(s, opts).await
+}
+
+/// Reads the SudpAccept (§2.2) and checks it against what `opts` offered.
+async fn read_accept(
+    s: &mut Control,
+    opts: &ClientOptions,
+) -> Result<(CipherSuite, AssociationId), ClientError> {
     let accept = read_msg(s, SudpAccept::parse).await?;
     match accept.status {
         sudp_status::OK => {}
@@ -706,14 +744,6 @@ impl SecureUdp {
     }
 
     async fn connect_inner(opts: &ClientOptions) -> Result<SecureUdp, ClientError> {
-        if opts.gssapi.is_some() {
-            // PROTOCOL.md §2.6: the sudp hello carries a name and password, not a ticket.
-            return Err(ClientError::Gssapi(
-                "secure UDP does not take GSS-API credentials yet: use --user with a password \
-                 (the gateway checks it against the KDC) or a client certificate for UDP"
-                    .to_owned(),
-            ));
-        }
         let mut control = connect_tls(opts).await?;
         // A TLS 1.3 server's verdict on our certificate arrives with its first reply.
         let (suite, assoc) = negotiate_sudp(&mut control, opts)

@@ -278,6 +278,29 @@ impl Drop for Gateway {
     }
 }
 
+/// The first `n` stdout lines of `child` (fewer if it printed fewer within `within`).
+fn lines(child: &mut Child, n: usize, within: Duration) -> Vec<String> {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let until = Instant::now() + within;
+    let mut out = Vec::new();
+    while out.len() < n {
+        match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+            Ok(l) => out.push(l),
+            Err(_) => break,
+        }
+    }
+    out
+}
+
 /// The first stdout line of `child`, within `within`.
 fn first_line(child: &mut Child, within: Duration) -> Option<String> {
     let stdout = child.stdout.take()?;
@@ -448,42 +471,56 @@ async fn the_shim_authenticates_with_kinit_tickets_over_gssapi() {
     let gw = Gateway::start(&realm, &pki, "");
     realm.kinit("alice", "alice-pw");
     std::fs::write(realm.path().join("ca.pem"), &pki.ca_pem).unwrap();
+    let udp_echo = common::udp_echo().await;
     let mut shim = realm
         .command(env!("CARGO_BIN_EXE_sudp"))
         .args(["shim", "--gateway", &gw.control.to_string(), "--ca"])
         .arg(realm.path().join("ca.pem"))
         .args(["--server-name", "localhost", "--gssapi", SERVICE, "--no-socks"])
         .args(["--forward", &format!("tcp:127.0.0.1:0={echo}")])
+        .args(["--forward", &format!("udp:127.0.0.1:0={udp_echo}")])
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(realm.path().join("shim.log")).unwrap())
         .spawn()
         .unwrap();
-    let line = first_line(&mut shim, WAIT).unwrap_or_else(|| {
-        panic!(
-            "the shim printed no forward: {}",
-            std::fs::read_to_string(realm.path().join("shim.log")).unwrap_or_default()
-        )
-    });
-    let local: SocketAddr = line
-        .strip_prefix("forward tcp ")
-        .and_then(|l| l.split(' ').next())
-        .unwrap_or_else(|| panic!("unexpected line {line:?}"))
-        .parse()
-        .unwrap();
-    let mut c = TcpStream::connect(local).unwrap();
+    let lines = lines(&mut shim, 2, WAIT);
+    let shim_log = || std::fs::read_to_string(realm.path().join("shim.log")).unwrap_or_default();
+    assert_eq!(lines.len(), 2, "the shim printed {lines:?}: {}", shim_log());
+    let local = |proto: &str| -> SocketAddr {
+        let line = lines
+            .iter()
+            .find_map(|l| l.strip_prefix(&format!("forward {proto} ")))
+            .unwrap_or_else(|| panic!("no {proto} forward in {lines:?}"));
+        line.split(' ').next().unwrap().parse().unwrap()
+    };
+    // CONNECT (TCP forward) over GSS-API, protection level none.
+    let mut c = TcpStream::connect(local("tcp")).unwrap();
     c.set_read_timeout(Some(WAIT)).unwrap();
     c.write_all(b"ticket").unwrap();
     let mut back = [0u8; 6];
     let got = c.read_exact(&mut back);
+    // Secure UDP (UDP forward) over GSS-API then a credential-less hello.
+    let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+    u.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let mut echoed = None;
+    for _ in 0..20 {
+        u.send_to(b"datagram", local("udp")).unwrap();
+        let mut buf = [0u8; 64];
+        if let Ok((n, _)) = u.recv_from(&mut buf) {
+            echoed = Some(buf[..n].to_vec());
+            break;
+        }
+    }
     let _ = shim.kill();
     let _ = shim.wait();
-    got.unwrap_or_else(|e| {
-        panic!(
-            "no echo ({e}): shim: {} gateway: {}",
-            std::fs::read_to_string(realm.path().join("shim.log")).unwrap_or_default(),
-            gw.log()
-        )
-    });
+    got.unwrap_or_else(|e| panic!("no echo ({e}): shim: {} gateway: {}", shim_log(), gw.log()));
+    assert_eq!(
+        echoed.as_deref(),
+        Some(&b"datagram"[..]),
+        "no UDP echo: shim: {} gateway: {}",
+        shim_log(),
+        gw.log()
+    );
     assert_eq!(&back, b"ticket");
     drop(c);
     let line = gw.audit_line(|l| l["event"] == "connect_end");
@@ -491,6 +528,14 @@ async fn the_shim_authenticates_with_kinit_tickets_over_gssapi() {
     assert_eq!(line["method"], "gssapi");
     assert_eq!(line["bytes_up"], 6);
     assert_eq!(line["bytes_down"], 6);
+    // The shim killed, its association ends: one line, secure, the principal's.
+    let line = gw.audit_line(|l| l["event"] == "association_end" && l["datagrams_up"].as_u64() > Some(0));
+    assert_eq!(line["user"], format!("krb:alice@{REALM}"));
+    assert_eq!(line["method"], "gssapi");
+    assert_eq!(line["secure"], true);
+    assert_eq!(line["targets"][0], udp_echo.to_string());
+    let up = line["datagrams_up"].as_u64().unwrap();
+    assert!(up >= 1 && line["bytes_up"].as_u64() == Some(8 * up), "{line}");
 }
 
 #[tokio::test]

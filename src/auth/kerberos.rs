@@ -452,7 +452,8 @@ mod tests {
     #[test]
     fn a_missing_keytab_fails_with_the_key_and_file_named() {
         let dir = std::env::temp_dir().join(format!("sudp-krb-{}", std::process::id()));
-        let err = ServiceKey::load(&dir.join("missing.keytab"), "socks/gw.example.com").unwrap_err();
+        let err =
+            ServiceKey::load(&dir.join("missing.keytab"), "socks/gw.example.com@EXAMPLE.COM").unwrap_err();
         let text = err.to_string();
         assert!(
             text.contains("kerberos_keytab") && text.contains("missing.keytab"),

@@ -66,9 +66,8 @@ pub struct ShimArgs {
     pub password_file: Option<PathBuf>,
 
     /// Authenticate to the gateway with GSS-API (Kerberos tickets from KRB5CCNAME, after
-    /// kinit) for this service principal, e.g. socks/gw.example.com: CONNECT only (secure
-    /// UDP takes --user or a certificate). Needs a build with `--features kerberos`; cannot
-    /// be combined with --user.
+    /// kinit) for this service principal, e.g. socks/gw.example.com, for CONNECT and secure
+    /// UDP alike. Needs a build with `--features kerberos`; cannot be combined with --user.
     #[arg(long, value_name = "PRINCIPAL")]
     pub gssapi: Option<String>,
 

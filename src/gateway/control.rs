@@ -294,10 +294,15 @@ async fn negotiate(
     }
     let (method, mut stream) = Socks5ServerProtocol::start(tls).negotiate_auth(&offered).await?;
     let mut session = Session::new(cert_identity.clone());
+    // The sudp hello (§2.2) follows method 0x80, and GSS-API's "secure UDP" level (§2.6).
+    let mut hello_follows = false;
     match method {
         Method::NoAuth => {}
         Method::Gssapi => match gssapi(shared, &mut stream, peer, deadline).await? {
-            Some(identity) => session.set_identity(identity),
+            Some((identity, then_hello)) => {
+                session.set_identity(identity);
+                hello_follows = then_hello;
+            }
             None => return Ok(None),
         },
         Method::UserPass => {
@@ -322,53 +327,58 @@ async fn negotiate(
             }
             stream.write_all(&[socks::USERPASS_VERSION, 0x00]).await?;
         }
-        Method::Sudp => {
-            let msg = read_message(&mut stream, |b| SudpHello::parse(b).map(|(_, n)| n)).await?;
-            let (hello, _) = SudpHello::parse(&msg)?;
-            let authed = if hello.user.is_empty() {
-                auth.no_auth || cert_identity.is_some()
-            } else if auth.no_auth {
-                tracing::info!(%peer, user = %Peer(hello.user), "no_auth: credentials ignored, client is anonymous");
-                true
-            } else {
-                let creds = Credentials::password(hello.user, hello.pass);
-                match shared
-                    .auth
-                    .authenticate(peer, creds, deadline, peer_gone(stream.get_ref().0))
-                    .await
-                {
-                    Verdict::Accepted(identity) => {
-                        session.set_identity(identity);
-                        true
-                    }
-                    _ => false,
+        Method::Sudp => hello_follows = true,
+    }
+    if hello_follows {
+        let msg = read_message(&mut stream, |b| SudpHello::parse(b).map(|(_, n)| n)).await?;
+        let (hello, _) = SudpHello::parse(&msg)?;
+        let authed = if hello.user.is_empty() {
+            auth.no_auth || cert_identity.is_some() || method == Method::Gssapi
+        } else if method == Method::Gssapi {
+            // PROTOCOL.md §2.6: the hello after GSS-API is bound to the GSS identity.
+            tracing::info!(%peer, "sudp hello after GSS-API carries credentials: refused");
+            false
+        } else if auth.no_auth {
+            tracing::info!(%peer, user = %Peer(hello.user), "no_auth: credentials ignored, client is anonymous");
+            true
+        } else {
+            let creds = Credentials::password(hello.user, hello.pass);
+            match shared
+                .auth
+                .authenticate(peer, creds, deadline, peer_gone(stream.get_ref().0))
+                .await
+            {
+                Verdict::Accepted(identity) => {
+                    session.set_identity(identity);
+                    true
                 }
-            };
-            if !authed {
-                if hello.user.is_empty() {
-                    // No credentials where some are needed: a failure of no backend.
-                    shared.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(%peer, "sudp authentication rejected: no credentials");
-                }
-                stream
-                    .write_all(&SudpAccept::refuse(sudp_status::AUTH_FAILED).encode())
-                    .await?;
-                stream.shutdown().await?;
-                return Ok(None);
+                _ => false,
             }
-            let Some(suite) = choose_suite(hello.suites, &shared.settings.suites) else {
-                tracing::info!(%peer, offered = ?hello.suites, "no acceptable cipher suite");
-                stream
-                    .write_all(&SudpAccept::refuse(sudp_status::NO_SUITE).encode())
-                    .await?;
-                stream.shutdown().await?;
-                return Ok(None);
-            };
-            let id = shared.relay.new_assoc_id();
-            let keys = crate::tls::export_keys(stream.get_ref().1, id, suite)?;
-            stream.write_all(&SudpAccept::ok(suite, id).encode()).await?;
-            session.secure = Some((id, keys));
+        };
+        if !authed {
+            if hello.user.is_empty() {
+                // No credentials where some are needed: a failure of no backend.
+                shared.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%peer, "sudp authentication rejected: no credentials");
+            }
+            stream
+                .write_all(&SudpAccept::refuse(sudp_status::AUTH_FAILED).encode())
+                .await?;
+            stream.shutdown().await?;
+            return Ok(None);
         }
+        let Some(suite) = choose_suite(hello.suites, &shared.settings.suites) else {
+            tracing::info!(%peer, offered = ?hello.suites, "no acceptable cipher suite");
+            stream
+                .write_all(&SudpAccept::refuse(sudp_status::NO_SUITE).encode())
+                .await?;
+            stream.shutdown().await?;
+            return Ok(None);
+        };
+        let id = shared.relay.new_assoc_id();
+        let keys = crate::tls::export_keys(stream.get_ref().1, id, suite)?;
+        stream.write_all(&SudpAccept::ok(suite, id).encode()).await?;
+        session.secure = Some((id, keys));
     }
     let proto = Socks5ServerProtocol::finish_auth(Authenticated(stream));
     let (proto, cmd, target) = proto.read_command().await?;
@@ -377,15 +387,16 @@ async fn negotiate(
 
 /// The GSS-API sub-negotiation (RFC 1961 §3-4, PROTOCOL.md §2.6): one context token in,
 /// accepted by the Authenticator's GSS-API backend, the reply token out, then the
-/// protection level, always answered "none" (TLS protects the channel). `None`: refused,
-/// an abort message sent and the connection closed. The context is dropped (deleted) on
-/// return: nothing after this message uses it.
+/// protection level: "none" (TLS protects the channel) for any RFC 1961 level, or sudp's
+/// "secure UDP" level, after which a credential-less sudp hello follows (the `bool`).
+/// `None`: refused, an abort message sent and the connection closed. The context is dropped
+/// (deleted) on return: nothing after this message uses it.
 async fn gssapi(
     shared: &Shared,
     stream: &mut Tls,
     peer: SocketAddr,
     deadline: Instant,
-) -> anyhow::Result<Option<Identity>> {
+) -> anyhow::Result<Option<(Identity, bool)>> {
     use crate::auth::GssExchange;
     use crate::proto::gssapi::{self, level, GssMessage, MessageType};
     let msg = read_gss(stream).await?;
@@ -428,22 +439,23 @@ async fn gssapi(
             .and_then(|m| gssapi::parse_level(&m).ok()),
         _ => None,
     };
-    match wanted {
-        Some(level::NONE | level::INTEGRITY | level::CONFIDENTIALITY | level::SELECTIVE) => {}
+    let chosen = match wanted {
+        Some(level::NONE | level::INTEGRITY | level::CONFIDENTIALITY | level::SELECTIVE) => level::NONE,
+        Some(level::SUDP) => level::SUDP,
         _ => {
             tracing::info!(%peer, user = %identity, "GSS-API: no valid protection-level message");
             abort(stream).await?;
             return Ok(None);
         }
-    }
-    let Some(answer) = accepted.context.wrap(&[level::NONE]) else {
+    };
+    let Some(answer) = accepted.context.wrap(&[chosen]) else {
         abort(stream).await?;
         return Ok(None);
     };
     out.clear();
     GssMessage::protection(&answer).encode(&mut out)?;
     stream.write_all(&out).await?;
-    Ok(Some(identity))
+    Ok(Some((identity, chosen == level::SUDP)))
 }
 
 /// Sends the RFC 1961 abort message and closes.

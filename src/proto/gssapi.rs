@@ -37,6 +37,10 @@ pub mod level {
     pub const CONFIDENTIALITY: u8 = 0x02;
     /// Selective per-message protection (RFC 1961).
     pub const SELECTIVE: u8 = 0x03;
+    /// sudp: no per-message protection, and a sudp hello without credentials follows
+    /// (PROTOCOL.md §2.6): a secure UDP association for the GSS-API identity. The gateway
+    /// echoes it to agree.
+    pub const SUDP: u8 = 0x80;
 }
 
 /// MTYP values.

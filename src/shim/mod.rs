@@ -343,11 +343,6 @@ impl Dialer {
     /// again at once. A permanent refusal is returned; gateways that do not answer are
     /// logged and skipped (the shim serves anyway and connects when traffic arrives).
     pub(crate) async fn probe(&self) -> Result<(), Refused> {
-        if let Some(service) = &self.gssapi {
-            // The check opens a secure association, which GSS-API credentials cannot (yet).
-            tracing::info!(service = %crate::logsafe::Peer::str(service), "GSS-API: no startup check; each CONNECT authenticates with the ticket cache");
-            return Ok(());
-        }
         for i in 0..self.len() {
             match self.udp_via(i).await {
                 Ok(udp) => {
