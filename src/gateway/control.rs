@@ -402,8 +402,9 @@ async fn gssapi(
     let msg = read_gss(stream).await?;
     let (first, _) = GssMessage::parse(&msg)?;
     if first.mtyp != MessageType::Authentication {
-        // An abort, or a protection message before any context: nothing to answer.
+        // An abort, or a protection message before any context.
         tracing::info!(%peer, mtyp = ?first.mtyp, "GSS-API: expected a context token");
+        abort(stream).await?;
         return Ok(None);
     }
     let exchange = GssExchange::new(first.token.to_vec());
