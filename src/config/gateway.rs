@@ -773,6 +773,57 @@ mod tests {
     const MINIMAL: &str = "cert = \"c.pem\"\nkey = \"k.pem\"\nno_auth = true\n";
 
     #[test]
+    fn kerberos_keys_come_in_pairs_and_exclude_no_auth() {
+        let base = "cert = \"c.pem\"\nkey = \"k.pem\"\n";
+        assert_eq!(
+            error(&format!("{base}kerberos_keytab = \"gw.keytab\""), &[]),
+            "`kerberos_keytab` (--kerberos-keytab) needs `kerberos_service` (--kerberos-service)"
+        );
+        assert_eq!(
+            error(base, &["--kerberos-service=socks/gw"]),
+            "`kerberos_service` (--kerberos-service) needs `kerberos_keytab` (--kerberos-keytab)"
+        );
+        let got = error(MINIMAL, &["--kerberos-keytab=k", "--kerberos-service=socks/gw"]);
+        assert!(got.contains("cannot be combined with `kerberos_keytab`"), "{got}");
+        let got = error(
+            &format!("{base}kerberos_keytab = \"k\"\nkerberos_service = \" \""),
+            &[],
+        );
+        assert!(
+            got.contains("key `kerberos_service`") && got.contains("invalid Kerberos principal"),
+            "{got}"
+        );
+        let both = from_toml(
+            &format!("{base}kerberos_keytab = \"gw.keytab\"\nkerberos_service = \"socks/gw.example.com\""),
+            &[],
+        );
+        if cfg!(feature = "kerberos") {
+            // Kerberos alone is a method; the keytab resolves against the file's directory.
+            let c = both.unwrap();
+            assert_eq!(c.auth, Auth::Kerberos);
+            let k = c.kerberos.unwrap();
+            assert_eq!(k.service, "socks/gw.example.com");
+            assert!(k.keytab.ends_with("gw.keytab"));
+        } else {
+            let got = both.unwrap_err().to_string();
+            assert!(got.contains("built without Kerberos support"), "{got}");
+        }
+    }
+
+    #[test]
+    fn principal_policy_keys_need_user_and_realm() {
+        let ok = from_toml(
+            &format!("{MINIMAL}[users_policy.\"krb:ops@EXAMPLE.COM\"]\nallow = []\n"),
+            &[],
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+        for bad in ["krb:", "krb:ops", "krb:@EXAMPLE.COM", "krb:ops@"] {
+            let got = error(&format!("{MINIMAL}[users_policy.\"{bad}\"]\nallow = []\n"), &[]);
+            assert!(got.contains("no identity is named"), "{bad}: {got}");
+        }
+    }
+
+    #[test]
     fn clap_definition_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();

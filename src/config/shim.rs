@@ -637,6 +637,30 @@ mod tests {
         from_toml(text, argv).unwrap_err().to_string()
     }
 
+    #[test]
+    fn gssapi_takes_a_principal_and_excludes_a_password() {
+        let base = "gateway = [\"gw.example:8443\"]\nca = \"ca.pem\"\n";
+        let got = error(
+            &format!("{base}gssapi = \"socks/gw.example\"\nuser = \"u\"\npassword_file = \"p\""),
+            &[],
+        );
+        if cfg!(feature = "kerberos") {
+            assert!(
+                got.contains("`gssapi` (--gssapi) and `user` (--user) cannot be combined"),
+                "{got}"
+            );
+            let c = from_toml(&format!("{base}gssapi = \"socks/gw.example\""), &[]).unwrap();
+            assert_eq!(c.gssapi.as_deref(), Some("socks/gw.example"));
+        } else {
+            assert!(got.contains("built without Kerberos support"), "{got}");
+        }
+        let got = error(base, &["--gssapi="]);
+        assert!(
+            got.contains("--gssapi") && got.contains("invalid Kerberos principal"),
+            "{got}"
+        );
+    }
+
     const MINIMAL: &str = "gateway = [\"gw.example:8443\"]\nca = \"ca.pem\"\n";
 
     #[test]

@@ -367,6 +367,20 @@ mod tests {
     }
 
     #[test]
+    fn kerberos_keys_are_restart_only() {
+        let old = config(|_| {});
+        let mut new = old.clone();
+        new.kerberos = Some(crate::config::KerberosConfig {
+            keytab: "gw.keytab".into(),
+            service: "socks/gw".into(),
+        });
+        assert_eq!(
+            restart_only_changes(&old, &new),
+            vec!["kerberos_keytab", "kerberos_service"]
+        );
+    }
+
+    #[test]
     fn auth_methods_are_told_apart() {
         let users = config(|_| {});
         let both = config(|a| a.client_ca = Some("ca.pem".into()));
