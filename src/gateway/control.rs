@@ -34,6 +34,9 @@ use crate::proto::frame::{feature, CloseReason, Frame};
 use crate::proto::socks::{self, choose_suite, method, sudp_status, SudpAccept, SudpHello};
 use crate::proto::{AssociationId, KeySchedule, SocksError};
 
+/// Most of the handshake deadline kept back from authentication checks, to answer in.
+const AUTH_REPLY_MARGIN: Duration = Duration::from_millis(500);
+
 /// Largest sub-negotiation message we read (sudp hello with 16 suites and full credentials).
 const MAX_SUBNEG: usize = 2 + socks::MAX_SUITES + 1 + 255 + 1 + 255;
 
@@ -194,7 +197,12 @@ pub(crate) async fn serve(
     };
     // Full or resumed (with a shared store, possibly a session another node issued).
     shared.metrics.count_handshake(tls.get_ref().1.handshake_kind());
-    let negotiated = tokio::time::timeout_at(deadline, negotiate(&shared, tls, peer, deadline)).await;
+    // Checks give up a little before the connection's deadline, so that a check that cannot
+    // finish in time (a KDC that does not answer) still gets the failure reply, not a
+    // connection closed without a word.
+    let margin = (shared.settings.handshake_timeout / 10).min(AUTH_REPLY_MARGIN);
+    let negotiated =
+        tokio::time::timeout_at(deadline, negotiate(&shared, tls, peer, deadline - margin)).await;
     let (proto, cmd, target, session) = match negotiated {
         Ok(Ok(Some(x))) => x,
         Ok(Ok(None)) => return,
@@ -253,7 +261,8 @@ type Ready = (
 );
 
 /// Method negotiation, authentication and the command request. `Ok(None)`: the client was
-/// refused and answered; nothing more to do.
+/// refused and answered; nothing more to do. `deadline` is the one checks must finish by
+/// (a little before the connection's own).
 ///
 /// With `no_auth`, every client is accepted as anonymous, also one that sends credentials
 /// (RFC 1929 or the sudp hello): the gateway cannot check them, and accepting them as an
