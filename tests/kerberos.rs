@@ -460,6 +460,53 @@ async fn a_kdc_that_is_down_gives_a_clear_error_and_a_prompt_refusal() {
     assert!(!gw.log().contains("alice-pw"));
 }
 
+/// A KDC that accepts connections and never answers: the check cannot finish, yet the
+/// client still gets the failure reply before the handshake deadline, not a silent close.
+#[tokio::test]
+async fn a_kdc_that_never_answers_still_gets_the_failure_reply_in_time() {
+    if !have_krb5() {
+        return;
+    }
+    let pki = common::pki();
+    let realm = Realm::new("krb-hung", false);
+    let tcp = TcpListener::bind(("127.0.0.1", realm.port)).unwrap();
+    let _udp = UdpSocket::bind(("127.0.0.1", realm.port)).unwrap();
+    tcp.set_nonblocking(true).unwrap();
+    let holder = std::thread::spawn(move || {
+        // Holds every connection open, silent, for a bounded time.
+        let mut held = Vec::new();
+        let until = Instant::now() + Duration::from_secs(7);
+        while Instant::now() < until {
+            if let Ok((c, _)) = tcp.accept() {
+                held.push(c);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        held.len()
+    });
+    // The checks end 500 ms before the 5 s deadline: the reply is due between the two.
+    let gw = Gateway::start(&realm, &pki, "handshake_timeout = \"5s\"\n");
+    let opts = options(&gw, &pki);
+    let t0 = Instant::now();
+    let (status, _) = userpass(&opts, "alice", "alice-pw").await;
+    let took = t0.elapsed();
+    assert_eq!(
+        status,
+        0x01,
+        "a failure reply, not a closed connection: {}",
+        gw.log()
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "answered after {took:?}, past the deadline"
+    );
+    assert!(
+        took >= Duration::from_millis(4000),
+        "answered after {took:?}: did it ask the KDC?"
+    );
+    assert!(holder.join().unwrap() >= 1, "the gateway never reached the KDC");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shim_authenticates_with_kinit_tickets_over_gssapi() {
     if !have_krb5() {
