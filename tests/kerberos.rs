@@ -191,6 +191,16 @@ impl Drop for Realm {
     }
 }
 
+/// A child process killed and reaped when dropped (also when the test fails first).
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A `sudp gateway` child with the realm's environment, killed and reaped on drop.
 struct Gateway {
     child: Child,
@@ -530,7 +540,8 @@ async fn the_shim_authenticates_with_kinit_tickets_over_gssapi() {
         .stderr(std::fs::File::create(realm.path().join("shim.log")).unwrap())
         .spawn()
         .unwrap();
-    let lines = lines(&mut shim, 2, WAIT);
+    let mut shim = Reaped(shim);
+    let lines = lines(&mut shim.0, 2, WAIT);
     let shim_log = || std::fs::read_to_string(realm.path().join("shim.log")).unwrap_or_default();
     assert_eq!(lines.len(), 2, "the shim printed {lines:?}: {}", shim_log());
     let local = |proto: &str| -> SocketAddr {
@@ -558,8 +569,7 @@ async fn the_shim_authenticates_with_kinit_tickets_over_gssapi() {
             break;
         }
     }
-    let _ = shim.kill();
-    let _ = shim.wait();
+    drop(shim);
     got.unwrap_or_else(|e| panic!("no echo ({e}): shim: {} gateway: {}", shim_log(), gw.log()));
     assert_eq!(
         echoed.as_deref(),
