@@ -529,7 +529,7 @@ async fn the_shim_authenticates_with_kinit_tickets_over_gssapi() {
     realm.kinit("alice", "alice-pw");
     std::fs::write(realm.path().join("ca.pem"), &pki.ca_pem).unwrap();
     let udp_echo = common::udp_echo().await;
-    let mut shim = realm
+    let shim = realm
         .command(env!("CARGO_BIN_EXE_sudp"))
         .args(["shim", "--gateway", &gw.control.to_string(), "--ca"])
         .arg(realm.path().join("ca.pem"))
