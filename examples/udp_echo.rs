@@ -46,6 +46,7 @@ async fn main() -> anyhow::Result<()> {
         auth: AuthSettings {
             no_auth: true,
             users: None,
+            ..Default::default()
         },
         policy: Arc::new(Policy::new(
             vec![Rule::parse(Action::Allow, "127.0.0.1")?],

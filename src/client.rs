@@ -72,6 +72,10 @@ pub enum ClientError {
          and --password-file against the gateway's users file)"
     )]
     AuthFailed,
+    /// GSS-API (`--gssapi`) could not authenticate: no ticket, the gateway refused it, or
+    /// the gateway does not offer GSS-API.
+    #[error("GSS-API authentication failed: {0}")]
+    Gssapi(String),
     /// No common cipher suite.
     #[error("no cipher suite in common with the gateway")]
     NoSuite,
@@ -151,7 +155,9 @@ impl ClientError {
         match self {
             ClientError::Refused(code) => *code,
             ClientError::Timeout => ReplyCode::TtlExpired,
-            ClientError::AuthFailed | ClientError::NoAcceptableMethod => ReplyCode::NotAllowed,
+            ClientError::AuthFailed | ClientError::NoAcceptableMethod | ClientError::Gssapi(_) => {
+                ReplyCode::NotAllowed
+            }
             // Socket errors here are the gateway's, not the target's (the gateway reports
             // the target's with a reply code): not "connection refused" to the application.
             ClientError::Io(_)
@@ -253,6 +259,11 @@ pub struct ClientOptions {
     pub tls: Arc<rustls::ClientConfig>,
     /// Username and password, if the gateway wants them.
     pub credentials: Option<(String, String)>,
+    /// Authenticate with GSS-API (SOCKS5 method 0x01, RFC 1961) to this service principal
+    /// (e.g. `socks/gw.example.com`), with the user's tickets (`KRB5CCNAME`): CONNECT, and
+    /// secure UDP through GSS-API's "secure UDP" level then a credential-less hello
+    /// (PROTOCOL.md §2.6). Needs the `kerberos` feature.
+    pub gssapi: Option<String>,
     /// Suites to offer, preferred first.
     pub suites: Vec<CipherSuite>,
     /// Limit on connecting and negotiating.
@@ -323,6 +334,7 @@ impl ClientOptions {
             server_name: server_name.to_owned(),
             tls,
             credentials: None,
+            gssapi: None,
             suites: CipherSuite::ALL.to_vec(),
             timeout: Duration::from_secs(10),
             replay_window: crate::proto::replay::DEFAULT_WINDOW,
@@ -441,6 +453,127 @@ pub async fn authenticate_plain<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// Method negotiation as `opts` says: GSS-API when [`ClientOptions::gssapi`] names a
+/// service, else [`authenticate_plain`] with the options' credentials.
+pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    opts: &ClientOptions,
+) -> Result<(), ClientError> {
+    match &opts.gssapi {
+        Some(service) => authenticate_gssapi(s, service).await,
+        None => {
+            let creds = opts.credentials.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
+            authenticate_plain(s, creds).await
+        }
+    }
+}
+
+/// Method negotiation with GSS-API (RFC 1961, PROTOCOL.md §2.6): a Kerberos context to
+/// `service` from the user's ticket cache, mutual authentication, protection level "none"
+/// (TLS protects the channel). The context is deleted when this returns.
+pub async fn authenticate_gssapi<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    service: &str,
+) -> Result<(), ClientError> {
+    gssapi_exchange(s, service, crate::proto::gssapi::level::NONE).await
+}
+
+/// The RFC 1961 exchange asking for protection level `wish`: [`level::NONE`] before a
+/// request, [`level::SUDP`] before a sudp hello (secure UDP, PROTOCOL.md §2.6).
+///
+/// [`level::NONE`]: crate::proto::gssapi::level::NONE
+/// [`level::SUDP`]: crate::proto::gssapi::level::SUDP
+#[cfg(feature = "kerberos")]
+async fn gssapi_exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    service: &str,
+    wish: u8,
+) -> Result<(), ClientError> {
+    use crate::auth::kerberos::Initiator;
+    use crate::proto::gssapi::{level, parse_level, GssMessage, MessageType};
+    let mut out = Vec::new();
+    socks::encode_greeting(&[method::GSSAPI], &mut out);
+    s.write_all(&out).await?;
+    let chosen = read_msg(s, socks::parse_method_selection).await?;
+    if chosen != method::GSSAPI {
+        return Err(ClientError::Gssapi(
+            "the gateway does not offer GSS-API (is it started with --kerberos-keytab?)".to_owned(),
+        ));
+    }
+    // Getting a service ticket may ask the KDC: blocking, so off the runtime's threads.
+    let service = service.to_owned();
+    let (mut initiator, token) = tokio::task::spawn_blocking(move || Initiator::start(&service))
+        .await
+        .map_err(|e| ClientError::Gssapi(e.to_string()))?
+        .map_err(|e| ClientError::Gssapi(e.to_string()))?;
+    out.clear();
+    GssMessage::authentication(&token).encode(&mut out)?;
+    s.write_all(&out).await?;
+    let refused = || ClientError::Gssapi("the gateway refused the ticket".to_owned());
+    if initiator.needs_reply() {
+        let reply = read_gss(s).await?;
+        let (m, _) = GssMessage::parse(&reply)?;
+        if m.mtyp != MessageType::Authentication {
+            return Err(refused());
+        }
+        initiator
+            .finish(m.token)
+            .map_err(|e| ClientError::Gssapi(e.to_string()))?;
+    }
+    let mut ctx = initiator.into_context();
+    let wanted = wish;
+    let wish = ctx
+        .wrap(&[wanted])
+        .ok_or_else(|| ClientError::Gssapi("cannot wrap the protection level".to_owned()))?;
+    out.clear();
+    GssMessage::protection(&wish).encode(&mut out)?;
+    s.write_all(&out).await?;
+    let answer = read_gss(s).await?;
+    let (m, _) = GssMessage::parse(&answer)?;
+    if m.mtyp != MessageType::Protection {
+        return Err(refused());
+    }
+    let level = ctx.unwrap(m.token).map(|l| parse_level(&l));
+    match level {
+        Some(Ok(l)) if l == wanted => Ok(()),
+        Some(Ok(level::NONE)) if wanted == level::SUDP => Err(ClientError::Gssapi(
+            "the gateway cannot open secure UDP for GSS-API clients".to_owned(),
+        )),
+        other => Err(ClientError::Gssapi(format!(
+            "the gateway chose a protection level this client does not implement: {other:?}"
+        ))),
+    }
+}
+
+/// Without the `kerberos` feature there is no GSS-API library to ask for a ticket.
+#[cfg(not(feature = "kerberos"))]
+async fn gssapi_exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    _s: &mut S,
+    _service: &str,
+    _wish: u8,
+) -> Result<(), ClientError> {
+    Err(ClientError::Gssapi(
+        "this sudp was built without Kerberos support (cargo feature `kerberos`)".to_owned(),
+    ))
+}
+
+/// Reads one RFC 1961 message (its token bounded by the codec) byte-exactly.
+#[cfg(feature = "kerberos")]
+async fn read_gss<S: AsyncRead + Unpin>(s: &mut S) -> Result<Vec<u8>, ClientError> {
+    let mut buf = Vec::with_capacity(4);
+    loop {
+        match crate::proto::gssapi::GssMessage::parse(&buf) {
+            Ok(_) => return Ok(buf),
+            Err(SocksError::Incomplete { need }) => {
+                let have = buf.len();
+                buf.resize(need, 0);
+                s.read_exact(&mut buf[have..]).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Sends a SOCKS5 request and reads the reply; returns BND.
 pub async fn request<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
@@ -463,9 +596,21 @@ pub async fn negotiate_sudp(
     s: &mut Control,
     opts: &ClientOptions,
 ) -> Result<(CipherSuite, AssociationId), ClientError> {
-    let mut out = Vec::new();
-    socks::encode_greeting(&[method::SUDP], &mut out);
     let suites: Vec<u8> = opts.suites.iter().map(|s| s.id()).collect();
+    let mut out = Vec::new();
+    if let Some(service) = &opts.gssapi {
+        // GSS-API first, then a hello without credentials, bound to the GSS identity.
+        gssapi_exchange(s, service, crate::proto::gssapi::level::SUDP).await?;
+        SudpHello {
+            suites: &suites,
+            user: b"",
+            pass: b"",
+        }
+        .encode(&mut out)?;
+        s.write_all(&out).await?;
+        return read_accept(s, opts).await;
+    }
+    socks::encode_greeting(&[method::SUDP], &mut out);
     let (user, pass) = match &opts.credentials {
         Some((u, p)) => (u.as_bytes(), p.as_bytes()),
         None => (&b""[..], &b""[..]),
@@ -482,6 +627,14 @@ pub async fn negotiate_sudp(
     if chosen != method::SUDP {
         return Err(ClientError::NoAcceptableMethod);
     }
+    read_accept(s, opts).await
+}
+
+/// Reads the SudpAccept (§2.2) and checks it against what `opts` offered.
+async fn read_accept(
+    s: &mut Control,
+    opts: &ClientOptions,
+) -> Result<(CipherSuite, AssociationId), ClientError> {
     let accept = read_msg(s, SudpAccept::parse).await?;
     match accept.status {
         sudp_status::OK => {}
@@ -508,9 +661,8 @@ pub async fn connect_tcp_bound(
 ) -> Result<(Control, Address), ClientError> {
     tokio::time::timeout(opts.timeout, async {
         let mut s = connect_tls(opts).await?;
-        let creds = opts.credentials.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
         // A TLS 1.3 server's verdict on our certificate arrives with its first reply.
-        authenticate_plain(&mut s, creds)
+        authenticate(&mut s, opts)
             .await
             .map_err(|e| e.explained(&opts.server_name))?;
         let bnd = request(&mut s, Command::Connect, target).await?;
@@ -602,7 +754,7 @@ impl SecureUdp {
     /// [`SecureUdp::connect`], then, with `previous` (the id and suite of an association
     /// this identity opened on an earlier control connection, e.g. [`SecureUdp::resume_token`]
     /// of one that was lost), asks the gateway to re-attach that association to the new
-    /// connection (PROTOCOL.md §2.4 REATTACH): on success the result carries the old id
+    /// connection (PROTOCOL.md §2.7 REATTACH): on success the result carries the old id
     /// under the keys of its new epoch ([`SecureUdp::epoch`]). A gateway that refuses (or
     /// does not speak REATTACH) leaves the association the connection opened, with a new
     /// id: [`SecureUdp::reattach_refused`] says why.

@@ -253,6 +253,12 @@ fn gateway_summary(c: &sudp::config::GatewayConfig, s: &sudp::gateway::Settings)
                 client_ca.display()
             )
         }
+        Auth::Kerberos => "Kerberos".to_owned(),
+    };
+    let auth = match &c.kerberos {
+        Some(k) if c.auth != Auth::Kerberos => format!("{auth}, then Kerberos ({}, GSS-API)", k.service),
+        Some(k) => format!("Kerberos ({}, password and GSS-API)", k.service),
+        None => auth,
     };
     format!(
         "gateway: control (TLS{}) {}, relay (UDP) {}, certificate {}, auth {auth}, policy {} \

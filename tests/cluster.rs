@@ -1,7 +1,7 @@
 //! Two gateway processes sharing a real Redis (issue 9, item 5): a shim's stream survives the
 //! loss of the gateway serving it, killed or frozen, **on the same association**: the shim
 //! resumes TLS on the other gateway and re-attaches its association there (PROTOCOL.md
-//! §2.4 REATTACH); the id is kept, the epoch advances, records of the old epoch are dropped,
+//! §2.7 REATTACH); the id is kept, the epoch advances, records of the old epoch are dropped,
 //! the frozen gateway lets its copy go once it runs again, and Redis holds nothing readable.
 //!
 //! Needs Debian's redis-server (`.ci/run` installs it); without it each test prints SKIPPED.

@@ -1,4 +1,4 @@
-//! Associations that move (PROTOCOL.md §2.4 REATTACH, §3.1 epochs), against one in-process
+//! Associations that move (PROTOCOL.md §2.7 REATTACH, §3.1 epochs), against one in-process
 //! gateway: the owner re-attaches its association to a new control connection and keeps its
 //! id under new keys; a stranger, an anonymous client and a second re-attach on one
 //! connection are refused with their reasons; records of the old epoch fail authentication;

@@ -246,6 +246,7 @@ async fn a_running_shim_answers_each_request_without_hammering_the_gateway() {
     settings.auth = sudp::gateway::AuthSettings {
         no_auth: false,
         users: Some(Arc::new(users)),
+        ..Default::default()
     };
     let gw = TestGateway::start(settings).await;
     let echo = udp_echo().await;

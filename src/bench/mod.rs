@@ -819,6 +819,7 @@ impl InProcessGateway {
             auth: AuthSettings {
                 no_auth: true,
                 users: None,
+                ..Default::default()
             },
             policy: Arc::new(Policy::new(
                 vec![loopback("127.0.0.0/8")?, loopback("::1/128")?],

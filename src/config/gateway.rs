@@ -77,9 +77,21 @@ pub struct GatewayArgs {
     pub client_crl: Vec<PathBuf>,
 
     /// Accept clients without any authentication. For tests and demos only; cannot be
-    /// combined with --users or --client-ca.
+    /// combined with --users, --client-ca or --kerberos-keytab.
     #[arg(long)]
     pub no_auth: bool,
+
+    /// Keytab holding the key of --kerberos-service: user names and passwords (RFC 1929,
+    /// sudp hello) are then checked against the KDC (after the users file, if any), and the
+    /// GSS-API method (RFC 1961) is offered. Needs a build with `--features kerberos` and
+    /// --kerberos-service; the realm and KDC come from krb5.conf (KRB5_CONFIG).
+    #[arg(long, value_name = "FILE")]
+    pub kerberos_keytab: Option<PathBuf>,
+
+    /// The gateway's Kerberos service principal, e.g. socks/gw.example.com (realm: krb5.conf's
+    /// default_realm unless given as @REALM). Needs --kerberos-keytab.
+    #[arg(long, value_name = "PRINCIPAL")]
+    pub kerberos_service: Option<String>,
 
     /// UDP relay socket [default: the --listen IP, port 0 (any free port)].
     #[arg(long, value_name = "ADDR")]
@@ -242,6 +254,8 @@ pub struct GatewayConfig {
     pub key: PathBuf,
     /// How clients authenticate.
     pub auth: Auth,
+    /// Kerberos password checks and GSS-API, if configured.
+    pub kerberos: Option<KerberosConfig>,
     /// Revocation lists (PEM files) for client certificates; empty unless `auth` has a
     /// client CA.
     pub client_crl: Vec<PathBuf>,
@@ -313,6 +327,18 @@ pub enum Auth {
         /// CA for client certificates (PEM).
         client_ca: PathBuf,
     },
+    /// Kerberos alone ([`GatewayConfig::kerberos`]): passwords checked against the KDC and
+    /// GSS-API tickets, no users file, no client CA.
+    Kerberos,
+}
+
+/// `kerberos_keytab` and `kerberos_service`: both or neither.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KerberosConfig {
+    /// Keytab file with the service principal's key.
+    pub keytab: PathBuf,
+    /// The service principal (`socks/gw.example.com`, optionally `@REALM`).
+    pub service: String,
 }
 
 impl Auth {
@@ -320,7 +346,7 @@ impl Auth {
     pub fn users(&self) -> Option<&Path> {
         match self {
             Auth::Users(users) | Auth::UsersOrClientCert { users, .. } => Some(users),
-            Auth::NoAuth | Auth::ClientCert(_) => None,
+            Auth::NoAuth | Auth::ClientCert(_) | Auth::Kerberos => None,
         }
     }
 
@@ -328,7 +354,7 @@ impl Auth {
     pub fn client_ca(&self) -> Option<&Path> {
         match self {
             Auth::ClientCert(ca) | Auth::UsersOrClientCert { client_ca: ca, .. } => Some(ca),
-            Auth::NoAuth | Auth::Users(_) => None,
+            Auth::NoAuth | Auth::Users(_) | Auth::Kerberos => None,
         }
     }
 }
@@ -353,6 +379,8 @@ struct GatewayFile {
     client_ca: Option<PathBuf>,
     client_crl: Option<Vec<PathBuf>>,
     no_auth: Option<bool>,
+    kerberos_keytab: Option<PathBuf>,
+    kerberos_service: Option<String>,
     udp_listen: Option<String>,
     advertise: Option<String>,
     allow: Option<Vec<String>>,
@@ -429,6 +457,18 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
     let users = o.path(args.users, file.users);
     let client_ca = o.path(args.client_ca, file.client_ca);
     let no_auth = args.no_auth || file.no_auth.unwrap_or(false);
+    let kerberos = kerberos_config(
+        o.path(args.kerberos_keytab, file.kerberos_keytab),
+        args.kerberos_service
+            .map(|s| (s, true))
+            .or(file.kerberos_service.map(|s| (s, false))),
+        &o,
+    )?;
+    if no_auth && kerberos.is_some() {
+        return Err(ConfigError::AuthConflict {
+            with: "kerberos_keytab",
+        });
+    }
     let auth = match (no_auth, users, client_ca) {
         (true, Some(_), _) => return Err(ConfigError::AuthConflict { with: "users" }),
         (true, None, Some(_)) => return Err(ConfigError::AuthConflict { with: "client_ca" }),
@@ -436,6 +476,7 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
         (false, Some(users), Some(client_ca)) => Auth::UsersOrClientCert { users, client_ca },
         (false, Some(users), None) => Auth::Users(users),
         (false, None, Some(ca)) => Auth::ClientCert(ca),
+        (false, None, None) if kerberos.is_some() => Auth::Kerberos,
         (false, None, None) => return Err(ConfigError::NoAuthMethod),
     };
     let dir = o.path.parent().unwrap_or(Path::new(""));
@@ -471,11 +512,18 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
     };
     let mut users_policy = HashMap::new();
     for (user, rules) in file.users_policy.unwrap_or_default() {
-        // A password user's name has no ':'; a certificate's identity is `cert:NAME`
-        // (crate::auth): a key of neither form would silently never apply.
-        let possible = match user.strip_prefix(crate::auth::CERT_PREFIX) {
-            Some(name) => !name.is_empty(),
-            None => !user.contains(':'),
+        // A password user's name has no ':'; a certificate's identity is `cert:NAME`, a
+        // Kerberos principal's `krb:user@REALM` (crate::auth): a key of no such form would
+        // silently never apply.
+        let possible = match (
+            user.strip_prefix(crate::auth::CERT_PREFIX),
+            user.strip_prefix(crate::auth::KRB_PREFIX),
+        ) {
+            (Some(name), _) => !name.is_empty(),
+            (_, Some(principal)) => principal
+                .rsplit_once('@')
+                .is_some_and(|(name, realm)| !name.is_empty() && !realm.is_empty()),
+            (None, None) => !user.contains(':'),
         };
         if !possible {
             return Err(value_err(
@@ -602,11 +650,51 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
             .metrics
             .or(file_value(&o, "metrics", file.metrics, parse_socket_addr)?),
         audit_log: o.path(args.audit_log, file.audit_log),
+        kerberos,
         store,
         cluster,
         cluster_key,
         resumption,
     })
+}
+
+/// `kerberos_keytab` and `kerberos_service` (`(name, from_flag)`): both or neither, the
+/// service a nonempty principal name, and a build that has Kerberos.
+fn kerberos_config(
+    keytab: Option<PathBuf>,
+    service: Option<(String, bool)>,
+    o: &Origins,
+) -> Result<Option<KerberosConfig>, ConfigError> {
+    let (keytab, (service, from_flag)) = match (keytab, service) {
+        (None, None) => return Ok(None),
+        (Some(_), None) => {
+            return Err(ConfigError::Requires {
+                key: "kerberos_keytab",
+                needs: "kerberos_service",
+            })
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::Requires {
+                key: "kerberos_service",
+                needs: "kerberos_keytab",
+            })
+        }
+        (Some(k), Some(s)) => (k, s),
+    };
+    let service = service.trim().to_owned();
+    if service.is_empty() || service.contains(['\0', ' ', '\n']) {
+        return Err(value_err(
+            o.at("kerberos_service", from_flag),
+            Problem::Principal(service),
+        ));
+    }
+    if !cfg!(feature = "kerberos") {
+        return Err(value_err(
+            o.at("kerberos_service", from_flag),
+            Problem::NoKerberos,
+        ));
+    }
+    Ok(Some(KerberosConfig { keytab, service }))
 }
 
 fn parse_store_url(text: &str) -> Result<StoreUrl, Problem> {
@@ -683,6 +771,61 @@ mod tests {
     }
 
     const MINIMAL: &str = "cert = \"c.pem\"\nkey = \"k.pem\"\nno_auth = true\n";
+
+    #[test]
+    fn kerberos_keys_come_in_pairs_and_exclude_no_auth() {
+        let base = "cert = \"c.pem\"\nkey = \"k.pem\"\n";
+        assert_eq!(
+            error(&format!("{base}kerberos_keytab = \"gw.keytab\""), &[]),
+            "`kerberos_keytab` (--kerberos-keytab) needs `kerberos_service` (--kerberos-service)"
+        );
+        assert_eq!(
+            error(base, &["--kerberos-service=socks/gw"]),
+            "`kerberos_service` (--kerberos-service) needs `kerberos_keytab` (--kerberos-keytab)"
+        );
+        let got = error(MINIMAL, &["--kerberos-keytab=k", "--kerberos-service=socks/gw"]);
+        let want = match cfg!(feature = "kerberos") {
+            true => "cannot be combined with `kerberos_keytab`",
+            false => "built without Kerberos support",
+        };
+        assert!(got.contains(want), "{got}");
+        let got = error(
+            &format!("{base}kerberos_keytab = \"k\"\nkerberos_service = \" \""),
+            &[],
+        );
+        assert!(
+            got.contains("key `kerberos_service`") && got.contains("invalid Kerberos principal"),
+            "{got}"
+        );
+        let both = from_toml(
+            &format!("{base}kerberos_keytab = \"gw.keytab\"\nkerberos_service = \"socks/gw.example.com\""),
+            &[],
+        );
+        if cfg!(feature = "kerberos") {
+            // Kerberos alone is a method; the keytab resolves against the file's directory.
+            let c = both.unwrap();
+            assert_eq!(c.auth, Auth::Kerberos);
+            let k = c.kerberos.unwrap();
+            assert_eq!(k.service, "socks/gw.example.com");
+            assert!(k.keytab.ends_with("gw.keytab"));
+        } else {
+            let got = both.unwrap_err().to_string();
+            assert!(got.contains("built without Kerberos support"), "{got}");
+        }
+    }
+
+    #[test]
+    fn principal_policy_keys_need_user_and_realm() {
+        let ok = from_toml(
+            &format!("{MINIMAL}[users_policy.\"krb:ops@EXAMPLE.COM\"]\nallow = []\n"),
+            &[],
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+        for bad in ["krb:", "krb:ops", "krb:@EXAMPLE.COM", "krb:ops@"] {
+            let got = error(&format!("{MINIMAL}[users_policy.\"{bad}\"]\nallow = []\n"), &[]);
+            assert!(got.contains("no identity is named"), "{bad}: {got}");
+        }
+    }
 
     #[test]
     fn clap_definition_is_consistent() {

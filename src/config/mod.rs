@@ -38,7 +38,7 @@ use crate::proto::keys::CipherSuite;
 use crate::proto::replay;
 
 pub use gateway::{
-    Auth, GatewayArgs, GatewayConfig, ResumptionMode, StoreUrl, DEFAULT_CLUSTER,
+    Auth, GatewayArgs, GatewayConfig, KerberosConfig, ResumptionMode, StoreUrl, DEFAULT_CLUSTER,
     DEFAULT_CONNECT_IDLE_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_LISTEN,
     DEFAULT_MAX_ASSOCIATIONS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_IP,
 };
@@ -111,7 +111,8 @@ pub enum ConfigError {
     /// No authentication method is configured and `--no-auth` was not given.
     #[error(
         "no client authentication configured: set `users` (--users FILE) and/or `client_ca` \
-         (--client-ca FILE); for tests and demos only, --no-auth accepts every client"
+         (--client-ca FILE) and/or `kerberos_keytab` with `kerberos_service`; for tests and \
+         demos only, --no-auth accepts every client"
     )]
     NoAuthMethod,
     /// `no_auth` together with a real method.
@@ -232,6 +233,12 @@ pub enum Problem {
         "invalid pin \"{0}\" (expected the certificate's SHA-256: 64 hex digits or 32 colon-separated pairs)"
     )]
     Pin(String),
+    /// Not a Kerberos principal name.
+    #[error("invalid Kerberos principal \"{}\" (expected e.g. socks/gw.example.com or socks/gw.example.com@EXAMPLE.COM)", crate::logsafe::Peer::str(.0))]
+    Principal(String),
+    /// Kerberos configured in a build without it.
+    #[error("this sudp was built without Kerberos support: rebuild with `cargo build --features kerberos` (needs libkrb5-dev and clang)")]
+    NoKerberos,
     /// Not a TLS server name.
     #[error("invalid TLS server name \"{0}\" (expected a DNS name or an IP address)")]
     ServerName(String),
@@ -254,8 +261,8 @@ pub enum Problem {
     UserName,
     /// A `[users_policy.KEY]` that no identity can have.
     #[error(
-        "no identity is named \"{0}\": password users have no ':' in their names, and \
-         certificate identities are cert:NAME"
+        "no identity is named \"{0}\": password users have no ':' in their names, \
+         certificate identities are cert:NAME and Kerberos principals krb:USER@REALM"
     )]
     PolicyKey(String),
     /// A store URL this build cannot use. The URL is not repeated: it may hold a password.

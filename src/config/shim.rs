@@ -65,6 +65,12 @@ pub struct ShimArgs {
     #[arg(long, value_name = "FILE")]
     pub password_file: Option<PathBuf>,
 
+    /// Authenticate to the gateway with GSS-API (Kerberos tickets from KRB5CCNAME, after
+    /// kinit) for this service principal, e.g. socks/gw.example.com, for CONNECT and secure
+    /// UDP alike. Needs a build with `--features kerberos`; cannot be combined with --user.
+    #[arg(long, value_name = "PRINCIPAL")]
+    pub gssapi: Option<String>,
+
     /// Client certificate chain, PEM, for mutual TLS (with --key).
     #[arg(long, value_name = "FILE")]
     pub cert: Option<PathBuf>,
@@ -224,6 +230,8 @@ pub struct ShimConfig {
     pub server_name: Option<String>,
     /// Username/password for the gateway, if any.
     pub login: Option<PasswordLogin>,
+    /// GSS-API to this service principal, if set.
+    pub gssapi: Option<String>,
     /// Client certificate chain and key (mTLS), if any.
     pub client_cert: Option<(PathBuf, PathBuf)>,
     /// Local SOCKS5 listener; `None`: none.
@@ -326,6 +334,7 @@ struct ShimFile {
     server_name: Option<String>,
     user: Option<String>,
     password_file: Option<PathBuf>,
+    gssapi: Option<String>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     socks: Option<String>,
@@ -406,6 +415,26 @@ fn build(args: ShimArgs, file: ShimFile) -> Result<ShimConfig, ConfigError> {
         ("user", pick(args.user, file.user)),
         ("password_file", o.path(args.password_file, file.password_file)),
     )?;
+    let gssapi = match pick(args.gssapi, file.gssapi) {
+        Some((name, from_flag)) => {
+            let name = name.trim().to_owned();
+            if name.is_empty() || name.contains(['\0', ' ', '\n']) {
+                return Err(value_err(o.at("gssapi", from_flag), Problem::Principal(name)));
+            }
+            if !cfg!(feature = "kerberos") {
+                return Err(value_err(o.at("gssapi", from_flag), Problem::NoKerberos));
+            }
+            if login.is_some() {
+                return Err(ConfigError::Conflict {
+                    a: "gssapi",
+                    b: "user",
+                    why: "the gateway connection authenticates one way: tickets or a password",
+                });
+            }
+            Some(name)
+        }
+        None => None,
+    };
     let cert = o.path(args.cert, file.cert);
     let key = o.path(args.key, file.key);
     let client_cert = match (cert, key) {
@@ -529,6 +558,7 @@ fn build(args: ShimArgs, file: ShimFile) -> Result<ShimConfig, ConfigError> {
         trust,
         server_name,
         login,
+        gssapi,
         client_cert,
         socks,
         socks_login,
@@ -605,6 +635,30 @@ mod tests {
 
     fn error(text: &str, argv: &[&str]) -> String {
         from_toml(text, argv).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn gssapi_takes_a_principal_and_excludes_a_password() {
+        let base = "gateway = [\"gw.example:8443\"]\nca = \"ca.pem\"\n";
+        let got = error(
+            &format!("{base}gssapi = \"socks/gw.example\"\nuser = \"u\"\npassword_file = \"p\""),
+            &[],
+        );
+        if cfg!(feature = "kerberos") {
+            assert!(
+                got.contains("`gssapi` (--gssapi) and `user` (--user) cannot be combined"),
+                "{got}"
+            );
+            let c = from_toml(&format!("{base}gssapi = \"socks/gw.example\""), &[]).unwrap();
+            assert_eq!(c.gssapi.as_deref(), Some("socks/gw.example"));
+        } else {
+            assert!(got.contains("built without Kerberos support"), "{got}");
+        }
+        let got = error(base, &["--gssapi="]);
+        assert!(
+            got.contains("--gssapi") && got.contains("invalid Kerberos principal"),
+            "{got}"
+        );
     }
 
     const MINIMAL: &str = "gateway = [\"gw.example:8443\"]\nca = \"ca.pem\"\n";

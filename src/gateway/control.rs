@@ -1,5 +1,5 @@
-//! One control connection: TLS, SOCKS5 method negotiation (no-auth, RFC 1929
-//! username/password, mTLS identity, the sudp method 0x80), then one command.
+//! One control connection: TLS, SOCKS5 method negotiation (no-auth, GSS-API of RFC 1961,
+//! RFC 1929 username/password, mTLS identity, the sudp method 0x80), then one command.
 //!
 //! The SOCKS5 flow runs on fast-socks5's server protocol API over the TLS stream. Its
 //! `AuthMethod` trait lets us add our own methods; the sub-negotiations themselves are
@@ -34,6 +34,9 @@ use crate::net::channel::{Channel, ChannelError, Event};
 use crate::proto::frame::{feature, CloseReason, Frame, RefuseReason};
 use crate::proto::socks::{self, choose_suite, method, sudp_status, SudpAccept, SudpHello};
 use crate::proto::{AssociationId, KeySchedule, SocksError};
+
+/// Most of the handshake deadline kept back from authentication checks, to answer in.
+const AUTH_REPLY_MARGIN: Duration = Duration::from_millis(500);
 
 /// Largest sub-negotiation message we read (sudp hello with 16 suites and full credentials).
 const MAX_SUBNEG: usize = 2 + socks::MAX_SUITES + 1 + 255 + 1 + 255;
@@ -83,6 +86,7 @@ pub fn reply_for(r: &Refusal) -> ReplyError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Method {
     NoAuth,
+    Gssapi,
     UserPass,
     Sudp,
 }
@@ -93,6 +97,7 @@ impl<T> AuthMethod<T> for Method {
     fn method_id(self) -> u8 {
         match self {
             Method::NoAuth => method::NO_AUTH,
+            Method::Gssapi => method::GSSAPI,
             Method::UserPass => method::USERPASS,
             Method::Sudp => method::SUDP,
         }
@@ -193,7 +198,12 @@ pub(crate) async fn serve(
     };
     // Full or resumed (with a shared store, possibly a session another node issued).
     shared.metrics.count_handshake(tls.get_ref().1.handshake_kind());
-    let negotiated = tokio::time::timeout_at(deadline, negotiate(&shared, tls, peer, deadline)).await;
+    // Checks give up a little before the connection's deadline, so that a check that cannot
+    // finish in time (a KDC that does not answer) still gets the failure reply, not a
+    // connection closed without a word.
+    let margin = (shared.settings.handshake_timeout / 10).min(AUTH_REPLY_MARGIN);
+    let negotiated =
+        tokio::time::timeout_at(deadline, negotiate(&shared, tls, peer, deadline - margin)).await;
     let (proto, cmd, target, session) = match negotiated {
         Ok(Ok(Some(x))) => x,
         Ok(Ok(None)) => return,
@@ -252,7 +262,8 @@ type Ready = (
 );
 
 /// Method negotiation, authentication and the command request. `Ok(None)`: the client was
-/// refused and answered; nothing more to do.
+/// refused and answered; nothing more to do. `deadline` is the one checks must finish by
+/// (a little before the connection's own).
 ///
 /// With `no_auth`, every client is accepted as anonymous, also one that sends credentials
 /// (RFC 1929 or the sudp hello): the gateway cannot check them, and accepting them as an
@@ -284,13 +295,26 @@ async fn negotiate(
     if auth.no_auth || cert_identity.is_some() {
         offered.push(Method::NoAuth);
     }
-    if auth.users.is_some() || auth.no_auth {
+    // With a keytab: tickets (GSS-API) before passwords, which the KDC also checks.
+    if shared.auth.has(AuthMethodKind::Gssapi) {
+        offered.push(Method::Gssapi);
+    }
+    if auth.users.is_some() || auth.no_auth || auth.kerberos.is_some() {
         offered.push(Method::UserPass);
     }
     let (method, mut stream) = Socks5ServerProtocol::start(tls).negotiate_auth(&offered).await?;
     let mut session = Session::new(cert_identity.clone());
+    // The sudp hello (§2.2) follows method 0x80, and GSS-API's "secure UDP" level (§2.6).
+    let mut hello_follows = false;
     match method {
         Method::NoAuth => {}
+        Method::Gssapi => match gssapi(shared, &mut stream, peer, deadline).await? {
+            Some((identity, then_hello)) => {
+                session.set_identity(identity);
+                hello_follows = then_hello;
+            }
+            None => return Ok(None),
+        },
         Method::UserPass => {
             let msg = read_message(&mut stream, |b| socks::parse_userpass(b).map(|(_, n)| n)).await?;
             let ((user, pass), _) = socks::parse_userpass(&msg)?;
@@ -313,66 +337,170 @@ async fn negotiate(
             }
             stream.write_all(&[socks::USERPASS_VERSION, 0x00]).await?;
         }
-        Method::Sudp => {
-            let msg = read_message(&mut stream, |b| SudpHello::parse(b).map(|(_, n)| n)).await?;
-            let (hello, _) = SudpHello::parse(&msg)?;
-            let authed = if hello.user.is_empty() {
-                auth.no_auth || cert_identity.is_some()
-            } else if auth.no_auth {
-                tracing::info!(%peer, user = %Peer(hello.user), "no_auth: credentials ignored, client is anonymous");
-                true
-            } else {
-                let creds = Credentials::password(hello.user, hello.pass);
-                match shared
-                    .auth
-                    .authenticate(peer, creds, deadline, peer_gone(stream.get_ref().0))
-                    .await
-                {
-                    Verdict::Accepted(identity) => {
-                        session.set_identity(identity);
-                        true
-                    }
-                    // Not checked for want of capacity: the client may retry (BUSY), unlike
-                    // a refusal, which it must not retry in a loop.
-                    Verdict::Overloaded => {
-                        stream
-                            .write_all(&SudpAccept::refuse(sudp_status::BUSY).encode())
-                            .await?;
-                        stream.shutdown().await?;
-                        return Ok(None);
-                    }
-                    _ => false,
+        Method::Sudp => hello_follows = true,
+    }
+    if hello_follows {
+        let msg = read_message(&mut stream, |b| SudpHello::parse(b).map(|(_, n)| n)).await?;
+        let (hello, _) = SudpHello::parse(&msg)?;
+        let authed = if hello.user.is_empty() {
+            auth.no_auth || cert_identity.is_some() || method == Method::Gssapi
+        } else if method == Method::Gssapi {
+            // PROTOCOL.md §2.6: the hello after GSS-API is bound to the GSS identity.
+            tracing::info!(%peer, "sudp hello after GSS-API carries credentials: refused");
+            false
+        } else if auth.no_auth {
+            tracing::info!(%peer, user = %Peer(hello.user), "no_auth: credentials ignored, client is anonymous");
+            true
+        } else {
+            let creds = Credentials::password(hello.user, hello.pass);
+            match shared
+                .auth
+                .authenticate(peer, creds, deadline, peer_gone(stream.get_ref().0))
+                .await
+            {
+                Verdict::Accepted(identity) => {
+                    session.set_identity(identity);
+                    true
                 }
-            };
-            if !authed {
-                if hello.user.is_empty() {
-                    // No credentials where some are needed: a failure of no backend.
-                    shared.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(%peer, "sudp authentication rejected: no credentials");
+                // Not checked for want of capacity: the client may retry (BUSY), unlike a
+                // refusal, which it must not retry in a loop.
+                Verdict::Overloaded => {
+                    stream
+                        .write_all(&SudpAccept::refuse(sudp_status::BUSY).encode())
+                        .await?;
+                    stream.shutdown().await?;
+                    return Ok(None);
                 }
-                stream
-                    .write_all(&SudpAccept::refuse(sudp_status::AUTH_FAILED).encode())
-                    .await?;
-                stream.shutdown().await?;
-                return Ok(None);
+                _ => false,
             }
-            let Some(suite) = choose_suite(hello.suites, &shared.settings.suites) else {
-                tracing::info!(%peer, offered = ?hello.suites, "no acceptable cipher suite");
-                stream
-                    .write_all(&SudpAccept::refuse(sudp_status::NO_SUITE).encode())
-                    .await?;
-                stream.shutdown().await?;
-                return Ok(None);
-            };
-            let id = shared.relay.new_assoc_id();
-            let keys = crate::tls::export_keys(stream.get_ref().1, id, suite)?;
-            stream.write_all(&SudpAccept::ok(suite, id).encode()).await?;
-            session.secure = Some((id, keys));
+        };
+        if !authed {
+            if hello.user.is_empty() {
+                // No credentials where some are needed: a failure of no backend.
+                shared.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%peer, "sudp authentication rejected: no credentials");
+            }
+            stream
+                .write_all(&SudpAccept::refuse(sudp_status::AUTH_FAILED).encode())
+                .await?;
+            stream.shutdown().await?;
+            return Ok(None);
         }
+        let Some(suite) = choose_suite(hello.suites, &shared.settings.suites) else {
+            tracing::info!(%peer, offered = ?hello.suites, "no acceptable cipher suite");
+            stream
+                .write_all(&SudpAccept::refuse(sudp_status::NO_SUITE).encode())
+                .await?;
+            stream.shutdown().await?;
+            return Ok(None);
+        };
+        let id = shared.relay.new_assoc_id();
+        let keys = crate::tls::export_keys(stream.get_ref().1, id, suite)?;
+        stream.write_all(&SudpAccept::ok(suite, id).encode()).await?;
+        session.secure = Some((id, keys));
     }
     let proto = Socks5ServerProtocol::finish_auth(Authenticated(stream));
     let (proto, cmd, target) = proto.read_command().await?;
     Ok(Some((proto, cmd, target, session)))
+}
+
+/// The GSS-API sub-negotiation (RFC 1961 §3-4, PROTOCOL.md §2.6): one context token in,
+/// accepted by the Authenticator's GSS-API backend, the reply token out, then the
+/// protection level: "none" (TLS protects the channel) for any RFC 1961 level, or sudp's
+/// "secure UDP" level, after which a credential-less sudp hello follows (the `bool`).
+/// `None`: refused, an abort message sent and the connection closed. The context is dropped
+/// (deleted) on return: nothing after this message uses it.
+async fn gssapi(
+    shared: &Shared,
+    stream: &mut Tls,
+    peer: SocketAddr,
+    deadline: Instant,
+) -> anyhow::Result<Option<(Identity, bool)>> {
+    use crate::auth::GssExchange;
+    use crate::proto::gssapi::{self, level, GssMessage, MessageType};
+    let msg = read_gss(stream).await?;
+    let (first, _) = GssMessage::parse(&msg)?;
+    if first.mtyp != MessageType::Authentication {
+        // An abort, or a protection message before any context.
+        tracing::info!(%peer, mtyp = ?first.mtyp, "GSS-API: expected a context token");
+        abort(stream).await?;
+        return Ok(None);
+    }
+    let exchange = GssExchange::new(first.token.to_vec());
+    let verdict = shared
+        .auth
+        .authenticate(
+            peer,
+            Credentials::Gssapi(exchange.clone()),
+            deadline,
+            peer_gone(stream.get_ref().0),
+        )
+        .await;
+    let accepted = match (verdict, exchange.take_accepted()) {
+        (Verdict::Accepted(identity), Some(accepted)) => Some((identity, accepted)),
+        _ => None,
+    };
+    let Some((identity, mut accepted)) = accepted else {
+        abort(stream).await?;
+        return Ok(None);
+    };
+    let mut out = Vec::new();
+    if !accepted.reply.is_empty() {
+        GssMessage::authentication(&accepted.reply).encode(&mut out)?;
+        stream.write_all(&out).await?;
+    }
+    // Protection-level sub-negotiation: the client's wish, wrapped.
+    let msg = read_gss(stream).await?;
+    let (wish, _) = GssMessage::parse(&msg)?;
+    let wanted = match wish.mtyp {
+        MessageType::Protection => accepted
+            .context
+            .unwrap(wish.token)
+            .and_then(|m| gssapi::parse_level(&m).ok()),
+        _ => None,
+    };
+    let chosen = match wanted {
+        Some(level::NONE | level::INTEGRITY | level::CONFIDENTIALITY | level::SELECTIVE) => level::NONE,
+        Some(level::SUDP) => level::SUDP,
+        _ => {
+            tracing::info!(%peer, user = %identity, "GSS-API: no valid protection-level message");
+            abort(stream).await?;
+            return Ok(None);
+        }
+    };
+    let Some(answer) = accepted.context.wrap(&[chosen]) else {
+        abort(stream).await?;
+        return Ok(None);
+    };
+    out.clear();
+    GssMessage::protection(&answer).encode(&mut out)?;
+    stream.write_all(&out).await?;
+    Ok(Some((identity, chosen == level::SUDP)))
+}
+
+/// Sends the RFC 1961 abort message and closes.
+async fn abort<S: AsyncWrite + Unpin>(stream: &mut S) -> anyhow::Result<()> {
+    let mut out = Vec::new();
+    crate::proto::gssapi::GssMessage::abort().encode(&mut out)?;
+    stream.write_all(&out).await?;
+    stream.shutdown().await?;
+    Ok(())
+}
+
+/// Reads one RFC 1961 message byte-exactly; its length is bounded before it is read.
+async fn read_gss<S: AsyncRead + Unpin>(stream: &mut S) -> anyhow::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(4);
+    loop {
+        match crate::proto::gssapi::GssMessage::parse(&buf) {
+            Ok(_) => return Ok(buf),
+            Err(SocksError::Incomplete { need }) => {
+                let have = buf.len();
+                buf.resize(need, 0);
+                stream.read_exact(&mut buf[have..]).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Reads one sub-negotiation message byte-exactly: `parse` says how many bytes it needs.
@@ -608,7 +736,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     }
 }
 
-/// Serves a REATTACH (PROTOCOL.md §2.4): claims association `assoc` in the store for the
+/// Serves a REATTACH (PROTOCOL.md §2.7): claims association `assoc` in the store for the
 /// identity this connection authenticated, derives the keys of its new epoch from this
 /// connection's exporter (§3.1), and opens it in the relay in place of any copy this node
 /// still serves. The caller swaps it in for the association the connection opened.
@@ -697,7 +825,7 @@ async fn udp_associate(
         let store = shared.settings.store.clone();
         let ttl = moves::record_ttl(idle);
         // An association with an owner has a record in the store, so that the owner can
-        // re-attach it to another connection, here or on another node (PROTOCOL.md §2.4).
+        // re-attach it to another connection, here or on another node (PROTOCOL.md §2.7).
         let mut held = match &session.user {
             Some(owner) => {
                 let record = moves::AssocRecord::new(keys.c2g.suite(), moves::node_id(), owner);

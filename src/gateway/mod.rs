@@ -26,7 +26,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::audit::AuditLog;
-use crate::auth::{AuthLimits, Authenticator, Backend, Certificates, ReloadableUsers, Users};
+use crate::auth::{AuthLimits, Authenticator, Backend, Certificates, FirstOf, ReloadableUsers, Users};
 use crate::config::{Auth, GatewayConfig, ResumptionMode};
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::net::channel::Heartbeat;
@@ -52,6 +52,11 @@ pub struct AuthSettings {
     pub no_auth: bool,
     /// Username/password users (RFC 1929 and the sudp method's credentials).
     pub users: Option<Arc<Users>>,
+    /// The Kerberos service key (`--kerberos-keytab`, `--kerberos-service`): passwords are
+    /// checked against the KDC after the users file, and GSS-API (method 0x01) is offered.
+    /// (Always `None` in a build without the `kerberos` feature, whose `ServiceKey` has no
+    /// value.)
+    pub kerberos: Option<crate::auth::ServiceKey>,
 }
 
 /// Everything the gateway needs to run, already validated.
@@ -231,6 +236,10 @@ impl Settings {
             auth: AuthSettings {
                 no_auth: matches!(cfg.auth, Auth::NoAuth),
                 users,
+                kerberos: match &cfg.kerberos {
+                    Some(k) => Some(crate::auth::ServiceKey::load(&k.keytab, &k.service)?),
+                    None => None,
+                },
             },
             policy: Arc::new(cfg.policy.clone()),
             full_cone: cfg.full_cone,
@@ -385,8 +394,22 @@ impl Gateway {
             .users
             .as_ref()
             .map(|u| Arc::new(ReloadableUsers::new(u.clone())));
+        // Password credentials: the users file first, then (with Kerberos) the KDC.
+        let mut password: Vec<Arc<dyn Backend>> = Vec::new();
         if let Some(users) = &users {
-            backends.push(users.clone());
+            password.push(users.clone());
+        }
+        #[cfg(feature = "kerberos")]
+        if let Some(key) = &settings.auth.kerberos {
+            password.push(Arc::new(crate::auth::kerberos::KerberosPassword::new(
+                key.clone(),
+            )));
+            backends.push(Arc::new(crate::auth::kerberos::GssapiTokens::new(key.clone())));
+        }
+        match password.len() {
+            0 => {}
+            1 => backends.extend(password),
+            _ => backends.push(Arc::new(FirstOf(password))),
         }
         backends.push(Arc::new(Certificates));
         let auth = Authenticator::new(backends, settings.auth_limits.clone(), metrics.clone());
@@ -446,7 +469,7 @@ impl Gateway {
         let relay_task = tokio::spawn(shared.relay.clone().run());
         let (draining_tx, draining) = watch::channel(false);
         let metrics_task = metrics_listener.map(|l| {
-            let exporter = crate::metrics::export::Exporter::new(
+            let exporter = crate::metrics::export::Exporter::with_audit(
                 "sudp_gateway",
                 shared.metrics.clone(),
                 vec![(
@@ -457,6 +480,7 @@ impl Gateway {
                         move || n
                     }),
                 )],
+                shared.settings.audit.clone(),
             );
             let draining = draining.clone();
             let endpoints = Arc::new(crate::metrics::http::Endpoints {

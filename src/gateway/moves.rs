@@ -1,5 +1,5 @@
 //! Associations that move: their records in the session store, and the claim a re-attach
-//! makes on one (PROTOCOL.md §2.4 REATTACH, §3.1 epochs, docs/CLUSTER.md).
+//! makes on one (PROTOCOL.md §2.7 REATTACH, §3.1 epochs, docs/CLUSTER.md).
 //!
 //! Every secure association with an authenticated owner has a record in the store's
 //! `association` table, keyed by its 8-byte id:

@@ -110,6 +110,7 @@ fn methods(auth: &Auth) -> &'static str {
         Auth::Users(_) => "users",
         Auth::ClientCert(_) => "client certificates",
         Auth::UsersOrClientCert { .. } => "users or client certificates",
+        Auth::Kerberos => "Kerberos",
     }
 }
 
@@ -316,6 +317,16 @@ fn restart_only_changes(old: &GatewayConfig, new: &GatewayConfig) -> Vec<&'stati
     check("cluster", old.cluster != new.cluster);
     check("cluster_key", old.cluster_key != new.cluster_key);
     check("resumption", old.resumption != new.resumption);
+    // The keytab is read once, at start (its key is the acceptor credential).
+    let (k_old, k_new) = (old.kerberos.as_ref(), new.kerberos.as_ref());
+    check(
+        "kerberos_keytab",
+        k_old.map(|k| &k.keytab) != k_new.map(|k| &k.keytab),
+    );
+    check(
+        "kerberos_service",
+        k_old.map(|k| &k.service) != k_new.map(|k| &k.service),
+    );
     out
 }
 
@@ -352,6 +363,20 @@ mod tests {
         assert_eq!(
             restart_only_changes(&old, &moved),
             ["listen", "max_connections", "udp_buffer"]
+        );
+    }
+
+    #[test]
+    fn kerberos_keys_are_restart_only() {
+        let old = config(|_| {});
+        let mut new = old.clone();
+        new.kerberos = Some(crate::config::KerberosConfig {
+            keytab: "gw.keytab".into(),
+            service: "socks/gw".into(),
+        });
+        assert_eq!(
+            restart_only_changes(&old, &new),
+            vec!["kerberos_keytab", "kerberos_service"]
         );
     }
 

@@ -15,6 +15,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::audit::AuditLog;
 use crate::metrics::{Metrics, Path};
 use crate::proto::DropReason;
 
@@ -35,6 +36,9 @@ impl fmt::Debug for Exporter {
 struct Collector {
     metrics: Arc<Metrics>,
     gauges: Vec<GaugeFn>,
+    /// The gateway's audit writer, whose lost lines are counted (`None`: the shim, which
+    /// writes no audit lines).
+    audit: Option<AuditLog>,
 }
 
 impl fmt::Debug for Collector {
@@ -47,8 +51,27 @@ impl Exporter {
     /// An exporter of `metrics` whose names start with `prefix` (`sudp_gateway`,
     /// `sudp_shim`), with extra gauges read at each scrape.
     pub fn new(prefix: &str, metrics: Arc<Metrics>, gauges: Vec<GaugeFn>) -> Exporter {
+        Exporter::build(prefix, metrics, gauges, None)
+    }
+
+    /// [`Exporter::new`] that also counts the audit lines `audit` lost
+    /// (`audit_lines_lost_total{why="dropped|failed"}`).
+    pub fn with_audit(
+        prefix: &str,
+        metrics: Arc<Metrics>,
+        gauges: Vec<GaugeFn>,
+        audit: AuditLog,
+    ) -> Exporter {
+        Exporter::build(prefix, metrics, gauges, Some(audit))
+    }
+
+    fn build(prefix: &str, metrics: Arc<Metrics>, gauges: Vec<GaugeFn>, audit: Option<AuditLog>) -> Exporter {
         let mut registry = Registry::with_prefix(prefix);
-        registry.register_collector(Box::new(Collector { metrics, gauges }));
+        registry.register_collector(Box::new(Collector {
+            metrics,
+            gauges,
+            audit,
+        }));
         Exporter { registry }
     }
 
@@ -174,7 +197,9 @@ impl prometheus_client::collector::Collector for Collector {
                 None,
                 MetricType::Counter,
             )?;
-            for method in crate::auth::Method::ALL {
+            // By the method the credentials came with (a password the KDC refused is a
+            // `password` failure).
+            for method in crate::auth::Method::CREDENTIALS {
                 let labels = [("method", method.name())];
                 ConstCounter::new(m.auth_failures_by(method)).encode(family.encode_family(&labels)?)?;
             }
@@ -215,6 +240,17 @@ impl prometheus_client::collector::Collector for Collector {
             "Bytes waiting in flow-start queues while associations open (shim)",
             load(&m.flow_queue_bytes) as i64,
         )?;
+        if let Some(audit) = &self.audit {
+            let mut family = enc.encode_descriptor(
+                "audit_lines_lost",
+                "Audit lines not written: the queue to the writer was full (dropped) or the file refused them (failed)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (why, n) in [("dropped", audit.dropped()), ("failed", audit.failed())] {
+                ConstCounter::new(n).encode(family.encode_family(&[("why", why)])?)?;
+            }
+        }
         for (name, help, read) in &self.gauges {
             gauge(&mut enc, name, help, read())?;
         }
@@ -242,10 +278,11 @@ mod tests {
         m.returned_on(Path::Naked, 1, 10);
         m.processing.observe_many(std::time::Duration::from_micros(3), 4);
         m.count_auth_failure(crate::auth::Method::Certificate);
-        let e = Exporter::new(
+        let e = Exporter::with_audit(
             "sudp_gateway",
             m.clone(),
             vec![("relay_workers", "Relay receive workers", Box::new(|| 2))],
+            AuditLog::disabled(),
         );
         let text = e.render();
         for line in [
@@ -258,6 +295,9 @@ mod tests {
             "sudp_gateway_relay_workers 2",
             "sudp_gateway_auth_failures_total{method=\"certificate\"} 1",
             "sudp_gateway_auth_failures_total{method=\"password\"} 0",
+            "sudp_gateway_auth_failures_total{method=\"gssapi\"} 0",
+            "sudp_gateway_audit_lines_lost_total{why=\"dropped\"} 0",
+            "sudp_gateway_audit_lines_lost_total{why=\"failed\"} 0",
             "sudp_gateway_record_processing_seconds_count 4",
             "sudp_gateway_record_processing_seconds_bucket{le=\"2e-06\"} 0",
             "sudp_gateway_record_processing_seconds_bucket{le=\"4e-06\"} 4",
@@ -266,5 +306,12 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
+        // Kerberos is an identity's method, never a wire method failures are counted by.
+        assert!(!text.contains("method=\"kerberos\""), "{text}");
+        let shim = Exporter::new("sudp_shim", m, Vec::new()).render();
+        assert!(
+            !shim.contains("audit_lines_lost"),
+            "the shim writes no audit lines"
+        );
     }
 }

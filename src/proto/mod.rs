@@ -16,6 +16,7 @@
 //! * [`path`]: control messages inside records (PATH_CHALLENGE / PATH_RESPONSE) and the
 //!   gateway's reply-path validation.
 //! * [`detect`]: the record detector that routes a datagram to naked or secure processing.
+//! * [`gssapi`]: the GSS-API sub-negotiation of method 0x01 (RFC 1961).
 //! * [`frame`]: the framed control channel that follows a secure UDP ASSOCIATE.
 //! * [`error`]: typed errors and drop reasons.
 //!
@@ -24,6 +25,7 @@
 pub mod detect;
 pub mod error;
 pub mod frame;
+pub mod gssapi;
 pub mod keys;
 pub mod path;
 pub mod record;

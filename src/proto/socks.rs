@@ -44,6 +44,8 @@ pub const SUDP_VERSION: u8 = 0x01;
 pub mod method {
     /// No authentication required.
     pub const NO_AUTH: u8 = 0x00;
+    /// GSS-API (RFC 1961; the sub-negotiation is [`crate::proto::gssapi`]).
+    pub const GSSAPI: u8 = 0x01;
     /// Username/password (RFC 1929).
     pub const USERPASS: u8 = 0x02;
     /// sudp secure-UDP negotiation with optional credentials (private range).

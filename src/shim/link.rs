@@ -601,6 +601,7 @@ mod tests {
             gateways: vec![GatewayEndpoint::new(Address::Ip("127.0.0.1:9".parse().unwrap()))],
             tls: tls.into(),
             credentials: Default::default(),
+            gssapi: None,
             suites: crate::proto::CipherSuite::ALL.to_vec(),
             timeout: Duration::from_secs(1),
             replay_window: 1024,

@@ -93,6 +93,8 @@ pub struct ShimSettings {
     pub tls: Arc<rustls::ClientConfig>,
     /// Username and password for the gateway.
     pub credentials: Option<(String, String)>,
+    /// GSS-API (RFC 1961) to this service principal for CONNECT, instead of a password.
+    pub gssapi: Option<String>,
     /// Local SOCKS5 listener, if any.
     pub socks: Option<SocketAddr>,
     /// Username and password local SOCKS5 clients must give, if any.
@@ -132,6 +134,7 @@ impl ShimSettings {
             gateways,
             tls,
             credentials: None,
+            gssapi: None,
             socks: Some(SocketAddr::new(crate::config::DEFAULT_SOCKS.ip(), 0)),
             socks_credentials: None,
             forwards: Vec::new(),
@@ -191,6 +194,7 @@ impl ShimSettings {
                 .map(read_login)
                 .transpose()
                 .context("`password_file` (--password-file)")?,
+            gssapi: cfg.gssapi.clone(),
             socks: cfg.socks,
             socks_credentials: cfg
                 .socks_login
@@ -243,6 +247,8 @@ pub(crate) struct Dialer {
     tls: ArcSwap<rustls::ClientConfig>,
     /// The gateway login, swapped on reload (the password file read again).
     credentials: ArcSwap<Option<(String, String)>>,
+    /// GSS-API service principal (`--gssapi`), instead of `credentials`, for CONNECT.
+    gssapi: Option<String>,
     suites: Vec<CipherSuite>,
     timeout: Duration,
     replay_window: usize,
@@ -399,6 +405,7 @@ impl Dialer {
             .into_iter()
             .map(|a| ClientOptions {
                 credentials: (**self.credentials.load()).clone(),
+                gssapi: self.gssapi.clone(),
                 suites: self.suites.clone(),
                 timeout: self.timeout,
                 replay_window: self.replay_window,
@@ -584,6 +591,7 @@ impl Shim {
             gateways: settings.gateways,
             tls: ArcSwap::new(settings.tls),
             credentials: ArcSwap::from_pointee(settings.credentials),
+            gssapi: settings.gssapi,
             suites: settings.suites,
             timeout: settings.connect_timeout,
             replay_window: settings.replay_window,

@@ -55,6 +55,7 @@ pub fn settings(pki: &DevPki) -> Settings {
         auth: AuthSettings {
             no_auth: true,
             users: None,
+            ..Default::default()
         },
         policy: Arc::new(loopback_policy()),
         idle_timeout: Duration::from_secs(30),
