@@ -1180,6 +1180,8 @@ async fn watch_control(
                 break format!("the gateway closed the association: {}", reason.describe());
             }
             Ok(Event::Close { .. }) => {}
+            // Delegation frames travel on control sessions only (never listed here).
+            Ok(Event::Delegate { .. } | Event::DelegateReply { .. }) => {}
             Err(ChannelError::Closed) => break "the gateway closed the control connection".to_owned(),
             Err(e) => break e.to_string(),
         }

@@ -25,12 +25,14 @@ use tokio_rustls::server::TlsStream;
 
 use crate::audit;
 use crate::auth::{Credentials, Identity, Method as AuthMethodKind, Verdict};
+use crate::gateway::delegation::{self, TapTx, TunnelInfo};
 use crate::gateway::relay::AssocError;
 use crate::gateway::Shared;
+use crate::inspect::{Dir, TAG_LABEL, TAG_LEN};
 use crate::logsafe::Peer;
 use crate::net::canonical;
 use crate::net::channel::{Channel, ChannelError, Event};
-use crate::proto::frame::{feature, CloseReason, Frame};
+use crate::proto::frame::{feature, CloseReason, DelegateStatus, Frame};
 use crate::proto::socks::{self, choose_suite, method, sudp_status, SudpAccept, SudpHello};
 use crate::proto::{AssociationId, KeySchedule, SocksError};
 
@@ -84,6 +86,8 @@ enum Method {
     NoAuth,
     UserPass,
     Sudp,
+    /// A control session (PROTOCOL.md §2.6): sudp's sub-negotiation, then frames.
+    Control,
 }
 
 impl<T> AuthMethod<T> for Method {
@@ -94,6 +98,7 @@ impl<T> AuthMethod<T> for Method {
             Method::NoAuth => method::NO_AUTH,
             Method::UserPass => method::USERPASS,
             Method::Sudp => method::SUDP,
+            Method::Control => method::CONTROL,
         }
     }
 
@@ -194,7 +199,13 @@ pub(crate) async fn serve(
     shared.metrics.count_handshake(tls.get_ref().1.handshake_kind());
     let negotiated = tokio::time::timeout_at(deadline, negotiate(&shared, tls, peer, deadline)).await;
     let (proto, cmd, target, session) = match negotiated {
-        Ok(Ok(Some(x))) => x,
+        Ok(Ok(Some(Negotiated::Command(x)))) => x,
+        Ok(Ok(Some(Negotiated::Control(stream, session)))) => {
+            if let Err(e) = control_session(&shared, stream, session, peer, shutdown).await {
+                tracing::debug!(%peer, error = %e, "control session ended");
+            }
+            return;
+        }
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
             tracing::info!(%peer, error = %e, "SOCKS5 negotiation failed");
@@ -250,6 +261,12 @@ type Ready = (
     Session,
 );
 
+/// What negotiation led to: a SOCKS5 command, or a control session (method 0x81).
+enum Negotiated {
+    Command(Ready),
+    Control(Tls, Session),
+}
+
 /// Method negotiation, authentication and the command request. `Ok(None)`: the client was
 /// refused and answered; nothing more to do.
 ///
@@ -261,7 +278,7 @@ async fn negotiate(
     tls: Tls,
     peer: SocketAddr,
     deadline: Instant,
-) -> anyhow::Result<Option<Ready>> {
+) -> anyhow::Result<Option<Negotiated>> {
     let auth = &shared.settings.auth;
     // A certificate rustls verified (CA, CRLs) names the client through its backend.
     let mut cert_identity = None;
@@ -279,7 +296,8 @@ async fn negotiate(
             cert_identity = Some(identity);
         }
     }
-    let mut offered = vec![Method::Sudp];
+    // A standard client never offers 0x81, so listing it changes nothing for one.
+    let mut offered = vec![Method::Sudp, Method::Control];
     if auth.no_auth || cert_identity.is_some() {
         offered.push(Method::NoAuth);
     }
@@ -312,7 +330,7 @@ async fn negotiate(
             }
             stream.write_all(&[socks::USERPASS_VERSION, 0x00]).await?;
         }
-        Method::Sudp => {
+        Method::Sudp | Method::Control => {
             let msg = read_message(&mut stream, |b| SudpHello::parse(b).map(|(_, n)| n)).await?;
             let (hello, _) = SudpHello::parse(&msg)?;
             let authed = if hello.user.is_empty() {
@@ -346,6 +364,13 @@ async fn negotiate(
                 stream.shutdown().await?;
                 return Ok(None);
             }
+            if method == Method::Control {
+                // No association: SUITE and ASSOC_ID are zero (PROTOCOL.md §2.6).
+                stream
+                    .write_all(&SudpAccept::refuse(sudp_status::OK).encode())
+                    .await?;
+                return Ok(Some(Negotiated::Control(stream, session)));
+            }
             let Some(suite) = choose_suite(hello.suites, &shared.settings.suites) else {
                 tracing::info!(%peer, offered = ?hello.suites, "no acceptable cipher suite");
                 stream
@@ -362,7 +387,7 @@ async fn negotiate(
     }
     let proto = Socks5ServerProtocol::finish_auth(Authenticated(stream));
     let (proto, cmd, target) = proto.read_command().await?;
-    Ok(Some((proto, cmd, target, session)))
+    Ok(Some(Negotiated::Command((proto, cmd, target, session))))
 }
 
 /// Reads one sub-negotiation message byte-exactly: `parse` says how many bytes it needs.
@@ -436,42 +461,105 @@ async fn connect(
     let _ = outbound.set_nodelay(true);
     let bound = outbound.local_addr()?;
     let tls = proto.reply_success(bound).await?;
-    let idle = shared.settings.connect_idle_timeout;
-    let activity = Activity::new();
-    let (mut a, mut b) = (activity.watch(tls), activity.watch(outbound));
-    let (up, down) = (a.read.clone(), b.read.clone());
-    // Half-close is carried through: EOF one way shuts down that direction's writer only.
-    let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
-    tokio::pin!(copy);
-    let ended = |r: io::Result<(u64, u64)>| match r {
-        Ok(_) => (TunnelEnd::Eof, None),
-        Err(e) => (TunnelEnd::Error, Some(e)),
+    // The target is the client's request (a name comes off the wire: escaped); `remote` is
+    // the address the gateway connected to.
+    let (target_name, target) = match &target {
+        TargetAddr::Ip(a) => (None, canonical(*a).to_string()),
+        TargetAddr::Domain(name, port) => (Some(name.as_str()), format!("{}:{port}", Peer::str(name))),
     };
-    let (reason, error) = tokio::select! {
-        r = &mut copy => ended(r),
-        _ = activity.idle_for(idle) => (TunnelEnd::Idle, None),
-        _ = shutdown.changed() => {
-            // Draining: a transfer under way may finish, within the drain's bounds, then
-            // the tunnel is closed (and logged) before the drain gives up on the task.
-            tokio::select! {
-                r = &mut copy => ended(r),
-                _ = activity.idle_for(idle) => (TunnelEnd::Idle, None),
-                _ = tokio::time::sleep(super::CONNECT_DRAIN) => (TunnelEnd::Shutdown, None),
+    let user = session.audit_user();
+    let settings = &shared.settings;
+    let e2e = settings.e2e.matches(target_name, remote.ip());
+    // The tunnel's name on control sessions (PROTOCOL.md §2.6): only the holder of this very
+    // TLS connection can compute it.
+    let tag = tls
+        .get_ref()
+        .1
+        .export_keying_material([0u8; TAG_LEN], TAG_LABEL, None)
+        .ok();
+    // Tapped only when inspection is on, the destination is not end-to-end and the user has
+    // a delegating session open: nobody else's bytes are ever copied.
+    let tapped = settings.audit.enabled() && !e2e && tag.is_some() && shared.delegations.delegating(&user);
+    let mut tap: Option<TapTx> = None;
+    let _registered = tag.map(|tag| {
+        let (guard, msgs, opaque) = shared.delegations.tunnel(tag, &user, &target, e2e, tapped);
+        if tapped {
+            let (tx, rx) = delegation::tap();
+            tap = Some(tx);
+            let info = TunnelInfo {
+                user: user.clone(),
+                source: peer.to_string(),
+                target: target.clone(),
+            };
+            tokio::spawn(delegation::inspect(
+                rx,
+                msgs,
+                opaque,
+                info,
+                settings.audit.clone(),
+                shared.metrics.clone(),
+                delegation::SECRETS_WAIT,
+            ));
+        }
+        guard
+    });
+    let idle = settings.connect_idle_timeout;
+    let activity = Activity::new();
+    let (mut a, mut b) = (
+        activity.watch(tls, tap.clone().map(|t| (t, Dir::ClientToServer))),
+        activity.watch(outbound, tap.map(|t| (t, Dir::ServerToClient))),
+    );
+    let (up, down) = (a.read.clone(), b.read.clone());
+    // An end-to-end tunnel lives at most `e2e_ttl`.
+    let ttl = async {
+        if e2e {
+            tokio::time::sleep(settings.e2e_ttl).await
+        } else {
+            std::future::pending().await
+        }
+    };
+    let (reason, error) = {
+        // Half-close is carried through: EOF one way shuts down that direction's writer only.
+        let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+        tokio::pin!(copy);
+        tokio::pin!(ttl);
+        let ended = |r: io::Result<(u64, u64)>| match r {
+            Ok(_) => (TunnelEnd::Eof, None),
+            Err(e) => (TunnelEnd::Error, Some(e)),
+        };
+        tokio::select! {
+            r = &mut copy => ended(r),
+            _ = activity.idle_for(idle) => (TunnelEnd::Idle, None),
+            _ = &mut ttl => (TunnelEnd::E2eTtl, None),
+            _ = shutdown.changed() => {
+                // Draining: a transfer under way may finish, within the drain's bounds, then
+                // the tunnel is closed (and logged) before the drain gives up on the task.
+                tokio::select! {
+                    r = &mut copy => ended(r),
+                    _ = activity.idle_for(idle) => (TunnelEnd::Idle, None),
+                    _ = &mut ttl => (TunnelEnd::E2eTtl, None),
+                    _ = tokio::time::sleep(super::CONNECT_DRAIN) => (TunnelEnd::Shutdown, None),
+                }
             }
         }
     };
-    // The one line per tunnel (same field names as the UDP association's end line). The
-    // target is the client's request (a name comes off the wire: escaped); `remote` is the
-    // address the gateway connected to.
-    let target = match &target {
-        TargetAddr::Ip(a) => canonical(*a).to_string(),
-        TargetAddr::Domain(name, port) => format!("{}:{port}", Peer::str(name)),
-    };
+    if reason == TunnelEnd::E2eTtl {
+        // Closed cleanly: TLS close_notify and FIN to the client, FIN to the origin.
+        shared.metrics.e2e_expired.fetch_add(1, Ordering::Relaxed);
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = a.shutdown().await;
+            let _ = b.shutdown().await;
+        })
+        .await;
+    }
+    // The inspector ends when the copies' senders are gone.
+    drop((a, b));
     tracing::info!(
         user = %session.who(),
         source = %peer,
         target = %target,
         remote = %remote,
+        e2e,
         bytes_up = up.load(Ordering::Relaxed),
         bytes_down = down.load(Ordering::Relaxed),
         duration_ms = activity.start.elapsed().as_millis() as u64,
@@ -479,8 +567,9 @@ async fn connect(
         error = error.as_ref().map(tracing::field::display),
         "CONNECT ended"
     );
-    shared.settings.audit.write(&audit::Event::ConnectEnd {
-        user: session.audit_user(),
+    // The one line per tunnel (same field names as the UDP association's end line).
+    settings.audit.write(&audit::Event::ConnectEnd {
+        user,
         method: session.audit_method().to_owned(),
         source: peer.to_string(),
         target,
@@ -490,6 +579,59 @@ async fn connect(
         duration_ms: activity.start.elapsed().as_millis() as u64,
         reason: reason.as_str().to_owned(),
     });
+    Ok(())
+}
+
+/// A control session (method 0x81, PROTOCOL.md §2.6): frames only, no association. It
+/// carries the client's DELEGATE frames; every tunnel it delegated forgets its secrets when
+/// it ends.
+async fn control_session(
+    shared: &Shared,
+    stream: Tls,
+    session: Session,
+    peer: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut channel = Channel::open(stream, shared.settings.heartbeat, &[feature::DELEGATION]);
+    let user = session.audit_user();
+    let guard = shared.delegations.session(&user);
+    let inspecting = shared.settings.audit.enabled();
+    tracing::info!(%peer, user = %session.who(), inspecting, "control session open");
+    let why = loop {
+        tokio::select! {
+            ev = channel.next() => match ev {
+                Ok(Event::Hello(h)) => {
+                    tracing::debug!(%peer, version = h.version, ping_ms = h.ping_interval_ms, delegation = h.has(feature::DELEGATION), "control session: client hello");
+                }
+                Ok(Event::Delegate { tag, secrets }) => {
+                    let v = shared.delegations.delegate(&guard, &tag, secrets, inspecting);
+                    shared.metrics.count_delegation(v.status);
+                    if v.status != DelegateStatus::Accepted {
+                        tracing::info!(%peer, user = %session.who(), target = v.target.as_deref().unwrap_or("-"), reason = v.status.name(), "delegated secrets refused");
+                        shared.settings.audit.write(&audit::Event::DelegationRefused {
+                            user: user.clone(),
+                            source: peer.to_string(),
+                            target: v.target,
+                            reason: v.status.name().to_owned(),
+                        });
+                    }
+                    match channel.send(&Frame::DelegateReply { tag, status: v.status }) {
+                        Ok(()) | Err(ChannelError::Full) => {}
+                        Err(e) => break e.to_string(),
+                    }
+                }
+                // Nothing else is spoken on a control session (yet): ignored.
+                Ok(_) => {}
+                Err(ChannelError::Closed) => break "control connection closed".to_owned(),
+                Err(e) => break e.to_string(),
+            },
+            _ = shutdown.changed() => break "gateway shutting down".to_owned(),
+        }
+    };
+    // Secrets go before anything else: each tunnel this session delegated is told now.
+    drop(guard);
+    tracing::info!(%peer, user = %session.who(), reason = %why, "control session closed");
+    channel.close().await;
     Ok(())
 }
 
@@ -504,6 +646,8 @@ enum TunnelEnd {
     Error,
     /// The gateway shut down and the tunnel was still open after [`super::CONNECT_DRAIN`].
     Shutdown,
+    /// An end-to-end tunnel reached `e2e_ttl`: closed cleanly.
+    E2eTtl,
 }
 
 impl TunnelEnd {
@@ -513,6 +657,7 @@ impl TunnelEnd {
             TunnelEnd::Idle => "idle_timeout",
             TunnelEnd::Error => "error",
             TunnelEnd::Shutdown => "shutdown",
+            TunnelEnd::E2eTtl => "e2e_ttl",
         }
     }
 }
@@ -532,13 +677,14 @@ impl Activity {
         }
     }
 
-    /// `io`, recording each read that returns bytes.
-    fn watch<S>(&self, io: S) -> Watched<S> {
+    /// `io`, recording each read that returns bytes, and handing a copy of them to `tap`.
+    fn watch<S>(&self, io: S, tap: Option<(TapTx, Dir)>) -> Watched<S> {
         Watched {
             io,
             start: self.start,
             last_ms: self.last_ms.clone(),
             read: Arc::new(AtomicU64::new(0)),
+            tap,
         }
     }
 
@@ -564,6 +710,9 @@ struct Watched<S> {
     /// Bytes read from `io`: what it sent into the tunnel. Shared, so that it can still be
     /// read when the copy ended in an error (which reports no totals).
     read: Arc<AtomicU64>,
+    /// Delegated inspection: a copy of each read, for the inspector. Queued, never waited
+    /// for: the bytes themselves go on unchanged and undelayed.
+    tap: Option<(TapTx, Dir)>,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
@@ -579,6 +728,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
             let ms = self.start.elapsed().as_millis() as u64;
             self.last_ms.fetch_max(ms, Ordering::Relaxed);
             self.read.fetch_add(n as u64, Ordering::Relaxed);
+            if let Some((tap, dir)) = &self.tap {
+                tap.copy(*dir, &buf.filled()[before..]);
+            }
         }
         r
     }
@@ -650,6 +802,8 @@ async fn udp_associate(
                     }
                     // Only the gateway ends associations with CLOSE; one from a client is ignored.
                     Ok(Event::Close { .. }) => {}
+                    // Delegation frames travel on control sessions only (PROTOCOL.md §2.6).
+                    Ok(Event::Delegate { .. } | Event::DelegateReply { .. }) => {}
                     Ok(Event::Record(mut record)) => handle.receive_tls_record(&mut record),
                     Err(ChannelError::Closed) => break (None, "control connection closed".to_owned()),
                     Err(e) => break (None, e.to_string()),

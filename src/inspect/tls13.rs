@@ -226,6 +226,12 @@ pub enum Opaque {
     /// A handshake message was malformed or too large to follow.
     #[error("malformed handshake")]
     Handshake,
+    /// The inspector fell behind the tunnel and lost bytes (the tunnel never waits for it).
+    #[error("the inspector fell behind")]
+    Overrun,
+    /// The secrets were withdrawn (the delegating session or the tunnel ended).
+    #[error("secrets withdrawn")]
+    Revoked,
 }
 
 /// Errors of the key schedule.
@@ -392,7 +398,7 @@ impl Tap {
     /// Drops the secrets and keys (zeroized), e.g. when the delegating session ended; the tap
     /// is opaque from then on.
     pub fn forget(&mut self) {
-        self.give_up(Opaque::NoSecrets);
+        self.give_up(Opaque::Revoked);
     }
 
     /// A copy of bytes that went by in direction `dir` (already forwarded by the caller).
