@@ -122,6 +122,8 @@ struct Session {
     /// The identity's qualified name, the key of its `[users_policy]` rules.
     user: Option<String>,
     secure: Option<(AssociationId, KeySchedule)>,
+    /// The connection's tunnel tag (PROTOCOL.md §2.6), should it carry a CONNECT.
+    tag: Option<[u8; TAG_LEN]>,
 }
 
 impl Session {
@@ -130,6 +132,7 @@ impl Session {
             user: identity.as_ref().map(Identity::qualified),
             identity,
             secure: None,
+            tag: None,
         }
     }
 
@@ -306,6 +309,13 @@ async fn negotiate(
     }
     let (method, mut stream) = Socks5ServerProtocol::start(tls).negotiate_auth(&offered).await?;
     let mut session = Session::new(cert_identity.clone());
+    // The tunnel's name on control sessions: only the holder of this very TLS connection
+    // can compute it. Taken now, so the tunnel is registered before the client hears of it.
+    session.tag = stream
+        .get_ref()
+        .1
+        .export_keying_material([0u8; TAG_LEN], TAG_LABEL, None)
+        .ok();
     match method {
         Method::NoAuth => {}
         Method::UserPass => {
@@ -460,7 +470,6 @@ async fn connect(
     };
     let _ = outbound.set_nodelay(true);
     let bound = outbound.local_addr()?;
-    let tls = proto.reply_success(bound).await?;
     // The target is the client's request (a name comes off the wire: escaped); `remote` is
     // the address the gateway connected to.
     let (target_name, target) = match &target {
@@ -470,18 +479,13 @@ async fn connect(
     let user = session.audit_user();
     let settings = &shared.settings;
     let e2e = settings.e2e.matches(target_name, remote.ip());
-    // The tunnel's name on control sessions (PROTOCOL.md §2.6): only the holder of this very
-    // TLS connection can compute it.
-    let tag = tls
-        .get_ref()
-        .1
-        .export_keying_material([0u8; TAG_LEN], TAG_LABEL, None)
-        .ok();
+    let tag = session.tag;
     // Tapped only when inspection is on, the destination is not end-to-end and the user has
     // a delegating session open: nobody else's bytes are ever copied.
     let tapped = settings.audit.enabled() && !e2e && tag.is_some() && shared.delegations.delegating(&user);
     let mut tap: Option<TapTx> = None;
-    let _registered = tag.map(|tag| {
+    let mut registered = None;
+    if let Some(tag) = tag {
         let (guard, msgs, opaque) = shared.delegations.tunnel(tag, &user, &target, e2e, tapped);
         if tapped {
             let (tx, rx) = delegation::tap();
@@ -492,6 +496,7 @@ async fn connect(
                 target: target.clone(),
             };
             tokio::spawn(delegation::inspect(
+                guard,
                 rx,
                 msgs,
                 opaque,
@@ -500,9 +505,11 @@ async fn connect(
                 shared.metrics.clone(),
                 delegation::SECRETS_WAIT,
             ));
+        } else {
+            registered = Some(guard);
         }
-        guard
-    });
+    }
+    let tls = proto.reply_success(bound).await?;
     let idle = settings.connect_idle_timeout;
     let activity = Activity::new();
     let (mut a, mut b) = (
@@ -554,6 +561,9 @@ async fn connect(
     }
     // The inspector ends when the copies' senders are gone.
     drop((a, b));
+    if let Some(r) = registered {
+        r.linger();
+    }
     tracing::info!(
         user = %session.who(),
         source = %peer,
@@ -592,9 +602,12 @@ async fn control_session(
     peer: SocketAddr,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let mut channel = Channel::open(stream, shared.settings.heartbeat, &[feature::DELEGATION]);
     let user = session.audit_user();
+    // Registered before our HELLO goes out: a client that has read it may open tunnels and
+    // count on them being tapped.
     let guard = shared.delegations.session(&user);
+    let _active = crate::metrics::GaugeGuard::new(shared.metrics.clone(), |m| &m.control_sessions_active);
+    let mut channel = Channel::open(stream, shared.settings.heartbeat, &[feature::DELEGATION]);
     let inspecting = shared.settings.audit.enabled();
     tracing::info!(%peer, user = %session.who(), inspecting, "control session open");
     let why = loop {

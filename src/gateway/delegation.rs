@@ -23,6 +23,10 @@ use crate::proto::frame::DelegateStatus;
 
 /// How long a tapped tunnel waits for its secrets before it stays opaque for good.
 pub const SECRETS_WAIT: Duration = Duration::from_secs(30);
+/// How long a tunnel stays known (and its copy held, if it has no secrets yet) after it
+/// closed: a short connection often ends before its client's key log line is read, and its
+/// exchanges are still audited when the secrets come within this time.
+pub const TUNNEL_LINGER: Duration = Duration::from_secs(5);
 /// Byte copies queued between a tunnel's copy loop and its inspector; beyond that the
 /// inspector has fallen behind and the tunnel turns opaque (the copy loop never waits).
 const TAP_QUEUE: usize = 512;
@@ -239,6 +243,17 @@ pub(crate) struct TunnelGuard {
     tag: [u8; TAG_LEN],
 }
 
+impl TunnelGuard {
+    /// Keeps the tunnel known for [`TUNNEL_LINGER`] after it closed, so late secrets get their
+    /// true verdict (`end_to_end`, `inspection_off`, ...) instead of `unknown_tunnel`.
+    pub(crate) fn linger(self) {
+        tokio::spawn(async move {
+            tokio::time::sleep(TUNNEL_LINGER).await;
+            drop(self);
+        });
+    }
+}
+
 impl Drop for TunnelGuard {
     fn drop(&mut self) {
         self.registry.lock().tunnels.remove(&self.tag);
@@ -317,9 +332,13 @@ pub(crate) struct TapRx {
     lost: Arc<AtomicBool>,
 }
 
-/// Decrypts one tunnel's copy until the copy loop ends (its [`TapTx`] clones drop), writing
-/// one audit line per HTTP exchange and one per inspected tunnel.
+/// Decrypts one tunnel's copy until the copy loop ends (its [`TapTx`] clones drop) and, if
+/// the secrets have not come by then, for [`TUNNEL_LINGER`] more; writes one audit line per
+/// HTTP exchange and one per inspected tunnel. The tunnel stays in the registry (`registered`)
+/// as long.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn inspect(
+    registered: TunnelGuard,
     mut bytes: TapRx,
     mut msgs: mpsc::Receiver<TunnelMsg>,
     opaque_flag: Arc<AtomicBool>,
@@ -334,6 +353,9 @@ pub(crate) async fn inspect(
     let mut inspected = false;
     let deadline = tokio::time::sleep(wait);
     tokio::pin!(deadline);
+    let linger = tokio::time::sleep(Duration::MAX / 4);
+    tokio::pin!(linger);
+    let mut ended = false;
     let mut msgs_open = true;
     let mut logged_opaque = false;
     let write = |ex: Vec<crate::inspect::http::Exchange>, requests: &mut u64| {
@@ -354,8 +376,11 @@ pub(crate) async fn inspect(
     };
     loop {
         let waiting = !insp.tap().has_secrets() && insp.tap().opaque().is_none();
+        if ended && !(waiting && msgs_open) {
+            break;
+        }
         tokio::select! {
-            b = bytes.rx.recv() => match b {
+            b = bytes.rx.recv(), if !ended => match b {
                 Some((dir, chunk)) => {
                     if bytes.lost.load(Ordering::Relaxed) {
                         insp.give_up(Opaque::Overrun);
@@ -363,7 +388,11 @@ pub(crate) async fn inspect(
                     let ex = insp.feed(dir, &chunk);
                     write(ex, &mut requests);
                 }
-                None => break,
+                None => {
+                    // The tunnel closed; its secrets may still be on their way.
+                    ended = true;
+                    linger.as_mut().reset(tokio::time::Instant::now() + TUNNEL_LINGER);
+                }
             },
             m = msgs.recv(), if msgs_open => match m {
                 Some(TunnelMsg::Secrets(s)) => {
@@ -385,6 +414,7 @@ pub(crate) async fn inspect(
                 }
             },
             _ = &mut deadline, if waiting => insp.give_up(Opaque::NoSecrets),
+            _ = &mut linger, if ended => insp.give_up(Opaque::NoSecrets),
         }
         if let Some(why) = insp.tap().opaque() {
             if !logged_opaque {
@@ -403,6 +433,7 @@ pub(crate) async fn inspect(
     let ex = insp.finish();
     write(ex, &mut requests);
     drop(held);
+    drop(registered);
     if inspected {
         audit.write(&audit::Event::TunnelInspected {
             user: info.user.clone(),

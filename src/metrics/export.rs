@@ -145,6 +145,12 @@ impl prometheus_client::collector::Collector for Collector {
         }
         gauge(
             &mut enc,
+            "control_sessions_active",
+            "Control sessions (method 0x81, delegation) open now",
+            load(&m.control_sessions_active) as i64,
+        )?;
+        gauge(
+            &mut enc,
             "delegation_secrets_held",
             "Delegated TLS secret sets held now, one per inspected CONNECT tunnel (zero once their tunnels or control sessions end)",
             load(&m.delegation_secrets_held) as i64,

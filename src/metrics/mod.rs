@@ -153,6 +153,8 @@ pub struct Metrics {
     pub handshakes_resumed: AtomicU64,
     /// Datagrams the kernel dropped at our own sockets' receive queues, by socket role.
     pub socket_drops: SocketDrops,
+    /// Control sessions (method 0x81) open now.
+    pub control_sessions_active: AtomicU64,
     /// Delegated secret sets held now (one per inspected tunnel; gateway).
     pub delegation_secrets_held: AtomicU64,
     /// DELEGATE verdicts, indexed by the status code 0x00..=0x08 (9: any other).
