@@ -777,6 +777,31 @@ mod tests {
     }
 
     #[test]
+    fn e2e_classes_and_their_ttl_from_file_and_flags() {
+        let c = from_toml(
+            &format!("{MINIMAL}e2e = [\"10.9.0.0/16\", \"bank.test\"]\ne2e_ttl = \"5m\"\n"),
+            &[],
+        )
+        .unwrap();
+        assert!(c.e2e.matches(Some("www.bank.test"), "192.0.2.1".parse().unwrap()));
+        assert!(c.e2e.matches(None, "10.9.1.1".parse().unwrap()));
+        assert_eq!(c.e2e_ttl, Duration::from_secs(300));
+        // A flag list replaces the file's.
+        let c = from_toml(
+            &format!("{MINIMAL}e2e = [\"bank.test\"]\n"),
+            &["--e2e=10.0.0.0/8"],
+        )
+        .unwrap();
+        assert!(!c.e2e.matches(Some("bank.test"), "192.0.2.1".parse().unwrap()));
+        assert!(c.e2e.matches(None, "10.1.1.1".parse().unwrap()));
+        assert_eq!(c.e2e_ttl, DEFAULT_E2E_TTL);
+        let got = error(&format!("{MINIMAL}e2e = [\"not a name\"]\n"), &[]);
+        assert!(got.contains("key `e2e`: invalid e2e entry"), "{got}");
+        let got = error(&format!("{MINIMAL}e2e_ttl = 0\n"), &[]);
+        assert!(got.contains("key `e2e_ttl`: must be greater than zero"), "{got}");
+    }
+
+    #[test]
     fn connection_limits_and_revocation_lists() {
         let c = GatewayConfig::from_args(flags(&[
             "--cert=c",

@@ -493,7 +493,10 @@ mod tests {
         assert!(r.delegating("alice"));
         let (_t, mut rx, _) = r.tunnel([1; 16], "alice", "x:443", false, true);
         let (_e, _erx, _) = r.tunnel([2; 16], "alice", "bank:443", true, true);
-        let v = |s, tag, insp| r.delegate(s, tag, secrets(), insp).status;
+        fn verdict(r: &Registry, s: &SessionGuard, tag: &[u8; 16], insp: bool) -> DelegateStatus {
+            r.delegate(s, tag, secrets(), insp).status
+        }
+        let v = |s: &SessionGuard, tag: &[u8; 16], insp: bool| verdict(&r, s, tag, insp);
         assert_eq!(v(&m, &[1; 16], true), DelegateStatus::OtherIdentity);
         assert_eq!(v(&a, &[9; 16], true), DelegateStatus::UnknownTunnel);
         assert_eq!(v(&a, &[1; 16], false), DelegateStatus::InspectionOff);
