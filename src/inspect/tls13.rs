@@ -757,7 +757,10 @@ mod tests {
 
     /// Keys a rustls connection writes to its key log.
     #[derive(Debug, Default)]
-    struct Log(Mutex<Vec<(String, Vec<u8>, Vec<u8>)>>);
+    struct Log(Mutex<Vec<LogLine>>);
+
+    /// (label, client random, secret).
+    type LogLine = (String, Vec<u8>, Vec<u8>);
 
     impl rustls::KeyLog for Log {
         fn log(&self, label: &str, client_random: &[u8], secret: &[u8]) {
