@@ -380,6 +380,101 @@ fn body_step(h: &mut Half) -> Result<bool, &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// Feeds `reqs` and `resps` cut at the given points; returns what the observer saw.
+    fn observe(reqs: &[u8], resps: &[u8], cuts: &[usize]) -> (Vec<Exchange>, Option<&'static str>) {
+        let mut o = Observer::new();
+        let mut feed = |bytes: &[u8], up: bool, o: &mut Observer| {
+            let mut at = 0;
+            for c in cuts {
+                let c = (*c % (bytes.len() + 1)).max(at);
+                if up {
+                    o.request_bytes(&bytes[at..c]);
+                } else {
+                    o.response_bytes(&bytes[at..c]);
+                }
+                at = c;
+            }
+            if up {
+                o.request_bytes(&bytes[at..]);
+            } else {
+                o.response_bytes(&bytes[at..]);
+            }
+        };
+        feed(reqs, true, &mut o);
+        feed(resps, false, &mut o);
+        o.finish();
+        (o.take(), o.broken())
+    }
+
+    fn message() -> impl Strategy<Value = (Vec<u8>, Vec<u8>, (String, u16, u64, u64))> {
+        (
+            prop::sample::select(vec!["GET", "POST", "HEAD", "PUT"]),
+            "/[a-z0-9/?=&]{0,20}",
+            0usize..300,
+            0usize..300,
+            any::<bool>(),
+            prop::sample::select(vec![200u16, 204, 304, 404, 500]),
+        )
+            .prop_map(|(m, path, qlen, rlen, chunked, status)| {
+                let mut req = format!("{m} {path} HTTP/1.1\r\nHost: h\r\n").into_bytes();
+                if chunked {
+                    req.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
+                    for c in vec![b'q'; qlen].chunks(77) {
+                        req.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+                        req.extend_from_slice(c);
+                        req.extend_from_slice(b"\r\n");
+                    }
+                    req.extend_from_slice(b"0\r\n\r\n");
+                } else {
+                    req.extend_from_slice(format!("Content-Length: {qlen}\r\n\r\n").as_bytes());
+                    req.extend(std::iter::repeat_n(b'q', qlen));
+                }
+                let bodyless = m == "HEAD" || status == 204 || status == 304;
+                let mut resp = format!("HTTP/1.1 {status} X\r\nContent-Length: {rlen}\r\n\r\n").into_bytes();
+                if !bodyless {
+                    resp.extend(std::iter::repeat_n(b'r', rlen));
+                }
+                let want = (
+                    format!("{m} {path}"),
+                    status,
+                    qlen as u64,
+                    if bodyless { 0 } else { rlen as u64 },
+                );
+                (req, resp, want)
+            })
+    }
+
+    proptest! {
+        /// Well-formed keep-alive traffic gives one exchange per request with its exact
+        /// method, path, status and body sizes, however the bytes are cut.
+        #[test]
+        fn exchanges_are_exact_whatever_the_cuts(msgs in prop::collection::vec(message(), 1..6), cuts in prop::collection::vec(any::<usize>(), 0..12)) {
+            let mut reqs = Vec::new();
+            let mut resps = Vec::new();
+            for (q, r, _) in &msgs {
+                reqs.extend_from_slice(q);
+                resps.extend_from_slice(r);
+            }
+            let (got, broken) = observe(&reqs, &resps, &cuts);
+            prop_assert_eq!(broken, None);
+            let got: Vec<_> = got
+                .into_iter()
+                .map(|e| (format!("{} {}", e.method, e.path), e.status, e.request_body, e.response_body))
+                .collect();
+            let want: Vec<_> = msgs.into_iter().map(|m| m.2).collect();
+            prop_assert_eq!(got, want);
+        }
+
+        /// Arbitrary bytes never panic, and cutting them differently never changes the verdict.
+        #[test]
+        fn arbitrary_bytes_are_observed_the_same_whatever_the_cuts(reqs in prop::collection::vec(any::<u8>(), 0..400), resps in prop::collection::vec(any::<u8>(), 0..400), cuts in prop::collection::vec(any::<usize>(), 0..8)) {
+            let whole = observe(&reqs, &resps, &[]);
+            let cut = observe(&reqs, &resps, &cuts);
+            prop_assert_eq!(whole, cut);
+        }
+    }
 
     #[test]
     fn pipelined_requests_with_each_framing_pair_with_their_responses() {

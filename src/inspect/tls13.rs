@@ -906,6 +906,76 @@ mod tests {
         );
     }
 
+    /// One real connection's bytes (handshake, a request, a response), computed once.
+    fn recorded() -> &'static (Vec<u8>, Vec<u8>, TrafficSecrets) {
+        static ONCE: std::sync::OnceLock<(Vec<u8>, Vec<u8>, TrafficSecrets)> = std::sync::OnceLock::new();
+        ONCE.get_or_init(|| {
+            use std::io::Write;
+            let mut p = Pair::new(rustls::crypto::ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256);
+            p.pump();
+            p.client.writer().write_all(b"request").unwrap();
+            p.server.writer().write_all(b"response").unwrap();
+            p.pump();
+            (p.c2s.clone(), p.s2c.clone(), p.log.secrets())
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// However the two directions are cut and interleaved, and whenever the secrets
+        /// arrive, the tap yields exactly the application data.
+        #[test]
+        fn any_cuts_and_any_secret_timing_yield_the_same_plaintext(cuts in proptest::collection::vec((proptest::bool::ANY, 1usize..300), 1..40), install_after in 0usize..40) {
+            let (c2s, s2c, secrets) = recorded();
+            let mut tap = Tap::new();
+            let (mut a, mut b) = (0, 0);
+            let mut up = Vec::new();
+            let mut down = Vec::new();
+            for (i, (client, n)) in cuts.iter().chain(std::iter::repeat(&(true, 10_000)).take(1)).chain(std::iter::repeat(&(false, 10_000)).take(1)).enumerate() {
+                if i == install_after {
+                    tap.install(secrets.clone());
+                }
+                if *client {
+                    let end = (a + n).min(c2s.len());
+                    tap.feed(Dir::ClientToServer, &c2s[a..end]);
+                    a = end;
+                } else {
+                    let end = (b + n).min(s2c.len());
+                    tap.feed(Dir::ServerToClient, &s2c[b..end]);
+                    b = end;
+                }
+                up.extend(tap.take(Dir::ClientToServer));
+                down.extend(tap.take(Dir::ServerToClient));
+            }
+            tap.install(secrets.clone());
+            up.extend(tap.take(Dir::ClientToServer));
+            down.extend(tap.take(Dir::ServerToClient));
+            proptest::prop_assert_eq!(tap.opaque(), None);
+            proptest::prop_assert_eq!(up, b"request".to_vec());
+            proptest::prop_assert_eq!(down, b"response".to_vec());
+        }
+
+        /// Arbitrary bytes and secrets never panic, and once opaque the tap stays opaque and
+        /// yields nothing.
+        #[test]
+        fn arbitrary_input_never_panics_and_opaque_is_final(chunks in proptest::collection::vec((proptest::bool::ANY, proptest::collection::vec(proptest::num::u8::ANY, 0..200)), 0..20), len in proptest::sample::select(vec![32usize, 48, 20])) {
+            let mut tap = Tap::new();
+            let s = || Zeroizing::new(vec![7u8; len]);
+            tap.install(TrafficSecrets { client_handshake: s(), server_handshake: s(), client_app: s(), server_app: s() });
+            let mut was = tap.opaque();
+            for (client, bytes) in chunks {
+                let dir = if client { Dir::ClientToServer } else { Dir::ServerToClient };
+                tap.feed(dir, &bytes);
+                if was.is_some() {
+                    proptest::prop_assert_eq!(tap.opaque(), was);
+                    proptest::prop_assert!(tap.take(dir).is_empty());
+                }
+                was = tap.opaque();
+            }
+        }
+    }
+
     #[test]
     fn decrypts_a_real_rustls_connection_with_each_suite_and_key_updates() {
         use rustls::crypto::ring::cipher_suite as cs;
