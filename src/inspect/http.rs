@@ -385,7 +385,7 @@ mod tests {
     /// Feeds `reqs` and `resps` cut at the given points; returns what the observer saw.
     fn observe(reqs: &[u8], resps: &[u8], cuts: &[usize]) -> (Vec<Exchange>, Option<&'static str>) {
         let mut o = Observer::new();
-        let mut feed = |bytes: &[u8], up: bool, o: &mut Observer| {
+        let feed = |bytes: &[u8], up: bool, o: &mut Observer| {
             let mut at = 0;
             for c in cuts {
                 let c = (*c % (bytes.len() + 1)).max(at);

@@ -932,7 +932,7 @@ mod tests {
             let (mut a, mut b) = (0, 0);
             let mut up = Vec::new();
             let mut down = Vec::new();
-            for (i, (client, n)) in cuts.iter().chain(std::iter::repeat(&(true, 10_000)).take(1)).chain(std::iter::repeat(&(false, 10_000)).take(1)).enumerate() {
+            for (i, (client, n)) in cuts.iter().chain([&(true, 10_000), &(false, 10_000)]).enumerate() {
                 if i == install_after {
                     tap.install(secrets.clone());
                 }
