@@ -186,6 +186,45 @@ impl Observer {
         }
     }
 
+    /// `n` bytes of the client's stream went by undecrypted: counted if they lie inside a
+    /// body of known length (or to the close), else observation stops.
+    pub fn request_gap(&mut self, n: u64) {
+        if self.broken.is_some() || n == 0 {
+            return;
+        }
+        match self.req.body {
+            Body::Length(k) if n <= k && self.req.buf.is_empty() => {
+                self.req.body = Body::Length(k - n);
+                if let Some(p) = self.pending.back_mut() {
+                    p.body += n;
+                }
+                if k == n {
+                    self.req.body = Body::Head;
+                }
+            }
+            _ => self.stop("request bytes went by undecrypted"),
+        }
+    }
+
+    /// `n` bytes of the origin's stream went by undecrypted: counted if they lie inside a
+    /// body of known length (or to the close), else observation stops.
+    pub fn response_gap(&mut self, n: u64) {
+        if self.broken.is_some() || n == 0 {
+            return;
+        }
+        match self.resp.body {
+            Body::Length(k) if n <= k && self.resp.buf.is_empty() => {
+                self.resp.size += n;
+                self.resp.body = Body::Length(k - n);
+                if k == n {
+                    self.complete_response();
+                }
+            }
+            Body::UntilClose => self.resp.size += n,
+            _ => self.stop("response bytes went by undecrypted"),
+        }
+    }
+
     /// The connection closed: a response delimited by the close is complete.
     pub fn finish(&mut self) {
         if self.resp.body == Body::UntilClose {
@@ -512,6 +551,20 @@ mod tests {
             ]
         );
         assert_eq!(got[0].host.as_deref(), Some("h"));
+    }
+
+    #[test]
+    fn gaps_inside_bodies_are_counted_elsewhere_they_stop_observation() {
+        let mut o = Observer::new();
+        o.request_bytes(b"GET /big HTTP/1.1\r\n\r\nGET /next HTTP/1.1\r\n\r\n");
+        o.response_bytes(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789");
+        o.response_gap(80);
+        o.response_bytes(b"0123456789HTTP/1.1 404 X\r\nContent-Length: 0\r\n\r\n");
+        let got = o.take();
+        assert_eq!((got[0].path.as_str(), got[0].response_body), ("/big", 100));
+        assert_eq!((got[1].path.as_str(), got[1].status), ("/next", 404));
+        o.response_gap(5);
+        assert_eq!(o.broken(), Some("response bytes went by undecrypted"));
     }
 
     #[test]

@@ -79,14 +79,17 @@ impl Inspector {
 
     fn drain(&mut self) -> Vec<http::Exchange> {
         use zeroize::Zeroize;
+        // Decrypted bytes first, then what went by undecrypted after them (the tap's order).
         let mut up = self.tap.take(Dir::ClientToServer);
         if !up.is_empty() {
             self.http.request_bytes(&up);
         }
+        self.http.request_gap(self.tap.take_gap(Dir::ClientToServer));
         let mut down = self.tap.take(Dir::ServerToClient);
         if !down.is_empty() {
             self.http.response_bytes(&down);
         }
+        self.http.response_gap(self.tap.take_gap(Dir::ServerToClient));
         up.zeroize();
         down.zeroize();
         self.http.take()

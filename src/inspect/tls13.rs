@@ -20,8 +20,11 @@
 //! ```
 //!
 //! Before the secrets arrive the tap holds each direction's bytes, at most
-//! [`BUFFER_LIMIT`] per direction; beyond that, or on any record it cannot open, it turns
-//! [`Tap::opaque`] for good and drops what it holds. TLS 1.2 (a ServerHello without
+//! [`BUFFER_LIMIT`] per direction; beyond that it only counts the records that go by (their
+//! sequence numbers and sizes), so that once the secrets come it decrypts what it held,
+//! steps over the counted records ([`Tap::take_gap`] says how many plaintext bytes they
+//! carried) and decrypts what follows. If the handshake did not fit in what it held, or on
+//! any record it cannot open, it turns [`Tap::opaque`] for good and drops what it holds. TLS 1.2 (a ServerHello without
 //! `supported_versions` = 0x0304) and 0-RTT early data are not decrypted: the tap says so
 //! in its [`Opaque`] reason. Secrets, keys and IVs live in zeroizing buffers (ring's own
 //! expanded AES/ChaCha key schedules are ring's: it does not promise to wipe them).
@@ -317,6 +320,68 @@ struct Side {
     /// Application data bytes decrypted so far.
     app_bytes: u64,
     records: u64,
+    /// Past [`BUFFER_LIMIT`] before the secrets: records counted, not kept.
+    skip: Option<Skip>,
+    /// Bytes of a skipped record still to come after the secrets: dropped as they arrive.
+    discard: usize,
+    /// Application data bytes that went by undecrypted (skipped), not yet taken.
+    gap: u64,
+}
+
+/// Records that went by while the buffer was full: only their count and sizes are kept, so
+/// that decryption can resume after them (their sequence numbers are known).
+#[derive(Default)]
+struct Skip {
+    records: u64,
+    /// Plaintext bytes they carried, assuming no padding (what TLS stacks send by default).
+    plain: u64,
+    /// Body bytes of the current record still to come.
+    remaining: usize,
+    /// A record header being read.
+    header: Vec<u8>,
+}
+
+impl Skip {
+    /// Counts the records in `bytes`; `Err` if the stream does not look like TLS records.
+    fn scan(&mut self, mut bytes: &[u8]) -> Result<(), Opaque> {
+        while !bytes.is_empty() {
+            if self.remaining > 0 {
+                let n = self.remaining.min(bytes.len());
+                self.remaining -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (5 - self.header.len()).min(bytes.len());
+            self.header.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if self.header.len() < 5 {
+                break;
+            }
+            let len = u16::from_be_bytes([self.header[3], self.header[4]]) as usize;
+            if self.header[0] != CONTENT_APPDATA || self.header[1] != 3 || !(17..=MAX_FRAGMENT).contains(&len)
+            {
+                return Err(Opaque::BufferFull);
+            }
+            self.records += 1;
+            self.plain += (len - 17) as u64;
+            self.remaining = len;
+            self.header.clear();
+        }
+        Ok(())
+    }
+}
+
+/// Bytes of `buf` that are whole records (where a partial record starts).
+fn whole_records(buf: &[u8]) -> usize {
+    let mut at = 0;
+    while buf.len() >= at + 5 {
+        let len = u16::from_be_bytes([buf[at + 3], buf[at + 4]]) as usize;
+        if buf.len() < at + 5 + len {
+            break;
+        }
+        at += 5 + len;
+    }
+    at
 }
 
 impl Side {
@@ -329,6 +394,9 @@ impl Side {
             out: Vec::new(),
             app_bytes: 0,
             records: 0,
+            skip: None,
+            discard: 0,
+            gap: 0,
         }
     }
 }
@@ -392,6 +460,7 @@ impl Tap {
             s.hs = Vec::new();
             s.out.zeroize();
             s.out = Vec::new();
+            s.skip = None;
         }
     }
 
@@ -407,13 +476,62 @@ impl Tap {
             return;
         }
         let side = &mut self.sides[dir as usize];
-        if self.secrets.is_none() && side.buf.len() + bytes.len() > BUFFER_LIMIT {
-            self.give_up(Opaque::BufferFull);
+        if self.secrets.is_none() {
+            if side.skip.is_none() && side.buf.len() + bytes.len() > BUFFER_LIMIT {
+                // Full: keep the whole records held so far, count the rest.
+                let cut = whole_records(&side.buf);
+                let tail = side.buf.split_off(cut);
+                let mut skip = Skip::default();
+                let scanned = skip.scan(&tail);
+                side.skip = Some(skip);
+                if let Err(e) = scanned {
+                    self.give_up(e);
+                    return;
+                }
+            }
+            match &mut side.skip {
+                Some(skip) => {
+                    if let Err(e) = skip.scan(bytes) {
+                        self.give_up(e);
+                    }
+                }
+                None => side.buf.extend_from_slice(bytes),
+            }
             return;
         }
-        side.buf.extend_from_slice(bytes);
-        if self.secrets.is_some() {
-            self.process();
+        let drop = side.discard.min(bytes.len());
+        side.discard -= drop;
+        side.buf.extend_from_slice(&bytes[drop..]);
+        self.process();
+    }
+
+    /// Application data bytes that went by undecrypted in direction `dir` (records counted
+    /// while the buffer was full) since the last call; they come after what
+    /// [`Tap::take`] returned before and before what it returns next.
+    pub fn take_gap(&mut self, dir: Dir) -> u64 {
+        std::mem::take(&mut self.sides[dir as usize].gap)
+    }
+
+    /// After the buffered records: resumes after the counted ones, if the handshake was done
+    /// by then (else the tunnel is opaque for good).
+    fn resume_after_skip(&mut self) {
+        for side in &mut self.sides {
+            let Some(skip) = side.skip.take() else { continue };
+            let key = match side.key.as_mut() {
+                Some(k) if side.stage == Stage::App => k,
+                _ => {
+                    self.opaque = Some(Opaque::BufferFull);
+                    break;
+                }
+            };
+            key.seq += skip.records;
+            side.gap += skip.plain;
+            side.discard = skip.remaining;
+            // The start of the next record's header: parsed with what follows.
+            side.buf.extend_from_slice(&skip.header);
+        }
+        if let Some(why) = self.opaque.take() {
+            self.give_up(why);
         }
     }
 
@@ -428,6 +546,12 @@ impl Tap {
         }
         self.secrets = Some(secrets);
         self.process();
+        if self.opaque.is_none() && self.sides.iter().any(|s| s.skip.is_some()) {
+            self.resume_after_skip();
+            if self.opaque.is_none() {
+                self.process();
+            }
+        }
     }
 
     /// Application data decrypted in direction `dir` since the last call.
@@ -840,8 +964,11 @@ mod tests {
                 if !buf.is_empty() {
                     moved = true;
                     self.c2s.extend_from_slice(&buf);
-                    self.server.read_tls(&mut &buf[..]).unwrap();
-                    self.server.process_new_packets().unwrap();
+                    let mut rd = &buf[..];
+                    while !rd.is_empty() {
+                        self.server.read_tls(&mut rd).unwrap();
+                        self.server.process_new_packets().unwrap();
+                    }
                 }
                 let mut buf = Vec::new();
                 while self.server.wants_write() {
@@ -850,8 +977,15 @@ mod tests {
                 if !buf.is_empty() {
                     moved = true;
                     self.s2c.extend_from_slice(&buf);
-                    self.client.read_tls(&mut &buf[..]).unwrap();
-                    self.client.process_new_packets().unwrap();
+                    let mut rd = &buf[..];
+                    while !rd.is_empty() {
+                        self.client.read_tls(&mut rd).unwrap();
+                        self.client.process_new_packets().unwrap();
+                        // What the client received is not under test: keep its buffer empty.
+                        let mut sink = [0u8; 16 * 1024];
+                        while std::io::Read::read(&mut self.client.reader(), &mut sink).is_ok_and(|n| n > 0) {
+                        }
+                    }
                 }
                 if !moved {
                     return;
@@ -984,6 +1118,51 @@ mod tests {
         exchange(cs::TLS13_CHACHA20_POLY1305_SHA256);
     }
 
+    /// A download of more than the buffer before the secrets: the tap decrypts what it held,
+    /// steps over the counted records and decrypts what follows them.
+    #[test]
+    fn past_the_buffer_records_are_counted_and_decryption_resumes_after_them() {
+        use std::io::Write;
+        let mut p = Pair::new(rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256);
+        p.pump();
+        let big = vec![b'x'; 3 * BUFFER_LIMIT / 2];
+        for c in big.chunks(16 * 1024) {
+            p.server.writer().write_all(c).unwrap();
+            p.pump();
+        }
+        p.server.writer().write_all(b"tail").unwrap();
+        p.pump();
+        let mut tap = Tap::new();
+        let (c2s, s2c) = (p.c2s.clone(), p.s2c.clone());
+        tap.feed(Dir::ClientToServer, &c2s);
+        // Cut the stream where the tail record starts: the secrets come before it.
+        let tail_at = s2c.len() - (5 + 4 + 1 + 16);
+        for chunk in s2c[..tail_at].chunks(1000) {
+            tap.feed(Dir::ServerToClient, chunk);
+        }
+        assert_eq!(tap.opaque(), None);
+        tap.install(p.log.secrets());
+        assert_eq!(tap.opaque(), None);
+        let held = tap.take(Dir::ServerToClient);
+        let gap = tap.take_gap(Dir::ServerToClient);
+        assert!(gap > 0 && held.len() < BUFFER_LIMIT, "{gap} {}", held.len());
+        assert_eq!(held.len() as u64 + gap, big.len() as u64);
+        tap.feed(Dir::ServerToClient, &s2c[tail_at..]);
+        assert_eq!(tap.take(Dir::ServerToClient), b"tail");
+        assert_eq!(tap.opaque(), None);
+
+        // A handshake that does not fit the buffer cannot be stepped over.
+        let mut tap = Tap::new();
+        let mut fake = Vec::new();
+        while fake.len() < BUFFER_LIMIT + 100 {
+            fake.extend_from_slice(&[23, 3, 3, 0, 20]);
+            fake.extend_from_slice(&[0; 20]);
+        }
+        tap.feed(Dir::ServerToClient, &fake);
+        tap.install(p.log.secrets());
+        assert!(tap.opaque().is_some());
+    }
+
     #[test]
     fn wrong_secrets_or_too_much_before_them_turn_the_tap_opaque() {
         let mut p = Pair::new(rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256);
@@ -998,8 +1177,12 @@ mod tests {
         let mut tap = Tap::new();
         tap.feed(Dir::ClientToServer, &vec![0u8; BUFFER_LIMIT]);
         assert_eq!(tap.opaque(), None);
-        tap.feed(Dir::ClientToServer, &[0]);
-        assert_eq!(tap.opaque(), Some(Opaque::BufferFull));
+        tap.feed(Dir::ClientToServer, &[0; 5]);
+        assert_eq!(
+            tap.opaque(),
+            Some(Opaque::BufferFull),
+            "what goes by past the limit must look like records"
+        );
         tap.install(p.log.secrets());
         assert!(!tap.has_secrets());
 
