@@ -204,8 +204,9 @@ pub enum Dir {
 /// Why the tap stopped decrypting (for good).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Opaque {
-    /// More than [`BUFFER_LIMIT`] bytes went by before the secrets arrived.
-    #[error("secrets arrived too late: more than 1 MiB passed before them")]
+    /// More than [`BUFFER_LIMIT`] bytes went by before the secrets arrived, and the handshake
+    /// was not within what was held (or what went by past it was not application records).
+    #[error("secrets arrived too late: the handshake was not within the 1 MiB held, or not records past it")]
     BufferFull,
     /// The secrets never arrived (the caller gave up waiting).
     #[error("no secrets arrived")]
