@@ -84,6 +84,61 @@ pub enum Event {
         /// Why it ended.
         reason: String,
     },
+    /// One HTTP/1.1 request and its response, read inside a CONNECT tunnel whose client
+    /// delegated its TLS secrets (docs/DELEGATION.md).
+    Http {
+        /// The qualified identity of the tunnel's client, or `anonymous`.
+        user: String,
+        /// The client's address (of the tunnel's TLS connection).
+        source: String,
+        /// The tunnel's target as the client asked for it (`host:port`).
+        target: String,
+        /// The request's `Host` header, if any.
+        host: Option<String>,
+        /// The request method.
+        method: String,
+        /// The request target (path and query), cut at 2048 bytes.
+        path: String,
+        /// The response status code.
+        status: u16,
+        /// Request body bytes (payload, after chunked decoding).
+        request_body: u64,
+        /// Response body bytes.
+        response_body: u64,
+    },
+    /// A CONNECT tunnel that was decrypted with delegated secrets ended: one line per
+    /// tunnel, also for protocols other than HTTP/1.1.
+    TunnelInspected {
+        /// The qualified identity, or `anonymous`.
+        user: String,
+        /// The client's address.
+        source: String,
+        /// The tunnel's target.
+        target: String,
+        /// The TLS 1.3 suite the connection used.
+        suite: Option<String>,
+        /// `http/1.1`, or `other` when no HTTP/1.1 request was seen.
+        protocol: String,
+        /// HTTP exchanges written as `http` lines.
+        requests: u64,
+        /// Decrypted application data bytes, client to origin.
+        app_bytes_up: u64,
+        /// Decrypted application data bytes, origin to client.
+        app_bytes_down: u64,
+        /// Why decryption stopped before the end, if it did.
+        opaque: Option<String>,
+    },
+    /// A control session offered secrets that the gateway refused.
+    DelegationRefused {
+        /// The qualified identity of the session, or `anonymous`.
+        user: String,
+        /// The session's address.
+        source: String,
+        /// The named tunnel's target, when the tag named a live tunnel.
+        target: Option<String>,
+        /// Why (`end_to_end`, `other_session`, `other_identity`, `unknown_tunnel`, ...).
+        reason: String,
+    },
 }
 
 #[derive(Serialize)]

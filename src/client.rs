@@ -648,6 +648,51 @@ async fn read_accept(
     Ok((suite, accept.assoc))
 }
 
+/// Opens a control session (method 0x81, PROTOCOL.md §2.8): TLS, the sudp sub-negotiation
+/// for the login, then the connection carries control frames at once. A gateway that does
+/// not speak it answers `NoAcceptableMethod`.
+pub async fn connect_control(opts: &ClientOptions) -> Result<Control, ClientError> {
+    tokio::time::timeout(opts.timeout, async {
+        let mut s = connect_tls(opts).await?;
+        let mut out = Vec::new();
+        socks::encode_greeting(&[method::CONTROL], &mut out);
+        let suites: Vec<u8> = opts.suites.iter().map(|s| s.id()).collect();
+        let (user, pass) = match &opts.credentials {
+            Some((u, p)) => (u.as_bytes(), p.as_bytes()),
+            None => (&b""[..], &b""[..]),
+        };
+        SudpHello {
+            suites: &suites,
+            user,
+            pass,
+        }
+        .encode(&mut out)?;
+        s.write_all(&out).await?;
+        let chosen = read_msg(&mut s, socks::parse_method_selection)
+            .await
+            .map_err(|e| e.explained(&opts.server_name))?;
+        if chosen != method::CONTROL {
+            return Err(ClientError::NoAcceptableMethod);
+        }
+        let accept = read_msg(&mut s, SudpAccept::parse).await?;
+        if accept.status != sudp_status::OK {
+            return Err(ClientError::AuthFailed);
+        }
+        Ok(s)
+    })
+    .await
+    .map_err(|_| ClientError::Timeout)?
+}
+
+/// The tag that names a CONNECT tunnel on a control session (PROTOCOL.md §2.8): the TLS
+/// exporter of the tunnel's own connection, which only its two ends can compute.
+pub fn tunnel_tag(tunnel: &Control) -> Result<[u8; crate::inspect::TAG_LEN], rustls::Error> {
+    tunnel
+        .get_ref()
+        .1
+        .export_keying_material([0u8; crate::inspect::TAG_LEN], crate::inspect::TAG_LABEL, None)
+}
+
 /// A SOCKS5 CONNECT through the gateway; returns the stream, ready for payload bytes.
 pub async fn connect_tcp(opts: &ClientOptions, target: &Address) -> Result<Control, ClientError> {
     Ok(connect_tcp_bound(opts, target).await?.0)
@@ -1448,6 +1493,8 @@ async fn watch_control(
                 | Event::Reattached { .. }
                 | Event::ReattachRefused { .. },
             ) => {}
+            // Delegation frames travel on control sessions only (never listed here).
+            Ok(Event::Delegate { .. } | Event::DelegateReply { .. }) => {}
             Err(ChannelError::Closed) => break "the gateway closed the control connection".to_owned(),
             Err(e) => break e.to_string(),
         }

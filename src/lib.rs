@@ -16,6 +16,7 @@ pub mod cert;
 pub mod client;
 pub mod config;
 pub mod gateway;
+pub mod inspect;
 pub mod logsafe;
 pub mod metrics;
 pub mod net;

@@ -36,6 +36,8 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
 /// Default time a CONNECT tunnel may carry no byte either way before it is closed.
 pub const DEFAULT_CONNECT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default longest life of an end-to-end CONNECT tunnel (`e2e_ttl`).
+pub const DEFAULT_E2E_TTL: Duration = Duration::from_secs(3600);
 /// Cluster name when neither the file nor a flag gives one.
 pub const DEFAULT_CLUSTER: &str = "default";
 
@@ -186,6 +188,18 @@ pub struct GatewayArgs {
     #[arg(long, value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
 
+    /// A destination that is end to end: a CIDR (matched against the address connected to)
+    /// or a domain name (it and its subdomains, matched against a CONNECT by name);
+    /// repeatable. Secrets offered for its tunnels are refused (and the refusal audited),
+    /// its tunnels are relayed untouched and closed at --e2e-ttl [default: none].
+    #[arg(long = "e2e", value_name = "CIDR|DOMAIN", value_parser = parse_e2e_item)]
+    pub e2e: Vec<String>,
+
+    /// Longest life of an end-to-end CONNECT tunnel; it is then closed cleanly
+    /// [default: 1h].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub e2e_ttl: Option<Duration>,
+
     /// Receive buffer asked of the kernel for each relay socket, e.g. 4MiB (it grants at most
     /// net.core.rmem_max) [default: 4MiB].
     #[arg(long, value_name = "SIZE", value_parser = super::parse_size)]
@@ -296,8 +310,12 @@ pub struct GatewayConfig {
     pub udp_buffer: usize,
     /// Where to serve `/metrics` and `/healthz`, if anywhere.
     pub metrics: Option<SocketAddr>,
-    /// The audit log (JSON lines), if any.
+    /// The audit log (JSON lines), if any; it also enables delegated inspection.
     pub audit_log: Option<PathBuf>,
+    /// End-to-end destinations.
+    pub e2e: crate::gateway::delegation::E2e,
+    /// Longest life of an end-to-end CONNECT tunnel (nonzero).
+    pub e2e_ttl: Duration,
     /// The shared session store; `None`: in-process only.
     pub store: Option<StoreUrl>,
     /// The cluster's name (namespace in the store).
@@ -404,6 +422,8 @@ struct GatewayFile {
     udp_buffer: Option<toml::Value>,
     metrics: Option<String>,
     audit_log: Option<PathBuf>,
+    e2e: Option<Vec<String>>,
+    e2e_ttl: Option<toml::Value>,
     store: Option<String>,
     cluster: Option<String>,
     cluster_key: Option<PathBuf>,
@@ -584,6 +604,16 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
         DEFAULT_CONNECT_IDLE_TIMEOUT,
     )?;
     let replay_window = replay_window(&o, args.replay_window, file.replay_window)?;
+    // A flag given at least once replaces the file's list.
+    let e2e_items = if args.e2e.is_empty() {
+        file.e2e.unwrap_or_default()
+    } else {
+        args.e2e
+    };
+    // Flags were checked one by one by clap (`parse_e2e_item`): an error here is the file's.
+    let e2e = crate::gateway::delegation::E2e::parse(&e2e_items)
+        .map_err(|e| value_err(o.file("e2e"), Problem::E2e(e)))?;
+    let e2e_ttl = nonzero_duration(&o, "e2e_ttl", args.e2e_ttl, file.e2e_ttl, DEFAULT_E2E_TTL)?;
     let suites = suites(&o, args.suites, file.suites)?;
     let heartbeat = heartbeat(
         &o,
@@ -651,6 +681,8 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
             .or(file_value(&o, "metrics", file.metrics, parse_socket_addr)?),
         audit_log: o.path(args.audit_log, file.audit_log),
         kerberos,
+        e2e,
+        e2e_ttl,
         store,
         cluster,
         cluster_key,
@@ -722,6 +754,11 @@ fn parse_resumption(text: &str) -> Result<ResumptionMode, Problem> {
 
 fn parse_ip_addr(text: &str) -> Result<IpAddr, Problem> {
     text.trim().parse().map_err(|_| Problem::IpAddr(text.to_owned()))
+}
+
+fn parse_e2e_item(text: &str) -> Result<String, String> {
+    crate::gateway::delegation::E2e::parse(&[text.to_owned()])?;
+    Ok(text.to_owned())
 }
 
 fn parse_allow(text: &str) -> Result<Rule, RuleError> {
@@ -880,6 +917,31 @@ mod tests {
                 "{got}"
             );
         }
+    }
+
+    #[test]
+    fn e2e_classes_and_their_ttl_from_file_and_flags() {
+        let c = from_toml(
+            &format!("{MINIMAL}e2e = [\"10.9.0.0/16\", \"bank.test\"]\ne2e_ttl = \"5m\"\n"),
+            &[],
+        )
+        .unwrap();
+        assert!(c.e2e.matches(Some("www.bank.test"), "192.0.2.1".parse().unwrap()));
+        assert!(c.e2e.matches(None, "10.9.1.1".parse().unwrap()));
+        assert_eq!(c.e2e_ttl, Duration::from_secs(300));
+        // A flag list replaces the file's.
+        let c = from_toml(
+            &format!("{MINIMAL}e2e = [\"bank.test\"]\n"),
+            &["--e2e=10.0.0.0/8"],
+        )
+        .unwrap();
+        assert!(!c.e2e.matches(Some("bank.test"), "192.0.2.1".parse().unwrap()));
+        assert!(c.e2e.matches(None, "10.1.1.1".parse().unwrap()));
+        assert_eq!(c.e2e_ttl, DEFAULT_E2E_TTL);
+        let got = error(&format!("{MINIMAL}e2e = [\"not a name\"]\n"), &[]);
+        assert!(got.contains("key `e2e`: invalid e2e entry"), "{got}");
+        let got = error(&format!("{MINIMAL}e2e_ttl = 0\n"), &[]);
+        assert!(got.contains("key `e2e_ttl`: must be greater than zero"), "{got}");
     }
 
     #[test]

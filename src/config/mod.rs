@@ -39,8 +39,8 @@ use crate::proto::replay;
 
 pub use gateway::{
     Auth, GatewayArgs, GatewayConfig, KerberosConfig, ResumptionMode, StoreUrl, DEFAULT_CLUSTER,
-    DEFAULT_CONNECT_IDLE_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_LISTEN,
-    DEFAULT_MAX_ASSOCIATIONS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_IP,
+    DEFAULT_CONNECT_IDLE_TIMEOUT, DEFAULT_E2E_TTL, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_LISTEN, DEFAULT_MAX_ASSOCIATIONS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_IP,
 };
 pub use shim::{
     parse_forward, parse_host_port, Forward, ForwardProto, PasswordLogin, ShimArgs, ShimConfig, Trust,
@@ -160,6 +160,9 @@ pub enum ConfigError {
 /// What is wrong with one configuration value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Problem {
+    /// An `e2e` entry that is neither a CIDR nor a domain name.
+    #[error("invalid e2e entry: {0}")]
+    E2e(String),
     /// Not a duration.
     #[error(transparent)]
     Duration(#[from] DurationError),

@@ -154,6 +154,13 @@ pub struct ShimArgs {
     #[arg(long, value_name = "udp|tls|auto", value_parser = parse_transport)]
     pub transport: Option<Transport>,
 
+    /// Delegate the TLS 1.3 secrets of connections through CONNECT tunnels to the gateway,
+    /// for its audit: follow this NSS key log file (what SSLKEYLOGFILE names for curl,
+    /// Firefox, Chromium, Python) and send each tunnel's secrets on a control session
+    /// [default: off].
+    #[arg(long, value_name = "FILE")]
+    pub delegate_keylog: Option<PathBuf>,
+
     /// Bytes each flow may hold while its association opens (e.g. 4MiB, 512KiB, 1000000);
     /// what does not fit is dropped and counted [default: 4MiB].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -264,6 +271,8 @@ pub struct ShimConfig {
     pub metrics: Option<SocketAddr>,
     /// How records travel to the gateway.
     pub transport: Transport,
+    /// The NSS key log file to follow for delegated inspection, if any.
+    pub delegate_keylog: Option<PathBuf>,
 }
 
 /// Parses a transport name: `udp`, `tls` or `auto`.
@@ -355,6 +364,7 @@ struct ShimFile {
     flow_queue: Option<toml::Value>,
     metrics: Option<String>,
     transport: Option<String>,
+    delegate_keylog: Option<PathBuf>,
 }
 
 impl ShimConfig {
@@ -579,6 +589,7 @@ fn build(args: ShimArgs, file: ShimFile) -> Result<ShimConfig, ConfigError> {
             .transport
             .or(file_value(&o, "transport", file.transport, parse_transport)?)
             .unwrap_or_default(),
+        delegate_keylog: o.path(args.delegate_keylog, file.delegate_keylog),
     })
 }
 

@@ -25,13 +25,15 @@ use tokio_rustls::server::TlsStream;
 
 use crate::audit;
 use crate::auth::{Credentials, Identity, Method as AuthMethodKind, Verdict};
+use crate::gateway::delegation::{self, TapTx, TunnelInfo};
 use crate::gateway::moves;
 use crate::gateway::relay::AssocError;
 use crate::gateway::Shared;
+use crate::inspect::{Dir, TAG_LABEL, TAG_LEN};
 use crate::logsafe::Peer;
 use crate::net::canonical;
 use crate::net::channel::{Channel, ChannelError, Event};
-use crate::proto::frame::{feature, CloseReason, Frame, RefuseReason};
+use crate::proto::frame::{feature, CloseReason, DelegateStatus, Frame, RefuseReason};
 use crate::proto::socks::{self, choose_suite, method, sudp_status, SudpAccept, SudpHello};
 use crate::proto::{AssociationId, KeySchedule, SocksError};
 
@@ -89,6 +91,8 @@ enum Method {
     Gssapi,
     UserPass,
     Sudp,
+    /// A control session (PROTOCOL.md §2.8): sudp's sub-negotiation, then frames.
+    Control,
 }
 
 impl<T> AuthMethod<T> for Method {
@@ -100,6 +104,7 @@ impl<T> AuthMethod<T> for Method {
             Method::Gssapi => method::GSSAPI,
             Method::UserPass => method::USERPASS,
             Method::Sudp => method::SUDP,
+            Method::Control => method::CONTROL,
         }
     }
 
@@ -123,6 +128,8 @@ struct Session {
     /// The identity's qualified name, the key of its `[users_policy]` rules.
     user: Option<String>,
     secure: Option<(AssociationId, KeySchedule)>,
+    /// The connection's tunnel tag (PROTOCOL.md §2.8), should it carry a CONNECT.
+    tag: Option<[u8; TAG_LEN]>,
 }
 
 impl Session {
@@ -131,6 +138,7 @@ impl Session {
             user: identity.as_ref().map(Identity::qualified),
             identity,
             secure: None,
+            tag: None,
         }
     }
 
@@ -205,7 +213,13 @@ pub(crate) async fn serve(
     let negotiated =
         tokio::time::timeout_at(deadline, negotiate(&shared, tls, peer, deadline - margin)).await;
     let (proto, cmd, target, session) = match negotiated {
-        Ok(Ok(Some(x))) => x,
+        Ok(Ok(Some(Negotiated::Command(x)))) => x,
+        Ok(Ok(Some(Negotiated::Control(stream, session)))) => {
+            if let Err(e) = control_session(&shared, stream, session, peer, shutdown).await {
+                tracing::debug!(%peer, error = %e, "control session ended");
+            }
+            return;
+        }
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
             tracing::info!(%peer, error = %e, "SOCKS5 negotiation failed");
@@ -261,6 +275,12 @@ type Ready = (
     Session,
 );
 
+/// What negotiation led to: a SOCKS5 command, or a control session (method 0x81).
+enum Negotiated {
+    Command(Ready),
+    Control(Tls, Session),
+}
+
 /// Method negotiation, authentication and the command request. `Ok(None)`: the client was
 /// refused and answered; nothing more to do. `deadline` is the one checks must finish by
 /// (a little before the connection's own).
@@ -273,7 +293,7 @@ async fn negotiate(
     tls: Tls,
     peer: SocketAddr,
     deadline: Instant,
-) -> anyhow::Result<Option<Ready>> {
+) -> anyhow::Result<Option<Negotiated>> {
     let auth = &shared.settings.auth;
     // A certificate rustls verified (CA, CRLs) names the client through its backend.
     let mut cert_identity = None;
@@ -291,7 +311,8 @@ async fn negotiate(
             cert_identity = Some(identity);
         }
     }
-    let mut offered = vec![Method::Sudp];
+    // A standard client never offers 0x81, so listing it changes nothing for one.
+    let mut offered = vec![Method::Sudp, Method::Control];
     if auth.no_auth || cert_identity.is_some() {
         offered.push(Method::NoAuth);
     }
@@ -306,6 +327,13 @@ async fn negotiate(
     let mut session = Session::new(cert_identity.clone());
     // The sudp hello (§2.2) follows method 0x80, and GSS-API's "secure UDP" level (§2.6).
     let mut hello_follows = false;
+    // The tunnel's name on control sessions: only the holder of this very TLS connection
+    // can compute it. Taken now, so the tunnel is registered before the client hears of it.
+    session.tag = stream
+        .get_ref()
+        .1
+        .export_keying_material([0u8; TAG_LEN], TAG_LABEL, None)
+        .ok();
     match method {
         Method::NoAuth => {}
         Method::Gssapi => match gssapi(shared, &mut stream, peer, deadline).await? {
@@ -337,7 +365,7 @@ async fn negotiate(
             }
             stream.write_all(&[socks::USERPASS_VERSION, 0x00]).await?;
         }
-        Method::Sudp => hello_follows = true,
+        Method::Sudp | Method::Control => hello_follows = true,
     }
     if hello_follows {
         let msg = read_message(&mut stream, |b| SudpHello::parse(b).map(|(_, n)| n)).await?;
@@ -386,6 +414,13 @@ async fn negotiate(
             stream.shutdown().await?;
             return Ok(None);
         }
+        if method == Method::Control {
+            // No association: SUITE and ASSOC_ID are zero (PROTOCOL.md §2.8).
+            stream
+                .write_all(&SudpAccept::refuse(sudp_status::OK).encode())
+                .await?;
+            return Ok(Some(Negotiated::Control(stream, session)));
+        }
         let Some(suite) = choose_suite(hello.suites, &shared.settings.suites) else {
             tracing::info!(%peer, offered = ?hello.suites, "no acceptable cipher suite");
             stream
@@ -401,7 +436,7 @@ async fn negotiate(
     }
     let proto = Socks5ServerProtocol::finish_auth(Authenticated(stream));
     let (proto, cmd, target) = proto.read_command().await?;
-    Ok(Some((proto, cmd, target, session)))
+    Ok(Some(Negotiated::Command((proto, cmd, target, session))))
 }
 
 /// The GSS-API sub-negotiation (RFC 1961 §3-4, PROTOCOL.md §2.6): one context token in,
@@ -573,43 +608,106 @@ async fn connect(
     };
     let _ = outbound.set_nodelay(true);
     let bound = outbound.local_addr()?;
-    let tls = proto.reply_success(bound).await?;
-    let idle = shared.settings.connect_idle_timeout;
-    let activity = Activity::new();
-    let (mut a, mut b) = (activity.watch(tls), activity.watch(outbound));
-    let (up, down) = (a.read.clone(), b.read.clone());
-    // Half-close is carried through: EOF one way shuts down that direction's writer only.
-    let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
-    tokio::pin!(copy);
-    let ended = |r: io::Result<(u64, u64)>| match r {
-        Ok(_) => (TunnelEnd::Eof, None),
-        Err(e) => (TunnelEnd::Error, Some(e)),
+    // The target is the client's request (a name comes off the wire: escaped); `remote` is
+    // the address the gateway connected to.
+    let (target_name, target) = match &target {
+        TargetAddr::Ip(a) => (None, canonical(*a).to_string()),
+        TargetAddr::Domain(name, port) => (Some(name.as_str()), format!("{}:{port}", Peer::str(name))),
     };
-    let (reason, error) = tokio::select! {
-        r = &mut copy => ended(r),
-        _ = activity.idle_for(idle) => (TunnelEnd::Idle, None),
-        _ = shutdown.changed() => {
-            // Draining: a transfer under way may finish, within the drain's bounds, then
-            // the tunnel is closed (and logged) before the drain gives up on the task.
-            tokio::select! {
-                r = &mut copy => ended(r),
-                _ = activity.idle_for(idle) => (TunnelEnd::Idle, None),
-                _ = tokio::time::sleep(super::CONNECT_DRAIN) => (TunnelEnd::Shutdown, None),
+    let user = session.audit_user();
+    let settings = &shared.settings;
+    let e2e = settings.e2e.matches(target_name, remote.ip());
+    let tag = session.tag;
+    // Tapped only when inspection is on, the destination is not end-to-end and the user has
+    // a delegating session open: nobody else's bytes are ever copied.
+    let tapped = settings.audit.enabled() && !e2e && tag.is_some() && shared.delegations.delegating(&user);
+    let mut tap: Option<TapTx> = None;
+    let mut registered = None;
+    if let Some(tag) = tag {
+        let (guard, msgs, opaque) = shared.delegations.tunnel(tag, &user, &target, e2e, tapped);
+        if tapped {
+            let (tx, rx) = delegation::tap();
+            tap = Some(tx);
+            let info = TunnelInfo {
+                user: user.clone(),
+                source: peer.to_string(),
+                target: target.clone(),
+            };
+            tokio::spawn(delegation::inspect(
+                guard,
+                rx,
+                msgs,
+                opaque,
+                info,
+                settings.audit.clone(),
+                shared.metrics.clone(),
+                delegation::SECRETS_WAIT,
+            ));
+        } else {
+            registered = Some(guard);
+        }
+    }
+    let tls = proto.reply_success(bound).await?;
+    let idle = settings.connect_idle_timeout;
+    let activity = Activity::new();
+    let (mut a, mut b) = (
+        activity.watch(tls, tap.clone().map(|t| (t, Dir::ClientToServer))),
+        activity.watch(outbound, tap.map(|t| (t, Dir::ServerToClient))),
+    );
+    let (up, down) = (a.read.clone(), b.read.clone());
+    // An end-to-end tunnel lives at most `e2e_ttl`.
+    let ttl = async {
+        if e2e {
+            tokio::time::sleep(settings.e2e_ttl).await
+        } else {
+            std::future::pending().await
+        }
+    };
+    let (reason, error) = {
+        // Half-close is carried through: EOF one way shuts down that direction's writer only.
+        let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+        tokio::pin!(copy);
+        tokio::pin!(ttl);
+        let ended = |r: io::Result<(u64, u64)>| match r {
+            Ok(_) => (TunnelEnd::Eof, None),
+            Err(e) => (TunnelEnd::Error, Some(e)),
+        };
+        tokio::select! {
+            r = &mut copy => ended(r),
+            _ = activity.idle_for(idle) => (TunnelEnd::Idle, None),
+            _ = &mut ttl => (TunnelEnd::E2eTtl, None),
+            _ = shutdown.changed() => {
+                // Draining: a transfer under way may finish, within the drain's bounds, then
+                // the tunnel is closed (and logged) before the drain gives up on the task.
+                tokio::select! {
+                    r = &mut copy => ended(r),
+                    _ = activity.idle_for(idle) => (TunnelEnd::Idle, None),
+                    _ = &mut ttl => (TunnelEnd::E2eTtl, None),
+                    _ = tokio::time::sleep(super::CONNECT_DRAIN) => (TunnelEnd::Shutdown, None),
+                }
             }
         }
     };
-    // The one line per tunnel (same field names as the UDP association's end line). The
-    // target is the client's request (a name comes off the wire: escaped); `remote` is the
-    // address the gateway connected to.
-    let target = match &target {
-        TargetAddr::Ip(a) => canonical(*a).to_string(),
-        TargetAddr::Domain(name, port) => format!("{}:{port}", Peer::str(name)),
-    };
+    if reason == TunnelEnd::E2eTtl {
+        // Closed cleanly: TLS close_notify and FIN to the client, FIN to the origin.
+        shared.metrics.e2e_expired.fetch_add(1, Ordering::Relaxed);
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = a.shutdown().await;
+            let _ = b.shutdown().await;
+        })
+        .await;
+    }
+    // The inspector ends when the copies' senders are gone.
+    drop((a, b));
+    if let Some(r) = registered {
+        r.linger();
+    }
     tracing::info!(
         user = %session.who(),
         source = %peer,
         target = %target,
         remote = %remote,
+        e2e,
         bytes_up = up.load(Ordering::Relaxed),
         bytes_down = down.load(Ordering::Relaxed),
         duration_ms = activity.start.elapsed().as_millis() as u64,
@@ -617,8 +715,9 @@ async fn connect(
         error = error.as_ref().map(tracing::field::display),
         "CONNECT ended"
     );
-    shared.settings.audit.write(&audit::Event::ConnectEnd {
-        user: session.audit_user(),
+    // The one line per tunnel (same field names as the UDP association's end line).
+    settings.audit.write(&audit::Event::ConnectEnd {
+        user,
         method: session.audit_method().to_owned(),
         source: peer.to_string(),
         target,
@@ -628,6 +727,62 @@ async fn connect(
         duration_ms: activity.start.elapsed().as_millis() as u64,
         reason: reason.as_str().to_owned(),
     });
+    Ok(())
+}
+
+/// A control session (method 0x81, PROTOCOL.md §2.8): frames only, no association. It
+/// carries the client's DELEGATE frames; every tunnel it delegated forgets its secrets when
+/// it ends.
+async fn control_session(
+    shared: &Shared,
+    stream: Tls,
+    session: Session,
+    peer: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let user = session.audit_user();
+    // Registered before our HELLO goes out: a client that has read it may open tunnels and
+    // count on them being tapped.
+    let guard = shared.delegations.session(&user);
+    let _active = crate::metrics::GaugeGuard::new(shared.metrics.clone(), |m| &m.control_sessions_active);
+    let mut channel = Channel::open(stream, shared.settings.heartbeat, &[feature::DELEGATION]);
+    let inspecting = shared.settings.audit.enabled();
+    tracing::info!(%peer, user = %session.who(), inspecting, "control session open");
+    let why = loop {
+        tokio::select! {
+            ev = channel.next() => match ev {
+                Ok(Event::Hello(h)) => {
+                    tracing::debug!(%peer, version = h.version, ping_ms = h.ping_interval_ms, delegation = h.has(feature::DELEGATION), "control session: client hello");
+                }
+                Ok(Event::Delegate { tag, secrets }) => {
+                    let v = shared.delegations.delegate(&guard, &tag, secrets, inspecting);
+                    shared.metrics.count_delegation(v.status);
+                    if v.status != DelegateStatus::Accepted {
+                        tracing::info!(%peer, user = %session.who(), target = v.target.as_deref().unwrap_or("-"), reason = v.status.name(), "delegated secrets refused");
+                        shared.settings.audit.write(&audit::Event::DelegationRefused {
+                            user: user.clone(),
+                            source: peer.to_string(),
+                            target: v.target,
+                            reason: v.status.name().to_owned(),
+                        });
+                    }
+                    match channel.send(&Frame::DelegateReply { tag, status: v.status }) {
+                        Ok(()) | Err(ChannelError::Full) => {}
+                        Err(e) => break e.to_string(),
+                    }
+                }
+                // Nothing else is spoken on a control session (yet): ignored.
+                Ok(_) => {}
+                Err(ChannelError::Closed) => break "control connection closed".to_owned(),
+                Err(e) => break e.to_string(),
+            },
+            _ = shutdown.changed() => break "gateway shutting down".to_owned(),
+        }
+    };
+    // Secrets go before anything else: each tunnel this session delegated is told now.
+    drop(guard);
+    tracing::info!(%peer, user = %session.who(), reason = %why, "control session closed");
+    channel.close().await;
     Ok(())
 }
 
@@ -642,6 +797,8 @@ enum TunnelEnd {
     Error,
     /// The gateway shut down and the tunnel was still open after [`super::CONNECT_DRAIN`].
     Shutdown,
+    /// An end-to-end tunnel reached `e2e_ttl`: closed cleanly.
+    E2eTtl,
 }
 
 impl TunnelEnd {
@@ -651,6 +808,7 @@ impl TunnelEnd {
             TunnelEnd::Idle => "idle_timeout",
             TunnelEnd::Error => "error",
             TunnelEnd::Shutdown => "shutdown",
+            TunnelEnd::E2eTtl => "e2e_ttl",
         }
     }
 }
@@ -670,13 +828,14 @@ impl Activity {
         }
     }
 
-    /// `io`, recording each read that returns bytes.
-    fn watch<S>(&self, io: S) -> Watched<S> {
+    /// `io`, recording each read that returns bytes, and handing a copy of them to `tap`.
+    fn watch<S>(&self, io: S, tap: Option<(TapTx, Dir)>) -> Watched<S> {
         Watched {
             io,
             start: self.start,
             last_ms: self.last_ms.clone(),
             read: Arc::new(AtomicU64::new(0)),
+            tap,
         }
     }
 
@@ -702,6 +861,9 @@ struct Watched<S> {
     /// Bytes read from `io`: what it sent into the tunnel. Shared, so that it can still be
     /// read when the copy ended in an error (which reports no totals).
     read: Arc<AtomicU64>,
+    /// Delegated inspection: a copy of each read, for the inspector. Queued, never waited
+    /// for: the bytes themselves go on unchanged and undelayed.
+    tap: Option<(TapTx, Dir)>,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
@@ -717,6 +879,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
             let ms = self.start.elapsed().as_millis() as u64;
             self.last_ms.fetch_max(ms, Ordering::Relaxed);
             self.read.fetch_add(n as u64, Ordering::Relaxed);
+            if let Some((tap, dir)) = &self.tap {
+                tap.copy(*dir, &buf.filled()[before..]);
+            }
         }
         r
     }
@@ -878,6 +1043,8 @@ async fn udp_associate(
                     // Only the gateway ends associations with CLOSE and answers re-attaches;
                     // such frames from a client are ignored.
                     Ok(Event::Close { .. } | Event::Reattached { .. } | Event::ReattachRefused { .. }) => {}
+                    // Delegation frames travel on control sessions only (PROTOCOL.md §2.8).
+                    Ok(Event::Delegate { .. } | Event::DelegateReply { .. }) => {}
                     Ok(Event::Record(mut record)) => handle.receive_tls_record(&mut record),
                     Err(ChannelError::Closed) => break (None, "control connection closed".to_owned()),
                     Err(e) => break (None, e.to_string()),

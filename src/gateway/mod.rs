@@ -6,6 +6,7 @@
 //! accepting, closes every association and waits (bounded) for connections to drain.
 
 pub mod control;
+pub mod delegation;
 mod moves;
 pub mod relay;
 mod reload;
@@ -104,7 +105,12 @@ pub struct Settings {
     /// Where to serve `/metrics` and `/healthz` over HTTP, if anywhere.
     pub metrics: Option<SocketAddr>,
     /// Where audit lines go (one per ended tunnel and association); disabled by default.
+    /// Also what enables delegated inspection: without it, delegated secrets are refused.
     pub audit: AuditLog,
+    /// End-to-end destinations (`e2e`): never inspected, tunnels closed at `e2e_ttl`.
+    pub e2e: delegation::E2e,
+    /// Longest life of an end-to-end CONNECT tunnel.
+    pub e2e_ttl: Duration,
     /// Receive buffer asked for each relay socket, in bytes (the kernel may grant less; see
     /// `net.core.rmem_max`).
     pub udp_buffer: usize,
@@ -157,6 +163,8 @@ impl Settings {
             udp_buffer: crate::net::UDP_BUFFER,
             metrics: None,
             audit: AuditLog::disabled(),
+            e2e: delegation::E2e::default(),
+            e2e_ttl: crate::config::DEFAULT_E2E_TTL,
             resolver: Arc::new(SystemResolve),
             store: Arc::new(MemoryStore::default()),
         }
@@ -251,6 +259,8 @@ impl Settings {
             handshake_timeout: cfg.handshake_timeout,
             connect_timeout: Duration::from_secs(10),
             connect_idle_timeout: cfg.connect_idle_timeout,
+            e2e: cfg.e2e.clone(),
+            e2e_ttl: cfg.e2e_ttl,
             auth_limits: AuthLimits::default(),
             replay_window: cfg.replay_window,
             suites: cfg.suites.clone(),
@@ -339,6 +349,8 @@ pub(crate) struct Shared {
     pub(crate) relay: Arc<Relay>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) dns: Arc<Resolver>,
+    /// Live CONNECT tunnels and delegating control sessions (PROTOCOL.md §2.8).
+    pub(crate) delegations: Arc<delegation::Registry>,
 }
 
 /// A bound, not yet running gateway.
@@ -352,12 +364,11 @@ impl Gateway {
     /// Binds the control listener and the relay socket. Errors name the socket and its
     /// address (`TLS control listener 127.0.0.1:8443: address in use ...`).
     pub async fn bind(settings: Settings) -> io::Result<Gateway> {
-        let listener = crate::net::bind_tcp_listener(settings.listen)
-            .map_err(crate::net::bind_error(
-                "TLS control listener",
-                settings.listen,
-                "--listen",
-            ))?;
+        let listener = crate::net::bind_tcp_listener(settings.listen).map_err(crate::net::bind_error(
+            "TLS control listener",
+            settings.listen,
+            "--listen",
+        ))?;
         let control = listener.local_addr()?;
         let udp = settings.udp_listen.unwrap_or(SocketAddr::new(control.ip(), 0));
         let metrics = Arc::new(Metrics::default());
@@ -424,6 +435,7 @@ impl Gateway {
                 relay,
                 metrics,
                 dns,
+                delegations: Arc::default(),
             }),
         })
     }

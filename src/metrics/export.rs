@@ -190,6 +190,50 @@ impl prometheus_client::collector::Collector for Collector {
                 ConstCounter::new(load(&m.reattach_refused[i])).encode(family.encode_family(&labels)?)?;
             }
         }
+        gauge(
+            &mut enc,
+            "control_sessions_active",
+            "Control sessions (method 0x81, delegation) open now",
+            load(&m.control_sessions_active) as i64,
+        )?;
+        gauge(
+            &mut enc,
+            "delegation_secrets_held",
+            "Delegated TLS secret sets held now, one per inspected CONNECT tunnel (zero once their tunnels or control sessions end)",
+            load(&m.delegation_secrets_held) as i64,
+        )?;
+        {
+            use crate::proto::frame::DelegateStatus;
+            let mut family = enc.encode_descriptor(
+                "delegations",
+                "DELEGATE frames answered, by verdict (accepted, or why the secrets were refused)",
+                None,
+                MetricType::Counter,
+            )?;
+            for code in 0..crate::metrics::DELEGATION_STATUSES as u8 {
+                let status = DelegateStatus::from_code(code);
+                let labels = [("status", status.name())];
+                ConstCounter::new(m.delegations(status)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        counter(
+            &mut enc,
+            "tunnels_inspected",
+            "CONNECT tunnels decrypted with delegated secrets",
+            load(&m.tunnels_inspected),
+        )?;
+        counter(
+            &mut enc,
+            "tunnels_opaque",
+            "Tapped CONNECT tunnels left opaque (secrets too late or never, not TLS 1.3, a record that did not open)",
+            load(&m.tunnels_opaque),
+        )?;
+        counter(
+            &mut enc,
+            "e2e_expired",
+            "End-to-end CONNECT tunnels closed at their maximum lifetime (e2e_ttl)",
+            load(&m.e2e_expired),
+        )?;
         {
             let mut family = enc.encode_descriptor(
                 "auth_failures",

@@ -161,6 +161,19 @@ pub struct Metrics {
     pub reattach_refused: [AtomicU64; REATTACH_REFUSALS.len()],
     /// Associations this node released because another connection re-attached them.
     pub moved_away: AtomicU64,
+    /// Control sessions (method 0x81) open now.
+    pub control_sessions_active: AtomicU64,
+    /// Delegated secret sets held now (one per inspected tunnel; gateway).
+    pub delegation_secrets_held: AtomicU64,
+    /// DELEGATE verdicts, indexed by the status code 0x00..=0x08 (9: any other).
+    delegations: [AtomicU64; DELEGATION_STATUSES],
+    /// Tunnels whose secrets were accepted and that were decrypted.
+    pub tunnels_inspected: AtomicU64,
+    /// Tapped tunnels that stayed or turned opaque (secrets too late or never, not TLS 1.3,
+    /// a record that did not open, the inspector fell behind).
+    pub tunnels_opaque: AtomicU64,
+    /// End-to-end tunnels closed at their lifetime (`e2e_ttl`).
+    pub e2e_expired: AtomicU64,
 }
 
 /// The refusal reasons of a REATTACH, as metric labels (index of
@@ -192,6 +205,9 @@ impl Metrics {
         self.reattach_refused[i].fetch_add(1, Ordering::Relaxed);
     }
 }
+
+/// Slots of the DELEGATE verdict counters: codes 0x00..=0x08 and one for the rest.
+pub const DELEGATION_STATUSES: usize = 10;
 
 /// Holds one unit of a gauge of [`Metrics`] (e.g. `connections_active`) while alive, so the
 /// gauge is right even when the task holding it is aborted.
@@ -243,6 +259,18 @@ impl SocketDrops {
 }
 
 impl Metrics {
+    /// Counts one DELEGATE verdict.
+    pub fn count_delegation(&self, status: crate::proto::frame::DelegateStatus) {
+        let i = (status.code() as usize).min(DELEGATION_STATUSES - 1);
+        self.delegations[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// DELEGATE verdicts counted with `status` so far.
+    pub fn delegations(&self, status: crate::proto::frame::DelegateStatus) -> u64 {
+        let i = (status.code() as usize).min(DELEGATION_STATUSES - 1);
+        self.delegations[i].load(Ordering::Relaxed)
+    }
+
     /// Counts one dropped datagram.
     pub fn count_drop(&self, reason: DropReason) {
         self.drops[reason.index()].fetch_add(1, Ordering::Relaxed);

@@ -84,6 +84,21 @@ pub enum Event {
         /// Why.
         reason: frame::CloseReason,
     },
+    /// The client delegates a tunnel's traffic secrets (DELEGATE, PROTOCOL.md §2.8). The
+    /// frame's bytes are wiped from the decoder's buffer once copied here.
+    Delegate {
+        /// The tunnel's tag.
+        tag: [u8; frame::TAG_LEN],
+        /// The four secrets (zeroized on drop).
+        secrets: crate::inspect::TrafficSecrets,
+    },
+    /// The gateway's verdict on a DELEGATE.
+    DelegateReply {
+        /// The tunnel's tag.
+        tag: [u8; frame::TAG_LEN],
+        /// The verdict.
+        status: frame::DelegateStatus,
+    },
 }
 
 /// Why the channel ended.
@@ -193,6 +208,9 @@ pub struct Channel<S> {
     pings: u64,
     /// Frames of types this version does not know, skipped.
     unknown: u64,
+    /// The features our HELLO listed: a frame of an optional kind we did not list is
+    /// skipped like an unknown one.
+    features: Vec<u8>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Channel<S> {
@@ -215,6 +233,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Channel<S> {
             next_ping: now + heartbeat.interval,
             pings: 0,
             unknown: 0,
+            features: features.to_vec(),
         };
         let hello = Frame::Hello(Hello {
             version: frame::VERSION,
@@ -336,6 +355,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Channel<S> {
                     return Ok(Some(Event::ReattachRefused { assoc, reason }))
                 }
                 Frame::Record(r) => return Ok(Some(Event::Record(r.to_vec()))),
+                Frame::Delegate { .. } | Frame::DelegateReply { .. }
+                    if !self.features.contains(&frame::feature::DELEGATION) =>
+                {
+                    self.decoder.wipe_taken();
+                    self.unknown += 1;
+                }
+                Frame::Delegate { tag, secrets } => {
+                    let n = secrets.0.len() / 4;
+                    let part = |i: usize| zeroize::Zeroizing::new(secrets.0[i * n..(i + 1) * n].to_vec());
+                    let secrets = crate::inspect::TrafficSecrets {
+                        client_handshake: part(0),
+                        server_handshake: part(1),
+                        client_app: part(2),
+                        server_app: part(3),
+                    };
+                    self.decoder.wipe_taken();
+                    return Ok(Some(Event::Delegate { tag, secrets }));
+                }
+                Frame::DelegateReply { tag, status } => {
+                    return Ok(Some(Event::DelegateReply { tag, status }))
+                }
                 Frame::Unknown { .. } => self.unknown += 1,
             }
         }

@@ -56,7 +56,15 @@ pub mod kind {
     pub const CLOSE: u8 = 0x07;
     /// A secure-UDP record carried inside TLS (feature [`super::feature::RECORDS`]).
     pub const RECORD: u8 = 0x0A;
+    /// A CONNECT tunnel's TLS 1.3 traffic secrets, delegated by the client (feature
+    /// [`super::feature::DELEGATION`]).
+    pub const DELEGATE: u8 = 0x10;
+    /// The gateway's verdict on a DELEGATE (feature [`super::feature::DELEGATION`]).
+    pub const DELEGATE_REPLY: u8 = 0x11;
 }
+
+/// Length of a tunnel tag (PROTOCOL.md §2.8).
+pub const TAG_LEN: usize = 16;
 
 /// Feature ids a HELLO may list.
 pub mod feature {
@@ -64,6 +72,8 @@ pub mod feature {
     pub const RECORDS: u8 = 0x01;
     /// Associations that move: REATTACH, REATTACHED and REATTACH_REFUSED frames (§2.4, §3.1).
     pub const REATTACH: u8 = 0x02;
+    /// Delegated inspection: DELEGATE and DELEGATE_REPLY frames (PROTOCOL.md §2.8).
+    pub const DELEGATION: u8 = 0x10;
 }
 
 /// Why a gateway refused a REATTACH ([`Frame::ReattachRefused`]); unknown codes are kept as
@@ -80,6 +90,32 @@ pub enum RefuseReason {
     Busy,
     /// This connection already carries a re-attached association.
     AlreadyAttached,
+    /// A code this version does not name.
+    Other(u8),
+}
+
+/// The gateway's verdict on a DELEGATE ([`Frame::DelegateReply`]); unknown codes are kept as
+/// [`DelegateStatus::Other`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DelegateStatus {
+    /// The secrets are held; the tunnel is inspected.
+    Accepted,
+    /// The gateway does not inspect (no audit log configured).
+    InspectionOff,
+    /// The tunnel's destination is end-to-end (`e2e`): never inspected.
+    EndToEnd,
+    /// No live tunnel has this tag.
+    UnknownTunnel,
+    /// The tunnel is bound to another control session.
+    OtherSession,
+    /// The tunnel belongs to another identity.
+    OtherIdentity,
+    /// Secrets for this tunnel were already given.
+    Duplicate,
+    /// The tunnel is opaque for good (too many bytes before the secrets, not TLS 1.3).
+    TooLate,
+    /// The secrets do not have the form of §2.8 (length).
+    Malformed,
     /// A code this version does not name.
     Other(u8),
 }
@@ -119,6 +155,66 @@ impl RefuseReason {
             RefuseReason::AlreadyAttached => "already_attached",
             RefuseReason::Other(_) => "other",
         }
+    }
+}
+
+impl DelegateStatus {
+    /// The wire code.
+    pub fn code(self) -> u8 {
+        match self {
+            DelegateStatus::Accepted => 0x00,
+            DelegateStatus::InspectionOff => 0x01,
+            DelegateStatus::EndToEnd => 0x02,
+            DelegateStatus::UnknownTunnel => 0x03,
+            DelegateStatus::OtherSession => 0x04,
+            DelegateStatus::OtherIdentity => 0x05,
+            DelegateStatus::Duplicate => 0x06,
+            DelegateStatus::TooLate => 0x07,
+            DelegateStatus::Malformed => 0x08,
+            DelegateStatus::Other(c) => c,
+        }
+    }
+
+    /// The status of a wire code.
+    pub fn from_code(code: u8) -> Self {
+        match code {
+            0x00 => DelegateStatus::Accepted,
+            0x01 => DelegateStatus::InspectionOff,
+            0x02 => DelegateStatus::EndToEnd,
+            0x03 => DelegateStatus::UnknownTunnel,
+            0x04 => DelegateStatus::OtherSession,
+            0x05 => DelegateStatus::OtherIdentity,
+            0x06 => DelegateStatus::Duplicate,
+            0x07 => DelegateStatus::TooLate,
+            0x08 => DelegateStatus::Malformed,
+            c => DelegateStatus::Other(c),
+        }
+    }
+
+    /// A short snake_case name for logs, metrics labels and audit lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            DelegateStatus::Accepted => "accepted",
+            DelegateStatus::InspectionOff => "inspection_off",
+            DelegateStatus::EndToEnd => "end_to_end",
+            DelegateStatus::UnknownTunnel => "unknown_tunnel",
+            DelegateStatus::OtherSession => "other_session",
+            DelegateStatus::OtherIdentity => "other_identity",
+            DelegateStatus::Duplicate => "duplicate",
+            DelegateStatus::TooLate => "too_late",
+            DelegateStatus::Malformed => "malformed",
+            DelegateStatus::Other(_) => "other",
+        }
+    }
+}
+
+/// Secret bytes borrowed from a frame body; `Debug` never shows them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Secret<'a>(pub &'a [u8]);
+
+impl std::fmt::Debug for Secret<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret([redacted, {} bytes])", self.0.len())
     }
 }
 
@@ -251,6 +347,21 @@ pub enum Frame<'a> {
         /// Why.
         reason: CloseReason,
     },
+    /// A tunnel's four TLS 1.3 traffic secrets (client to gateway).
+    Delegate {
+        /// The tunnel's tag (TLS exporter of the tunnel's own connection).
+        tag: [u8; TAG_LEN],
+        /// CLIENT_HANDSHAKE, SERVER_HANDSHAKE, CLIENT_APP_0, SERVER_APP_0, each `len / 4`
+        /// bytes (32 or 48).
+        secrets: Secret<'a>,
+    },
+    /// The gateway's verdict on the DELEGATE naming `tag`.
+    DelegateReply {
+        /// The tunnel's tag, as the DELEGATE named it.
+        tag: [u8; TAG_LEN],
+        /// The verdict.
+        status: DelegateStatus,
+    },
     /// A type this version does not know; skipped by the receiver.
     Unknown {
         /// The TYPE byte.
@@ -272,6 +383,8 @@ impl Frame<'_> {
             Frame::ReattachRefused { .. } => kind::REATTACH_REFUSED,
             Frame::Close { .. } => kind::CLOSE,
             Frame::Record(_) => kind::RECORD,
+            Frame::Delegate { .. } => kind::DELEGATE,
+            Frame::DelegateReply { .. } => kind::DELEGATE_REPLY,
             Frame::Unknown { kind, .. } => *kind,
         }
     }
@@ -307,6 +420,23 @@ impl Frame<'_> {
             Frame::ReattachRefused { assoc, reason } => {
                 out.extend_from_slice(&assoc.to_bytes());
                 out.push(reason.code());
+            }
+            Frame::Delegate { tag, secrets } => {
+                let n = secrets.0.len();
+                if n != 4 * 32 && n != 4 * 48 {
+                    out.truncate(start);
+                    return Err(FrameError::Malformed {
+                        kind: kind::DELEGATE,
+                        problem: "secrets are 4 x 32 or 4 x 48 bytes",
+                    });
+                }
+                out.extend_from_slice(tag);
+                out.push((n / 4) as u8);
+                out.extend_from_slice(secrets.0);
+            }
+            Frame::DelegateReply { tag, status } => {
+                out.extend_from_slice(tag);
+                out.push(status.code());
             }
             Frame::Unknown { body, .. } | Frame::Record(body) => {
                 if body.len() > MAX_BODY {
@@ -455,6 +585,35 @@ pub fn parse_body(ty: u8, body: &[u8]) -> Result<Frame<'_>, FrameError> {
         // The record layer checks the record (§6.1); an empty one cannot be a record.
         kind::RECORD if body.is_empty() => Err(bad("empty record")),
         kind::RECORD => Ok(Frame::Record(body)),
+        kind::DELEGATE => {
+            if body.len() < TAG_LEN + 1 {
+                return Err(bad("shorter than 17 bytes"));
+            }
+            let hash_len = body[TAG_LEN] as usize;
+            if hash_len != 32 && hash_len != 48 {
+                return Err(bad("secret length is not 32 or 48"));
+            }
+            if body.len() != TAG_LEN + 1 + 4 * hash_len {
+                return Err(bad("body is not 17 + 4 x secret length bytes"));
+            }
+            let mut tag = [0u8; TAG_LEN];
+            tag.copy_from_slice(&body[..TAG_LEN]);
+            Ok(Frame::Delegate {
+                tag,
+                secrets: Secret(&body[TAG_LEN + 1..]),
+            })
+        }
+        kind::DELEGATE_REPLY => {
+            if body.len() != TAG_LEN + 1 {
+                return Err(bad("body is not 17 bytes"));
+            }
+            let mut tag = [0u8; TAG_LEN];
+            tag.copy_from_slice(&body[..TAG_LEN]);
+            Ok(Frame::DelegateReply {
+                tag,
+                status: DelegateStatus::from_code(body[TAG_LEN]),
+            })
+        }
         kind => Ok(Frame::Unknown { kind, body }),
     }
 }
@@ -538,6 +697,12 @@ impl Decoder {
         }
     }
 
+    /// Overwrites with zeros the bytes of the frames already taken (a DELEGATE's secrets
+    /// must not linger in the buffer until it is reused).
+    pub fn wipe_taken(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.buf[..self.start]);
+    }
+
     /// Bytes received and not yet taken as frames.
     pub fn pending(&self) -> usize {
         self.end - self.start
@@ -603,6 +768,44 @@ mod tests {
         for c in 0..=255u8 {
             assert_eq!(RefuseReason::from_code(c).code(), c);
             assert_eq!(CloseReason::from_code(c).code(), c);
+        }
+    }
+
+    #[test]
+    fn delegation_frames_have_the_documented_bytes_and_hide_secrets() {
+        let secrets = [0xA5u8; 128];
+        let f = Frame::Delegate {
+            tag: [7; TAG_LEN],
+            secrets: Secret(&secrets),
+        };
+        let bytes = encoded(&f);
+        assert_eq!(&bytes[..3], &[0x10, 0x00, 145]);
+        assert_eq!(&bytes[3..19], &[7; 16]);
+        assert_eq!(bytes[19], 32);
+        assert_eq!(parse(&bytes).unwrap(), (f.clone(), bytes.len()));
+        assert!(!format!("{f:?}").contains("165"), "{f:?}");
+        let reply = Frame::DelegateReply {
+            tag: [7; TAG_LEN],
+            status: DelegateStatus::OtherSession,
+        };
+        let bytes = encoded(&reply);
+        assert_eq!(&bytes[..3], &[0x11, 0x00, 17]);
+        assert_eq!(bytes[19], 0x04);
+        assert_eq!(parse(&bytes).unwrap().0, reply);
+        // Wrong lengths are malformed, on both sides.
+        let mut short = encoded(&f);
+        short[19] = 48;
+        assert!(matches!(
+            parse(&short),
+            Err(FrameError::Malformed { kind: 0x10, .. })
+        ));
+        let odd = Frame::Delegate {
+            tag: [0; TAG_LEN],
+            secrets: Secret(&secrets[..100]),
+        };
+        assert!(odd.encode(&mut Vec::new()).is_err());
+        for c in 0..=255u8 {
+            assert_eq!(DelegateStatus::from_code(c).code(), c);
         }
     }
 
@@ -794,6 +997,14 @@ mod tests {
             }),
             any::<[u8; 9]>().prop_map(|b| (kind::REATTACH_REFUSED, b.to_vec())),
             proptest::collection::vec(any::<u8>(), 1..200).prop_map(|b| (kind::RECORD, b)),
+            (any::<[u8; 16]>(), any::<bool>(), any::<u8>()).prop_map(|(tag, long, fill)| {
+                let n: u8 = if long { 48 } else { 32 };
+                let mut b = tag.to_vec();
+                b.push(n);
+                b.extend(std::iter::repeat_n(fill, 4 * n as usize));
+                (kind::DELEGATE, b)
+            }),
+            any::<[u8; 17]>().prop_map(|b| (kind::DELEGATE_REPLY, b.to_vec())),
             (any::<u8>(), proptest::collection::vec(any::<u8>(), 0..64)).prop_filter_map(
                 "unknown types only",
                 |(t, b)| (![
@@ -804,7 +1015,9 @@ mod tests {
                     kind::RECORD,
                     kind::REATTACH,
                     kind::REATTACHED,
-                    kind::REATTACH_REFUSED
+                    kind::REATTACH_REFUSED,
+                    kind::DELEGATE,
+                    kind::DELEGATE_REPLY
                 ]
                 .contains(&t))
                 .then_some((t, b))

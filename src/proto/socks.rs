@@ -50,6 +50,9 @@ pub mod method {
     pub const USERPASS: u8 = 0x02;
     /// sudp secure-UDP negotiation with optional credentials (private range).
     pub const SUDP: u8 = 0x80;
+    /// sudp control session: the sub-negotiation of 0x80, then control frames at once, no
+    /// request and no association (PROTOCOL.md §2.8).
+    pub const CONTROL: u8 = 0x81;
     /// No acceptable methods.
     pub const NONE_ACCEPTABLE: u8 = 0xFF;
 }

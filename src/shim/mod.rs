@@ -28,6 +28,7 @@
 //! one TLS connection each (resumed, so cheap), bounded by `max_flows` and closed after
 //! `idle_timeout`. With one local peer, the usual case, a forward holds exactly one.
 
+mod delegate;
 pub mod forward;
 pub mod link;
 pub mod socks;
@@ -35,6 +36,7 @@ pub mod socks;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -124,6 +126,9 @@ pub struct ShimSettings {
     /// How the gateway is trusted, as configured (`/etc/sudp/ca.pem (--ca)`), for the
     /// messages of refused certificates; `None`: said generically.
     pub trust_origin: Option<String>,
+    /// The NSS key log file whose TLS 1.3 secrets are delegated to the gateway, if any
+    /// (docs/DELEGATION.md).
+    pub delegate_keylog: Option<PathBuf>,
 }
 
 impl ShimSettings {
@@ -149,6 +154,7 @@ impl ShimSettings {
             metrics: None,
             transport: Transport::Auto,
             trust_origin: None,
+            delegate_keylog: None,
         }
     }
 
@@ -213,6 +219,7 @@ impl ShimSettings {
             flow_queue: cfg.flow_queue,
             metrics: cfg.metrics,
             transport: cfg.transport,
+            delegate_keylog: cfg.delegate_keylog.clone(),
             trust_origin: Some(match &cfg.trust {
                 Trust::Ca(path) => format!("{} (--ca)", path.display()),
                 Trust::Pin(pin) => format!("the pinned SHA-256 {} (--pin)", crate::tls::pin_hex(pin)),
@@ -516,6 +523,10 @@ pub(crate) struct Ctx {
     pub(crate) max_flows: usize,
     /// Local TCP connections (SOCKS5 clients and TCP forwards).
     pub(crate) connections: Arc<Semaphore>,
+    /// The key log file to follow for delegated inspection, if any.
+    pub(crate) delegate_keylog: Option<PathBuf>,
+    /// Delegated inspection, once running (`delegate_keylog` set).
+    pub(crate) delegator: std::sync::OnceLock<Arc<delegate::Delegator>>,
 }
 
 /// A bound, not yet running shim.
@@ -618,6 +629,8 @@ impl Shim {
                 idle_timeout: settings.idle_timeout,
                 max_flows: settings.max_flows.max(1),
                 connections: Arc::new(Semaphore::new(settings.max_connections.max(1))),
+                delegate_keylog: settings.delegate_keylog,
+                delegator: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -683,6 +696,16 @@ impl Shim {
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut services = JoinSet::new();
+        if let Some(path) = &ctx.delegate_keylog {
+            tracing::info!(file = %path.display(), "delegating the TLS secrets of CONNECT tunnels found in this key log");
+            let d = delegate::Delegator::start(
+                path.clone(),
+                ctx.dialer.clone(),
+                ctx.metrics.clone(),
+                stop_rx.clone(),
+            );
+            let _ = ctx.delegator.set(d);
+        }
         if let Some(l) = metrics_listener {
             let exporter =
                 crate::metrics::export::Exporter::new("sudp_shim", ctx.metrics.clone(), Vec::new());

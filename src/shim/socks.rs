@@ -183,8 +183,20 @@ async fn connect(ctx: &Ctx, mut tcp: TcpStream, peer: SocketAddr, target: Addres
         }
     };
     reply(&mut tcp, ReplyCode::Succeeded, Some(&bnd)).await?;
+    // Delegated inspection: the tunnel is named by its own TLS connection's exporter.
+    let delegation = ctx.delegator.get().and_then(|d| {
+        let tag = crate::client::tunnel_tag(&tls).ok()?;
+        let gateway = tls.get_ref().0.peer_addr().ok()?;
+        Some((d.clone(), tag, canonical(gateway)))
+    });
     // Half-close is carried through: EOF one way shuts down that direction's writer only.
-    let (up, down) = tokio::io::copy_bidirectional(&mut tcp, &mut tls).await?;
+    let (up, down) = match delegation {
+        None => tokio::io::copy_bidirectional(&mut tcp, &mut tls).await?,
+        Some((d, tag, gateway)) => {
+            let mut app = super::delegate::Sniff::new(tcp, d, tag, gateway);
+            tokio::io::copy_bidirectional(&mut app, &mut tls).await?
+        }
+    };
     tracing::debug!(%peer, target = %Peer::str(&target.to_string()), up, down, "CONNECT finished");
     Ok(())
 }
