@@ -48,13 +48,14 @@ print(sent, echoed)
 
 /// The two hosts, their files and processes.
 struct World {
+    /// First, so that the processes die before their namespaces go.
+    procs: Vec<Kill>,
     sv: Namespace,
     cl: Namespace,
     /// 10.215.N.0/24: A is .1, B is .3, the client .2 (then .5 after roaming).
     net: String,
     dir: TempDir,
     pin: String,
-    procs: Vec<Kill>,
 }
 
 fn world(tag: &str) -> Option<World> {
@@ -116,8 +117,8 @@ impl World {
         self.dir.path().join(format!("{name}.log"))
     }
 
-    /// A gateway on the server host at `{net}.{host}:8443`, with `extra` flags.
-    fn gateway(&mut self, name: &str, host: u8, extra: &[&str]) {
+    /// A gateway on the server host at `{net}.{host}:8443`, with `extra` flags; its pid.
+    fn gateway(&mut self, name: &str, host: u8, extra: &[&str]) -> u32 {
         let d = self.dir.path();
         let ip = format!("{}.{host}", self.net);
         let mut gw = self
@@ -142,9 +143,63 @@ impl World {
             .spawn()
             .unwrap();
         let out = lines(&mut gw);
+        let pid = gw.id();
         self.procs.push(Kill(gw));
         let first = out.recv_timeout(WAIT).expect("gateway started");
         assert!(first.starts_with("control (TLS)"), "{first}");
+        pid
+    }
+
+    /// Redis on the server host's loopback (a new namespace: the port is free); the store
+    /// flags for gateways sharing it under one cluster key.
+    fn redis(&mut self) -> Vec<String> {
+        let key = self.dir.path().join("cluster.key");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sudp"))
+            .args(["cluster-key", "--out"])
+            .arg(&key)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let redis = self
+            .sv
+            .exec()
+            .args([
+                "redis-server",
+                "--port",
+                "6379",
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "no", "--dir"])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.procs.push(Kill(redis));
+        let deadline = std::time::Instant::now() + WAIT;
+        while !self
+            .sv
+            .exec()
+            .args(["redis-cli", "-p", "6379", "ping"])
+            .output()
+            .is_ok_and(|o| o.stdout.starts_with(b"PONG"))
+        {
+            assert!(std::time::Instant::now() < deadline, "redis did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        [
+            "--store",
+            "redis://127.0.0.1:6379/0",
+            "--cluster",
+            "netns",
+            "--cluster-key",
+            key.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
     }
 
     /// The shim on the client host, with a forward 127.0.0.1:5000 -> the echo, through the
@@ -267,42 +322,8 @@ fn a_partition_from_gateway_a_moves_the_association_to_b() {
         return;
     }
     let Some(mut w) = world("p") else { return };
-    // Redis on the server host's loopback (a new namespace: the port is free), both gateways
-    // on it with one cluster key.
-    let key = w.dir.path().join("cluster.key");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sudp"))
-        .args(["cluster-key", "--out"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let redis =
-        w.sv.exec()
-            .args([
-                "redis-server",
-                "--port",
-                "6379",
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
-            .args(["--appendonly", "no", "--dir"])
-            .arg(w.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-    w.procs.push(Kill(redis));
-    std::thread::sleep(Duration::from_millis(300));
-    let store = [
-        "--store",
-        "redis://127.0.0.1:6379/0",
-        "--cluster",
-        "netns",
-        "--cluster-key",
-        key.to_str().unwrap(),
-    ];
+    let store = w.redis();
+    let store: Vec<&str> = store.iter().map(String::as_str).collect();
     w.gateway("a", 1, &store);
     w.gateway("b", 3, &store);
     w.shim(&[1, 3]);
@@ -324,4 +345,37 @@ fn a_partition_from_gateway_a_moves_the_association_to_b() {
     eprintln!("partition: {echoed} of {sent} echoed; {line}");
     assert!(line.contains("epoch=1"), "{line}");
     assert!(echoed * 100 >= sent * 75, "{echoed} of {sent} echoed");
+}
+
+/// (a, b) Gateway A killed (its kernel resets the connections) or frozen (no RST) on its
+/// own host: the association continues on gateway B with the same id at epoch 1.
+fn the_association_survives(signal: &str, tag: &str) {
+    if !have_redis_server() {
+        return;
+    }
+    let Some(mut w) = world(tag) else { return };
+    let store = w.redis();
+    let store: Vec<&str> = store.iter().map(String::as_str).collect();
+    let a = w.gateway("a", 1, &store);
+    w.gateway("b", 3, &store);
+    w.shim(&[1, 3]);
+    let (sent, echoed) = w.stream(10, 3, || must(&["kill", &format!("-{signal}"), &a.to_string()]));
+    let (line, assoc) = w.reattached("b");
+    assert!(w.opened("a", &assoc), "{assoc} was opened on A");
+    eprintln!("SIG{signal} on its own host: {echoed} of {sent} echoed; {line}");
+    assert!(line.contains("epoch=1"), "{line}");
+    assert!(echoed * 100 >= sent * 75, "{echoed} of {sent} echoed");
+    if signal == "STOP" {
+        must(&["kill", "-CONT", &a.to_string()]);
+    }
+}
+
+#[test]
+fn a_killed_gateway_on_its_own_host_hands_the_association_to_b() {
+    the_association_survives("KILL", "k");
+}
+
+#[test]
+fn a_frozen_gateway_on_its_own_host_hands_the_association_to_b() {
+    the_association_survives("STOP", "s");
 }
