@@ -593,3 +593,49 @@ async fn without_an_audit_log_secrets_are_refused_and_e2e_tunnels_end_at_their_t
     drop(tunnel);
     gw.stop().await;
 }
+
+/// A UDP association to an end-to-end destination ends when that destination answers ICMP
+/// port unreachable, and the client is told so (CLOSE 0x06); without end-to-end classes the
+/// same ICMP changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_e2e_destination_that_answers_port_unreachable_ends_the_association() {
+    use sudp::client::SecureUdp;
+    use sudp::proto::socks::Address;
+    let closed = {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap()
+    };
+    let pki = pki();
+    for e2e in [true, false] {
+        let mut s = settings(&pki);
+        if e2e {
+            s.e2e = E2e::parse(&["127.0.0.1/32".to_owned()]).unwrap();
+        }
+        let gw = TestGateway::start(s).await;
+        let echo = udp_echo().await;
+        let u = SecureUdp::connect(&gw.options(&pki)).await.unwrap();
+        u.send_to(b"anyone?", &Address::Ip(closed)).await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(3), u.closed())
+            .await
+            .is_ok();
+        if e2e {
+            assert!(ended, "the association outlived the port unreachable");
+            let why = u.close_reason().unwrap();
+            assert!(why.contains("port unreachable"), "{why}");
+        } else {
+            assert!(
+                !ended,
+                "closed without end-to-end classes: {:?}",
+                u.close_reason()
+            );
+            u.send_to(b"still here", &Address::Ip(echo)).await.unwrap();
+            let mut buf = vec![0u8; sudp::client::RECORD_BUF];
+            let (n, _) = tokio::time::timeout(WAIT, u.recv_from(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(&buf[..n], b"still here");
+        }
+        gw.stop().await;
+    }
+}

@@ -1050,6 +1050,9 @@ async fn udp_associate(
                     Err(e) => break (None, e.to_string()),
                 },
                 _ = tick.tick() => {
+                    if let Some(dest) = handle.unreachable() {
+                        break (Some(CloseReason::Unreachable), format!("end-to-end destination {dest} unreachable"));
+                    }
                     if handle.is_superseded() {
                         break (Some(CloseReason::Moved), "re-attached to another connection".to_owned());
                     }
@@ -1100,20 +1103,23 @@ async fn udp_associate(
         let why = loop {
             tokio::select! {
                 r = stream.read(&mut scratch) => match r {
-                    Ok(0) | Err(_) => break "control connection closed",
+                    Ok(0) | Err(_) => break "control connection closed".to_owned(),
                     // RFC 1928 leaves the control connection idle; bytes on it are ignored.
                     Ok(_) => continue,
                 },
                 _ = tick.tick() => {
+                    if let Some(dest) = handle.unreachable() {
+                        break format!("end-to-end destination {dest} unreachable");
+                    }
                     if handle.idle_for() >= idle {
-                        break "idle timeout";
+                        break "idle timeout".to_owned();
                     }
                 }
-                _ = shutdown.changed() => break "gateway shutting down",
+                _ = shutdown.changed() => break "gateway shutting down".to_owned(),
             }
         };
         let _ = stream.shutdown().await;
-        (None, why.to_owned())
+        (None, why)
     };
     let why = why.1;
     // The one line per association (the same field names as the CONNECT end line).

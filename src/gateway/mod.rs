@@ -386,6 +386,7 @@ impl Gateway {
                 workers: settings.workers,
                 recv_buffer: settings.udp_buffer,
                 naked_require_port: settings.naked_require_port,
+                e2e: Arc::new(settings.e2e.clone()),
             },
             metrics.clone(),
             dns.clone(),

@@ -93,6 +93,9 @@ pub struct RelaySettings {
     /// Refuse naked associations whose UDP ASSOCIATE gives no port (DST.PORT 0), rather
     /// than binding the port of the first datagram from the client's IP.
     pub naked_require_port: bool,
+    /// End-to-end destinations: an association that draws an ICMP port unreachable from
+    /// one ends (PROTOCOL.md §2.4 CLOSE `0x06`). Empty: ICMP errors are not watched.
+    pub e2e: Arc<crate::gateway::delegation::E2e>,
 }
 
 /// The relay: shared socket, association tables, counters.
@@ -147,6 +150,8 @@ pub struct Association {
     /// Another control connection re-attached this association's id
     /// ([`Relay::supersede`]): it is out of the tables, and its task ends it.
     superseded: AtomicBool,
+    /// An end-to-end destination answered ICMP port unreachable: its task ends it.
+    unreachable: ArcSwapOption<SocketAddr>,
 }
 
 /// Datagrams and payload bytes one association carried each way (relaxed counters,
@@ -339,6 +344,12 @@ impl AssociationHandle {
         self.assoc.superseded.load(Ordering::Acquire)
     }
 
+    /// The end-to-end destination that answered ICMP port unreachable, if one did: the
+    /// caller ends the association (CLOSE `0x06`).
+    pub fn unreachable(&self) -> Option<SocketAddr> {
+        self.assoc.unreachable.load().as_deref().copied()
+    }
+
     /// True when the association can carry no more replies (its sending key is exhausted).
     pub fn is_dead(&self) -> bool {
         self.reply_task.is_finished()
@@ -440,8 +451,12 @@ impl Relay {
         kind: Kind,
     ) -> Result<Arc<Association>, AssocError> {
         self.reserve()?;
+        let watch_icmp = !self.settings.e2e.is_empty();
         let (outbound, outbound_v6) = match net::bind_outbound().and_then(|(s, v6)| {
             let s = BatchSocket::new(s)?.track_drops(&self.metrics.socket_drops.outbound);
+            if watch_icmp {
+                net::icmp::enable_errors(s.raw_fd(), v6)?;
+            }
             Ok((s, v6))
         }) {
             Ok(s) => s,
@@ -472,6 +487,7 @@ impl Relay {
             via_tls: AtomicBool::new(false),
             stats: AssocStats::default(),
             superseded: AtomicBool::new(false),
+            unreachable: ArcSwapOption::empty(),
             kind,
         }))
     }
@@ -1046,7 +1062,24 @@ async fn reply_loop(relay: Arc<Relay>, assoc: Arc<Association>) {
     let mut out = Replies::new(relay.io().max_gso_segments());
     let mut peers = PeerCache::default();
     loop {
-        if let Err(e) = assoc.outbound.recv_batch(&mut batch).await {
+        let watch_icmp = !relay.settings.e2e.is_empty();
+        let received = tokio::select! {
+            r = assoc.outbound.recv_batch(&mut batch) => r,
+            // An ICMP error queued (IP_RECVERR) wakes no reader: watch for it apart.
+            r = assoc.outbound.error_ready(), if watch_icmp => r.and(Err(io::ErrorKind::ConnectionRefused.into())),
+        };
+        if let Err(e) = received {
+            // With end-to-end classes the socket reports ICMP errors (IP_RECVERR): a failed
+            // receive, or the error readiness, says one is queued.
+            if watch_icmp {
+                for dest in net::icmp::take_unreachable(assoc.outbound.raw_fd()) {
+                    let dest = canonical(dest);
+                    if relay.settings.e2e.matches(None, dest.ip()) && assoc.unreachable.load().is_none() {
+                        tracing::info!(assoc = %assoc.id, %dest, "end-to-end destination answered port unreachable: ending the association");
+                        assoc.unreachable.store(Some(Arc::new(dest)));
+                    }
+                }
+            }
             tracing::debug!(error = %e, "outbound receive error");
             tokio::task::yield_now().await;
             continue;
@@ -1275,6 +1308,7 @@ mod tests {
                 workers: 1,
                 recv_buffer: crate::net::UDP_BUFFER,
                 naked_require_port,
+                e2e: Default::default(),
             },
             Arc::new(Metrics::default()),
             Arc::new(Resolver::new(Duration::from_secs(1), 8)),

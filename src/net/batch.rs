@@ -53,6 +53,11 @@ pub struct BatchSocket {
 const SEND_RETRY: Duration = Duration::from_millis(1);
 
 impl BatchSocket {
+    /// The socket's file descriptor (for options and queues quinn-udp does not cover).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(self.io.get_ref())
+    }
+
     /// Wraps a bound socket, probing GSO/GRO support. Must be called inside a tokio
     /// runtime.
     pub fn new(socket: UdpSocket) -> io::Result<Self> {
@@ -119,6 +124,15 @@ impl BatchSocket {
     /// Segments per GSO send the kernel takes (1: no GSO).
     pub fn max_gso_segments(&self) -> usize {
         self.state.max_gso_segments()
+    }
+
+    /// Completes when the socket has an error pending (e.g. an ICMP error queued with
+    /// `IP_RECVERR`: epoll reports it as an error, not as readable); the caller drains the
+    /// error queue, after which the readiness is cleared.
+    pub async fn error_ready(&self) -> io::Result<()> {
+        let mut guard = self.io.ready(tokio::io::Interest::ERROR).await?;
+        guard.clear_ready();
+        Ok(())
     }
 
     /// Receives a batch; returns how many buffers were filled.

@@ -4,6 +4,7 @@ pub mod batch;
 pub mod channel;
 pub mod dns;
 pub mod drops;
+pub mod icmp;
 pub mod ifaddrs;
 
 use std::io;

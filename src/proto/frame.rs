@@ -233,6 +233,8 @@ pub enum CloseReason {
     /// The association was re-attached to another control connection (this node's or
     /// another's).
     Moved,
+    /// An end-to-end destination (`e2e`) answered ICMP port unreachable.
+    Unreachable,
     /// A code this version does not name.
     Other(u8),
 }
@@ -246,6 +248,7 @@ impl CloseReason {
             CloseReason::Shutdown => 0x03,
             CloseReason::Heartbeat => 0x04,
             CloseReason::Moved => 0x05,
+            CloseReason::Unreachable => 0x06,
             CloseReason::Other(c) => c,
         }
     }
@@ -257,6 +260,7 @@ impl CloseReason {
             0x02 => CloseReason::KeyExhausted,
             0x03 => CloseReason::Shutdown,
             0x05 => CloseReason::Moved,
+            0x06 => CloseReason::Unreachable,
             0x04 => CloseReason::Heartbeat,
             c => CloseReason::Other(c),
         }
@@ -270,6 +274,7 @@ impl CloseReason {
             CloseReason::Shutdown => "gateway shutting down",
             CloseReason::Heartbeat => "heartbeat timeout",
             CloseReason::Moved => "re-attached to another connection",
+            CloseReason::Unreachable => "an end-to-end destination answered port unreachable",
             CloseReason::Other(_) => "unknown reason",
         }
     }
