@@ -356,4 +356,80 @@ mod tests {
         assert_eq!(CipherSuite::from_id(0), None);
         assert_eq!(CipherSuite::from_id(3), None);
     }
+
+    #[test]
+    fn exporter_context_is_the_id_then_the_suite() {
+        // PROTOCOL.md: context = association_id (8 bytes, big-endian) || suite_id.
+        let c = KeySchedule::exporter_context(
+            AssociationId(0x0102_0304_0506_0708),
+            CipherSuite::Aes256CbcHmacSha256,
+        );
+        assert_eq!(c, [1, 2, 3, 4, 5, 6, 7, 8, 2]);
+        let c = KeySchedule::exporter_context(AssociationId(u64::MAX), CipherSuite::Aes128CbcHmacSha256);
+        assert_eq!(c, [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 1]);
+    }
+
+    #[test]
+    fn key_lengths_other_than_the_suites_are_refused() {
+        for suite in CipherSuite::ALL {
+            let n = suite.enc_key_len();
+            let (e, m, i) = (vec![1u8; n], vec![2u8; MAC_KEY_LEN], vec![3u8; n]);
+            let k = DirectionKeys::new(suite, &e, &m, &i).expect("lengths of the suite");
+            assert_eq!(
+                (k.enc(), k.mac(), k.iv(), k.suite()),
+                (&e[..], &m[..], &i[..], suite)
+            );
+            // Each length wrong on its own, one byte short and one byte long.
+            for d in [n - 1, n + 1] {
+                let other = vec![9u8; d];
+                assert!(DirectionKeys::new(suite, &other, &m, &i).is_none(), "enc {d}");
+                assert!(DirectionKeys::new(suite, &e, &m, &other).is_none(), "iv {d}");
+            }
+            for d in [MAC_KEY_LEN - 1, MAC_KEY_LEN + 1] {
+                assert!(
+                    DirectionKeys::new(suite, &e, &vec![9u8; d], &i).is_none(),
+                    "mac {d}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn lengths_and_names_are_the_documented_ones() {
+        let (s1, s2) = (CipherSuite::Aes128CbcHmacSha256, CipherSuite::Aes256CbcHmacSha256);
+        assert_eq!((s1.id(), s2.id()), (1, 2));
+        assert_eq!((s1.enc_key_len(), s2.enc_key_len()), (16, 32));
+        assert_eq!((s1.direction_len(), s2.direction_len()), (64, 96));
+        assert_eq!((s1.exporter_len(), s2.exporter_len()), (128, 192));
+        assert_eq!(s1.to_string(), "aes128-cbc-hmac-sha256");
+        assert_eq!(s2.to_string(), "aes256-cbc-hmac-sha256");
+        assert_eq!(CipherSuite::from_name("aes128"), None);
+        assert_eq!(AssociationId(0xab).to_string(), "00000000000000ab");
+        assert_eq!(
+            AssociationId::from_bytes([0, 0, 0, 0, 0, 0, 1, 2]),
+            AssociationId(0x102)
+        );
+        assert_eq!(AssociationId(0x0102).to_bytes(), [0, 0, 0, 0, 0, 0, 1, 2]);
+    }
+
+    #[test]
+    fn debug_names_the_suite_only() {
+        let k = DirectionKeys::new(CipherSuite::Aes256CbcHmacSha256, &[7; 32], &[7; 32], &[7; 32]).unwrap();
+        assert_eq!(
+            format!("{k:?}"),
+            "DirectionKeys { suite: Aes256CbcHmacSha256, .. }"
+        );
+    }
+
+    #[test]
+    fn each_role_seals_with_its_own_direction() {
+        let suite = CipherSuite::Aes128CbcHmacSha256;
+        let material: Vec<u8> = (0..suite.exporter_len()).map(|i| i as u8).collect();
+        let ks = KeySchedule::from_exporter(suite, &material).unwrap();
+        let (seal, open) = ks.for_role(Role::Client);
+        assert_eq!((seal.enc(), open.enc()), (ks.c2g.enc(), ks.g2c.enc()));
+        let (seal, open) = ks.for_role(Role::Gateway);
+        assert_eq!((seal.enc(), open.enc()), (ks.g2c.enc(), ks.c2g.enc()));
+        assert_eq!(ks.g2c.mac(), &material[64 + 16..64 + 48]);
+    }
 }

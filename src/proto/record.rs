@@ -956,4 +956,64 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn the_nonce_limit_is_exactly_two_to_the_48() {
+        // The last sealable nonce opens; the first one past the key limit is refused at
+        // the header, before any tag work, even with a valid tag.
+        let (s, o) = pair(CipherSuite::Aes128CbcHmacSha256);
+        let mut buf = [0u8; MIN_RECORD];
+        s.seal(MAX_RECORDS_PER_KEY - 1, b"x", &mut buf).unwrap();
+        assert_eq!(
+            o.open_in_place(&mut buf.clone()).unwrap().0,
+            MAX_RECORDS_PER_KEY - 1
+        );
+        buf[NONCE_OFFSET..PREFIX_LEN].copy_from_slice(&MAX_RECORDS_PER_KEY.to_be_bytes());
+        let tag = s.keys.tag(&buf[..MIN_RECORD - TAG_LEN]);
+        buf[MIN_RECORD - TAG_LEN..].copy_from_slice(&tag);
+        assert_eq!(
+            o.check_header(&buf),
+            Err(OpenError::NonceLimit {
+                nonce: MAX_RECORDS_PER_KEY
+            })
+        );
+        assert_eq!(
+            o.open_in_place(&mut buf).unwrap_err(),
+            OpenError::NonceLimit {
+                nonce: MAX_RECORDS_PER_KEY
+            }
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "one length per record")]
+    fn seal_many_wants_one_plaintext_length_per_record() {
+        let (s, _) = pair(CipherSuite::Aes128CbcHmacSha256);
+        let mut buf = vec![0u8; 256];
+        let _ = s.seal_many_in_place(0, &mut buf, &[0, 128], &[5], &mut [0; 2]);
+    }
+
+    #[test]
+    #[should_panic(expected = "one length per record")]
+    fn seal_many_wants_room_for_every_length() {
+        let (s, _) = pair(CipherSuite::Aes128CbcHmacSha256);
+        let mut buf = vec![0u8; 256];
+        let _ = s.seal_many_in_place(0, &mut buf, &[0, 128], &[5, 5], &mut [0; 1]);
+    }
+
+    #[test]
+    #[should_panic(expected = "offsets ascend within buf")]
+    fn seal_many_wants_ascending_offsets() {
+        let (s, _) = pair(CipherSuite::Aes128CbcHmacSha256);
+        let mut buf = vec![0u8; 256];
+        let _ = s.seal_many_in_place(0, &mut buf, &[128, 0], &[5, 5], &mut [0; 2]);
+    }
+
+    #[test]
+    #[should_panic(expected = "offsets ascend within buf")]
+    fn seal_many_wants_offsets_inside_the_buffer() {
+        let (s, _) = pair(CipherSuite::Aes128CbcHmacSha256);
+        let mut buf = vec![0u8; 256];
+        let _ = s.seal_many_in_place(0, &mut buf, &[0, 300], &[5, 5], &mut [0; 2]);
+    }
 }

@@ -489,4 +489,138 @@ mod tests {
             prop_assert!(r.open(&mut rec).is_ok());
         }
     }
+
+    #[test]
+    fn the_largest_plaintext_seals_through_the_session_and_one_more_byte_does_not() {
+        let (mut cs, mut gr, ..) = ends();
+        let dst: SocketAddr = "192.0.2.9:9".parse().unwrap();
+        let alen = AddrRef::Ip(dst).encoded_len();
+        let mut out = vec![0u8; crate::proto::record::MAX_RECORD];
+        let payload = vec![0x5a; crate::proto::record::MAX_PLAINTEXT - alen];
+        let n = cs.seal(&AddrRef::Ip(dst), &payload, &mut out).unwrap();
+        assert_eq!(n, crate::proto::record::MAX_RECORD);
+        assert_eq!(
+            gr.open(&mut out[..n]).unwrap().data().unwrap().1.len(),
+            payload.len()
+        );
+        let payload = vec![0x5a; crate::proto::record::MAX_PLAINTEXT - alen + 1];
+        assert_eq!(
+            cs.seal(&AddrRef::Ip(dst), &payload, &mut out),
+            Err(SealError::TooLarge {
+                len: crate::proto::record::MAX_PLAINTEXT + 1,
+                max: crate::proto::record::MAX_PLAINTEXT
+            })
+        );
+        assert_eq!(cs.next_nonce(), 1);
+    }
+
+    #[test]
+    fn buffers_of_exactly_the_record_length_are_enough_and_one_byte_less_is_not() {
+        let (mut cs, mut gr, mut gs, mut cr) = ends();
+        let dst: SocketAddr = "192.0.2.9:9".parse().unwrap();
+        let need = record_len(AddrRef::Ip(dst).encoded_len() + 3);
+        let mut out = vec![0u8; need - 1];
+        assert_eq!(
+            cs.seal(&AddrRef::Ip(dst), b"abc", &mut out),
+            Err(SealError::BufferTooSmall { have: need - 1, need })
+        );
+        let mut out = vec![0u8; need];
+        assert_eq!(cs.seal(&AddrRef::Ip(dst), b"abc", &mut out), Ok(need));
+        assert!(gr.open(&mut out).is_ok());
+        let need = crate::proto::record::MIN_RECORD;
+        let msg = ControlMessage::PathChallenge([1; 8]);
+        let mut out = vec![0u8; need - 1];
+        assert_eq!(
+            gs.seal_control(&msg, &mut out),
+            Err(SealError::BufferTooSmall { have: need - 1, need })
+        );
+        let mut out = vec![0u8; need];
+        assert_eq!(gs.seal_control(&msg, &mut out), Ok(need));
+        assert_eq!(cr.open(&mut out).unwrap().content, Content::Control(msg));
+        assert_eq!(
+            (cs.next_nonce(), gs.next_nonce()),
+            (1, 1),
+            "a refused seal takes no nonce"
+        );
+    }
+
+    #[test]
+    fn nonces_count_up_and_remaining_counts_down() {
+        let (mut cs, mut gr, ..) = ends();
+        assert_eq!(cs.remaining(), MAX_RECORDS_PER_KEY);
+        let dst: SocketAddr = "192.0.2.9:9".parse().unwrap();
+        let mut b = vec![0u8; 128];
+        cs.seal(&AddrRef::Ip(dst), b"x", &mut b).unwrap();
+        assert_eq!((cs.next_nonce(), cs.remaining()), (1, MAX_RECORDS_PER_KEY - 1));
+        // Three records at once take the next three nonces.
+        let alen = AddrRef::Ip(dst).encoded_len();
+        let mut buf = vec![0u8; 3 * 64];
+        for i in 0..3 {
+            AddrRef::Ip(dst).encode(&mut buf[i * 64 + PREFIX_LEN..]).unwrap();
+        }
+        let mut lens = [0usize; 3];
+        cs.seal_many_in_place(&mut buf, &[0, 64, 128], &[alen; 3], &mut lens)
+            .unwrap();
+        assert_eq!((cs.next_nonce(), cs.remaining()), (4, MAX_RECORDS_PER_KEY - 4));
+        for (i, &len) in lens.iter().enumerate() {
+            let o = gr.open(&mut buf[i * 64..i * 64 + len]).unwrap();
+            assert_eq!(o.nonce, 1 + i as u64);
+        }
+        let resumed = SendSession::resume(AssociationId(42), &schedule(), Role::Client, 77);
+        assert_eq!(
+            (resumed.next_nonce(), resumed.remaining()),
+            (77, MAX_RECORDS_PER_KEY - 77)
+        );
+    }
+
+    #[test]
+    fn only_a_record_above_every_accepted_one_is_the_newest() {
+        let (mut cs, mut gr, ..) = ends();
+        let dst: SocketAddr = "192.0.2.9:9".parse().unwrap();
+        let recs: Vec<Vec<u8>> = (0..3)
+            .map(|_| {
+                let mut b = vec![0u8; 128];
+                let n = cs.seal(&AddrRef::Ip(dst), b"x", &mut b).unwrap();
+                b.truncate(n);
+                b
+            })
+            .collect();
+        let newest = |gr: &mut RecvSession, i: usize| {
+            let mut b = recs[i].clone();
+            let o = gr.open(&mut b).unwrap();
+            (o.verdict, o.is_newest())
+        };
+        assert_eq!(newest(&mut gr, 2), (Verdict::Ahead { jump: 3 }, true));
+        assert_eq!(newest(&mut gr, 0), (Verdict::InWindow, false));
+        assert_eq!(newest(&mut gr, 1), (Verdict::InWindow, false));
+        assert_eq!(gr.assoc(), AssociationId(42));
+        assert_eq!(gr.window().top(), 3);
+    }
+
+    #[test]
+    fn verify_run_gives_every_record_its_verdict() {
+        let (mut cs, gr, ..) = ends();
+        let dst: SocketAddr = "192.0.2.9:9".parse().unwrap();
+        // More than one chunk of INTERLEAVE, with forged records in both.
+        let mut recs: Vec<Vec<u8>> = (0..INTERLEAVE + 3)
+            .map(|i| {
+                let mut b = vec![0u8; 128];
+                let n = cs.seal(&AddrRef::Ip(dst), &[i as u8; 9], &mut b).unwrap();
+                b.truncate(n);
+                b
+            })
+            .collect();
+        let bad = [1usize, INTERLEAVE + 1];
+        for &i in &bad {
+            recs[i][PREFIX_LEN] ^= 1;
+        }
+        recs[INTERLEAVE + 2][5] ^= 1; // another association
+        let views: Vec<&mut [u8]> = recs.iter_mut().map(|r| &mut r[..]).collect();
+        let mut tags = vec![None; views.len()];
+        gr.verify_run(&views, &mut tags);
+        let want: Vec<Option<bool>> = (0..INTERLEAVE + 3)
+            .map(|i| Some(!bad.contains(&i) && i != INTERLEAVE + 2))
+            .collect();
+        assert_eq!(tags, want);
+    }
 }

@@ -466,4 +466,27 @@ mod tests {
         }
         assert!(checked > 30_000, "{checked} comparisons");
     }
+
+    #[test]
+    fn debug_shows_no_key_state() {
+        assert_eq!(format!("{:?}", TagKey::new(b"secret")), "TagKey(..)");
+    }
+
+    /// The lockstep routine is what `tag_many` uses where the CPU has the SHA extensions
+    /// (the differential test above shows its bytes are right; this shows it runs at all,
+    /// so a detection bug cannot silently fall back to the slower single path).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn lanes_run_where_the_cpu_has_the_sha_extensions() {
+        let k = TagKey::new(b"k");
+        let (a, b) = (&[1u8; 100][..], &[2u8; 100][..]);
+        let got = lanes::tag::<2>(&k, &[a, b]);
+        let has = std::is_x86_feature_detected!("sha")
+            && std::is_x86_feature_detected!("sse4.1")
+            && std::is_x86_feature_detected!("ssse3");
+        assert_eq!(got.is_some(), has);
+        if let Some(t) = got {
+            assert_eq!(t, [reference(b"k", a), reference(b"k", b)]);
+        }
+    }
 }
