@@ -565,4 +565,110 @@ mod tests {
             prop_assert!(r.open(&mut rec).is_ok());
         }
     }
+
+    fn aead_ends(suite: CipherSuite) -> (SendSession, RecvSession, SendSession, RecvSession) {
+        let m: Vec<u8> = (0..suite.exporter_len()).map(|i| (i * 5) as u8).collect();
+        let ks = KeySchedule::from_exporter(suite, &m).unwrap();
+        let a = AssociationId(77);
+        (
+            SendSession::new(a, &ks, Role::Client),
+            RecvSession::new(a, &ks, Role::Gateway, 64),
+            SendSession::new(a, &ks, Role::Gateway),
+            RecvSession::new(a, &ks, Role::Client, 64),
+        )
+    }
+
+    #[test]
+    fn aead_sessions_keep_the_receive_rules() {
+        for suite in [CipherSuite::Aes128Gcm, CipherSuite::ChaCha20Poly1305] {
+            let (mut cs, mut gr, mut gs, mut cr) = aead_ends(suite);
+            assert_eq!((cs.suite(), gr.suite()), (suite, suite));
+            let dst: SocketAddr = "198.51.100.7:5004".parse().unwrap();
+            let mut recs = Vec::new();
+            for i in 0..4u8 {
+                let mut b = vec![0u8; 256];
+                let n = cs.seal(&AddrRef::Ip(dst), &[i; 20], &mut b).unwrap();
+                assert_eq!(n, cs.record_len(7 + 20));
+                assert_eq!(n, 21 + 27 + 16);
+                b.truncate(n);
+                recs.push(b);
+            }
+            // A forged far-ahead record (tag fails) moves nothing; its real twin opens later.
+            let mut forged = recs[2].clone();
+            forged[crate::proto::record::NONCE_OFFSET..crate::proto::record::PREFIX_LEN]
+                .copy_from_slice(&1_000_000u64.to_be_bytes());
+            assert_eq!(gr.open(&mut forged).unwrap_err(), OpenError::BadMac);
+            assert_eq!(gr.window().top(), 0);
+            let mut bad = recs[1].clone();
+            bad[40] ^= 0x20;
+            assert_eq!(gr.open(&mut bad).unwrap_err(), OpenError::BadMac);
+            // Reordered delivery opens once each; replays are duplicates, checked before the tag.
+            for &i in &[3usize, 1, 0, 2] {
+                let mut b = recs[i].clone();
+                let o = gr.open(&mut b).unwrap();
+                assert_eq!(o.nonce, i as u64);
+                assert_eq!(o.data().unwrap(), (AddrRef::Ip(dst), &[i as u8; 20][..]));
+                let mut again = recs[i].clone();
+                again[40] ^= 1; // even with a bad tag, a replay is a duplicate
+                assert_eq!(gr.open(&mut again).unwrap_err(), OpenError::Duplicate { nonce: i as u64 });
+            }
+            // The train path: no pre-verification for an AEAD, the single path decides.
+            let mut run: Vec<Vec<u8>> = (0..3u8)
+                .map(|i| {
+                    let mut b = vec![0u8; 128];
+                    let n = cs.seal(&AddrRef::Ip(dst), &[i; 9], &mut b).unwrap();
+                    b.truncate(n);
+                    b
+                })
+                .collect();
+            run[1][30] ^= 4;
+            let views: Vec<&mut [u8]> = run.iter_mut().map(|r| &mut r[..]).collect();
+            let mut tags = vec![Some(true); 3];
+            gr.verify_run(&views, &mut tags);
+            assert_eq!(tags, vec![None; 3]);
+            let mut ok = [false; 3];
+            let refs: Vec<&[u8]> = run.iter().map(|r| &r[..]).collect();
+            gr.verify_many(&refs, &mut ok);
+            assert_eq!(ok, [true, false, true]);
+            assert_eq!(gr.open_verified(&mut run[1], true).unwrap_err(), OpenError::BadMac);
+            assert!(gr.open_verified(&mut run[0].clone(), false).is_err());
+            assert!(gr.open_verified(&mut run[0], true).is_ok());
+            assert_eq!(gr.window().top(), 5); // one above the newest, nonce 4
+            // The other direction.
+            let mut b = vec![0u8; 128];
+            let n = gs.seal(&AddrRef::Ip(dst), b"pong", &mut b).unwrap();
+            assert_eq!(cr.open(&mut b[..n]).unwrap().data().unwrap().1, b"pong");
+            let mut c = vec![0u8; 128];
+            let n = gs.seal_control(&ControlMessage::PathChallenge([1; 8]), &mut c).unwrap();
+            assert_eq!(n, 21 + PATH_MESSAGE_LEN + 16);
+        }
+    }
+
+    #[test]
+    fn gcm_data_limit_refuses_and_counts_nothing_on_refusal() {
+        let (mut cs, mut gr, _, _) = aead_ends(CipherSuite::Aes128Gcm);
+        let limit = crate::proto::keys::GCM_MAX_BLOCKS_PER_KEY;
+        // 27 bytes of plaintext = 2 counter blocks + the tag block.
+        cs.resume_blocks(limit - 6);
+        let dst: SocketAddr = "192.0.2.1:1".parse().unwrap();
+        let mut b = vec![0u8; 128];
+        for _ in 0..2 {
+            let n = cs.seal(&AddrRef::Ip(dst), &[0; 20], &mut b).unwrap();
+            assert!(gr.open(&mut b[..n]).is_ok());
+        }
+        assert!(matches!(
+            cs.seal(&AddrRef::Ip(dst), &[0; 20], &mut b),
+            Err(SealError::KeyExhausted { limit: 2 })
+        ));
+        // An empty-payload record still costs its blocks; nothing was counted by the refusal.
+        assert_eq!(cs.next_nonce(), 2);
+        let mut buf = vec![0u8; 4096];
+        let mut lens = [0usize; 2];
+        assert!(cs.seal_many_in_place(&mut buf, &[0, 2048], &[7, 7], &mut lens).is_err());
+        assert_eq!(cs.next_nonce(), 2);
+        // ChaCha20-Poly1305 and the CBC suites have no data limit below the nonce limit.
+        let (mut cc, _, _, _) = aead_ends(CipherSuite::ChaCha20Poly1305);
+        cc.resume_blocks(u64::MAX - 1);
+        assert!(cc.seal(&AddrRef::Ip(dst), &[0; 20], &mut b).is_ok());
+    }
 }
