@@ -185,3 +185,55 @@ async fn cbc_stays_the_default_and_the_gateway_list_decides() {
     assert!(SecureUdp::connect(&opts).await.is_err());
     gw.stop().await;
 }
+
+/// The shim's UDP forward seals trains of records cut by the suite's record length: with an
+/// AEAD suite a burst through it arrives whole (a CBC-length cut would be `length_mismatch`).
+#[tokio::test]
+async fn a_shim_forward_carries_bursts_with_each_aead_suite() {
+    use sudp::config::parse_forward;
+    use sudp::shim::{GatewayEndpoint, Shim, ShimSettings};
+    let pki = pki();
+    let gw = TestGateway::start(settings(&pki)).await;
+    let echo = udp_echo().await;
+    for suite in AEADS {
+        let mut s = ShimSettings::new(
+            vec![GatewayEndpoint::new(Address::Ip(gw.control))],
+            client_tls(&pki, false),
+        );
+        s.socks = None;
+        s.suites = vec![suite];
+        s.forwards = vec![parse_forward(&format!("udp:127.0.0.1:0={echo}")).unwrap()];
+        let shim = Shim::bind(s).await.unwrap();
+        let fwd = shim.forward_addrs()[0].1;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(shim.run(async move {
+            let _ = rx.await;
+        }));
+        let local = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut buf = [0u8; 2048];
+        // The first datagram opens the association; then a burst of equal datagrams.
+        local.send_to(b"open", fwd).await.unwrap();
+        let (n, _) = tokio::time::timeout(WAIT, local.recv_from(&mut buf)).await.unwrap().unwrap();
+        assert_eq!(&buf[..n], b"open");
+        let before = gw.metrics.drops(DropReason::LengthMismatch);
+        let burst = 40u8;
+        for i in 0..burst {
+            local.send_to(&[i; 333], fwd).await.unwrap();
+        }
+        let mut got = 0;
+        while got < burst {
+            match tokio::time::timeout(Duration::from_secs(2), local.recv_from(&mut buf)).await {
+                Ok(Ok((n, _))) => {
+                    assert_eq!(n, 333);
+                    got += 1;
+                }
+                _ => break,
+            }
+        }
+        assert!(got >= burst / 2, "{suite}: {got} of {burst} echoed");
+        assert_eq!(gw.metrics.drops(DropReason::LengthMismatch), before);
+        let _ = tx.send(());
+        tokio::time::timeout(WAIT, task).await.unwrap().unwrap().unwrap();
+    }
+    gw.stop().await;
+}
