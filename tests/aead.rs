@@ -29,7 +29,19 @@ async fn each_aead_suite_echoes_single_datagrams_and_trains() {
         assert_eq!(udp.suite(), suite);
         let mut buf = vec![0u8; 65_536];
         // Every size, including ones no CBC record has (AEAD records are not block-padded).
-        for size in [0usize, 1, 9, 15, 16, 17, 160, 1200, 8191, 60_000, record::MAX_PLAINTEXT - 7] {
+        for size in [
+            0usize,
+            1,
+            9,
+            15,
+            16,
+            17,
+            160,
+            1200,
+            8191,
+            60_000,
+            record::MAX_PLAINTEXT - 7,
+        ] {
             let payload: Vec<u8> = (0..size).map(|i| (i * 7 + size) as u8).collect();
             udp.send_to(&payload, &Address::Ip(echo)).await.unwrap();
             let (n, from) = tokio::time::timeout(WAIT, udp.recv_from(&mut buf))
@@ -77,9 +89,13 @@ async fn raw(gw: &TestGateway, pki: &sudp::cert::DevPki, suite: CipherSuite) -> 
     assert_eq!(got, suite);
     let keys = sudp::tls::export_keys(control.get_ref().1, assoc, suite).unwrap();
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let bnd = request(&mut control, Command::UdpAssociate, &Address::Ip("0.0.0.0:0".parse().unwrap()))
-        .await
-        .unwrap();
+    let bnd = request(
+        &mut control,
+        Command::UdpAssociate,
+        &Address::Ip("0.0.0.0:0".parse().unwrap()),
+    )
+    .await
+    .unwrap();
     let Address::Ip(relay) = bnd else {
         panic!("BND is a domain")
     };
@@ -108,7 +124,10 @@ async fn a_tampered_aead_record_is_dropped_as_bad_mac() {
         let n = send.seal(&dst, b"hello", &mut rec).unwrap();
         assert_eq!(n, 49);
         r.socket.send_to(&rec[..n], r.relay).await.unwrap();
-        let (m, _) = tokio::time::timeout(WAIT, r.socket.recv_from(&mut buf)).await.unwrap().unwrap();
+        let (m, _) = tokio::time::timeout(WAIT, r.socket.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(recv.open(&mut buf[..m]).unwrap().data().unwrap().1, b"hello");
         // 2: a fresh record with one ciphertext bit, then one tag bit, flipped: dropped as
         // `bad_mac`, nothing echoed, the nonce left free (the genuine record opens after).
@@ -128,7 +147,10 @@ async fn a_tampered_aead_record_is_dropped_as_bad_mac() {
         let quiet = tokio::time::timeout(Duration::from_millis(200), r.socket.recv_from(&mut buf)).await;
         assert!(quiet.is_err(), "{suite}: a tampered record was forwarded");
         r.socket.send_to(&genuine, r.relay).await.unwrap();
-        let (m, _) = tokio::time::timeout(WAIT, r.socket.recv_from(&mut buf)).await.unwrap().unwrap();
+        let (m, _) = tokio::time::timeout(WAIT, r.socket.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(recv.open(&mut buf[..m]).unwrap().data().unwrap().1, b"tamper");
         // A replay of it is a duplicate; another association's id is unknown.
         let dup = gw.metrics.drops(DropReason::Duplicate);
@@ -166,7 +188,10 @@ async fn cbc_stays_the_default_and_the_gateway_list_decides() {
     // A client preferring GCM gets it from a default gateway.
     let mut opts = gw.options(&pki);
     opts.suites = vec![CipherSuite::Aes128Gcm, CipherSuite::Aes128CbcHmacSha256];
-    assert_eq!(SecureUdp::connect(&opts).await.unwrap().suite(), CipherSuite::Aes128Gcm);
+    assert_eq!(
+        SecureUdp::connect(&opts).await.unwrap().suite(),
+        CipherSuite::Aes128Gcm
+    );
     gw.stop().await;
     // A gateway allowing CBC only gives that client CBC, and the association works.
     let mut s = settings(&pki);
@@ -178,7 +203,10 @@ async fn cbc_stays_the_default_and_the_gateway_list_decides() {
     assert_eq!(udp.suite(), CipherSuite::Aes128CbcHmacSha256);
     udp.send_to(b"x", &Address::Ip(echo)).await.unwrap();
     let mut buf = [0u8; 64];
-    let (n, _) = tokio::time::timeout(WAIT, udp.recv_from(&mut buf)).await.unwrap().unwrap();
+    let (n, _) = tokio::time::timeout(WAIT, udp.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&buf[..n], b"x");
     // AEAD only against CBC only: no suite in common, refused.
     opts.suites = vec![CipherSuite::ChaCha20Poly1305];
@@ -213,7 +241,10 @@ async fn a_shim_forward_carries_bursts_with_each_aead_suite() {
         let mut buf = [0u8; 2048];
         // The first datagram opens the association; then a burst of equal datagrams.
         local.send_to(b"open", fwd).await.unwrap();
-        let (n, _) = tokio::time::timeout(WAIT, local.recv_from(&mut buf)).await.unwrap().unwrap();
+        let (n, _) = tokio::time::timeout(WAIT, local.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(&buf[..n], b"open");
         let before = gw.metrics.drops(DropReason::LengthMismatch);
         let burst = 40u8;

@@ -283,7 +283,11 @@ async fn no_secret_in_gateway_logs_at_trace_level() {
     // URL-safe) and Rust's `Debug` of a byte slice, of every 9-byte window of each secret
     // (a key printed whole, cut short, from an offset or wrapped across lines still shows
     // one; 9 bytes, a multiple of 3, so some window is aligned with any base64 encoding).
-    assert_eq!(secrets.len(), 7 * CipherSuite::ALL.len(), "every suite x (exporter output + six keys; an AEAD suite's mac keys are empty)");
+    assert_eq!(
+        secrets.len(),
+        7 * CipherSuite::ALL.len(),
+        "every suite x (exporter output + six keys; an AEAD suite's mac keys are empty)"
+    );
     let mut forms_checked = 0;
     for (what, key) in &secrets {
         for part in key.windows(9) {

@@ -364,14 +364,27 @@ fn aead_invalid(valid: &[Value]) -> Vec<Value> {
         r[record::NONCE_OFFSET + 7] ^= 1;
         push("nonce-changed", r, "bad_mac");
         // Cut by one byte with the length field (AAD) fixed up: only the tag can tell.
-        push("truncated-length-fixed", fix_len(base[..base.len() - 1].to_vec()), "bad_mac");
-        push("truncated-by-one", base[..base.len() - 1].to_vec(), "length_mismatch");
-        push("tag-only", fix_len(base[..record::PREFIX_LEN + 15].to_vec()), "truncated");
+        push(
+            "truncated-length-fixed",
+            fix_len(base[..base.len() - 1].to_vec()),
+            "bad_mac",
+        );
+        push(
+            "truncated-by-one",
+            base[..base.len() - 1].to_vec(),
+            "length_mismatch",
+        );
+        push(
+            "tag-only",
+            fix_len(base[..record::PREFIX_LEN + 15].to_vec()),
+            "truncated",
+        );
         let mut r = base.clone();
         r[record::ASSOC_OFFSET] ^= 0xFF;
         push("other-association", r, "unknown_association");
         let mut r = base.clone();
-        r[record::NONCE_OFFSET..record::PREFIX_LEN].copy_from_slice(&record::MAX_RECORDS_PER_KEY.to_be_bytes());
+        r[record::NONCE_OFFSET..record::PREFIX_LEN]
+            .copy_from_slice(&record::MAX_RECORDS_PER_KEY.to_be_bytes());
         push("nonce-at-limit", r, "nonce_limit");
         let mut r = base.clone();
         r[0] = 0x17;

@@ -709,7 +709,9 @@ mod tests {
         );
         // The default allows every suite, the AEAD ones included (the client's order picks).
         let d = GatewayConfig::from_args(flags(&["--cert=c.pem", "--key=k.pem", "--users=u.txt"])).unwrap();
-        assert!(d.suites.contains(&CipherSuite::Aes128Gcm) && d.suites.contains(&CipherSuite::ChaCha20Poly1305));
+        assert!(
+            d.suites.contains(&CipherSuite::Aes128Gcm) && d.suites.contains(&CipherSuite::ChaCha20Poly1305)
+        );
     }
 
     #[test]

@@ -646,7 +646,10 @@ mod tests {
         // By default CBC comes first, so a default shim negotiates suite 1.
         let d = ShimConfig::from_args(flags(&["--gateway=127.0.0.1:1443", "--ca=ca.pem"])).unwrap();
         assert_eq!(d.suites[0], CipherSuite::Aes128CbcHmacSha256);
-        assert_eq!(&d.suites[2..], [CipherSuite::Aes128Gcm, CipherSuite::ChaCha20Poly1305]);
+        assert_eq!(
+            &d.suites[2..],
+            [CipherSuite::Aes128Gcm, CipherSuite::ChaCha20Poly1305]
+        );
     }
 
     #[test]

@@ -610,7 +610,10 @@ mod tests {
                 assert_eq!(o.data().unwrap(), (AddrRef::Ip(dst), &[i as u8; 20][..]));
                 let mut again = recs[i].clone();
                 again[40] ^= 1; // even with a bad tag, a replay is a duplicate
-                assert_eq!(gr.open(&mut again).unwrap_err(), OpenError::Duplicate { nonce: i as u64 });
+                assert_eq!(
+                    gr.open(&mut again).unwrap_err(),
+                    OpenError::Duplicate { nonce: i as u64 }
+                );
             }
             // The train path: no pre-verification for an AEAD, the single path decides.
             let mut run: Vec<Vec<u8>> = (0..3u8)
@@ -630,16 +633,21 @@ mod tests {
             let refs: Vec<&[u8]> = run.iter().map(|r| &r[..]).collect();
             gr.verify_many(&refs, &mut ok);
             assert_eq!(ok, [true, false, true]);
-            assert_eq!(gr.open_verified(&mut run[1], true).unwrap_err(), OpenError::BadMac);
+            assert_eq!(
+                gr.open_verified(&mut run[1], true).unwrap_err(),
+                OpenError::BadMac
+            );
             assert!(gr.open_verified(&mut run[0].clone(), false).is_err());
             assert!(gr.open_verified(&mut run[0], true).is_ok());
             assert_eq!(gr.window().top(), 5); // one above the newest, nonce 4
-            // The other direction.
+                                              // The other direction.
             let mut b = vec![0u8; 128];
             let n = gs.seal(&AddrRef::Ip(dst), b"pong", &mut b).unwrap();
             assert_eq!(cr.open(&mut b[..n]).unwrap().data().unwrap().1, b"pong");
             let mut c = vec![0u8; 128];
-            let n = gs.seal_control(&ControlMessage::PathChallenge([1; 8]), &mut c).unwrap();
+            let n = gs
+                .seal_control(&ControlMessage::PathChallenge([1; 8]), &mut c)
+                .unwrap();
             assert_eq!(n, 21 + PATH_MESSAGE_LEN + 16);
         }
     }
@@ -664,7 +672,9 @@ mod tests {
         assert_eq!(cs.next_nonce(), 2);
         let mut buf = vec![0u8; 4096];
         let mut lens = [0usize; 2];
-        assert!(cs.seal_many_in_place(&mut buf, &[0, 2048], &[7, 7], &mut lens).is_err());
+        assert!(cs
+            .seal_many_in_place(&mut buf, &[0, 2048], &[7, 7], &mut lens)
+            .is_err());
         assert_eq!(cs.next_nonce(), 2);
         // ChaCha20-Poly1305 and the CBC suites have no data limit below the nonce limit.
         let (mut cc, _, _, _) = aead_ends(CipherSuite::ChaCha20Poly1305);
