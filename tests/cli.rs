@@ -217,7 +217,7 @@ async fn no_secret_in_gateway_logs_at_trace_level() {
     echo.set_read_timeout(Some(common::WAIT)).unwrap();
     let echo_thread = std::thread::spawn(move || {
         let mut buf = [0u8; 2048];
-        for _ in 0..2 {
+        for _ in 0..CipherSuite::ALL.len() {
             let Ok((n, from)) = echo.recv_from(&mut buf) else {
                 return;
             };
