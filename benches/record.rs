@@ -14,6 +14,13 @@
 //! (`seal_many_in_place`: interleaved CBC chains, tags in lockstep), and checks their tags one
 //! by one and together (`Opener::verify_many`). The replay window's check+commit is measured
 //! for in-order and reordered nonces.
+//!
+//! `suites` puts the AEAD suites (AES-128-GCM, ChaCha20-Poly1305, `ring`) beside
+//! AES-128-CBC + HMAC-SHA256 in one group: `seal/SUITE/N` (`Sealer::seal`), `open/SUITE/N`
+//! (`RecvSession::open`) for 64, 200 and 1200-byte payloads, and trains of `INTERLEAVE`
+//! records: `train_seal/SUITE/8xN` (`SendSession::seal_many_in_place`) and
+//! `train_open/SUITE/8xN` (`RecvSession::verify_run` then `open_verified`, the relay's path),
+//! then prints ns per record side by side.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -184,6 +191,141 @@ fn bench_many(c: &mut Criterion) {
     g.finish();
 }
 
+const SUITES: [CipherSuite; 3] = [
+    CipherSuite::Aes128CbcHmacSha256,
+    CipherSuite::Aes128Gcm,
+    CipherSuite::ChaCha20Poly1305,
+];
+const SUITE_SIZES: [usize; 3] = [64, 200, 1200];
+
+fn schedule_of(suite: CipherSuite) -> KeySchedule {
+    let m: Vec<u8> = (0..suite.exporter_len()).map(|i| (i * 13) as u8).collect();
+    KeySchedule::from_exporter(suite, &m).expect("exporter length matches the suite")
+}
+
+/// Every suite's seal, open and trains, in one group and one run.
+fn bench_suites(c: &mut Criterion) {
+    let assoc = AssociationId(7);
+    let dst = AddrRef::Ip("192.0.2.1:5004".parse().expect("literal address"));
+    let mut g = c.benchmark_group("suites");
+    g.measurement_time(Duration::from_secs(2));
+    g.warm_up_time(Duration::from_millis(500));
+    for suite in SUITES {
+        let ks = schedule_of(suite);
+        let sealer = Sealer::new(assoc, ks.for_role(Role::Client).0);
+        for size in SUITE_SIZES {
+            let pt_len = plaintext_len(size);
+            let rec_len = suite.record_len(pt_len);
+            g.throughput(Throughput::Bytes(size as u64));
+            let mut plaintext = vec![0u8; pt_len];
+            dst.encode(&mut plaintext).expect("buffer is large enough");
+            let mut out = vec![0u8; rec_len];
+            let mut nonce = 0u64;
+            g.bench_function(format!("seal/{suite}/{size}"), |b| {
+                b.iter(|| {
+                    nonce += 1;
+                    black_box(sealer.seal(nonce, black_box(&plaintext), &mut out).expect("fits"))
+                })
+            });
+            let mut send = SendSession::resume(assoc, &ks, Role::Client, 0);
+            let payload = vec![0x17u8; size];
+            g.bench_function(format!("open/{suite}/{size}"), |b| {
+                let mut recv = RecvSession::new(assoc, &ks, Role::Gateway, 1024);
+                b.iter_batched_ref(
+                    || {
+                        let mut r = vec![0u8; rec_len];
+                        send.seal(&dst, &payload, &mut r).expect("fits");
+                        r
+                    },
+                    |r| {
+                        black_box(recv.open(r).expect("valid record").data().map(|d| d.1.len()));
+                    },
+                    BatchSize::SmallInput,
+                )
+            });
+        }
+        let n = record::INTERLEAVE;
+        for size in [200usize, 1200] {
+            let pt = plaintext_len(size);
+            let stride = suite.record_len(pt);
+            let offsets: Vec<usize> = (0..n).map(|i| i * stride).collect();
+            let pts = vec![pt; n];
+            let mut lens = vec![0usize; n];
+            let mut buf = vec![0x33u8; n * stride];
+            g.throughput(Throughput::Bytes((size * n) as u64));
+            let mut send = SendSession::resume(assoc, &ks, Role::Client, 0);
+            g.bench_function(format!("train_seal/{suite}/{n}x{size}"), |b| {
+                b.iter(|| {
+                    send.seal_many_in_place(&mut buf, &offsets, &pts, &mut lens)
+                        .expect("fits");
+                    black_box(&buf);
+                })
+            });
+            let mut send = SendSession::resume(assoc, &ks, Role::Client, 0);
+            g.bench_function(format!("train_open/{suite}/{n}x{size}"), |b| {
+                let mut recv = RecvSession::new(assoc, &ks, Role::Gateway, 1024);
+                b.iter_batched_ref(
+                    || {
+                        let mut train = vec![0u8; n * stride];
+                        for &o in &offsets {
+                            // An IPv4 address header, then a zero payload.
+                            train[o + record::PREFIX_LEN..o + record::PREFIX_LEN + 7]
+                                .copy_from_slice(&[1, 192, 0, 2, 1, 0x13, 0x8c]);
+                        }
+                        send.seal_many_in_place(&mut train, &offsets, &pts, &mut lens)
+                            .expect("fits");
+                        train
+                    },
+                    |train| {
+                        let mut runs: Vec<&mut [u8]> = train.chunks_mut(stride).collect();
+                        let mut tags = vec![None; n];
+                        recv.verify_run(&runs, &mut tags);
+                        for (r, t) in runs.iter_mut().zip(tags) {
+                            let o = match t {
+                                Some(ok) => recv.open_verified(r, ok),
+                                None => recv.open(r),
+                            };
+                            black_box(o.expect("valid record").nonce);
+                        }
+                    },
+                    BatchSize::SmallInput,
+                )
+            });
+        }
+    }
+    g.finish();
+}
+
+fn print_suites() {
+    println!("\nSuites (same run): ns per record");
+    print!("{:>24}", "");
+    for suite in SUITES {
+        print!(" {:>22}", suite.name());
+    }
+    println!();
+    let mut rows: Vec<(String, f64)> = Vec::new();
+    for size in SUITE_SIZES {
+        rows.push((format!("seal/{size}"), 1.0));
+        rows.push((format!("open/{size}"), 1.0));
+    }
+    for size in [200usize, 1200] {
+        let n = record::INTERLEAVE;
+        rows.push((format!("train_seal/{n}x{size}"), n as f64));
+        rows.push((format!("train_open/{n}x{size}"), n as f64));
+    }
+    for (row, per) in rows {
+        let (kind, rest) = row.split_once('/').expect("kind/size");
+        print!("{row:>24}");
+        for suite in SUITES {
+            match mean_ns("suites", &format!("{kind}/{suite}/{rest}")) {
+                Some(ns) => print!(" {:>22.0}", ns / per),
+                None => print!(" {:>22}", "-"),
+            }
+        }
+        println!();
+    }
+}
+
 fn bench_window(c: &mut Criterion) {
     let mut g = c.benchmark_group("replay");
     g.warm_up_time(Duration::from_millis(300));
@@ -247,7 +389,9 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     bench_records(&mut c);
     bench_many(&mut c);
+    bench_suites(&mut c);
     bench_window(&mut c);
     c.final_summary();
     print_ratios();
+    print_suites();
 }

@@ -53,10 +53,13 @@ fn cases() -> Vec<Case> {
     let v6 = Address::Ip("[2001:db8::7]:5060".parse().unwrap());
     let dom = Address::Domain("media.example.com".into(), 443);
     let mut out = Vec::new();
-    for suite in CipherSuite::ALL {
-        let tag = match suite {
-            CipherSuite::Aes128CbcHmacSha256 => "aes128",
-            CipherSuite::Aes256CbcHmacSha256 => "aes256",
+    // The CBC suites first, exactly as before the AEAD suites existed (their vectors, ids
+    // and keys stay byte for byte what they were); the AEAD suites' cases follow.
+    for suite in CipherSuite::ALL.into_iter().filter(|s| !s.is_aead()) {
+        let tag = if suite == CipherSuite::Aes128CbcHmacSha256 {
+            "aes128"
+        } else {
+            "aes256"
         };
         let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
         out.push(Case {
@@ -98,10 +101,66 @@ fn cases() -> Vec<Case> {
         suite: CipherSuite::Aes128CbcHmacSha256,
         direction: Role::Gateway,
         nonce: record::MAX_RECORDS_PER_KEY - 1,
-        addr: v4,
+        addr: v4.clone(),
         payload: (0..record::MAX_PLAINTEXT - 7).map(|i| (i % 251) as u8).collect(),
     });
+    // AEAD suites (PROTOCOL.md §4.7): no padding, so lengths of every residue mod 16.
+    for (suite, tag) in [
+        (CipherSuite::Aes128Gcm, "aes128gcm"),
+        (CipherSuite::ChaCha20Poly1305, "chacha20poly1305"),
+    ] {
+        let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+        out.push(Case {
+            name: leak(format!("{tag}-ipv4-empty")),
+            suite,
+            direction: Role::Client,
+            nonce: 0,
+            addr: v4.clone(),
+            payload: vec![],
+        });
+        out.push(Case {
+            name: leak(format!("{tag}-ipv4-voip160")),
+            suite,
+            direction: Role::Client,
+            nonce: 1,
+            addr: v4.clone(),
+            payload: (0..160).map(|i| i as u8).collect(),
+        });
+        out.push(Case {
+            name: leak(format!("{tag}-ipv6-9bytes")),
+            suite,
+            direction: Role::Gateway,
+            nonce: 0x0102_0304_0506,
+            addr: v6.clone(),
+            payload: b"hello sudp".to_vec()[..9].to_vec(),
+        });
+        out.push(Case {
+            name: leak(format!("{tag}-domain-17bytes")),
+            suite,
+            direction: Role::Client,
+            nonce: 65_535,
+            addr: dom.clone(),
+            payload: vec![0xAB; 17],
+        });
+        out.push(Case {
+            name: leak(format!("{tag}-ipv4-maximal")),
+            suite,
+            direction: Role::Gateway,
+            nonce: record::MAX_RECORDS_PER_KEY - 1,
+            addr: v4.clone(),
+            payload: (0..record::MAX_PLAINTEXT - 7).map(|i| (i % 251) as u8).collect(),
+        });
+    }
     out
+}
+
+/// AEAD nonce of PROTOCOL.md §4.7: the 12-byte IV XOR the nonce, big-endian, left-padded.
+fn aead_nonce(iv: &[u8], nonce: u64) -> Vec<u8> {
+    let mut n = iv.to_vec();
+    for (b, x) in n[4..].iter_mut().zip(nonce.to_be_bytes()) {
+        *b ^= x;
+    }
+    n
 }
 
 fn generate() -> Value {
@@ -118,7 +177,7 @@ fn generate() -> Value {
         let an = c.addr.as_ref().encode(&mut pt).unwrap();
         pt.truncate(an);
         pt.extend_from_slice(&c.payload);
-        valid.push(json!({
+        let mut v = json!({
             "name": c.name,
             "suite_id": c.suite.id(),
             "assoc_id": format!("{:016x}", assoc.0),
@@ -134,7 +193,13 @@ fn generate() -> Value {
             "payload": hex::encode(&c.payload),
             "plaintext": hex::encode(&pt),
             "record": hex::encode(&buf[..n]),
-        }));
+        });
+        if c.suite.is_aead() {
+            // Spelled out for other implementations: the AEAD's nonce and AAD inputs.
+            v["aead_nonce"] = json!(hex::encode(aead_nonce(keys.iv(), c.nonce)));
+            v["aad"] = json!(hex::encode(&buf[..record::PREFIX_LEN]));
+        }
+        valid.push(v);
     }
     // Invalid records: each is a valid record of vector 1 changed one way; `expect` is the
     // drop reason (docs/PROTOCOL.md §7) a receiver with those keys and a fresh window gives.
@@ -249,11 +314,94 @@ fn generate() -> Value {
     // nonce 1 is below 2001 - 1024.
     let ahead = crafted(2000, &[0x01, 192, 0, 2, 10, 0x13, 0x8c, 0x01]);
     push_after("left-of-window", &[ahead], base.clone(), "too_old");
+    invalid.extend(aead_invalid(&valid));
     json!({
         "format": "sudp record vectors v1; hex strings; see docs/PROTOCOL.md section 9",
         "valid": valid,
         "invalid": invalid,
     })
+}
+
+/// Invalid records of each AEAD suite, made from its `-voip160` vector (and, for the
+/// authenticated ones, sealed by its sender at chosen nonces).
+fn aead_invalid(valid: &[Value]) -> Vec<Value> {
+    let mut out = Vec::new();
+    for tag in ["aes128gcm", "chacha20poly1305"] {
+        let of_name = format!("{tag}-ipv4-voip160");
+        let (i, of) = valid
+            .iter()
+            .enumerate()
+            .find(|(_, v)| v["name"] == of_name.as_str())
+            .unwrap();
+        let suite = CipherSuite::from_id(of["suite_id"].as_u64().unwrap() as u8).unwrap();
+        let ks = KeySchedule::from_exporter(suite, &exporter_material(suite, i as u8)).unwrap();
+        let assoc = AssociationId(0x5344_5550_0000_0000 | i as u64);
+        let base = hex::decode(of["record"].as_str().unwrap()).unwrap();
+        let crafted = |nonce: u64, pt: &[u8]| -> Vec<u8> {
+            let mut send = SendSession::resume(assoc, &ks, Role::Client, nonce);
+            let mut b = vec![0u8; 1024];
+            b[record::PREFIX_LEN..record::PREFIX_LEN + pt.len()].copy_from_slice(pt);
+            let n = send.seal_in_place(&mut b, pt.len()).unwrap();
+            b.truncate(n);
+            b
+        };
+        let fix_len = |mut r: Vec<u8>| {
+            let l = (r.len() - record::HEADER_LEN) as u16;
+            r[3..5].copy_from_slice(&l.to_be_bytes());
+            r
+        };
+        let mut push = |name: &str, rec: Vec<u8>, expect: &str| {
+            out.push(json!({"name": format!("{tag}-{name}"), "of": of_name, "record": hex::encode(rec), "expect": expect}));
+        };
+        let mut r = base.clone();
+        let last = r.len() - 1;
+        r[last] ^= 1;
+        push("tag-bit-flipped", r, "bad_mac");
+        let mut r = base.clone();
+        r[record::PREFIX_LEN] ^= 0x80;
+        push("ciphertext-bit-flipped", r, "bad_mac");
+        let mut r = base.clone();
+        r[record::NONCE_OFFSET + 7] ^= 1;
+        push("nonce-changed", r, "bad_mac");
+        // Cut by one byte with the length field (AAD) fixed up: only the tag can tell.
+        push(
+            "truncated-length-fixed",
+            fix_len(base[..base.len() - 1].to_vec()),
+            "bad_mac",
+        );
+        push(
+            "truncated-by-one",
+            base[..base.len() - 1].to_vec(),
+            "length_mismatch",
+        );
+        push(
+            "tag-only",
+            fix_len(base[..record::PREFIX_LEN + 15].to_vec()),
+            "truncated",
+        );
+        let mut r = base.clone();
+        r[record::ASSOC_OFFSET] ^= 0xFF;
+        push("other-association", r, "unknown_association");
+        let mut r = base.clone();
+        r[record::NONCE_OFFSET..record::PREFIX_LEN]
+            .copy_from_slice(&record::MAX_RECORDS_PER_KEY.to_be_bytes());
+        push("nonce-at-limit", r, "nonce_limit");
+        let mut r = base.clone();
+        r[0] = 0x17;
+        push("flag-bit-clear", r, "bad_header");
+        push(
+            "unknown-atyp",
+            crafted(5, &[0x05, 192, 0, 2, 10, 0x13, 0x8c, 0xde, 0xad]),
+            "bad_address",
+        );
+        push("empty-plaintext", crafted(6, &[]), "bad_address");
+        push(
+            "control-unknown-kind",
+            crafted(8, &[0x00, 0x42, 1, 2, 3, 4, 5, 6, 7, 8]),
+            "bad_control",
+        );
+    }
+    out
 }
 
 fn load() -> Value {
@@ -339,11 +487,6 @@ fn valid_vectors_seal_and_open() {
 #[test]
 fn invalid_vectors_are_refused_for_the_stated_reason() {
     let v = load();
-    let of = &v["valid"][1];
-    let suite = CipherSuite::from_id(of["suite_id"].as_u64().unwrap() as u8).unwrap();
-    let assoc = AssociationId(u64::from_str_radix(of["assoc_id"].as_str().unwrap(), 16).unwrap());
-    let material = hex::decode(of["exporter_output"].as_str().unwrap()).unwrap();
-    let ks = KeySchedule::from_exporter(suite, &material).unwrap();
     let invalid = v["invalid"].as_array().unwrap();
     assert!(invalid.len() >= 10);
     for name in [
@@ -355,6 +498,17 @@ fn invalid_vectors_are_refused_for_the_stated_reason() {
         assert!(invalid.iter().any(|c| c["name"] == name), "{name} missing");
     }
     for c in invalid {
+        // Each invalid record is refused by the receiver of the vector it was made from.
+        let of = v["valid"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == c["of"])
+            .unwrap();
+        let suite = CipherSuite::from_id(of["suite_id"].as_u64().unwrap() as u8).unwrap();
+        let assoc = AssociationId(u64::from_str_radix(of["assoc_id"].as_str().unwrap(), 16).unwrap());
+        let material = hex::decode(of["exporter_output"].as_str().unwrap()).unwrap();
+        let ks = KeySchedule::from_exporter(suite, &material).unwrap();
         let mut rec = hex::decode(c["record"].as_str().unwrap()).unwrap();
         let mut recv = RecvSession::new(assoc, &ks, Role::Gateway, 1024);
         // Records the receiver accepts first (e.g. to move the window).

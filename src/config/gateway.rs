@@ -871,6 +871,30 @@ mod tests {
     }
 
     #[test]
+    fn aead_suite_names_are_accepted_in_order() {
+        let c = GatewayConfig::from_args(flags(&[
+            "--cert=c.pem",
+            "--key=k.pem",
+            "--users=u.txt",
+            "--suites=chacha20-poly1305,aes128-gcm,aes128-cbc-hmac-sha256",
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.suites,
+            [
+                CipherSuite::ChaCha20Poly1305,
+                CipherSuite::Aes128Gcm,
+                CipherSuite::Aes128CbcHmacSha256
+            ]
+        );
+        // The default allows every suite, the AEAD ones included (the client's order picks).
+        let d = GatewayConfig::from_args(flags(&["--cert=c.pem", "--key=k.pem", "--users=u.txt"])).unwrap();
+        assert!(
+            d.suites.contains(&CipherSuite::Aes128Gcm) && d.suites.contains(&CipherSuite::ChaCha20Poly1305)
+        );
+    }
+
+    #[test]
     fn flags_only_with_defaults() {
         let c = GatewayConfig::from_args(flags(&[
             "--cert",
@@ -1141,7 +1165,7 @@ mod tests {
         assert_eq!(c.key, PathBuf::from("other.pem"));
         assert_eq!(c.idle_timeout, Duration::from_secs(45));
         assert_eq!(c.max_connections, 8);
-        assert_eq!(c.suites, CipherSuite::ALL.to_vec());
+        assert_eq!(c.suites, CipherSuite::ALL[..2].to_vec());
         // --allow replaced the file's allow list; the file's deny list stays.
         let rules: Vec<String> = c.policy.global_rules().iter().map(|r| r.to_string()).collect();
         assert_eq!(
@@ -1240,7 +1264,7 @@ mod tests {
             (
                 "suites = [\"rot13\"]",
                 "gateway.toml: key `suites`: unknown cipher suite \"rot13\" (known: \
-                 aes128-cbc-hmac-sha256, aes256-cbc-hmac-sha256)",
+                 aes128-cbc-hmac-sha256, aes256-cbc-hmac-sha256, aes128-gcm, chacha20-poly1305)",
             ),
             (
                 "suites = [\"aes128-cbc-hmac-sha256\", \"aes128-cbc-hmac-sha256\"]",

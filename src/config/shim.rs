@@ -700,6 +700,24 @@ mod tests {
     }
 
     #[test]
+    fn aead_suite_names_are_accepted_in_order() {
+        let c = ShimConfig::from_args(flags(&[
+            "--gateway=127.0.0.1:1443",
+            "--ca=ca.pem",
+            "--suites=aes128-gcm,chacha20-poly1305",
+        ]))
+        .unwrap();
+        assert_eq!(c.suites, [CipherSuite::Aes128Gcm, CipherSuite::ChaCha20Poly1305]);
+        // By default CBC comes first, so a default shim negotiates suite 1.
+        let d = ShimConfig::from_args(flags(&["--gateway=127.0.0.1:1443", "--ca=ca.pem"])).unwrap();
+        assert_eq!(d.suites[0], CipherSuite::Aes128CbcHmacSha256);
+        assert_eq!(
+            &d.suites[2..],
+            [CipherSuite::Aes128Gcm, CipherSuite::ChaCha20Poly1305]
+        );
+    }
+
+    #[test]
     fn flags_only_every_flag() {
         let pin = "ab".repeat(32);
         let c = ShimConfig::from_args(flags(&[

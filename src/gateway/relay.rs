@@ -306,7 +306,7 @@ impl AssociationHandle {
     pub fn receive_tls_record(&self, record: &mut [u8]) {
         let relay = &self.relay;
         let assoc = &self.assoc;
-        let h = match record::parse_header(record) {
+        let h = match record::parse_header_with(record, |id| relay.is_aead(id)) {
             Ok(h) => h,
             Err(e) => return relay.metrics.count_drop(e.reason()),
         };
@@ -759,6 +759,19 @@ impl Relay {
         }
     }
 
+    /// Whether association `id` exists and uses an AEAD suite (its records have any length).
+    fn is_aead(&self, id: AssociationId) -> bool {
+        self.secure.load().get(&id).is_some_and(|a| match &a.kind {
+            Kind::Secure { rx, .. } => rx
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .session
+                .suite()
+                .is_aead(),
+            Kind::Naked => false,
+        })
+    }
+
     fn handle_naked(self: &Arc<Self>, datagram: &[u8], src: SocketAddr, out: &mut Forwarder) {
         let h = match parse_udp_header(datagram) {
             Ok(h) => h,
@@ -806,7 +819,7 @@ impl Relay {
         out: &mut Forwarder,
         tag: Option<bool>,
     ) {
-        let h = match record::parse_header(datagram) {
+        let h = match record::parse_header_with(datagram, |id| self.is_aead(id)) {
             Ok(h) => h,
             Err(e) => return self.metrics.count_drop(e.reason()),
         };
@@ -1061,6 +1074,10 @@ async fn reply_loop(relay: Arc<Relay>, assoc: Arc<Association>) {
     let mut batch = RecvBatch::new(SMALL_BATCH);
     let mut out = Replies::new(relay.io().max_gso_segments());
     let mut peers = PeerCache::default();
+    // Exact record lengths cut the trains; an association keeps its suite for life.
+    let suite = send.map_or(crate::proto::CipherSuite::Aes128CbcHmacSha256, |s| {
+        s.lock().unwrap_or_else(|e| e.into_inner()).suite()
+    });
     loop {
         let watch_icmp = !relay.settings.e2e.is_empty();
         let received = tokio::select! {
@@ -1112,7 +1129,7 @@ async fn reply_loop(relay: Arc<Relay>, assoc: Arc<Association>) {
                 Some(_) if alen + n > record::MAX_PLAINTEXT => {
                     return relay.metrics.count_drop(DropReason::TooLarge);
                 }
-                Some(_) => (record::record_len(alen + n), record::PREFIX_LEN),
+                Some(_) => (suite.record_len(alen + n), record::PREFIX_LEN),
                 None if 3 + alen + n > record::MAX_DATAGRAM => {
                     return relay.metrics.count_drop(DropReason::TooLarge);
                 }

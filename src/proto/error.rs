@@ -254,10 +254,12 @@ pub enum SealError {
     /// printable ASCII).
     #[error("address cannot be encoded: {0}")]
     BadAddress(SocksError),
-    /// This key has sealed its maximum number of records; open a new association.
+    /// This key has sealed its maximum number of records (or, AES-128-GCM, of data:
+    /// PROTOCOL.md §8); open a new association.
     #[error("key exhausted after {limit} records: a new association is required")]
     KeyExhausted {
-        /// The per-key record limit.
+        /// The records this key sealed: the per-key record limit, or fewer when
+        /// AES-128-GCM's data limit came first.
         limit: u64,
     },
 }

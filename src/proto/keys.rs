@@ -18,18 +18,29 @@
 //! ```
 //!
 //! where c2g is the client-to-gateway direction and g2c the reverse; Ke = Ki = 16 (suite 1)
-//! or 32 (suite 2), Km = 32. This module only cuts bytes: calling the exporter is the TLS
-//! layer's job, so the core stays free of I/O.
+//! or 32 (suite 2), Km = 32. The AEAD suites (3: AES-128-GCM, 4: ChaCha20-Poly1305) have no
+//! MAC key and a 12-byte IV (Km = 0, Ki = 12, Ke = 16 or 32), so the same cut reads
+//! `c2g key | c2g iv | g2c key | g2c iv`, `2 * (Ke + 12)` bytes. This module only cuts bytes:
+//! calling the exporter is the TLS layer's job, so the core stays free of I/O.
 
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 /// TLS exporter label for secure-UDP keys (RFC 5705 §4: private labels start with "EXPORTER").
 pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-sudp-udp-keys-v1";
 
-/// Length of the MAC key in every suite: HMAC-SHA256's block-friendly 32 bytes.
+/// Length of the MAC key of the CBC suites: HMAC-SHA256's block-friendly 32 bytes.
 pub const MAC_KEY_LEN: usize = 32;
 
-/// A cipher suite: AES-CBC with PKCS#7 padding, HMAC-SHA256 truncated to 128 bits.
+/// Length of the per-direction IV of the AEAD suites (the AEAD nonce length, as TLS 1.3).
+pub const AEAD_IV_LEN: usize = 12;
+
+/// AES-128-GCM's data limit per key, in 16-byte AES blocks (PROTOCOL.md §8): 2^34 blocks
+/// (256 GiB), under the 2^34.5 blocks of TLS 1.3's 2^24.5 full-size records (RFC 8446 §5.5),
+/// which keep the distinguishing advantage near 2^-57. Counted by the send session.
+pub const GCM_MAX_BLOCKS_PER_KEY: u64 = 1 << 34;
+
+/// A cipher suite: AES-CBC with PKCS#7 padding and HMAC-SHA256 truncated to 128 bits
+/// (suites 1, 2), or an AEAD (suites 3, 4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum CipherSuite {
@@ -37,11 +48,21 @@ pub enum CipherSuite {
     Aes128CbcHmacSha256 = 0x01,
     /// AES-256-CBC + HMAC-SHA256-128 (suite id 0x02).
     Aes256CbcHmacSha256 = 0x02,
+    /// AES-128-GCM (suite id 0x03), an AEAD with a 16-byte tag.
+    Aes128Gcm = 0x03,
+    /// ChaCha20-Poly1305 (suite id 0x04, RFC 8439), for CPUs without AES instructions.
+    ChaCha20Poly1305 = 0x04,
 }
 
 impl CipherSuite {
-    /// Every suite this version implements, most preferred first.
-    pub const ALL: [CipherSuite; 2] = [CipherSuite::Aes128CbcHmacSha256, CipherSuite::Aes256CbcHmacSha256];
+    /// Every suite this version implements, most preferred first: the CBC suites stay the
+    /// default (a client offering `ALL` gets suite 1 from a gateway that allows it).
+    pub const ALL: [CipherSuite; 4] = [
+        CipherSuite::Aes128CbcHmacSha256,
+        CipherSuite::Aes256CbcHmacSha256,
+        CipherSuite::Aes128Gcm,
+        CipherSuite::ChaCha20Poly1305,
+    ];
 
     /// The one-byte id carried in the sub-negotiation and the exporter context.
     pub fn id(self) -> u8 {
@@ -53,21 +74,68 @@ impl CipherSuite {
         match id {
             0x01 => Some(CipherSuite::Aes128CbcHmacSha256),
             0x02 => Some(CipherSuite::Aes256CbcHmacSha256),
+            0x03 => Some(CipherSuite::Aes128Gcm),
+            0x04 => Some(CipherSuite::ChaCha20Poly1305),
             _ => None,
         }
     }
 
-    /// AES key length (also the IV-derivation key length).
+    /// Whether this is an AEAD suite (no padding, no MAC key; PROTOCOL.md §4.7).
+    pub fn is_aead(self) -> bool {
+        matches!(self, CipherSuite::Aes128Gcm | CipherSuite::ChaCha20Poly1305)
+    }
+
+    /// Encryption key length (Ke).
     pub fn enc_key_len(self) -> usize {
         match self {
-            CipherSuite::Aes128CbcHmacSha256 => 16,
-            CipherSuite::Aes256CbcHmacSha256 => 32,
+            CipherSuite::Aes128CbcHmacSha256 | CipherSuite::Aes128Gcm => 16,
+            CipherSuite::Aes256CbcHmacSha256 | CipherSuite::ChaCha20Poly1305 => 32,
+        }
+    }
+
+    /// MAC key length (Km): 32 for the CBC suites, 0 for the AEAD suites.
+    pub fn mac_key_len(self) -> usize {
+        if self.is_aead() {
+            0
+        } else {
+            MAC_KEY_LEN
+        }
+    }
+
+    /// IV material length (Ki): the IV-derivation AES key of the CBC suites (Ke bytes), or
+    /// the AEAD suites' 12-byte IV.
+    pub fn iv_len(self) -> usize {
+        if self.is_aead() {
+            AEAD_IV_LEN
+        } else {
+            self.enc_key_len()
         }
     }
 
     /// Bytes of keying material per direction.
     pub fn direction_len(self) -> usize {
-        2 * self.enc_key_len() + MAC_KEY_LEN
+        self.enc_key_len() + self.mac_key_len() + self.iv_len()
+    }
+
+    /// Length of this suite's record sealing `plaintext_len` bytes: CBC pads to whole
+    /// blocks (PROTOCOL.md §4.2), an AEAD does not (§4.7). Never longer than
+    /// [`crate::proto::record::record_len`], which is the CBC length and so room for any suite.
+    pub const fn record_len(self, plaintext_len: usize) -> usize {
+        match self {
+            CipherSuite::Aes128Gcm | CipherSuite::ChaCha20Poly1305 => {
+                crate::proto::record::PREFIX_LEN + plaintext_len + crate::proto::record::TAG_LEN
+            }
+            _ => crate::proto::record::record_len(plaintext_len),
+        }
+    }
+
+    /// The data limit per key in 16-byte cipher blocks, if the suite has one below what the
+    /// nonce limit allows (PROTOCOL.md §8): AES-128-GCM only.
+    pub fn max_blocks_per_key(self) -> Option<u64> {
+        match self {
+            CipherSuite::Aes128Gcm => Some(GCM_MAX_BLOCKS_PER_KEY),
+            _ => None,
+        }
     }
 
     /// Bytes to ask of the exporter.
@@ -80,6 +148,8 @@ impl CipherSuite {
         match self {
             CipherSuite::Aes128CbcHmacSha256 => "aes128-cbc-hmac-sha256",
             CipherSuite::Aes256CbcHmacSha256 => "aes256-cbc-hmac-sha256",
+            CipherSuite::Aes128Gcm => "aes128-gcm",
+            CipherSuite::ChaCha20Poly1305 => "chacha20-poly1305",
         }
     }
 
@@ -130,6 +200,10 @@ pub enum Role {
 }
 
 /// The keys of one direction. Zeroized on drop; `Debug` never prints key bytes.
+///
+/// One shape for every suite: the CBC suites fill all three keys; the AEAD suites have an
+/// empty [`mac`](Self::mac) and a 12-byte [`iv`](Self::iv) (the per-direction AEAD IV, not
+/// an AES key), so the CBC code reads exactly what it read before.
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
 pub struct DirectionKeys {
     enc: [u8; 32],
@@ -140,12 +214,14 @@ pub struct DirectionKeys {
 }
 
 impl DirectionKeys {
-    /// Keys from raw bytes (`enc` and `iv` of the suite's key length).
+    /// Keys from raw bytes: `enc` of [`CipherSuite::enc_key_len`], `mac` of
+    /// [`CipherSuite::mac_key_len`] (empty for an AEAD suite), `iv` of
+    /// [`CipherSuite::iv_len`].
     ///
     /// Returns `None` when a length does not match the suite.
     pub fn new(suite: CipherSuite, enc: &[u8], mac: &[u8], iv: &[u8]) -> Option<Self> {
         let n = suite.enc_key_len();
-        if enc.len() != n || iv.len() != n || mac.len() != MAC_KEY_LEN {
+        if enc.len() != n || iv.len() != suite.iv_len() || mac.len() != suite.mac_key_len() {
             return None;
         }
         let mut k = DirectionKeys {
@@ -155,8 +231,8 @@ impl DirectionKeys {
             suite,
         };
         k.enc[..n].copy_from_slice(enc);
-        k.mac.copy_from_slice(mac);
-        k.iv[..n].copy_from_slice(iv);
+        k.mac[..mac.len()].copy_from_slice(mac);
+        k.iv[..iv.len()].copy_from_slice(iv);
         Some(k)
     }
 
@@ -165,19 +241,19 @@ impl DirectionKeys {
         self.suite
     }
 
-    /// AES encryption key.
+    /// Encryption key (AES for suites 1-3, ChaCha20 for suite 4).
     pub fn enc(&self) -> &[u8] {
         &self.enc[..self.suite.enc_key_len()]
     }
 
-    /// HMAC-SHA256 key.
+    /// HMAC-SHA256 key (empty for an AEAD suite).
     pub fn mac(&self) -> &[u8] {
-        &self.mac
+        &self.mac[..self.suite.mac_key_len()]
     }
 
-    /// AES key of the IV derivation.
+    /// AES key of the IV derivation (CBC suites), or the 12-byte AEAD IV (AEAD suites).
     pub fn iv(&self) -> &[u8] {
-        &self.iv[..self.suite.enc_key_len()]
+        &self.iv[..self.suite.iv_len()]
     }
 }
 
@@ -228,9 +304,8 @@ impl KeySchedule {
         if material.len() != suite.exporter_len() {
             return None;
         }
-        let n = suite.enc_key_len();
-        let cut =
-            |d: &[u8]| DirectionKeys::new(suite, &d[..n], &d[n..n + MAC_KEY_LEN], &d[n + MAC_KEY_LEN..]);
+        let (n, m) = (suite.enc_key_len(), suite.mac_key_len());
+        let cut = |d: &[u8]| DirectionKeys::new(suite, &d[..n], &d[n..n + m], &d[n + m..]);
         let (c2g, g2c) = material.split_at(suite.direction_len());
         Some(KeySchedule {
             c2g: cut(c2g)?,
@@ -309,7 +384,7 @@ mod tests {
 
     #[test]
     fn exporter_cut_order_and_lengths() {
-        for suite in CipherSuite::ALL {
+        for suite in CipherSuite::ALL.into_iter().filter(|s| !s.is_aead()) {
             let material: Vec<u8> = (0..suite.exporter_len()).map(|i| i as u8).collect();
             let ks = KeySchedule::from_exporter(suite, &material).unwrap();
             let n = suite.enc_key_len();
@@ -354,7 +429,33 @@ mod tests {
             assert_eq!(CipherSuite::from_name(s.name()), Some(s));
         }
         assert_eq!(CipherSuite::from_id(0), None);
-        assert_eq!(CipherSuite::from_id(3), None);
+        assert_eq!(CipherSuite::from_id(5), None);
+    }
+
+    #[test]
+    fn aead_exporter_cut_is_key_then_iv() {
+        for (suite, ke) in [(CipherSuite::Aes128Gcm, 16), (CipherSuite::ChaCha20Poly1305, 32)] {
+            assert!(suite.is_aead());
+            assert_eq!(suite.exporter_len(), 2 * (ke + 12));
+            let material: Vec<u8> = (0..suite.exporter_len()).map(|i| i as u8).collect();
+            let ks = KeySchedule::from_exporter(suite, &material).unwrap();
+            assert_eq!(ks.c2g.enc(), &material[..ke]);
+            assert_eq!(ks.c2g.iv(), &material[ke..ke + 12]);
+            assert!(ks.c2g.mac().is_empty());
+            assert_eq!(ks.g2c.enc(), &material[ke + 12..2 * ke + 12]);
+            assert_eq!(ks.g2c.iv(), &material[2 * ke + 12..]);
+            assert!(KeySchedule::from_exporter(suite, &material[1..]).is_none());
+            // An AEAD key with a MAC key, or a CBC-length IV, is refused.
+            assert!(DirectionKeys::new(suite, &material[..ke], &[0; 32], &material[..12]).is_none());
+            assert!(DirectionKeys::new(suite, &material[..ke], &[], &material[..ke + 1]).is_none());
+        }
+        assert_eq!(CipherSuite::from_name("aes128-gcm"), Some(CipherSuite::Aes128Gcm));
+        assert_eq!(
+            CipherSuite::from_name("chacha20-poly1305"),
+            Some(CipherSuite::ChaCha20Poly1305)
+        );
+        assert_eq!(CipherSuite::Aes128Gcm.record_len(7), 21 + 7 + 16);
+        assert_eq!(CipherSuite::Aes128CbcHmacSha256.record_len(7), 21 + 16 + 16);
     }
 
     #[test]
@@ -372,8 +473,8 @@ mod tests {
     #[test]
     fn key_lengths_other_than_the_suites_are_refused() {
         for suite in CipherSuite::ALL {
-            let n = suite.enc_key_len();
-            let (e, m, i) = (vec![1u8; n], vec![2u8; MAC_KEY_LEN], vec![3u8; n]);
+            let (n, ml, il) = (suite.enc_key_len(), suite.mac_key_len(), suite.iv_len());
+            let (e, m, i) = (vec![1u8; n], vec![2u8; ml], vec![3u8; il]);
             let k = DirectionKeys::new(suite, &e, &m, &i).expect("lengths of the suite");
             assert_eq!(
                 (k.enc(), k.mac(), k.iv(), k.suite()),
@@ -381,15 +482,24 @@ mod tests {
             );
             // Each length wrong on its own, one byte short and one byte long.
             for d in [n - 1, n + 1] {
-                let other = vec![9u8; d];
-                assert!(DirectionKeys::new(suite, &other, &m, &i).is_none(), "enc {d}");
-                assert!(DirectionKeys::new(suite, &e, &m, &other).is_none(), "iv {d}");
-            }
-            for d in [MAC_KEY_LEN - 1, MAC_KEY_LEN + 1] {
                 assert!(
-                    DirectionKeys::new(suite, &e, &vec![9u8; d], &i).is_none(),
-                    "mac {d}"
+                    DirectionKeys::new(suite, &vec![9u8; d], &m, &i).is_none(),
+                    "enc {d}"
                 );
+            }
+            for d in [il - 1, il + 1] {
+                assert!(
+                    DirectionKeys::new(suite, &e, &m, &vec![9u8; d]).is_none(),
+                    "iv {d}"
+                );
+            }
+            for d in [ml.saturating_sub(1), ml + 1] {
+                if d != ml {
+                    assert!(
+                        DirectionKeys::new(suite, &e, &vec![9u8; d], &i).is_none(),
+                        "mac {d}"
+                    );
+                }
             }
         }
     }

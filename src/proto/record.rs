@@ -22,7 +22,18 @@
 //!   checked in constant time before anything is decrypted.
 //! * The plaintext is the SOCKS5 address (ATYP, ADDR, PORT) followed by the payload.
 //!
-//! Overhead is 37 bytes plus 1-16 bytes of padding. Every record fits in the largest UDP
+//! The AEAD suites (3: AES-128-GCM, 4: ChaCha20-Poly1305; PROTOCOL.md §4.7) keep the
+//! header, association id and nonce, and replace the two lower rows:
+//!
+//! ```text
+//! |               ciphertext: AEAD-Encrypt(key, iv XOR pad12(nonce), AAD = bytes 0 .. 21,   |
+//! |               plaintext), exactly as long as the plaintext, then the 16-byte AEAD tag     |
+//! ```
+//!
+//! no padding, no MAC key, no IV derivation; the AEAD's own tag is the record's tag, and
+//! opening is one pass (verify and decrypt) that releases nothing unless the tag verifies.
+//!
+//! CBC overhead is 37 bytes plus 1-16 bytes of padding; AEAD overhead is 37 bytes. Every record fits in the largest UDP
 //! payload, 65 507 bytes ([`MAX_DATAGRAM`]); whole blocks make the largest record 65 493
 //! bytes ([`MAX_RECORD`]), carrying the largest plaintext, [`MAX_PLAINTEXT`] = 65 455 bytes.
 
@@ -37,7 +48,7 @@ use aes::cipher::{
 use aes::{Aes128, Aes256};
 
 use crate::proto::error::{OpenError, SealError};
-use crate::proto::keys::{AssociationId, CipherSuite, DirectionKeys};
+use crate::proto::keys::{AssociationId, CipherSuite, DirectionKeys, AEAD_IV_LEN};
 use crate::proto::tag::TagKey;
 use subtle::ConstantTimeEq;
 
@@ -59,13 +70,16 @@ pub const PREFIX_LEN: usize = NONCE_OFFSET + 8;
 pub const TAG_LEN: usize = 16;
 /// Cipher block length.
 pub const BLOCK_LEN: usize = 16;
-/// Smallest record: prefix, one block, tag.
+/// Smallest record of a CBC suite: prefix, one block, tag.
 pub const MIN_RECORD: usize = PREFIX_LEN + BLOCK_LEN + TAG_LEN;
+/// Smallest record of an AEAD suite, and of any suite: prefix and tag (empty plaintext).
+pub const MIN_AEAD_RECORD: usize = PREFIX_LEN + TAG_LEN;
 /// Largest UDP payload over IPv4: no record is longer.
 pub const MAX_DATAGRAM: usize = 65_507;
 /// Largest ciphertext that fits in [`MAX_DATAGRAM`].
 pub const MAX_CIPHERTEXT: usize = (MAX_DATAGRAM - PREFIX_LEN - TAG_LEN) / BLOCK_LEN * BLOCK_LEN;
-/// Largest plaintext (address header + payload) one record carries.
+/// Largest plaintext (address header + payload) one record carries, in every suite (an AEAD
+/// record of it is 65 492 bytes, one less than the CBC one).
 pub const MAX_PLAINTEXT: usize = MAX_CIPHERTEXT - 1;
 /// Largest record a sender makes (PROTOCOL.md §4.6): 65 493 bytes, length field `0xFFD0`.
 pub const MAX_RECORD: usize = record_len(MAX_PLAINTEXT);
@@ -75,7 +89,8 @@ pub const INTERLEAVE: usize = 8;
 /// blocks) even at maximal records, and unreachable in practice (9 years at 1 Mpps).
 pub const MAX_RECORDS_PER_KEY: u64 = 1 << 48;
 
-/// Length of the record that seals `plaintext_len` bytes.
+/// Length of the CBC record that seals `plaintext_len` bytes; an AEAD record is shorter
+/// ([`CipherSuite::record_len`]), so this is room enough for a record of any suite.
 pub const fn record_len(plaintext_len: usize) -> usize {
     PREFIX_LEN + (plaintext_len / BLOCK_LEN + 1) * BLOCK_LEN + TAG_LEN
 }
@@ -91,13 +106,53 @@ pub struct RecordHeader {
     pub ciphertext_len: usize,
 }
 
-/// Parses and checks the cleartext part of a record (no keys needed). The whole datagram
-/// must be the record: trailing bytes are a length mismatch.
+/// Parses and checks the cleartext part of a record of a CBC suite (no keys needed): at
+/// least [`MIN_RECORD`] bytes, and a ciphertext of whole blocks. The whole datagram must be
+/// the record: trailing bytes are a length mismatch.
 pub fn parse_header(datagram: &[u8]) -> Result<RecordHeader, OpenError> {
-    if datagram.len() < MIN_RECORD {
+    let h = parse_header_min(datagram, MIN_RECORD)?;
+    if h.ciphertext_len == 0 || h.ciphertext_len % BLOCK_LEN != 0 {
+        return Err(OpenError::BadCiphertextLength {
+            len: h.ciphertext_len,
+        });
+    }
+    Ok(h)
+}
+
+/// The checks of [`parse_header`] that hold for every suite (at least [`MIN_AEAD_RECORD`]
+/// bytes, type, version, length field), for a receiver that does not know the record's
+/// suite yet (the gateway routes by association id before it has the keys). The suite's
+/// own rules follow in [`Opener::check_header`].
+pub fn parse_any_header(datagram: &[u8]) -> Result<RecordHeader, OpenError> {
+    parse_header_min(datagram, MIN_AEAD_RECORD)
+}
+
+/// [`parse_header`] for a receiver that finds a record's suite by its association id (the
+/// gateway): a datagram that fails only the CBC suites' own rules (shorter than
+/// [`MIN_RECORD`], or a ciphertext of no whole blocks) yet has the shape of every suite
+/// ([`parse_any_header`]) is accepted when `aead(id)` says its association uses an AEAD
+/// suite. Otherwise the [`parse_header`] error stands, so what §6.1 of PROTOCOL.md counts
+/// for a datagram no AEAD association claims is unchanged.
+pub fn parse_header_with(
+    datagram: &[u8],
+    aead: impl FnOnce(AssociationId) -> bool,
+) -> Result<RecordHeader, OpenError> {
+    match parse_header(datagram) {
+        Err(e @ (OpenError::Truncated { .. } | OpenError::BadCiphertextLength { .. })) => {
+            match parse_any_header(datagram) {
+                Ok(h) if aead(h.assoc) => Ok(h),
+                _ => Err(e),
+            }
+        }
+        r => r,
+    }
+}
+
+fn parse_header_min(datagram: &[u8], min: usize) -> Result<RecordHeader, OpenError> {
+    if datagram.len() < min {
         return Err(OpenError::Truncated {
             len: datagram.len(),
-            min: MIN_RECORD,
+            min,
         });
     }
     let version = [datagram[1], datagram[2]];
@@ -113,14 +168,20 @@ pub fn parse_header(datagram: &[u8]) -> Result<RecordHeader, OpenError> {
         return Err(OpenError::LengthMismatch { field, actual });
     }
     let ciphertext_len = datagram.len() - PREFIX_LEN - TAG_LEN;
-    if ciphertext_len == 0 || ciphertext_len % BLOCK_LEN != 0 {
-        return Err(OpenError::BadCiphertextLength { len: ciphertext_len });
-    }
     Ok(RecordHeader {
         assoc: AssociationId::from_bytes(read8(&datagram[ASSOC_OFFSET..])),
         nonce: u64::from_be_bytes(read8(&datagram[NONCE_OFFSET..])),
         ciphertext_len,
     })
+}
+
+/// Writes the 21 cleartext bytes of a `len`-byte record.
+fn write_prefix(buf: &mut [u8], assoc: AssociationId, nonce: u64, len: usize) {
+    buf[0] = CONTENT_TYPE;
+    buf[1..3].copy_from_slice(&VERSION);
+    buf[3..5].copy_from_slice(&((len - HEADER_LEN) as u16).to_be_bytes());
+    buf[ASSOC_OFFSET..NONCE_OFFSET].copy_from_slice(&assoc.to_bytes());
+    buf[NONCE_OFFSET..PREFIX_LEN].copy_from_slice(&nonce.to_be_bytes());
 }
 
 fn read8(b: &[u8]) -> [u8; 8] {
@@ -147,6 +208,10 @@ impl Aes {
             }
             CipherSuite::Aes256CbcHmacSha256 => {
                 Aes::A256(Aes256::new_from_slice(key).expect("32-byte key by construction"))
+            }
+            // Invariant: only `CbcKeys::new`, for a CBC suite, builds an `Aes`.
+            CipherSuite::Aes128Gcm | CipherSuite::ChaCha20Poly1305 => {
+                unreachable!("AES-CBC keys are built for CBC suites only")
             }
         }
     }
@@ -230,8 +295,8 @@ impl BlockCipherEncClosure for CbcJob<'_> {
     }
 }
 
-/// The keyed state one direction needs: data cipher, IV cipher, MAC. Built once per key;
-/// every per-record operation works on caller buffers and allocates nothing.
+/// The keyed state one direction of a CBC suite needs: data cipher, IV cipher, MAC. Built
+/// once per key; every per-record operation works on caller buffers and allocates nothing.
 #[derive(Clone)]
 struct RecordKeys {
     data: Aes,
@@ -265,13 +330,121 @@ impl RecordKeys {
     }
 }
 
+/// The keyed state one direction of an AEAD suite needs: `ring`'s AEAD key and the
+/// per-direction IV.
+#[derive(Clone)]
+struct AeadKeys {
+    key: ring::aead::LessSafeKey,
+    iv: [u8; AEAD_IV_LEN],
+    assoc: AssociationId,
+}
+
+impl AeadKeys {
+    fn new(assoc: AssociationId, keys: &DirectionKeys) -> Self {
+        let alg = match keys.suite() {
+            CipherSuite::Aes128Gcm => &ring::aead::AES_128_GCM,
+            CipherSuite::ChaCha20Poly1305 => &ring::aead::CHACHA20_POLY1305,
+            // Invariant: `SuiteKeys::new` builds AEAD keys for AEAD suites only.
+            CipherSuite::Aes128CbcHmacSha256 | CipherSuite::Aes256CbcHmacSha256 => {
+                unreachable!("AEAD keys are built for AEAD suites only")
+            }
+        };
+        // Invariant: DirectionKeys guarantees the key length matches the suite (16 / 32),
+        // the one thing `UnboundKey::new` checks.
+        let key = ring::aead::UnboundKey::new(alg, keys.enc()).expect("key length by construction");
+        let mut iv = [0u8; AEAD_IV_LEN];
+        iv.copy_from_slice(keys.iv());
+        AeadKeys {
+            key: ring::aead::LessSafeKey::new(key),
+            iv,
+            assoc,
+        }
+    }
+
+    /// The AEAD nonce: the IV XOR the record nonce, big-endian, left-padded to 12 bytes
+    /// (as TLS 1.3, RFC 8446 §5.3, and DTLS 1.3 build it).
+    fn nonce_for(&self, nonce: u64) -> ring::aead::Nonce {
+        let mut n = self.iv;
+        for (b, x) in n[AEAD_IV_LEN - 8..].iter_mut().zip(nonce.to_be_bytes()) {
+            *b ^= x;
+        }
+        ring::aead::Nonce::assume_unique_for_key(n)
+    }
+
+    /// Encrypts `record[PREFIX_LEN..len - TAG_LEN]` in place with the prefix as AAD and
+    /// writes the tag; the prefix is already written.
+    fn seal(&self, nonce: u64, record: &mut [u8]) {
+        let split = record.len() - TAG_LEN;
+        let (aad, rest) = record.split_at_mut(PREFIX_LEN);
+        let (body, tag_out) = rest.split_at_mut(split - PREFIX_LEN);
+        // Invariant: ring refuses only inputs longer than the AEAD's limit (2^36 bytes for
+        // GCM, 2^38 for ChaCha20), far above a record's 65 455 bytes.
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(self.nonce_for(nonce), ring::aead::Aad::from(&*aad), body)
+            .expect("a record is far below the AEAD input limit");
+        tag_out.copy_from_slice(tag.as_ref());
+    }
+
+    /// Verifies and decrypts a record in place; the plaintext is `record[PREFIX_LEN..]`
+    /// minus the tag. On a bad tag nothing is released (ring leaves the buffer unspecified;
+    /// the caller drops it).
+    fn open<'a>(&self, nonce: u64, record: &'a mut [u8]) -> Result<&'a mut [u8], OpenError> {
+        let (aad, body) = record.split_at_mut(PREFIX_LEN);
+        self.key
+            .open_in_place(self.nonce_for(nonce), ring::aead::Aad::from(&*aad), body)
+            .map_err(|_| OpenError::BadMac)
+    }
+}
+
+/// A direction's keys, by suite family.
+// One per direction, built once per key: inline (not boxed) so the CBC hot path chases no
+// extra pointer for the ~500 bytes the variants differ by.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
+enum SuiteKeys {
+    Cbc(RecordKeys),
+    Aead(AeadKeys),
+}
+
+impl SuiteKeys {
+    fn new(assoc: AssociationId, keys: &DirectionKeys) -> Self {
+        if keys.suite().is_aead() {
+            SuiteKeys::Aead(AeadKeys::new(assoc, keys))
+        } else {
+            SuiteKeys::Cbc(RecordKeys::new(assoc, keys))
+        }
+    }
+
+    fn assoc(&self) -> AssociationId {
+        match self {
+            SuiteKeys::Cbc(k) => k.assoc,
+            SuiteKeys::Aead(k) => k.assoc,
+        }
+    }
+}
+
+/// The CBC tests reach the CBC keys as before (`s.keys.iv_for`, `s.keys.data`); a test
+/// doing so with AEAD keys is a broken test.
+#[cfg(test)]
+impl std::ops::Deref for SuiteKeys {
+    type Target = RecordKeys;
+    fn deref(&self) -> &RecordKeys {
+        match self {
+            SuiteKeys::Cbc(k) => k,
+            SuiteKeys::Aead(_) => panic!("a CBC test used AEAD keys"),
+        }
+    }
+}
+
 /// Seals plaintexts into records for one association and direction.
 ///
 /// The sealer takes the nonce as an argument; [`crate::proto::SendSession`] owns the counter.
 /// So that no library user can seal two records under one nonce, a sealer is built only
 /// inside the crate (by the send session) and is not `Clone`.
 pub struct Sealer {
-    keys: RecordKeys,
+    keys: SuiteKeys,
+    suite: CipherSuite,
 }
 
 impl Sealer {
@@ -291,18 +464,24 @@ impl Sealer {
 
     fn with_keys(assoc: AssociationId, keys: &DirectionKeys) -> Self {
         Sealer {
-            keys: RecordKeys::new(assoc, keys),
+            keys: SuiteKeys::new(assoc, keys),
+            suite: keys.suite(),
         }
     }
 
     /// The association id written into records.
     pub fn assoc(&self) -> AssociationId {
-        self.keys.assoc
+        self.keys.assoc()
+    }
+
+    /// The suite these records are sealed with.
+    pub fn suite(&self) -> CipherSuite {
+        self.suite
     }
 
     /// Seals the plaintext that the caller already placed at
-    /// `buf[PREFIX_LEN .. PREFIX_LEN + plaintext_len]`, writing header, padding and tag around
-    /// it. Returns the record length; the record is `buf[..len]`.
+    /// `buf[PREFIX_LEN .. PREFIX_LEN + plaintext_len]`, writing header, padding (CBC suites)
+    /// and tag around it. Returns the record length; the record is `buf[..len]`.
     pub fn seal_in_place(
         &self,
         nonce: u64,
@@ -310,8 +489,16 @@ impl Sealer {
         plaintext_len: usize,
     ) -> Result<usize, SealError> {
         let len = self.check(nonce, buf.len(), plaintext_len)?;
-        let iv = self.prepare(nonce, buf, plaintext_len);
-        self.encrypt_and_tag(buf, &[0], &[len], &[iv]);
+        match &self.keys {
+            SuiteKeys::Cbc(k) => {
+                let iv = Self::prepare(k, nonce, buf, plaintext_len);
+                Self::encrypt_and_tag(k, buf, &[0], &[len], &[iv]);
+            }
+            SuiteKeys::Aead(k) => {
+                write_prefix(buf, k.assoc, nonce, len);
+                k.seal(nonce, &mut buf[..len]);
+            }
+        }
         Ok(len)
     }
 
@@ -328,7 +515,7 @@ impl Sealer {
                 limit: MAX_RECORDS_PER_KEY,
             });
         }
-        let len = record_len(plaintext_len);
+        let len = self.suite.record_len(plaintext_len);
         if buf_len < len {
             return Err(SealError::BufferTooSmall {
                 have: buf_len,
@@ -338,18 +525,14 @@ impl Sealer {
         Ok(len)
     }
 
-    /// Writes padding and the cleartext fields; returns the IV.
-    fn prepare(&self, nonce: u64, buf: &mut [u8], plaintext_len: usize) -> [u8; 16] {
+    /// Writes padding and the cleartext fields of a CBC record; returns the IV.
+    fn prepare(k: &RecordKeys, nonce: u64, buf: &mut [u8], plaintext_len: usize) -> [u8; 16] {
         let len = record_len(plaintext_len);
         let ct_len = len - PREFIX_LEN - TAG_LEN;
         let pad = (ct_len - plaintext_len) as u8;
         buf[PREFIX_LEN + plaintext_len..PREFIX_LEN + ct_len].fill(pad);
-        buf[0] = CONTENT_TYPE;
-        buf[1..3].copy_from_slice(&VERSION);
-        buf[3..5].copy_from_slice(&((len - HEADER_LEN) as u16).to_be_bytes());
-        buf[ASSOC_OFFSET..NONCE_OFFSET].copy_from_slice(&self.keys.assoc.to_bytes());
-        buf[NONCE_OFFSET..PREFIX_LEN].copy_from_slice(&nonce.to_be_bytes());
-        self.keys.iv_for(nonce)
+        write_prefix(buf, k.assoc, nonce, len);
+        k.iv_for(nonce)
     }
 
     /// Seals several records at once, with nonces `first_nonce`, `first_nonce + 1`, ...:
@@ -360,8 +543,9 @@ impl Sealer {
     /// The bytes are exactly those of sealing each record in turn with
     /// [`seal_in_place`](Self::seal_in_place). What differs is speed: CBC encryption is
     /// serial within a record, so the CBC chains of up to [`INTERLEAVE`] records advance
-    /// together and the AES unit pipelines their independent blocks. Nothing is written
-    /// when any record fails its checks.
+    /// together and the AES unit pipelines their independent blocks (an AEAD suite seals
+    /// one record after the other: its cipher is parallel within a record). Nothing is
+    /// written when any record fails its checks.
     pub fn seal_many_in_place(
         &self,
         first_nonce: u64,
@@ -381,14 +565,32 @@ impl Sealer {
             let nonce = first_nonce.saturating_add(i as u64);
             lens[i] = self.check(nonce, end - offsets[i], plaintext_lens[i])?;
         }
+        let keys = match &self.keys {
+            SuiteKeys::Cbc(k) => k,
+            SuiteKeys::Aead(k) => {
+                for i in 0..n {
+                    let nonce = first_nonce + i as u64;
+                    let record = &mut buf[offsets[i]..offsets[i] + lens[i]];
+                    write_prefix(record, k.assoc, nonce, lens[i]);
+                    k.seal(nonce, record);
+                }
+                return Ok(());
+            }
+        };
         let mut ivs = [[0u8; 16]; INTERLEAVE];
         for group in (0..n).step_by(INTERLEAVE) {
             let k = INTERLEAVE.min(n - group);
             for (j, iv) in ivs[..k].iter_mut().enumerate() {
                 let i = group + j;
-                *iv = self.prepare(first_nonce + i as u64, &mut buf[offsets[i]..], plaintext_lens[i]);
+                *iv = Self::prepare(
+                    keys,
+                    first_nonce + i as u64,
+                    &mut buf[offsets[i]..],
+                    plaintext_lens[i],
+                );
             }
-            self.encrypt_and_tag(
+            Self::encrypt_and_tag(
+                keys,
                 buf,
                 &offsets[group..group + k],
                 &lens[group..group + k],
@@ -400,7 +602,13 @@ impl Sealer {
 
     /// CBC-encrypts, then tags, up to [`INTERLEAVE`] prepared records (`lens` are whole
     /// record lengths, `ivs` their IVs); see [`CbcJob`].
-    fn encrypt_and_tag(&self, buf: &mut [u8], offsets: &[usize], lens: &[usize], ivs: &[[u8; 16]]) {
+    fn encrypt_and_tag(
+        keys: &RecordKeys,
+        buf: &mut [u8],
+        offsets: &[usize],
+        lens: &[usize],
+        ivs: &[[u8; 16]],
+    ) {
         let k = offsets.len();
         debug_assert!(k <= INTERLEAVE && lens.len() == k && ivs.len() == k);
         let mut job = CbcJob {
@@ -413,7 +621,7 @@ impl Sealer {
             job.chain[j] = Block::from(ivs[j]);
             job.nblocks[j] = (lens[j] - PREFIX_LEN - TAG_LEN) / BLOCK_LEN;
         }
-        self.keys.data.encrypt_with(job);
+        keys.data.encrypt_with(job);
         // Equal-length records (a train) are tagged in lockstep (see `proto::tag`).
         let mut tags = [[0u8; TAG_LEN]; INTERLEAVE];
         {
@@ -421,7 +629,7 @@ impl Sealer {
             for j in 0..k {
                 msgs[j] = &buf[offsets[j]..offsets[j] + lens[j] - TAG_LEN];
             }
-            self.keys.mac.tag_many(&msgs[..k], &mut tags[..k]);
+            keys.mac.tag_many(&msgs[..k], &mut tags[..k]);
         }
         for j in 0..k {
             let end = offsets[j] + lens[j];
@@ -437,7 +645,7 @@ impl Sealer {
                 max: MAX_PLAINTEXT,
             });
         }
-        let need = record_len(plaintext.len());
+        let need = self.suite.record_len(plaintext.len());
         if out.len() < need {
             return Err(SealError::BufferTooSmall {
                 have: out.len(),
@@ -454,29 +662,43 @@ impl Sealer {
 /// The opener is stateless; [`crate::proto::RecvSession`] adds the replay window around it.
 #[derive(Clone)]
 pub struct Opener {
-    keys: RecordKeys,
+    keys: SuiteKeys,
+    suite: CipherSuite,
 }
 
 impl Opener {
     /// An opener with `keys` for association `assoc`.
     pub fn new(assoc: AssociationId, keys: &DirectionKeys) -> Self {
         Opener {
-            keys: RecordKeys::new(assoc, keys),
+            keys: SuiteKeys::new(assoc, keys),
+            suite: keys.suite(),
         }
     }
 
     /// The association id this opener accepts.
     pub fn assoc(&self) -> AssociationId {
-        self.keys.assoc
+        self.keys.assoc()
     }
 
-    /// Parses the header and checks that the record belongs to this association.
+    /// The suite of the records this opener opens.
+    pub fn suite(&self) -> CipherSuite {
+        self.suite
+    }
+
+    /// Parses the header and checks that the record belongs to this association: the
+    /// suite's shape ([`parse_header`] for a CBC suite, [`parse_any_header`] for an AEAD
+    /// suite, whose ciphertext has any length), the association id, the nonce limit.
     pub fn check_header(&self, datagram: &[u8]) -> Result<RecordHeader, OpenError> {
-        let h = parse_header(datagram)?;
-        if h.assoc != self.keys.assoc {
+        let h = if self.suite.is_aead() {
+            parse_any_header(datagram)?
+        } else {
+            parse_header(datagram)?
+        };
+        let assoc = self.keys.assoc();
+        if h.assoc != assoc {
             return Err(OpenError::WrongAssociation {
                 found: h.assoc.0,
-                expected: self.keys.assoc.0,
+                expected: assoc.0,
             });
         }
         if h.nonce >= MAX_RECORDS_PER_KEY {
@@ -487,12 +709,25 @@ impl Opener {
 
     /// Checks the tag in constant time. `datagram` must have passed
     /// [`check_header`](Self::check_header).
+    ///
+    /// An AEAD checks its tag only while decrypting, so for an AEAD suite this decrypts a
+    /// copy (an allocation and a decryption): the session's receive path does not call it
+    /// for AEAD records, it opens them in one pass ([`decrypt_in_place`](Self::decrypt_in_place)).
     pub fn verify(&self, datagram: &[u8]) -> Result<(), OpenError> {
-        let split = datagram.len() - TAG_LEN;
-        if self.keys.mac.verify(&datagram[..split], &datagram[split..]) {
-            Ok(())
-        } else {
-            Err(OpenError::BadMac)
+        match &self.keys {
+            SuiteKeys::Cbc(k) => {
+                let split = datagram.len() - TAG_LEN;
+                if k.mac.verify(&datagram[..split], &datagram[split..]) {
+                    Ok(())
+                } else {
+                    Err(OpenError::BadMac)
+                }
+            }
+            SuiteKeys::Aead(k) => {
+                let nonce = u64::from_be_bytes(read8(&datagram[NONCE_OFFSET..]));
+                let mut copy = datagram.to_vec();
+                k.open(nonce, &mut copy).map(|_| ())
+            }
         }
     }
 
@@ -501,8 +736,21 @@ impl Opener {
     /// verifies. Records of equal length are hashed in lockstep, so a train costs well under
     /// one [`verify`](Self::verify) per record. Every comparison is constant-time and every
     /// record is checked (no early exit).
+    ///
+    /// For an AEAD suite each record is decrypted in a scratch copy ([`verify`](Self::verify)):
+    /// correct, but no faster than opening; the session skips it for AEAD trains
+    /// ([`crate::proto::RecvSession::verify_run`]).
     pub fn verify_many(&self, datagrams: &[&[u8]], ok: &mut [bool]) {
         assert!(ok.len() >= datagrams.len(), "one verdict per record");
+        let keys = match &self.keys {
+            SuiteKeys::Cbc(k) => k,
+            SuiteKeys::Aead(_) => {
+                for (d, ok) in datagrams.iter().zip(ok.iter_mut()) {
+                    *ok = d.len() >= MIN_AEAD_RECORD && self.verify(d).is_ok();
+                }
+                return;
+            }
+        };
         for (datagrams, ok) in datagrams.chunks(INTERLEAVE).zip(ok.chunks_mut(INTERLEAVE)) {
             let mut msgs: [&[u8]; INTERLEAVE] = [&[]; INTERLEAVE];
             for (m, d) in msgs.iter_mut().zip(datagrams) {
@@ -510,7 +758,7 @@ impl Opener {
             }
             let mut tags = [[0u8; TAG_LEN]; INTERLEAVE];
             let n = datagrams.len();
-            self.keys.mac.tag_many(&msgs[..n], &mut tags[..n]);
+            keys.mac.tag_many(&msgs[..n], &mut tags[..n]);
             for i in 0..n {
                 let d = datagrams[i];
                 ok[i] = d.len() >= MIN_RECORD && bool::from(tags[i].ct_eq(&d[d.len() - TAG_LEN..]));
@@ -520,14 +768,21 @@ impl Opener {
 
     /// Decrypts a verified record in place and strips the padding; returns the plaintext,
     /// which lies at `datagram[PREFIX_LEN..]`.
+    ///
+    /// For an AEAD suite this is the AEAD's open: it verifies the tag as it decrypts and
+    /// returns [`OpenError::BadMac`], releasing nothing, when the tag does not verify.
     pub fn decrypt_in_place<'a>(
         &self,
         h: &RecordHeader,
         datagram: &'a mut [u8],
     ) -> Result<&'a mut [u8], OpenError> {
-        let iv = self.keys.iv_for(h.nonce);
+        let keys = match &self.keys {
+            SuiteKeys::Cbc(k) => k,
+            SuiteKeys::Aead(k) => return k.open(h.nonce, datagram),
+        };
+        let iv = keys.iv_for(h.nonce);
         let ct = &mut datagram[PREFIX_LEN..PREFIX_LEN + h.ciphertext_len];
-        self.keys.data.cbc_decrypt(&iv, ct);
+        keys.data.cbc_decrypt(&iv, ct);
         // Padding is authenticated (the tag covered the ciphertext), so checking it cannot
         // act as a padding oracle; a bad pad only means a broken sender.
         let pad = ct[ct.len() - 1] as usize;
@@ -542,7 +797,10 @@ impl Opener {
     /// vectors and tools). Returns the nonce and the plaintext.
     pub fn open_in_place<'a>(&self, datagram: &'a mut [u8]) -> Result<(u64, &'a mut [u8]), OpenError> {
         let h = self.check_header(datagram)?;
-        self.verify(datagram)?;
+        if !self.suite.is_aead() {
+            // An AEAD verifies in `decrypt_in_place`, in the same pass.
+            self.verify(datagram)?;
+        }
         let pt = self.decrypt_in_place(&h, datagram)?;
         Ok((h.nonce, pt))
     }
@@ -564,8 +822,8 @@ mod tests {
     fn keys(suite: CipherSuite) -> DirectionKeys {
         let n = suite.enc_key_len();
         let e: Vec<u8> = (0..n as u8).collect();
-        let m: Vec<u8> = (100..132).collect();
-        let i: Vec<u8> = (200..200 + n as u8).collect();
+        let m: Vec<u8> = (100..100 + suite.mac_key_len() as u8).collect();
+        let i: Vec<u8> = (200..200 + suite.iv_len() as u8).collect();
         DirectionKeys::new(suite, &e, &m, &i).unwrap()
     }
 
@@ -592,7 +850,7 @@ mod tests {
             for len in [0usize, 1, 15, 16, 17, 200, 1200] {
                 let pt: Vec<u8> = (0..len).map(|i| i as u8).collect();
                 let n = s.seal(7, &pt, &mut buf).unwrap();
-                assert_eq!(n, record_len(len));
+                assert_eq!(n, suite.record_len(len));
                 assert_eq!(buf[0], 0x97);
                 let (nonce, back) = o.open_in_place(&mut buf[..n]).unwrap();
                 assert_eq!(nonce, 7);
@@ -780,6 +1038,228 @@ mod tests {
                 prop_assert_eq!(pt.len(), n);
             }
         }
+    }
+
+    const AEADS: [CipherSuite; 2] = [CipherSuite::Aes128Gcm, CipherSuite::ChaCha20Poly1305];
+
+    /// The AEAD record, built by hand from the layout of PROTOCOL.md §4.7 with ring's AEAD
+    /// called directly: prefix as AAD, IV XOR the left-padded nonce, ciphertext as long as
+    /// the plaintext, tag last.
+    fn aead_by_hand(suite: CipherSuite, assoc: AssociationId, nonce: u64, pt: &[u8]) -> Vec<u8> {
+        let k = keys(suite);
+        let alg = if suite == CipherSuite::Aes128Gcm {
+            &ring::aead::AES_128_GCM
+        } else {
+            &ring::aead::CHACHA20_POLY1305
+        };
+        let key = ring::aead::LessSafeKey::new(ring::aead::UnboundKey::new(alg, k.enc()).unwrap());
+        let mut n = [0u8; 12];
+        n.copy_from_slice(k.iv());
+        for (i, b) in nonce.to_be_bytes().iter().enumerate() {
+            n[4 + i] ^= b;
+        }
+        let mut r = vec![0x97, 3, 3];
+        r.extend_from_slice(&((8 + 8 + pt.len() + 16) as u16).to_be_bytes());
+        r.extend_from_slice(&assoc.0.to_be_bytes());
+        r.extend_from_slice(&nonce.to_be_bytes());
+        let mut body = pt.to_vec();
+        let tag = key
+            .seal_in_place_separate_tag(
+                ring::aead::Nonce::assume_unique_for_key(n),
+                ring::aead::Aad::from(&r[..]),
+                &mut body,
+            )
+            .unwrap();
+        r.extend_from_slice(&body);
+        r.extend_from_slice(tag.as_ref());
+        r
+    }
+
+    #[test]
+    fn aead_records_follow_the_layout_and_open() {
+        for suite in AEADS {
+            let (s, o) = pair(suite);
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            for (len, nonce) in [
+                (0usize, 0u64),
+                (1, 1),
+                (15, 0x0102_0304_0506),
+                (16, 7),
+                (200, 9),
+                (1200, (1 << 48) - 1),
+            ] {
+                let pt: Vec<u8> = (0..len).map(|i| (i * 3) as u8).collect();
+                let n = s.seal(nonce, &pt, &mut buf).unwrap();
+                assert_eq!(n, PREFIX_LEN + len + TAG_LEN);
+                assert_eq!(n, suite.record_len(len));
+                assert_eq!(
+                    buf[..n],
+                    aead_by_hand(suite, s.assoc(), nonce, &pt)[..],
+                    "{suite} {len}"
+                );
+                let (got, back) = o.open_in_place(&mut buf[..n]).unwrap();
+                assert_eq!((got, &back[..]), (nonce, &pt[..]));
+            }
+            // The largest plaintext makes a 65 492-byte record, one more is refused.
+            let pt = vec![1u8; MAX_PLAINTEXT];
+            assert_eq!(s.seal(0, &pt, &mut buf).unwrap(), MAX_RECORD - 1);
+            assert!(matches!(
+                s.seal(0, &vec![0u8; MAX_PLAINTEXT + 1], &mut buf),
+                Err(SealError::TooLarge { .. })
+            ));
+            // The AEAD keys are not the CBC keys: a CBC opener of the same bytes refuses.
+            assert!(matches!(
+                s.seal_in_place(MAX_RECORDS_PER_KEY, &mut buf, 3),
+                Err(SealError::KeyExhausted { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn aead_every_byte_is_authenticated() {
+        for suite in AEADS {
+            let (s, o) = pair(suite);
+            let mut rec = vec![0u8; 64];
+            let n = s.seal(5, b"0123456789", &mut rec).unwrap();
+            rec.truncate(n);
+            for i in 0..n {
+                let mut d = rec.clone();
+                d[i] ^= 0x01;
+                let e = o.open_in_place(&mut d).unwrap_err();
+                let want = match i {
+                    0..=2 => "bad_header",
+                    3..=4 => "length_mismatch",
+                    5..=12 => "unknown_association", // WrongAssociation's drop reason
+                    13..=14 => "nonce_limit",
+                    _ => "bad_mac",
+                };
+                assert_eq!(e.reason().name(), want, "{suite} byte {i}");
+                assert!(o.verify(&d).is_err() || i < 13);
+            }
+            // Truncated (length field fixed up): the tag no longer verifies; below 37 bytes
+            // the record is `truncated`.
+            let mut d = rec[..n - 1].to_vec();
+            let f = (d.len() - HEADER_LEN) as u16;
+            d[3..5].copy_from_slice(&f.to_be_bytes());
+            assert_eq!(o.open_in_place(&mut d).unwrap_err(), OpenError::BadMac);
+            let mut d = rec[..MIN_AEAD_RECORD - 1].to_vec();
+            assert!(matches!(
+                o.open_in_place(&mut d),
+                Err(OpenError::Truncated { min: 37, .. })
+            ));
+            // Another association's opener with the same keys refuses by id before any crypto.
+            let other = Opener::new(AssociationId(1), &keys(suite));
+            assert!(matches!(
+                other.open_in_place(&mut rec.clone()),
+                Err(OpenError::WrongAssociation { .. })
+            ));
+            // The same bytes under the other direction's keys (other IV) fail the tag.
+            let mut k = keys(suite);
+            k = DirectionKeys::new(suite, k.enc(), &[], &[9u8; 12]).unwrap();
+            let o2 = Opener::new(s.assoc(), &k);
+            assert_eq!(o2.open_in_place(&mut rec.clone()).unwrap_err(), OpenError::BadMac);
+        }
+    }
+
+    #[test]
+    fn aead_nonce_changes_ciphertext_and_limit_is_enforced() {
+        for suite in AEADS {
+            let (s, o) = pair(suite);
+            let (mut a, mut b) = ([0u8; 64], [0u8; 64]);
+            let n = s.seal(1, b"hello", &mut a).unwrap();
+            s.seal(2, b"hello", &mut b).unwrap();
+            assert_ne!(a[PREFIX_LEN..n], b[PREFIX_LEN..n]);
+            // A nonce at the limit is refused before the tag, as for CBC.
+            a[NONCE_OFFSET] = 0x01;
+            assert!(matches!(
+                o.open_in_place(&mut a[..n]),
+                Err(OpenError::NonceLimit { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn aead_train_paths_equal_single_paths() {
+        for suite in AEADS {
+            let (s, o) = pair(suite);
+            let sizes = [0usize, 7, 100, 100, 100, 1200, 33, 16, 17, 5, 64];
+            let mut offsets = Vec::new();
+            let mut total = 0;
+            for &n in &sizes {
+                offsets.push(total);
+                total += record_len(n);
+            }
+            let mut many = vec![0u8; total];
+            for (i, &n) in sizes.iter().enumerate() {
+                for k in 0..n {
+                    many[offsets[i] + PREFIX_LEN + k] = (i + k) as u8;
+                }
+            }
+            let mut one = many.clone();
+            let mut lens = vec![0; sizes.len()];
+            s.seal_many_in_place(40, &mut many, &offsets, &sizes, &mut lens)
+                .unwrap();
+            let mut views = Vec::new();
+            for (i, &n) in sizes.iter().enumerate() {
+                let len = s.seal_in_place(40 + i as u64, &mut one[offsets[i]..], n).unwrap();
+                assert_eq!(lens[i], len);
+                assert_eq!(len, suite.record_len(n));
+                assert_eq!(
+                    many[offsets[i]..offsets[i] + len],
+                    one[offsets[i]..offsets[i] + len]
+                );
+                views.push(many[offsets[i]..offsets[i] + len].to_vec());
+            }
+            views[3][30] ^= 1;
+            views.push(vec![0x97; 20]);
+            let refs: Vec<&[u8]> = views.iter().map(|v| &v[..]).collect();
+            let mut ok = vec![true; refs.len()];
+            o.verify_many(&refs, &mut ok);
+            let want: Vec<bool> = (0..refs.len()).map(|i| i < sizes.len() && i != 3).collect();
+            assert_eq!(ok, want);
+            // Nothing is written when one record fails its checks.
+            let before = many.clone();
+            assert!(matches!(
+                s.seal_many_in_place(MAX_RECORDS_PER_KEY - 1, &mut many, &offsets, &sizes, &mut lens),
+                Err(SealError::KeyExhausted { .. })
+            ));
+            assert_eq!(many, before);
+        }
+    }
+
+    #[test]
+    fn header_rules_per_suite() {
+        let (s, _) = pair(CipherSuite::Aes128Gcm);
+        let (_, cbc) = pair(CipherSuite::Aes128CbcHmacSha256);
+        let mut d = [0u8; 64];
+        let n = s.seal(3, b"abc", &mut d).unwrap(); // 40 bytes: no CBC record is that long
+        let d = &d[..n];
+        assert!(parse_any_header(d).is_ok());
+        assert!(matches!(parse_header(d), Err(OpenError::Truncated { .. })));
+        assert!(matches!(cbc.check_header(d), Err(OpenError::Truncated { .. })));
+        assert_eq!(parse_header_with(d, |_| true).unwrap().nonce, 3);
+        assert!(matches!(
+            parse_header_with(d, |_| false),
+            Err(OpenError::Truncated { .. })
+        ));
+        // A 60-byte AEAD record: CBC's ciphertext-length rule, waived for AEAD associations.
+        let mut e = [0u8; 64];
+        let n = s.seal(4, &[0; 23], &mut e).unwrap();
+        assert!(matches!(
+            parse_header(&e[..n]),
+            Err(OpenError::BadCiphertextLength { .. })
+        ));
+        assert_eq!(parse_header_with(&e[..n], |id| id == s.assoc()).unwrap().nonce, 4);
+        // Errors of every suite's shape are never waived.
+        e[0] = 0x98;
+        assert!(matches!(
+            parse_header_with(&e[..n], |_| true),
+            Err(OpenError::BadHeader { .. })
+        ));
+        assert!(matches!(
+            parse_any_header(&e[..n]),
+            Err(OpenError::BadHeader { .. })
+        ));
     }
 
     use crate::proto::detect::{classify, DatagramKind};

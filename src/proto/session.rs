@@ -9,9 +9,13 @@
 //! 4. commit the nonce to the window (only now: a forged record cannot move it);
 //! 5. decrypt, strip the padding, parse the address header, or, for a control plaintext
 //!    (ATYP 0x00, [`crate::proto::path`]), the control message.
+//!
+//! An AEAD suite verifies and decrypts in one pass: steps 3 and 5's decryption are the
+//! AEAD's open, done before step 4, and nothing of the plaintext is looked at unless it
+//! succeeded; the window is still checked before and committed only after the tag verifies.
 
 use crate::proto::error::{OpenError, SealError};
-use crate::proto::keys::{AssociationId, KeySchedule, Role};
+use crate::proto::keys::{AssociationId, CipherSuite, KeySchedule, Role};
 use crate::proto::path::{ControlMessage, CONTROL_ATYP, PATH_MESSAGE_LEN};
 use crate::proto::record::{Opener, Sealer, INTERLEAVE, MAX_RECORDS_PER_KEY, PREFIX_LEN};
 use crate::proto::replay::{ReplayWindow, Verdict};
@@ -26,6 +30,9 @@ use crate::proto::socks::AddrRef;
 pub struct SendSession {
     sealer: Sealer,
     next_nonce: u64,
+    /// Cipher blocks sealed under this key, for a suite with a data limit (AES-128-GCM,
+    /// PROTOCOL.md §8); the sealer cannot count them, it takes the nonce as an argument.
+    blocks: u64,
 }
 
 impl SendSession {
@@ -35,7 +42,42 @@ impl SendSession {
         SendSession {
             sealer: Sealer::new(assoc, keys.for_role(role).0),
             next_nonce: 0,
+            blocks: 0,
         }
+    }
+
+    /// The suite this session seals with.
+    pub fn suite(&self) -> CipherSuite {
+        self.sealer.suite()
+    }
+
+    /// Length of the record this session makes of a `plaintext_len`-byte plaintext
+    /// ([`CipherSuite::record_len`]): what a train of equal records is cut by.
+    pub fn record_len(&self, plaintext_len: usize) -> usize {
+        self.sealer.suite().record_len(plaintext_len)
+    }
+
+    /// Counts the cipher blocks of records with these plaintext lengths against the
+    /// suite's data limit, if it has one; refuses (nothing counted) past it.
+    fn take_blocks(&mut self, plaintext_lens: impl Iterator<Item = usize>) -> Result<(), SealError> {
+        let Some(limit) = self.sealer.suite().max_blocks_per_key() else {
+            return Ok(());
+        };
+        // The counter blocks of the plaintext, plus the one that masks the tag.
+        let blocks: u64 = plaintext_lens.map(|n| n.div_ceil(16) as u64 + 1).sum();
+        if self.blocks.saturating_add(blocks) > limit {
+            return Err(SealError::KeyExhausted {
+                limit: self.next_nonce,
+            });
+        }
+        self.blocks += blocks;
+        Ok(())
+    }
+
+    /// Starts the data-limit count at `blocks` (a test door, as [`SendSession::resume`]).
+    #[cfg(any(test, feature = "test-doors"))]
+    pub fn resume_blocks(&mut self, blocks: u64) {
+        self.blocks = blocks;
     }
 
     /// Sending half that continues from `next_nonce`. A door for tests (the known-answer
@@ -66,7 +108,7 @@ impl SendSession {
     pub fn seal(&mut self, addr: &AddrRef<'_>, payload: &[u8], out: &mut [u8]) -> Result<usize, SealError> {
         let alen = addr.encoded_len();
         let pt_len = alen + payload.len();
-        let need = crate::proto::record::record_len(pt_len);
+        let need = self.record_len(pt_len);
         if pt_len > crate::proto::record::MAX_PLAINTEXT {
             return Err(SealError::TooLarge {
                 len: pt_len,
@@ -88,7 +130,7 @@ impl SendSession {
     /// Seals a control message (PROTOCOL.md §4.1) into `out`; returns the record length.
     /// It takes the next nonce like any record.
     pub fn seal_control(&mut self, msg: &ControlMessage, out: &mut [u8]) -> Result<usize, SealError> {
-        let need = crate::proto::record::record_len(PATH_MESSAGE_LEN);
+        let need = self.record_len(PATH_MESSAGE_LEN);
         if out.len() < need {
             return Err(SealError::BufferTooSmall {
                 have: out.len(),
@@ -108,8 +150,15 @@ impl SendSession {
         plaintext_lens: &[usize],
         lens: &mut [usize],
     ) -> Result<(), SealError> {
-        self.sealer
-            .seal_many_in_place(self.next_nonce, buf, offsets, plaintext_lens, lens)?;
+        let before = self.blocks;
+        self.take_blocks(plaintext_lens.iter().copied())?;
+        if let Err(e) = self
+            .sealer
+            .seal_many_in_place(self.next_nonce, buf, offsets, plaintext_lens, lens)
+        {
+            self.blocks = before;
+            return Err(e);
+        }
         self.next_nonce += offsets.len() as u64;
         Ok(())
     }
@@ -117,7 +166,12 @@ impl SendSession {
     /// Seals a plaintext (address header + payload) already placed at
     /// `buf[PREFIX_LEN..PREFIX_LEN + plaintext_len]`.
     pub fn seal_in_place(&mut self, buf: &mut [u8], plaintext_len: usize) -> Result<usize, SealError> {
-        let n = self.sealer.seal_in_place(self.next_nonce, buf, plaintext_len)?;
+        let before = self.blocks;
+        self.take_blocks(std::iter::once(plaintext_len))?;
+        let n = self
+            .sealer
+            .seal_in_place(self.next_nonce, buf, plaintext_len)
+            .inspect_err(|_| self.blocks = before)?;
         self.next_nonce += 1;
         Ok(n)
     }
@@ -186,6 +240,11 @@ impl RecvSession {
         self.opener.assoc()
     }
 
+    /// The suite of the records this session opens.
+    pub fn suite(&self) -> CipherSuite {
+        self.opener.suite()
+    }
+
     /// The replay window (read-only, for state export and tests).
     pub fn window(&self) -> &ReplayWindow {
         &self.window
@@ -209,8 +268,15 @@ impl RecvSession {
 
     /// [`verify_many`](Self::verify_many) for records held as mutable slices (a run of a
     /// receive batch): `tags[i]` becomes `Some(verdict)` for record `i`.
+    ///
+    /// For an AEAD suite this leaves every `tags[i]` at `None`: its tag is checked in the
+    /// one pass that decrypts ([`open`](Self::open)), so checking it first would decrypt twice.
     pub fn verify_run(&self, records: &[&mut [u8]], tags: &mut [Option<bool>]) {
         assert_eq!(records.len(), tags.len(), "one verdict per record");
+        if self.opener.suite().is_aead() {
+            tags.fill(None);
+            return;
+        }
         for (records, tags) in records.chunks(INTERLEAVE).zip(tags.chunks_mut(INTERLEAVE)) {
             let mut msgs: [&[u8]; INTERLEAVE] = [&[]; INTERLEAVE];
             for (m, r) in msgs.iter_mut().zip(records) {
@@ -242,13 +308,23 @@ impl RecvSession {
     ) -> Result<Opened<'a>, OpenError> {
         let h = self.opener.check_header(datagram)?;
         let verdict = self.window.check(h.nonce)?;
-        match tag_ok {
-            None => self.opener.verify(datagram)?,
-            Some(true) => {}
-            Some(false) => return Err(OpenError::BadMac),
-        }
-        self.window.commit(h.nonce);
-        let pt: &'a [u8] = self.opener.decrypt_in_place(&h, datagram)?;
+        let pt: &'a [u8] = if self.opener.suite().is_aead() {
+            if tag_ok == Some(false) {
+                return Err(OpenError::BadMac);
+            }
+            // Verify-and-decrypt in one pass; nothing is released on a bad tag.
+            let pt = self.opener.decrypt_in_place(&h, datagram)?;
+            self.window.commit(h.nonce);
+            pt
+        } else {
+            match tag_ok {
+                None => self.opener.verify(datagram)?,
+                Some(true) => {}
+                Some(false) => return Err(OpenError::BadMac),
+            }
+            self.window.commit(h.nonce);
+            self.opener.decrypt_in_place(&h, datagram)?
+        };
         let content = if pt.first() == Some(&CONTROL_ATYP) {
             Content::Control(ControlMessage::parse(pt)?)
         } else {
@@ -622,5 +698,121 @@ mod tests {
             .map(|i| Some(!bad.contains(&i) && i != INTERLEAVE + 2))
             .collect();
         assert_eq!(tags, want);
+    }
+
+    fn aead_ends(suite: CipherSuite) -> (SendSession, RecvSession, SendSession, RecvSession) {
+        let m: Vec<u8> = (0..suite.exporter_len()).map(|i| (i * 5) as u8).collect();
+        let ks = KeySchedule::from_exporter(suite, &m).unwrap();
+        let a = AssociationId(77);
+        (
+            SendSession::new(a, &ks, Role::Client),
+            RecvSession::new(a, &ks, Role::Gateway, 64),
+            SendSession::new(a, &ks, Role::Gateway),
+            RecvSession::new(a, &ks, Role::Client, 64),
+        )
+    }
+
+    #[test]
+    fn aead_sessions_keep_the_receive_rules() {
+        for suite in [CipherSuite::Aes128Gcm, CipherSuite::ChaCha20Poly1305] {
+            let (mut cs, mut gr, mut gs, mut cr) = aead_ends(suite);
+            assert_eq!((cs.suite(), gr.suite()), (suite, suite));
+            let dst: SocketAddr = "198.51.100.7:5004".parse().unwrap();
+            let mut recs = Vec::new();
+            for i in 0..4u8 {
+                let mut b = vec![0u8; 256];
+                let n = cs.seal(&AddrRef::Ip(dst), &[i; 20], &mut b).unwrap();
+                assert_eq!(n, cs.record_len(7 + 20));
+                assert_eq!(n, 21 + 27 + 16);
+                b.truncate(n);
+                recs.push(b);
+            }
+            // A forged far-ahead record (tag fails) moves nothing; its real twin opens later.
+            let mut forged = recs[2].clone();
+            forged[crate::proto::record::NONCE_OFFSET..crate::proto::record::PREFIX_LEN]
+                .copy_from_slice(&1_000_000u64.to_be_bytes());
+            assert_eq!(gr.open(&mut forged).unwrap_err(), OpenError::BadMac);
+            assert_eq!(gr.window().top(), 0);
+            let mut bad = recs[1].clone();
+            bad[40] ^= 0x20;
+            assert_eq!(gr.open(&mut bad).unwrap_err(), OpenError::BadMac);
+            // Reordered delivery opens once each; replays are duplicates, checked before the tag.
+            for &i in &[3usize, 1, 0, 2] {
+                let mut b = recs[i].clone();
+                let o = gr.open(&mut b).unwrap();
+                assert_eq!(o.nonce, i as u64);
+                assert_eq!(o.data().unwrap(), (AddrRef::Ip(dst), &[i as u8; 20][..]));
+                let mut again = recs[i].clone();
+                again[40] ^= 1; // even with a bad tag, a replay is a duplicate
+                assert_eq!(
+                    gr.open(&mut again).unwrap_err(),
+                    OpenError::Duplicate { nonce: i as u64 }
+                );
+            }
+            // The train path: no pre-verification for an AEAD, the single path decides.
+            let mut run: Vec<Vec<u8>> = (0..3u8)
+                .map(|i| {
+                    let mut b = vec![0u8; 128];
+                    let n = cs.seal(&AddrRef::Ip(dst), &[i; 9], &mut b).unwrap();
+                    b.truncate(n);
+                    b
+                })
+                .collect();
+            run[1][30] ^= 4;
+            let views: Vec<&mut [u8]> = run.iter_mut().map(|r| &mut r[..]).collect();
+            let mut tags = vec![Some(true); 3];
+            gr.verify_run(&views, &mut tags);
+            assert_eq!(tags, vec![None; 3]);
+            let mut ok = [false; 3];
+            let refs: Vec<&[u8]> = run.iter().map(|r| &r[..]).collect();
+            gr.verify_many(&refs, &mut ok);
+            assert_eq!(ok, [true, false, true]);
+            assert_eq!(
+                gr.open_verified(&mut run[1], true).unwrap_err(),
+                OpenError::BadMac
+            );
+            assert!(gr.open_verified(&mut run[0].clone(), false).is_err());
+            assert!(gr.open_verified(&mut run[0], true).is_ok());
+            assert_eq!(gr.window().top(), 5); // one above the newest, nonce 4
+                                              // The other direction.
+            let mut b = vec![0u8; 128];
+            let n = gs.seal(&AddrRef::Ip(dst), b"pong", &mut b).unwrap();
+            assert_eq!(cr.open(&mut b[..n]).unwrap().data().unwrap().1, b"pong");
+            let mut c = vec![0u8; 128];
+            let n = gs
+                .seal_control(&ControlMessage::PathChallenge([1; 8]), &mut c)
+                .unwrap();
+            assert_eq!(n, 21 + PATH_MESSAGE_LEN + 16);
+        }
+    }
+
+    #[test]
+    fn gcm_data_limit_refuses_and_counts_nothing_on_refusal() {
+        let (mut cs, mut gr, _, _) = aead_ends(CipherSuite::Aes128Gcm);
+        let limit = crate::proto::keys::GCM_MAX_BLOCKS_PER_KEY;
+        // 27 bytes of plaintext = 2 counter blocks + the tag block.
+        cs.resume_blocks(limit - 6);
+        let dst: SocketAddr = "192.0.2.1:1".parse().unwrap();
+        let mut b = vec![0u8; 128];
+        for _ in 0..2 {
+            let n = cs.seal(&AddrRef::Ip(dst), &[0; 20], &mut b).unwrap();
+            assert!(gr.open(&mut b[..n]).is_ok());
+        }
+        assert!(matches!(
+            cs.seal(&AddrRef::Ip(dst), &[0; 20], &mut b),
+            Err(SealError::KeyExhausted { limit: 2 })
+        ));
+        // An empty-payload record still costs its blocks; nothing was counted by the refusal.
+        assert_eq!(cs.next_nonce(), 2);
+        let mut buf = vec![0u8; 4096];
+        let mut lens = [0usize; 2];
+        assert!(cs
+            .seal_many_in_place(&mut buf, &[0, 2048], &[7, 7], &mut lens)
+            .is_err());
+        assert_eq!(cs.next_nonce(), 2);
+        // ChaCha20-Poly1305 and the CBC suites have no data limit below the nonce limit.
+        let (mut cc, _, _, _) = aead_ends(CipherSuite::ChaCha20Poly1305);
+        cc.resume_blocks(u64::MAX - 1);
+        assert!(cc.seal(&AddrRef::Ip(dst), &[0; 20], &mut b).is_ok());
     }
 }

@@ -30,7 +30,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::Forward;
 use crate::net::batch::{BatchSocket, Cursor, GsoBatch, RecordTrain, RecvBatch, SMALL_BATCH};
-use crate::proto::record::{record_len, MAX_PLAINTEXT, PREFIX_LEN};
+use crate::proto::record::{MAX_PLAINTEXT, PREFIX_LEN};
 use crate::proto::DropReason;
 use crate::shim::link::{Assoc, Link};
 use crate::shim::socks::DATAGRAM_ROOM;
@@ -198,7 +198,7 @@ impl Train {
     pub(crate) async fn push(&mut self, link: Arc<Link>, assoc: Arc<Assoc>, header: &[u8], payload: &[u8]) {
         let relay = assoc.udp.relay();
         let plaintext_len = header.len() + payload.len();
-        let len = record_len(plaintext_len);
+        let len = assoc.udp.suite().record_len(plaintext_len);
         let same = self.current.as_ref().is_some_and(|(_, a)| Arc::ptr_eq(a, &assoc));
         if !same || !self.records.fits(relay, len) {
             self.flush().await;

@@ -2,8 +2,8 @@
 """Independent check of tests/vectors/records.json against docs/PROTOCOL.md.
 
 Written from docs/PROTOCOL.md alone (sections cited as §n); it neither imports nor runs the
-Rust code. Needs Python 3.8+ and the `cryptography` package (AES-ECB, AES-CBC); HMAC-SHA256
-comes from the standard library.
+Rust code. Needs Python 3.8+ and the `cryptography` package (AES-ECB, AES-CBC, AES-GCM,
+ChaCha20-Poly1305); HMAC-SHA256 comes from the standard library.
 
     python3 tests/vectors/check_vectors.py [path/to/records.json]
 
@@ -17,12 +17,17 @@ import json
 import os
 import sys
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 # §3.1 / §3.2
 EXPORTER_LABEL = "EXPORTER-sudp-udp-keys-v1"
 MAC_KEY_LEN = 32
-SUITE_KEY_LEN = {0x01: 16, 0x02: 32}  # suite id -> Ke = Ki
+SUITE_KEY_LEN = {0x01: 16, 0x02: 32, 0x03: 16, 0x04: 32}  # suite id -> Ke
+AEAD_SUITES = {0x03: AESGCM, 0x04: ChaCha20Poly1305}  # §4.7
+AEAD_IV_LEN = 12
+MIN_AEAD_RECORD = 37  # §4.7: prefix + tag, empty plaintext
 
 # §4.6
 CONTENT_TYPE = 0x97
@@ -70,15 +75,23 @@ def exporter_context(assoc_id, suite_id):
     return assoc_id.to_bytes(8, "big") + bytes([suite_id])
 
 
-def cut_keys(suite_id, material):
-    """Returns {"c2g": (enc, mac, iv), "g2c": (enc, mac, iv)}."""
+def key_lengths(suite_id):
+    """(Ke, Km, Ki) of §3.1 / §3.2: the AEAD suites have no MAC key and a 12-byte IV."""
     ke = SUITE_KEY_LEN[suite_id]
-    d = 2 * ke + MAC_KEY_LEN
+    if suite_id in AEAD_SUITES:
+        return ke, 0, AEAD_IV_LEN
+    return ke, MAC_KEY_LEN, ke
+
+
+def cut_keys(suite_id, material):
+    """Returns {"c2g": (enc, mac, iv), "g2c": (enc, mac, iv)} (mac = b"" for an AEAD)."""
+    ke, km, ki = key_lengths(suite_id)
+    d = ke + km + ki
     if len(material) != 2 * d:
         raise ValueError("exporter output of %d bytes, want %d" % (len(material), 2 * d))
 
     def one(b):
-        return b[:ke], b[ke:ke + MAC_KEY_LEN], b[ke + MAC_KEY_LEN:]
+        return b[:ke], b[ke:ke + km], b[ke + km:]
 
     return {"c2g": one(material[:d]), "g2c": one(material[d:])}
 
@@ -156,12 +169,34 @@ def tag(mac_key, authenticated):
     return hmac.new(mac_key, authenticated, hashlib.sha256).digest()[:TAG_LEN]
 
 
-def record_len(p):
+def record_len(p, suite_id=0x01):
+    if suite_id in AEAD_SUITES:
+        return PREFIX_LEN + p + TAG_LEN  # §4.7: no padding
     return PREFIX_LEN + BLOCK * (p // BLOCK + 1) + TAG_LEN
 
 
-def seal(keys, assoc_id, nonce, plaintext):
-    """§4.4."""
+def aead_nonce(iv, nonce):
+    """§4.7: IV XOR the 8-byte nonce left-padded with zeros to 12 bytes."""
+    padded = bytes(4) + nonce.to_bytes(8, "big")
+    return bytes(a ^ b for a, b in zip(iv, padded))
+
+
+def seal_aead(suite_id, keys, assoc_id, nonce, plaintext):
+    """§4.7 sealing."""
+    key, _, iv = keys
+    if len(plaintext) > MAX_PLAINTEXT:
+        raise SealRefused("too large")
+    if nonce >= MAX_RECORDS_PER_KEY:
+        raise SealRefused("key exhausted")
+    header = (bytes([CONTENT_TYPE]) + VERSION + (len(plaintext) + 32).to_bytes(2, "big")
+              + assoc_id.to_bytes(8, "big") + nonce.to_bytes(8, "big"))
+    return header + AEAD_SUITES[suite_id](key).encrypt(aead_nonce(iv, nonce), plaintext, header)
+
+
+def seal(keys, assoc_id, nonce, plaintext, suite_id=0x01):
+    """§4.4 (CBC suites), §4.7 (AEAD suites)."""
+    if suite_id in AEAD_SUITES:
+        return seal_aead(suite_id, keys, assoc_id, nonce, plaintext)
     enc_key, mac_key, iv_key = keys
     if len(plaintext) > MAX_PLAINTEXT:
         raise SealRefused("too large")
@@ -208,14 +243,17 @@ class ReplayWindow:
 class Receiver:
     """One receiving direction of one association (§6.1)."""
 
-    def __init__(self, keys, assoc_id, window=DEFAULT_WINDOW):
+    def __init__(self, keys, assoc_id, window=DEFAULT_WINDOW, suite_id=0x01):
         self.enc_key, self.mac_key, self.iv_key = keys
         self.assoc_id = assoc_id
         self.window = ReplayWindow(window)
+        self.suite_id = suite_id
 
     def open(self, rec):
         """Returns (nonce, address, payload), or (nonce, ("control", kind, token), b"") for a
         control plaintext (§4.1); raises Drop(reason)."""
+        if self.suite_id in AEAD_SUITES:
+            return self.open_aead(rec)
         n_bytes = len(rec)
         # 1-4: cleartext header
         if n_bytes < MIN_RECORD:
@@ -250,6 +288,34 @@ class Receiver:
         if not 1 <= pad <= BLOCK or padded[-pad:] != bytes([pad]) * pad:
             raise Drop("bad_padding")
         plaintext = padded[:-pad]
+        return self.content(nonce, plaintext)
+
+    def open_aead(self, rec):
+        """§4.7: §6.1 with steps 1 and 4 of the AEAD suites, steps 8-10 as one AEAD open."""
+        n_bytes = len(rec)
+        if n_bytes < MIN_AEAD_RECORD:
+            raise Drop("truncated")
+        if rec[0] != CONTENT_TYPE or rec[1:3] != VERSION:
+            raise Drop("bad_header")
+        if int.from_bytes(rec[3:5], "big") != n_bytes - HEADER_LEN:
+            raise Drop("length_mismatch")
+        assoc = int.from_bytes(rec[5:13], "big")
+        nonce = int.from_bytes(rec[13:21], "big")
+        if assoc != self.assoc_id:
+            raise Drop("unknown_association")
+        if nonce >= MAX_RECORDS_PER_KEY:
+            raise Drop("nonce_limit")
+        self.window.check(nonce)
+        aead = AEAD_SUITES[self.suite_id](self.enc_key)
+        try:
+            plaintext = aead.decrypt(aead_nonce(self.iv_key, nonce), bytes(rec[PREFIX_LEN:]),
+                                     bytes(rec[:PREFIX_LEN]))
+        except InvalidTag:
+            raise Drop("bad_mac")
+        self.window.commit(nonce)
+        return self.content(nonce, plaintext)
+
+    def content(self, nonce, plaintext):
         # 11: control plaintext (§4.1) or address
         if plaintext[:1] == bytes([CONTROL_ATYP]):
             if (len(plaintext) != 2 + TOKEN_LEN
@@ -311,8 +377,7 @@ def check_valid(t, v):
     t.check(exporter_context(assoc, suite).hex() == v["exporter_context"], name + ": exporter context")
 
     material = bytes.fromhex(v["exporter_output"])
-    ke = SUITE_KEY_LEN[suite]
-    t.check(len(material) == 2 * (2 * ke + MAC_KEY_LEN), name + ": exporter length")
+    t.check(len(material) == 2 * sum(key_lengths(suite)), name + ": exporter length")
     schedule = cut_keys(suite, material)
     direction = v["direction"]
     t.check(direction in ("c2g", "g2c"), name + ": direction")
@@ -325,14 +390,17 @@ def check_valid(t, v):
     t.check(plaintext.hex() == v["plaintext"], name + ": plaintext = address + payload")
 
     want = bytes.fromhex(v["record"])
-    got = seal(keys, assoc, v["nonce"], plaintext)
+    got = seal(keys, assoc, v["nonce"], plaintext, suite)
     t.check(got == want, name + ": sealed record bytes")
-    t.check(len(want) == record_len(len(plaintext)), name + ": record length formula")
+    t.check(len(want) == record_len(len(plaintext), suite), name + ": record length formula")
+    if suite in AEAD_SUITES:
+        t.check(v.get("aead_nonce") == aead_nonce(keys[2], v["nonce"]).hex(), name + ": AEAD nonce")
+        t.check(v.get("aad") == want[:PREFIX_LEN].hex(), name + ": AAD = the 21 cleartext bytes")
     t.check(len(want) <= MAX_DATAGRAM, name + ": fits in one datagram")
     t.check(classify(want) == "secure", name + ": detector says secure")
 
     # The receiver of a c2g record is the gateway, which opens with the c2g keys (§3.1 table).
-    rx = Receiver(keys, assoc)
+    rx = Receiver(keys, assoc, suite_id=suite)
     try:
         nonce, addr, body = rx.open(want)
         t.check(nonce == v["nonce"], name + ": opened nonce")
@@ -344,7 +412,8 @@ def check_valid(t, v):
 
     # The opposite direction's keys must not open it.
     other = schedule["g2c" if direction == "c2g" else "c2g"]
-    t.expect_drop(lambda: Receiver(other, assoc).open(want), "bad_mac", name + ": other direction's keys")
+    t.expect_drop(lambda: Receiver(other, assoc, suite_id=suite).open(want), "bad_mac",
+                  name + ": other direction's keys")
 
 
 def check_invalid(t, v, valid_by_name):
@@ -354,7 +423,7 @@ def check_invalid(t, v, valid_by_name):
     if of is None:
         return
     keys = cut_keys(of["suite_id"], bytes.fromhex(of["exporter_output"]))[of["direction"]]
-    rx = Receiver(keys, int(of["assoc_id"], 16))
+    rx = Receiver(keys, int(of["assoc_id"], 16), suite_id=of["suite_id"])
     # §9: records the receiver accepts first.
     for first in v.get("after", []):
         try:
@@ -479,6 +548,53 @@ def check_document_rules(t, first):
     t.check(sum(x != y for x, y in zip(a, b)) > 4, "IVs of consecutive nonces are unrelated")
 
 
+def check_aead_rules(t, first):
+    """§4.7 properties, on the keys of the first vector of an AEAD suite."""
+    suite = first["suite_id"]
+    name = first["name"]
+    assoc = int(first["assoc_id"], 16)
+    keys = cut_keys(suite, bytes.fromhex(first["exporter_output"]))[first["direction"]]
+    addr = encode_address({"atyp": 1, "host": "192.0.2.10", "port": 5004})
+
+    def s(n, p):
+        return seal(keys, assoc, n, p, suite)
+
+    t.check(record_len(MAX_PLAINTEXT, suite) == 65492 <= MAX_DATAGRAM, name + ": largest AEAD record")
+    t.check(len(s(0, addr + bytes(160))) == 7 + 160 + 37, name + ": overhead is 37 bytes")
+    t.check(len(s(1, b"\x00\x01" + bytes(8))) == 47, name + ": a path message is 47 bytes")
+    try:
+        s(MAX_RECORDS_PER_KEY, addr)
+        t.check(False, name + ": nonce 2^48 refused by the sender")
+    except SealRefused:
+        t.check(True, name + ": nonce 2^48 refused by the sender")
+    rx = Receiver(keys, assoc, suite_id=suite)
+    # Lengths no CBC record has open; a record of 36 bytes is truncated.
+    for n in range(0, 20):
+        got = rx.open(s(100 + n, addr + bytes(n)))
+        t.check(got[2] == bytes(n), "%s: %d-byte payload" % (name, n))
+    t.expect_drop(lambda: rx.open(s(200, b"")[:36]), "truncated", name + ": 36 bytes")
+    t.expect_drop(lambda: rx.open(s(201, b"")), "bad_address", name + ": empty plaintext")
+    got = rx.open(s(202, b"\x00\x01" + bytes(range(8))))
+    t.check(got[1] == ("control", PATH_CHALLENGE, bytes(range(8))), name + ": PATH_CHALLENGE")
+    # A forged far-ahead record does not move the window; a replay with a bad tag is a duplicate.
+    rx = Receiver(keys, assoc, suite_id=suite)
+    good = s(0, addr)
+    forged = bytearray(good)
+    forged[13:21] = (10 ** 6).to_bytes(8, "big")
+    t.expect_drop(lambda: rx.open(bytes(forged)), "bad_mac", name + ": forged far-ahead nonce")
+    t.check(rx.window.top == 0, name + ": forged record left the window alone")
+    rx.open(good)
+    bad = bytearray(good)
+    bad[-1] ^= 1
+    t.expect_drop(lambda: rx.open(bytes(bad)), "duplicate", name + ": replay checked before the tag")
+    # Every header byte is authenticated (AAD): a changed version or length is refused.
+    other = bytearray(s(1, addr))
+    other[12] ^= 1  # association id: unknown
+    t.expect_drop(lambda: rx.open(bytes(other)), "unknown_association", name + ": other association")
+    # The nonce enters the AEAD only through IV XOR nonce: nonces 1 and 2 use different AEAD nonces.
+    t.check(aead_nonce(keys[2], 1) != aead_nonce(keys[2], 2), name + ": AEAD nonces differ")
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     path = sys.argv[1] if len(sys.argv) > 1 else os.path.join(here, "records.json")
@@ -495,6 +611,11 @@ def main():
         check_invalid(t, v, by_name)
     if valid:
         check_document_rules(t, valid[0])
+    for suite in sorted(AEAD_SUITES):
+        first = [v for v in valid if v["suite_id"] == suite]
+        t.check(bool(first), "vectors of AEAD suite %d" % suite)
+        if first:
+            check_aead_rules(t, first[0])
     print("%d passed, %d failed" % (t.passed, t.failed))
     return 1 if t.failed else 0
 
