@@ -314,3 +314,24 @@ pub enum SocksError {
         need: usize,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_has_its_own_counter_slot_and_name() {
+        let mut slots = [false; DropReason::COUNT];
+        let mut names = std::collections::HashSet::new();
+        for (i, r) in DropReason::ALL.into_iter().enumerate() {
+            // `ALL` is in index order, so counter arrays and label lists line up.
+            assert_eq!(r.index(), i, "{r:?}");
+            assert!(!slots[r.index()], "{r:?} shares a slot");
+            slots[r.index()] = true;
+            assert!(names.insert(r.name()), "{r:?} shares a name");
+            assert_eq!(r.to_string(), r.name());
+        }
+        assert!(slots.iter().all(|s| *s));
+        assert_eq!(DropReason::BadMac.to_string(), "bad_mac");
+    }
+}
