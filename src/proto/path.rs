@@ -407,4 +407,21 @@ mod tests {
         assert!(v.on_response(c, [2; 8]));
         assert_eq!(v.current(), Some(c));
     }
+
+    #[test]
+    fn every_kind_round_trips_to_itself() {
+        // Deleting one arm of `parse` would turn that kind into another (PROBE into
+        // PROBE_ACK): each kind must come back as itself.
+        let t = [7u8; TOKEN_LEN];
+        for m in [
+            ControlMessage::PathChallenge(t),
+            ControlMessage::PathResponse(t),
+            ControlMessage::Probe(t),
+            ControlMessage::ProbeAck(t),
+        ] {
+            let mut b = [0u8; PATH_MESSAGE_LEN];
+            let n = m.encode(&mut b);
+            assert_eq!(ControlMessage::parse(&b[..n]), Ok(m), "{m:?}");
+        }
+    }
 }
