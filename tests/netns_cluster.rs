@@ -20,32 +20,6 @@ use std::time::Duration;
 use common::netns::*;
 use common::*;
 
-/// The application on the client's host: one 200-byte datagram every 10 ms to the shim's
-/// forward for `secs` seconds; prints "sent echoed".
-const APP: &str = r#"
-import socket, sys, time
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.connect(("127.0.0.1", int(sys.argv[1])))
-s.setblocking(False)
-sent = echoed = 0
-end = time.time() + float(sys.argv[2])
-while time.time() < end:
-    s.send(bytes(200)); sent += 1
-    t = time.time() + 0.01
-    while time.time() < t:
-        try:
-            if len(s.recv(2048)) == 200: echoed += 1
-        except BlockingIOError:
-            time.sleep(0.001)
-t = time.time() + 1.0
-while time.time() < t:
-    try:
-        if len(s.recv(2048)) == 200: echoed += 1
-    except BlockingIOError:
-        time.sleep(0.005)
-print(sent, echoed)
-"#;
-
 /// The two hosts, their files and processes.
 struct World {
     /// First, so that the processes die before their namespaces go.

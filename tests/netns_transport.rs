@@ -12,7 +12,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::netns::{lines, must, sh, wait_file, Kill};
+use common::netns::{lines, must, sh, wait_file, Kill, APP};
 use common::*;
 
 /// Two namespaces and a veth pair between them, removed when dropped (also on failure).
@@ -80,32 +80,6 @@ impl Drop for Hosts {
         let _ = sh(&["ip", "netns", "del", &self.cl]);
     }
 }
-
-/// The application in the client's namespace: one 200-byte datagram every 10 ms to the
-/// shim's forward for `secs` seconds; prints "sent echoed".
-const APP: &str = r#"
-import socket, sys, time
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.connect(("127.0.0.1", int(sys.argv[1])))
-s.setblocking(False)
-sent = echoed = 0
-end = time.time() + float(sys.argv[2])
-while time.time() < end:
-    s.send(bytes(200)); sent += 1
-    t = time.time() + 0.01
-    while time.time() < t:
-        try:
-            if len(s.recv(2048)) == 200: echoed += 1
-        except BlockingIOError:
-            time.sleep(0.001)
-t = time.time() + 1.0
-while time.time() < t:
-    try:
-        if len(s.recv(2048)) == 200: echoed += 1
-    except BlockingIOError:
-        time.sleep(0.005)
-print(sent, echoed)
-"#;
 
 fn scrape(h: &Hosts, port: u16, key: &str) -> f64 {
     let out = h

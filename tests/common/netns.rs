@@ -147,3 +147,30 @@ pub fn wait_file(path: &std::path::Path, needle: &str, within: Duration) -> bool
     }
     false
 }
+
+/// The application on a client host of the test's: one 200-byte datagram every 10 ms to
+/// `127.0.0.1:ARGV1` for ARGV2 seconds, counting 200-byte echoes (and one more second of
+/// draining); prints "sent echoed". Run as `python3 -c APP PORT SECS`.
+pub const APP: &str = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect(("127.0.0.1", int(sys.argv[1])))
+s.setblocking(False)
+sent = echoed = 0
+end = time.time() + float(sys.argv[2])
+while time.time() < end:
+    s.send(bytes(200)); sent += 1
+    t = time.time() + 0.01
+    while time.time() < t:
+        try:
+            if len(s.recv(2048)) == 200: echoed += 1
+        except BlockingIOError:
+            time.sleep(0.001)
+t = time.time() + 1.0
+while time.time() < t:
+    try:
+        if len(s.recv(2048)) == 200: echoed += 1
+    except BlockingIOError:
+        time.sleep(0.005)
+print(sent, echoed)
+"#;
