@@ -31,7 +31,6 @@ use std::time::Duration;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::task::JoinHandle;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
@@ -39,7 +38,7 @@ use crate::metrics::Metrics;
 use crate::net::batch::{stretches, BatchSocket, RecvBatch, RUN};
 use crate::net::channel::{Channel, ChannelError, Event, FrameSender, Heartbeat};
 use crate::net::{canonical, DATAGRAM_BUF};
-use crate::proto::frame::{feature, Frame, RefuseReason};
+use crate::proto::frame::{feature, CloseReason, Frame, RefuseReason};
 use crate::proto::path::ControlMessage;
 use crate::proto::path::TOKEN_LEN;
 use crate::proto::record::{record_len, PREFIX_LEN};
@@ -50,6 +49,10 @@ use crate::proto::socks::{
 use crate::proto::{AssociationId, CipherSuite, OpenError, Role, SealError, SocksError};
 use crate::tls::HandshakeProblem;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+mod trunk;
+pub use trunk::Trunk;
+use trunk::{Denied, Granted, RouteEnds};
 
 /// Client errors.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +101,10 @@ pub enum ClientError {
     /// `transport = "tls"` but the gateway does not carry records inside TLS.
     #[error("the gateway cannot carry records inside TLS (transport \"tls\"); use \"auto\" or \"udp\"")]
     NoTlsTransport,
+    /// A shared control connection did not give the association asked for (OPEN refused,
+    /// the connection ended, no answer in time): another connection may.
+    #[error("shared control connection: {0}")]
+    Trunk(String),
     /// The TLS connection failed for a reason the operator can fix: a certificate refused
     /// either way, or a peer that does not speak TLS. The message says what to check.
     #[error("{}", tls_advice(problem, server_name, trust.as_deref()))]
@@ -167,6 +174,7 @@ impl ClientError {
             | ClientError::Tls { .. }
             | ClientError::Keys(_)
             | ClientError::NoTlsTransport
+            | ClientError::Trunk(_)
             | ClientError::Seal(_) => ReplyCode::GeneralFailure,
         }
     }
@@ -745,7 +753,8 @@ pub struct SecureUdp {
     /// Why the gateway refused the re-attach asked for, if it did.
     reattach_refused: Option<RefuseReason>,
     relay: SocketAddr,
-    control: JoinHandle<()>,
+    /// The control connection, shared with the other associations it carries.
+    trunk: Arc<Trunk>,
     closed: tokio::sync::watch::Receiver<bool>,
     /// Why the association ended, once it has.
     why_closed: Arc<Mutex<Option<String>>>,
@@ -776,9 +785,6 @@ struct Carrier {
     /// The token of the probe in flight.
     token: Mutex<[u8; TOKEN_LEN]>,
 }
-
-/// Records the control task holds for the receive path (then counted as `tls_overflow`).
-const TLS_INBOUND: usize = 4096;
 
 impl Carrier {
     fn now_ms(&self) -> u64 {
@@ -846,44 +852,113 @@ impl SecureUdp {
             }
         };
         socket.connect(relay).await?;
-        let (closed_tx, closed) = tokio::sync::watch::channel(false);
-        let why_closed = Arc::new(Mutex::new(None));
         // The association lives as long as the control connection, which carries frames
-        // (PROTOCOL.md §2.4): the heartbeat both ways, the gateway's CLOSE, and records
-        // when UDP is blocked. A gateway that closes the connection, sends CLOSE, or falls
-        // silent ends the association.
-        let mut channel = Channel::open(control, opts.heartbeat, &[feature::RECORDS, feature::REATTACH]);
-        let sender = channel.sender();
-        let (hello_tx, mut hello) = tokio::sync::watch::channel(None);
-        let (inbound_tx, inbound) = tokio::sync::mpsc::channel(TLS_INBOUND);
-        let (mut assoc, mut suite, mut keys, mut assoc_epoch, mut reattach_refused) =
+        // (PROTOCOL.md §2.4): the heartbeat both ways, the gateway's CLOSE, records when UDP
+        // is blocked, and (feature ASSOCIATIONS, §2.9) more associations.
+        let mut channel = Channel::open(
+            control,
+            opts.heartbeat,
+            &[feature::RECORDS, feature::REATTACH, feature::ASSOCIATIONS],
+        );
+        let own = assoc;
+        let (mut assoc, mut assoc_suite, mut keys, mut assoc_epoch, mut reattach_refused) =
             (assoc, suite, keys, 0, None);
         if let Some((old, old_suite)) = previous {
             let port = socket.local_addr()?.port();
-            match reattach_on(&mut channel, old, port, &inbound_tx).await? {
+            match reattach_on(&mut channel, old, port).await? {
                 Reattach::Done(e) => {
                     keys = channel
                         .with_stream(|c| crate::tls::export_epoch_keys(c.get_ref().1, old, old_suite, e))
                         .map_err(|e| ClientError::Keys(e.to_string()))?;
-                    (assoc, suite, assoc_epoch) = (old, old_suite, e);
+                    (assoc, assoc_suite, assoc_epoch) = (old, old_suite, e);
+                    // With ASSOCIATIONS the re-attached association joins the connection's
+                    // own instead of replacing it (§2.9): that one is released, unused.
+                    if channel.peer().is_some_and(|h| h.has(feature::ASSOCIATIONS)) {
+                        let _ = channel.send(&Frame::Close {
+                            assoc: own,
+                            reason: CloseReason::Released,
+                        });
+                    }
                 }
                 Reattach::Refused(r) => reattach_refused = Some(r),
             }
-            if let Some(h) = channel.peer() {
-                let _ = hello_tx.send(Some(h.has(feature::RECORDS)));
-            }
         }
+        let (trunk, ends) = Trunk::start(channel, assoc, relay, suite);
+        let granted = Granted {
+            assoc,
+            epoch: assoc_epoch,
+            keys,
+            ends,
+        };
+        SecureUdp::assemble(trunk, socket, assoc_suite, granted, reattach_refused, opts).await
+    }
+
+    /// One more association on `trunk`'s control connection (PROTOCOL.md §2.9: OPEN, or
+    /// REATTACH of `previous`, falling back to OPEN when the gateway refuses it), with a UDP
+    /// socket of its own; `opts` gives the replay window, transport and timeout.
+    pub async fn open_on(
+        trunk: &Arc<Trunk>,
+        opts: &ClientOptions,
+        previous: Option<(AssociationId, CipherSuite)>,
+    ) -> Result<SecureUdp, ClientError> {
+        let bind: SocketAddr = if trunk.relay.is_ipv6() {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        }
+        .parse()
+        .expect("literal address");
+        let socket = crate::net::bind_udp(bind)?;
+        socket.connect(trunk.relay).await?;
+        let port = socket.local_addr()?.port();
+        let denied = |d: Denied| match d {
+            Denied::Open(s) => ClientError::Trunk(format!("OPEN refused: {}", s.name())),
+            Denied::Reattach(r) => ClientError::Trunk(format!("REATTACH refused: {}", r.name())),
+            Denied::Gone(why) => ClientError::Trunk(why),
+        };
+        let (granted, suite, refused) = match previous {
+            Some((old, old_suite)) => match trunk.reattach(old, old_suite, port, opts.timeout).await {
+                Ok(g) => (g, old_suite, None),
+                Err(Denied::Reattach(r)) => {
+                    let g = trunk.open(port, opts.timeout).await.map_err(denied)?;
+                    (g, trunk.suite, Some(r))
+                }
+                Err(d) => return Err(denied(d)),
+            },
+            None => (
+                trunk.open(port, opts.timeout).await.map_err(denied)?,
+                trunk.suite,
+                None,
+            ),
+        };
+        SecureUdp::assemble(trunk.clone(), socket, suite, granted, refused, opts).await
+    }
+
+    /// The association `granted` on `trunk`, sending from `socket` (connected to the relay):
+    /// its sessions, the first probe of `auto`, and which way records go.
+    async fn assemble(
+        trunk: Arc<Trunk>,
+        socket: tokio::net::UdpSocket,
+        suite: CipherSuite,
+        granted: Granted,
+        reattach_refused: Option<RefuseReason>,
+        opts: &ClientOptions,
+    ) -> Result<SecureUdp, ClientError> {
+        let Granted {
+            assoc,
+            epoch: assoc_epoch,
+            keys,
+            ends,
+        } = granted;
+        let RouteEnds {
+            inbound,
+            closed,
+            why: why_closed,
+        } = ends;
+        let relay = trunk.relay;
         let mut send = SendSession::new(assoc, &keys, Role::Client);
         let mut recv = RecvSession::new(assoc, &keys, Role::Client, opts.replay_window);
         drop(keys);
-        let control = tokio::spawn(watch_control(
-            channel,
-            assoc,
-            why_closed.clone(),
-            closed_tx,
-            hello_tx,
-            inbound_tx,
-        ));
         let udp_works = match opts.transport {
             Transport::Udp => true,
             Transport::Tls => false,
@@ -893,11 +968,7 @@ impl SecureUdp {
             false
         } else {
             // Inside TLS only if the gateway said it speaks RECORD frames.
-            let said = hello
-                .wait_for(|h: &Option<bool>| h.is_some())
-                .await
-                .map(|h| *h == Some(true))
-                .unwrap_or(false);
+            let said = trunk.peer().await.is_some_and(|p| p.records);
             match (said, opts.transport) {
                 (true, Transport::Tls) => true,
                 (true, _) => {
@@ -920,6 +991,7 @@ impl SecureUdp {
             }
         };
         let epoch = std::time::Instant::now();
+        let sender = trunk.sender().clone();
         Ok(SecureUdp {
             // Read with plain `recv` too (recv_in_place): no GRO trains on this socket.
             socket: BatchSocket::without_gro(socket)?,
@@ -930,7 +1002,7 @@ impl SecureUdp {
             epoch: assoc_epoch,
             reattach_refused,
             relay,
-            control,
+            trunk,
             closed,
             why_closed,
             send_scratch: tokio::sync::Mutex::new(Vec::new()),
@@ -948,6 +1020,12 @@ impl SecureUdp {
                 token: Mutex::new([0; TOKEN_LEN]),
             },
         })
+    }
+
+    /// The control connection this association travels on; with a gateway that speaks
+    /// ASSOCIATIONS, [`SecureUdp::open_on`] opens more on it.
+    pub fn trunk(&self) -> &Arc<Trunk> {
+        &self.trunk
     }
 
     /// Whether records travel inside TLS now (PROTOCOL.md §6.4).
@@ -1430,7 +1508,6 @@ async fn reattach_on(
     channel: &mut Channel<Control>,
     old: AssociationId,
     port: u16,
-    inbound: &tokio::sync::mpsc::Sender<Vec<u8>>,
 ) -> Result<Reattach, ClientError> {
     let mut asked = false;
     loop {
@@ -1453,61 +1530,17 @@ async fn reattach_on(
             Ok(Event::ReattachRefused { assoc, reason }) if assoc == old && asked => {
                 return Ok(Reattach::Refused(reason))
             }
-            Ok(Event::Record(r)) => {
-                let _ = inbound.try_send(r);
-            }
+            // Nothing names the association before the answer (§2.7: the client sends no
+            // record until then, so the gateway has none to answer).
             Ok(_) => {}
             Err(e) => return Err(ClientError::Io(io::Error::other(e.to_string()))),
         }
     }
 }
 
-/// Runs the client's side of the control channel until the association ends; records why.
-/// Tells whether the gateway speaks RECORD frames (`hello`), and hands the records it sends
-/// inside TLS to the receive path (`inbound`; what does not fit is counted).
-async fn watch_control(
-    mut channel: Channel<Control>,
-    assoc: AssociationId,
-    why: Arc<Mutex<Option<String>>>,
-    closed: tokio::sync::watch::Sender<bool>,
-    hello: tokio::sync::watch::Sender<Option<bool>>,
-    inbound: tokio::sync::mpsc::Sender<Vec<u8>>,
-) {
-    let reason = loop {
-        match channel.next().await {
-            Ok(Event::Hello(h)) => {
-                tracing::debug!(%assoc, version = h.version, ping_ms = h.ping_interval_ms, "control channel: gateway hello");
-                let _ = hello.send(Some(h.has(feature::RECORDS)));
-            }
-            Ok(Event::Record(r)) => {
-                if inbound.try_send(r).is_err() {
-                    tracing::debug!(%assoc, "records inside TLS arrive faster than they are read: dropped");
-                }
-            }
-            Ok(Event::Close { assoc: a, reason }) if a == assoc => {
-                break format!("the gateway closed the association: {}", reason.describe());
-            }
-            Ok(
-                Event::Close { .. }
-                | Event::Reattach { .. }
-                | Event::Reattached { .. }
-                | Event::ReattachRefused { .. },
-            ) => {}
-            // Delegation frames travel on control sessions only (never listed here).
-            Ok(Event::Delegate { .. } | Event::DelegateReply { .. }) => {}
-            Err(ChannelError::Closed) => break "the gateway closed the control connection".to_owned(),
-            Err(e) => break e.to_string(),
-        }
-    };
-    *why.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
-    // A gateway that never said HELLO will not: `connect` stops waiting for it.
-    let _ = hello.send(Some(false));
-    let _ = closed.send(true);
-}
-
 impl Drop for SecureUdp {
     fn drop(&mut self) {
-        self.control.abort();
+        self.trunk.release(self.assoc);
     }
 }
 
@@ -1529,6 +1562,7 @@ mod tests {
         let sock = crate::net::bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
         sock.connect(relay).await.unwrap();
         let (closed_tx, closed) = tokio::sync::watch::channel(false);
+        std::mem::forget(closed_tx);
         let metrics = Arc::new(Metrics::default());
         let udp = SecureUdp {
             socket: BatchSocket::without_gro(sock).unwrap(),
@@ -1539,10 +1573,7 @@ mod tests {
             epoch: 0,
             reattach_refused: None,
             relay,
-            control: tokio::spawn(async move {
-                let _keep = closed_tx;
-                std::future::pending::<()>().await
-            }),
+            trunk: trunk::Trunk::detached(relay, suite),
             closed,
             why_closed: Arc::new(Mutex::new(None)),
             send_scratch: tokio::sync::Mutex::new(Vec::new()),

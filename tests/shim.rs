@@ -1358,3 +1358,50 @@ async fn ffmpeg_unpaced_burst_on_a_new_flow_delivers_every_frame() {
     shim.stop().await;
     gw.stop().await;
 }
+
+/// A forward's flows share control connections (PROTOCOL.md §2.9): forty local sources
+/// starting at once cost one TLS handshake and one SOCKS negotiation in all (plus the
+/// startup check's), each new flow one OPEN round trip; each flow still has its own
+/// association and gets only its own replies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_opens_its_flows_on_one_shared_connection() {
+    let pki = pki();
+    let gw = TestGateway::start(settings(&pki)).await;
+    let echo = udp_echo().await;
+    let mut s = shim_settings(&pki, &[gw.control]);
+    s.socks = None;
+    s.forwards = vec![forward(&format!("udp:127.0.0.1:0={echo}"))];
+    let shim = TestShim::start(s).await;
+    let local = shim.forward(ForwardProto::Udp);
+    let before = gw.metrics.connections.load(Ordering::Relaxed);
+    const FLOWS: usize = 40;
+    let mut socks = Vec::new();
+    for _ in 0..FLOWS {
+        socks.push(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    }
+    // All start at once, before any answer.
+    for (i, s) in socks.iter().enumerate() {
+        s.send_to(&pattern(200, i), local).await.unwrap();
+    }
+    let mut buf = vec![0u8; 2048];
+    for (i, s) in socks.iter().enumerate() {
+        let (n, _) = timeout(WAIT, s.recv_from(&mut buf)).await.unwrap().unwrap();
+        assert!(buf[..n] == pattern(200, i)[..], "flow {i} got another's reply");
+    }
+    assert_eq!(
+        gw.metrics.connections.load(Ordering::Relaxed) - before,
+        1,
+        "the flows share one control connection"
+    );
+    assert_eq!(gw.metrics.opened_shared.load(Ordering::Relaxed), FLOWS as u64 - 1);
+    assert_eq!(
+        shim.metrics.opened_shared.load(Ordering::Relaxed),
+        FLOWS as u64 - 1
+    );
+    assert_eq!(
+        gw.metrics.associations_active.load(Ordering::Relaxed),
+        FLOWS as u64
+    );
+    shim.stop().await;
+    gw.stop().await;
+}

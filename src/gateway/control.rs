@@ -27,13 +27,14 @@ use crate::audit;
 use crate::auth::{Credentials, Identity, Method as AuthMethodKind, Verdict};
 use crate::gateway::delegation::{self, TapTx, TunnelInfo};
 use crate::gateway::moves;
-use crate::gateway::relay::AssocError;
+use crate::gateway::relay::{AssocError, AssociationHandle};
 use crate::gateway::Shared;
 use crate::inspect::{Dir, TAG_LABEL, TAG_LEN};
 use crate::logsafe::Peer;
 use crate::net::canonical;
 use crate::net::channel::{Channel, ChannelError, Event};
-use crate::proto::frame::{feature, CloseReason, DelegateStatus, Frame, RefuseReason};
+use crate::proto::frame::{feature, CloseReason, DelegateStatus, Frame, OpenStatus, RefuseReason};
+use crate::proto::record::ASSOC_OFFSET;
 use crate::proto::socks::{self, choose_suite, method, sudp_status, SudpAccept, SudpHello};
 use crate::proto::{AssociationId, KeySchedule, SocksError};
 
@@ -964,7 +965,7 @@ async fn udp_associate(
         Some((id, keys)) => relay.open_secure(*id, keys, peer.ip(), port, session.user.clone()),
         None => relay.open_naked(peer.ip(), port, session.user.clone()),
     };
-    let mut handle = match opened {
+    let handle = match opened {
         Ok(h) => h,
         // `naked_require_port`: a rule refuses it, RFC 1928's 0x02.
         Err(AssocError::PortRequired) => return refuse(proto, Refusal::Policy).await,
@@ -980,56 +981,56 @@ async fn udp_associate(
         .reply_success(SocketAddr::new(bnd_ip, relay_addr.port()))
         .await?;
     tracing::info!(%peer, assoc = %handle.id(), secure = session.secure.is_some(), user = %session.who(), "UDP association open");
-    let opened_at = std::time::Instant::now();
 
     let idle = shared.settings.idle_timeout;
     let mut tick = tokio::time::interval(idle.min(Duration::from_secs(1)).max(Duration::from_millis(50)));
-    let mut epoch = 0u32;
-    // Why the association ends: the CLOSE reason told to a framing client, and a log text.
-    let why: (Option<CloseReason>, String) = if let Some((_, keys)) = &session.secure {
+    if let Some((_, keys)) = &session.secure {
+        let suite = keys.c2g.suite();
         let store = shared.settings.store.clone();
         let ttl = moves::record_ttl(idle);
-        // An association with an owner has a record in the store, so that the owner can
-        // re-attach it to another connection, here or on another node (PROTOCOL.md §2.7).
-        let mut held = match &session.user {
-            Some(owner) => {
-                let record = moves::AssocRecord::new(keys.c2g.suite(), moves::node_id(), owner);
-                moves::Held::announce(&*store, handle.id(), record, ttl).await
-            }
-            None => None,
-        };
-        let mut reattached = false;
-        let mut last_check = std::time::Instant::now();
         // A secure association's control connection carries frames (PROTOCOL.md §2.4).
         let mut channel = Channel::open(
             stream,
             shared.settings.heartbeat,
-            &[feature::RECORDS, feature::REATTACH],
+            &[feature::RECORDS, feature::REATTACH, feature::ASSOCIATIONS],
         );
         handle.attach_tls(channel.sender());
+        let first = Member::announce(shared, &session, handle, suite, ttl).await;
+        // Every association this connection carries: its own, those it OPENed and those
+        // re-attached to it (PROTOCOL.md §2.9); one only without feature ASSOCIATIONS.
+        let mut members = vec![first];
+        let mut reattached = false;
         let why = loop {
+            // Whether both HELLOs listed ASSOCIATIONS (ours always does).
+            let multi = channel.peer().is_some_and(|h| h.has(feature::ASSOCIATIONS));
             tokio::select! {
                 ev = channel.next() => match ev {
                     Ok(Event::Hello(h)) => {
-                        tracing::debug!(%peer, assoc = %handle.id(), version = h.version, ping_ms = h.ping_interval_ms, "control channel: client hello");
+                        tracing::debug!(%peer, version = h.version, ping_ms = h.ping_interval_ms, "control channel: client hello");
                     }
                     Ok(Event::Reattach { assoc, port }) => {
-                        let claimed = if reattached {
+                        let claimed = if members.iter().any(|m| m.handle.id() == assoc) || (reattached && !multi) {
                             Err(RefuseReason::AlreadyAttached)
+                        } else if members.len() >= MAX_PER_CONNECTION {
+                            Err(RefuseReason::Busy)
                         } else {
                             reattach(shared, &channel, &session, peer, assoc, port, ttl).await
                         };
                         match claimed {
                             Ok((new, new_held)) => {
-                                // The association this connection opened gives way to the
-                                // re-attached one, whose id the client keeps.
-                                if let Some(h) = held.take() {
-                                    h.release(&*store).await;
+                                new.attach_tls(channel.sender());
+                                let epoch = new_held.record.epoch;
+                                if !multi {
+                                    // The association this connection opened gives way to
+                                    // the re-attached one, whose id the client keeps (§2.7).
+                                    for old in members.drain(..) {
+                                        old.handle.detach_tls();
+                                        if let Some(h) = &old.held {
+                                            h.release(&*store).await;
+                                        }
+                                    }
                                 }
-                                epoch = new_held.record.epoch;
-                                held = Some(new_held);
-                                handle = new;
-                                handle.attach_tls(channel.sender());
+                                members.push(Member::new(new, Some(new_held), epoch));
                                 reattached = true;
                                 let _ = channel.send(&Frame::Reattached { assoc, epoch });
                             }
@@ -1040,65 +1041,74 @@ async fn udp_associate(
                             }
                         }
                     }
-                    // Only the gateway ends associations with CLOSE and answers re-attaches;
-                    // such frames from a client are ignored.
-                    Ok(Event::Close { .. } | Event::Reattached { .. } | Event::ReattachRefused { .. }) => {}
+                    // Only with the feature both listed (the channel skips it when we did not).
+                    Ok(Event::Open { req, port }) if multi => {
+                        match open_more(shared, &channel, &session, peer, port, suite, members.len(), ttl).await {
+                            Ok(m) => {
+                                let assoc = m.handle.id();
+                                members.push(m);
+                                let _ = channel.send(&Frame::Opened { req, status: OpenStatus::Opened, assoc });
+                            }
+                            Err(status) => {
+                                shared.metrics.count_open_refused(status);
+                                let _ = channel.send(&Frame::Opened { req, status, assoc: AssociationId(0) });
+                            }
+                        }
+                    }
+                    // A client releases one of this connection's associations (feature
+                    // ASSOCIATIONS); without the feature a gateway ignores a client's CLOSE.
+                    Ok(Event::Close { assoc, .. }) if multi => {
+                        if let Some(i) = members.iter().position(|m| m.handle.id() == assoc) {
+                            let m = members.swap_remove(i);
+                            shared.metrics.released.fetch_add(1, Ordering::Relaxed);
+                            m.finish(shared, &session, peer, &channel, Some(CloseReason::Released), "released by the client").await;
+                            if members.is_empty() {
+                                break (None, "the client released its last association".to_owned());
+                            }
+                        }
+                    }
+                    // Only the gateway answers re-attaches and OPENs; such frames from a
+                    // client are ignored, as an OPEN or CLOSE without the feature.
+                    Ok(Event::Open { .. } | Event::Opened { .. } | Event::Close { .. } | Event::Reattached { .. } | Event::ReattachRefused { .. }) => {}
                     // Delegation frames travel on control sessions only (PROTOCOL.md §2.8).
                     Ok(Event::Delegate { .. } | Event::DelegateReply { .. }) => {}
-                    Ok(Event::Record(mut record)) => handle.receive_tls_record(&mut record),
+                    Ok(Event::Record(mut record)) => {
+                        // The association the record names, if this connection carries it;
+                        // otherwise any member's handle counts it `foreign_source`.
+                        let id = record.get(ASSOC_OFFSET..ASSOC_OFFSET + 8);
+                        let m = members
+                            .iter()
+                            .find(|m| id == Some(&m.handle.id().to_bytes()[..]))
+                            .unwrap_or(&members[0]);
+                        m.handle.receive_tls_record(&mut record);
+                    }
                     Err(ChannelError::Closed) => break (None, "control connection closed".to_owned()),
                     Err(e) => break (None, e.to_string()),
                 },
                 _ = tick.tick() => {
-                    if let Some(dest) = handle.unreachable() {
-                        break (Some(CloseReason::Unreachable), format!("end-to-end destination {dest} unreachable"));
-                    }
-                    if handle.is_superseded() {
-                        break (Some(CloseReason::Moved), "re-attached to another connection".to_owned());
-                    }
-                    if handle.idle_for() >= idle {
-                        break (Some(CloseReason::Idle), "idle timeout".to_owned());
-                    }
-                    if handle.is_dead() {
-                        break (Some(CloseReason::KeyExhausted), "sending key exhausted".to_owned());
-                    }
-                    if let Some(h) = held.as_mut().filter(|_| last_check.elapsed() >= moves::CHECK_EVERY) {
-                        last_check = std::time::Instant::now();
-                        if h.check(&*store).await == moves::Standing::Moved {
-                            // Another node re-attached it: this copy ends (its client
-                            // moved on; records of our epoch fail there).
-                            held = None;
-                            shared.metrics.moved_away.fetch_add(1, Ordering::Relaxed);
-                            break (Some(CloseReason::Moved), "re-attached on another node".to_owned());
+                    let mut i = 0;
+                    while i < members.len() {
+                        match members[i].due_end(shared, idle).await {
+                            Some((reason, text)) => {
+                                let m = members.swap_remove(i);
+                                m.finish(shared, &session, peer, &channel, Some(reason), &text).await;
+                            }
+                            None => i += 1,
                         }
+                    }
+                    if members.is_empty() {
+                        break (None, "no association left".to_owned());
                     }
                 }
                 _ = shutdown.changed() => break (Some(CloseReason::Shutdown), "gateway shutting down".to_owned()),
             }
         };
-        if handle.is_superseded() {
-            shared.metrics.moved_away.fetch_add(1, Ordering::Relaxed);
-            held = None;
+        for m in members {
+            m.finish(shared, &session, peer, &channel, why.0, &why.1).await;
         }
-        // The record goes with an association that ended for good; one whose connection
-        // broke stays (until its TTL) so that its owner can re-attach it.
-        if matches!(why.0, Some(CloseReason::Idle | CloseReason::KeyExhausted)) {
-            if let Some(h) = &held {
-                h.release(&*store).await;
-            }
-        }
-        if let Some(reason) = why.0 {
-            let _ = channel.send(&Frame::Close {
-                assoc: handle.id(),
-                reason,
-            });
-        }
-        // The association's reply path holds a sender of the channel: let go of it, so the
-        // writer ends as soon as what is queued is written.
-        handle.detach_tls();
         channel.close().await;
-        why
     } else {
+        let opened_at = std::time::Instant::now();
         let mut scratch = [0u8; 512];
         let why = loop {
             tokio::select! {
@@ -1119,10 +1129,193 @@ async fn udp_associate(
             }
         };
         let _ = stream.shutdown().await;
-        (None, why)
-    };
-    let why = why.1;
-    // The one line per association (the same field names as the CONNECT end line).
+        log_end(shared, &session, peer, &handle, opened_at, 0, &why);
+    }
+    Ok(())
+}
+
+/// Most associations one control connection carries (its own, those it OPENed and those
+/// re-attached to it, PROTOCOL.md §2.9): a bound on what one authenticated peer makes the
+/// gateway hold per connection; `max_associations` bounds the gateway's total.
+pub const MAX_PER_CONNECTION: usize = 1024;
+
+/// One association a secure control connection carries.
+struct Member {
+    handle: AssociationHandle,
+    /// Its record in the store (associations with an owner), for re-attaching.
+    held: Option<moves::Held>,
+    /// 0, or the epoch it was re-attached under.
+    epoch: u32,
+    opened_at: std::time::Instant,
+    /// When its store record was last checked for a move to another node.
+    last_check: std::time::Instant,
+}
+
+impl Member {
+    fn new(handle: AssociationHandle, held: Option<moves::Held>, epoch: u32) -> Member {
+        let now = std::time::Instant::now();
+        Member {
+            handle,
+            held,
+            epoch,
+            opened_at: now,
+            last_check: now,
+        }
+    }
+
+    /// A new association (epoch 0); one with an owner gets a record in the store, so that
+    /// the owner can re-attach it to another connection, here or on another node (§2.7).
+    async fn announce(
+        shared: &Shared,
+        session: &Session,
+        handle: AssociationHandle,
+        suite: crate::proto::CipherSuite,
+        ttl: Duration,
+    ) -> Member {
+        let held = match &session.user {
+            Some(owner) => {
+                let record = moves::AssocRecord::new(suite, moves::node_id(), owner);
+                moves::Held::announce(&*shared.settings.store, handle.id(), record, ttl).await
+            }
+            None => None,
+        };
+        Member::new(handle, held, 0)
+    }
+
+    /// Whether the association must end now, with the CLOSE reason and a log text.
+    async fn due_end(&mut self, shared: &Shared, idle: Duration) -> Option<(CloseReason, String)> {
+        let h = &self.handle;
+        if let Some(dest) = h.unreachable() {
+            return Some((
+                CloseReason::Unreachable,
+                format!("end-to-end destination {dest} unreachable"),
+            ));
+        }
+        if h.is_superseded() {
+            return Some((CloseReason::Moved, "re-attached to another connection".to_owned()));
+        }
+        if h.idle_for() >= idle {
+            return Some((CloseReason::Idle, "idle timeout".to_owned()));
+        }
+        if h.is_dead() {
+            return Some((CloseReason::KeyExhausted, "sending key exhausted".to_owned()));
+        }
+        if let Some(held) = self
+            .held
+            .as_mut()
+            .filter(|_| self.last_check.elapsed() >= moves::CHECK_EVERY)
+        {
+            self.last_check = std::time::Instant::now();
+            if held.check(&*shared.settings.store).await == moves::Standing::Moved {
+                // Another node re-attached it: this copy ends (its client moved on; records
+                // of our epoch fail there).
+                self.held = None;
+                shared.metrics.moved_away.fetch_add(1, Ordering::Relaxed);
+                return Some((CloseReason::Moved, "re-attached on another node".to_owned()));
+            }
+        }
+        None
+    }
+
+    /// Ends the association: its store record goes if it ended for good, a framing client
+    /// is told with CLOSE (`reason`; not for one the client released), and the end is logged
+    /// and audited.
+    async fn finish(
+        mut self,
+        shared: &Shared,
+        session: &Session,
+        peer: SocketAddr,
+        channel: &Channel<Tls>,
+        reason: Option<CloseReason>,
+        why: &str,
+    ) {
+        if self.handle.is_superseded() {
+            shared.metrics.moved_away.fetch_add(1, Ordering::Relaxed);
+            self.held = None;
+        }
+        // The record goes with an association that ended for good; one whose connection
+        // broke stays (until its TTL) so that its owner can re-attach it.
+        if matches!(
+            reason,
+            Some(CloseReason::Idle | CloseReason::KeyExhausted | CloseReason::Released)
+        ) {
+            if let Some(h) = &self.held {
+                h.release(&*shared.settings.store).await;
+            }
+        }
+        if let Some(reason) = reason.filter(|r| *r != CloseReason::Released) {
+            let _ = channel.send(&Frame::Close {
+                assoc: self.handle.id(),
+                reason,
+            });
+        }
+        // The association's reply path holds a sender of the channel: let go of it, so the
+        // writer ends as soon as what is queued is written.
+        self.handle.detach_tls();
+        log_end(
+            shared,
+            session,
+            peer,
+            &self.handle,
+            self.opened_at,
+            self.epoch,
+            why,
+        );
+    }
+}
+
+/// Serves an OPEN (PROTOCOL.md §2.9): one more association for this connection's identity
+/// and suite, its keys from this connection's exporter with its own id (§3.1, epoch 0).
+#[allow(clippy::too_many_arguments)]
+async fn open_more(
+    shared: &Shared,
+    channel: &Channel<Tls>,
+    session: &Session,
+    peer: SocketAddr,
+    port: u16,
+    suite: crate::proto::CipherSuite,
+    carried: usize,
+    ttl: Duration,
+) -> Result<Member, OpenStatus> {
+    if carried >= MAX_PER_CONNECTION {
+        return Err(OpenStatus::Limit);
+    }
+    let relay = &shared.relay;
+    let id = relay.new_assoc_id();
+    let keys = channel
+        .with_stream(|s| crate::tls::export_keys(s.get_ref().1, id, suite))
+        .map_err(|e| {
+            tracing::warn!(%peer, error = %e, "OPEN: no keys from the exporter");
+            OpenStatus::Failed
+        })?;
+    let port = (port != 0).then_some(port);
+    let handle = relay
+        .open_secure(id, &keys, peer.ip(), port, session.user.clone())
+        .map_err(|e| match e {
+            AssocError::Limit(_) => OpenStatus::Limit,
+            e => {
+                tracing::warn!(%peer, error = %e, "OPEN: cannot open the association");
+                OpenStatus::Failed
+            }
+        })?;
+    drop(keys);
+    handle.attach_tls(channel.sender());
+    shared.metrics.opened_shared.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(%peer, assoc = %id, secure = true, shared = true, user = %session.who(), "UDP association open");
+    Ok(Member::announce(shared, session, handle, suite, ttl).await)
+}
+
+/// The one line (and audit event) per association at its end (the same field names as
+/// the CONNECT end line).
+fn log_end(
+    shared: &Shared,
+    session: &Session,
+    peer: SocketAddr,
+    handle: &AssociationHandle,
+    opened_at: std::time::Instant,
+    epoch: u32,
+    why: &str,
+) {
     let stats = handle.stats();
     tracing::info!(
         user = %session.who(),
@@ -1152,8 +1345,6 @@ async fn udp_associate(
         bytes_down: stats.bytes_down.load(Ordering::Relaxed),
         duration_ms: opened_at.elapsed().as_millis() as u64,
         epoch,
-        reason: why.clone(),
+        reason: why.to_owned(),
     });
-    drop(handle);
-    Ok(())
 }

@@ -178,6 +178,30 @@ impl prometheus_client::collector::Collector for Collector {
             "Associations released here because another control connection re-attached them",
             load(&m.moved_away),
         )?;
+        counter(
+            &mut enc,
+            "associations_opened_shared",
+            "Associations opened with OPEN on a control connection that already carried one",
+            load(&m.opened_shared),
+        )?;
+        counter(
+            &mut enc,
+            "associations_released",
+            "Associations released by their client (a client's CLOSE)",
+            load(&m.released),
+        )?;
+        {
+            let mut family = enc.encode_descriptor(
+                "open_refused",
+                "OPENs (one more association on a control connection) refused, by status",
+                None,
+                MetricType::Counter,
+            )?;
+            for (i, r) in crate::metrics::OPEN_REFUSALS.iter().enumerate() {
+                let labels = [("status", r.name())];
+                ConstCounter::new(load(&m.open_refused[i])).encode(family.encode_family(&labels)?)?;
+            }
+        }
         {
             let mut family = enc.encode_descriptor(
                 "reattach_refused",

@@ -161,6 +161,13 @@ pub struct Metrics {
     pub reattach_refused: [AtomicU64; REATTACH_REFUSALS.len()],
     /// Associations this node released because another connection re-attached them.
     pub moved_away: AtomicU64,
+    /// Associations opened with OPEN on a connection that already carried one (gateway:
+    /// opened; shim: opened on a shared connection instead of a new one).
+    pub opened_shared: AtomicU64,
+    /// OPENs refused (gateway: refused; shim: refused to it), by [`OPEN_REFUSALS`] status.
+    pub open_refused: [AtomicU64; OPEN_REFUSALS.len()],
+    /// Associations released by their client (a client's CLOSE).
+    pub released: AtomicU64,
     /// Control sessions (method 0x81) open now.
     pub control_sessions_active: AtomicU64,
     /// Delegated secret sets held now (one per inspected tunnel; gateway).
@@ -190,7 +197,25 @@ pub const REATTACH_REFUSALS: [crate::proto::frame::RefuseReason; 6] = {
     ]
 };
 
+/// The refusal statuses of an OPEN, as metric labels (index of [`Metrics::open_refused`]).
+pub const OPEN_REFUSALS: [crate::proto::frame::OpenStatus; 3] = {
+    use crate::proto::frame::OpenStatus as S;
+    [S::Limit, S::Failed, S::Other(0)]
+};
+
 impl Metrics {
+    /// Counts a refused OPEN (an `Opened` status is not a refusal and is not counted).
+    pub fn count_open_refused(&self, status: crate::proto::frame::OpenStatus) {
+        use crate::proto::frame::OpenStatus as S;
+        let i = match status {
+            S::Opened => return,
+            S::Limit => 0,
+            S::Failed => 1,
+            S::Other(_) => 2,
+        };
+        self.open_refused[i].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counts a refused re-attach.
     pub fn count_reattach_refused(&self, reason: crate::proto::frame::RefuseReason) {
         use crate::proto::frame::RefuseReason as R;

@@ -77,7 +77,25 @@ pub enum Event {
         /// Why.
         reason: frame::RefuseReason,
     },
-    /// The gateway ended an association.
+    /// The client asks for one more association on this connection (feature
+    /// ASSOCIATIONS, PROTOCOL.md §2.9).
+    Open {
+        /// The request's number.
+        req: u32,
+        /// The client's UDP port (0: unknown).
+        port: u16,
+    },
+    /// The gateway's answer to an OPEN.
+    Opened {
+        /// The OPEN's number.
+        req: u32,
+        /// The verdict.
+        status: frame::OpenStatus,
+        /// The new association (zero when refused).
+        assoc: crate::proto::AssociationId,
+    },
+    /// An association ends: the gateway ended it, or (feature ASSOCIATIONS) the client
+    /// releases it.
     Close {
         /// The association.
         assoc: crate::proto::AssociationId,
@@ -151,6 +169,11 @@ pub struct FrameSender {
 }
 
 impl FrameSender {
+    /// Queues any frame (an OPEN, a client's CLOSE) from outside the channel's task.
+    pub fn send(&self, f: &Frame<'_>) -> Result<(), ChannelError> {
+        queue_on(&self.tx, f)
+    }
+
     /// Queues one secure-UDP record as a RECORD frame; `Err(Full)` drops it (the caller
     /// counts it), `Err(Stalled)` means the channel is gone.
     pub fn send_record(&self, record: &[u8]) -> Result<(), ChannelError> {
@@ -355,6 +378,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Channel<S> {
                     return Ok(Some(Event::ReattachRefused { assoc, reason }))
                 }
                 Frame::Record(r) => return Ok(Some(Event::Record(r.to_vec()))),
+                // Frames of a feature this side did not list are skipped like unknown ones.
+                Frame::Open { .. } | Frame::Opened { .. }
+                    if !self.features.contains(&frame::feature::ASSOCIATIONS) =>
+                {
+                    self.unknown += 1;
+                }
+                Frame::Open { req, port } => return Ok(Some(Event::Open { req, port })),
+                Frame::Opened { req, status, assoc } => {
+                    return Ok(Some(Event::Opened { req, status, assoc }))
+                }
                 Frame::Delegate { .. } | Frame::DelegateReply { .. }
                     if !self.features.contains(&frame::feature::DELEGATION) =>
                 {

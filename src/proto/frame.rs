@@ -52,8 +52,14 @@ pub mod kind {
     pub const REATTACHED: u8 = 0x05;
     /// The gateway refused a REATTACH, and why.
     pub const REATTACH_REFUSED: u8 = 0x06;
-    /// An association ends, and why (gateway to client).
+    /// An association ends, and why (gateway to client; with feature
+    /// [`super::feature::ASSOCIATIONS`] also client to gateway, to release one).
     pub const CLOSE: u8 = 0x07;
+    /// The client asks for one more association on this connection (feature
+    /// [`super::feature::ASSOCIATIONS`]).
+    pub const OPEN: u8 = 0x08;
+    /// The gateway's answer to an OPEN: the new association's id, or why not.
+    pub const OPENED: u8 = 0x09;
     /// A secure-UDP record carried inside TLS (feature [`super::feature::RECORDS`]).
     pub const RECORD: u8 = 0x0A;
     /// A CONNECT tunnel's TLS 1.3 traffic secrets, delegated by the client (feature
@@ -72,6 +78,9 @@ pub mod feature {
     pub const RECORDS: u8 = 0x01;
     /// Associations that move: REATTACH, REATTACHED and REATTACH_REFUSED frames (§2.4, §3.1).
     pub const REATTACH: u8 = 0x02;
+    /// Many associations on one control connection: OPEN and OPENED frames, CLOSE from the
+    /// client, REATTACH adding to the connection (PROTOCOL.md §2.9).
+    pub const ASSOCIATIONS: u8 = 0x03;
     /// Delegated inspection: DELEGATE and DELEGATE_REPLY frames (PROTOCOL.md §2.8).
     pub const DELEGATION: u8 = 0x10;
 }
@@ -92,6 +101,52 @@ pub enum RefuseReason {
     AlreadyAttached,
     /// A code this version does not name.
     Other(u8),
+}
+
+/// The gateway's answer to an OPEN ([`Frame::Opened`]); unknown codes are kept as
+/// [`OpenStatus::Other`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenStatus {
+    /// Opened: the frame names the new association.
+    Opened,
+    /// This connection, or the gateway, holds its most associations.
+    Limit,
+    /// The gateway could not open one (no outbound socket, no keys): try again later.
+    Failed,
+    /// A code this version does not name (refused).
+    Other(u8),
+}
+
+impl OpenStatus {
+    /// The wire code.
+    pub fn code(self) -> u8 {
+        match self {
+            OpenStatus::Opened => 0x00,
+            OpenStatus::Limit => 0x01,
+            OpenStatus::Failed => 0x02,
+            OpenStatus::Other(c) => c,
+        }
+    }
+
+    /// The status of a wire code.
+    pub fn from_code(code: u8) -> Self {
+        match code {
+            0x00 => OpenStatus::Opened,
+            0x01 => OpenStatus::Limit,
+            0x02 => OpenStatus::Failed,
+            c => OpenStatus::Other(c),
+        }
+    }
+
+    /// Stable snake_case name, for logs and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            OpenStatus::Opened => "opened",
+            OpenStatus::Limit => "limit",
+            OpenStatus::Failed => "failed",
+            OpenStatus::Other(_) => "other",
+        }
+    }
 }
 
 /// The gateway's verdict on a DELEGATE ([`Frame::DelegateReply`]); unknown codes are kept as
@@ -235,6 +290,8 @@ pub enum CloseReason {
     Moved,
     /// An end-to-end destination (`e2e`) answered ICMP port unreachable.
     Unreachable,
+    /// The client released it (a client's CLOSE, feature ASSOCIATIONS).
+    Released,
     /// A code this version does not name.
     Other(u8),
 }
@@ -249,6 +306,7 @@ impl CloseReason {
             CloseReason::Heartbeat => 0x04,
             CloseReason::Moved => 0x05,
             CloseReason::Unreachable => 0x06,
+            CloseReason::Released => 0x07,
             CloseReason::Other(c) => c,
         }
     }
@@ -261,6 +319,7 @@ impl CloseReason {
             0x03 => CloseReason::Shutdown,
             0x05 => CloseReason::Moved,
             0x06 => CloseReason::Unreachable,
+            0x07 => CloseReason::Released,
             0x04 => CloseReason::Heartbeat,
             c => CloseReason::Other(c),
         }
@@ -275,6 +334,7 @@ impl CloseReason {
             CloseReason::Heartbeat => "heartbeat timeout",
             CloseReason::Moved => "re-attached to another connection",
             CloseReason::Unreachable => "an end-to-end destination answered port unreachable",
+            CloseReason::Released => "released by the client",
             CloseReason::Other(_) => "unknown reason",
         }
     }
@@ -345,7 +405,26 @@ pub enum Frame<'a> {
         /// Why.
         reason: RefuseReason,
     },
-    /// The gateway ended association `assoc`.
+    /// The client asks for one more association on this connection, sending from UDP
+    /// `port` (0: not known); `req` is the client's number for the answer.
+    Open {
+        /// The request's number, echoed by OPENED.
+        req: u32,
+        /// The client's UDP port.
+        port: u16,
+    },
+    /// The gateway's answer to the OPEN numbered `req`: with [`OpenStatus::Opened`], the
+    /// new association `assoc` (keys from this connection's exporter, §3.1); otherwise
+    /// `assoc` is zero.
+    Opened {
+        /// The OPEN's number.
+        req: u32,
+        /// The verdict.
+        status: OpenStatus,
+        /// The new association (zero when refused).
+        assoc: AssociationId,
+    },
+    /// Association `assoc` ends (the gateway ended it, or the client releases it).
     Close {
         /// The association.
         assoc: AssociationId,
@@ -387,6 +466,8 @@ impl Frame<'_> {
             Frame::Reattached { .. } => kind::REATTACHED,
             Frame::ReattachRefused { .. } => kind::REATTACH_REFUSED,
             Frame::Close { .. } => kind::CLOSE,
+            Frame::Open { .. } => kind::OPEN,
+            Frame::Opened { .. } => kind::OPENED,
             Frame::Record(_) => kind::RECORD,
             Frame::Delegate { .. } => kind::DELEGATE,
             Frame::DelegateReply { .. } => kind::DELEGATE_REPLY,
@@ -417,6 +498,15 @@ impl Frame<'_> {
             Frame::Reattach { assoc, port } => {
                 out.extend_from_slice(&assoc.to_bytes());
                 out.extend_from_slice(&port.to_be_bytes());
+            }
+            Frame::Open { req, port } => {
+                out.extend_from_slice(&req.to_be_bytes());
+                out.extend_from_slice(&port.to_be_bytes());
+            }
+            Frame::Opened { req, status, assoc } => {
+                out.extend_from_slice(&req.to_be_bytes());
+                out.push(status.code());
+                out.extend_from_slice(&assoc.to_bytes());
             }
             Frame::Reattached { assoc, epoch } => {
                 out.extend_from_slice(&assoc.to_bytes());
@@ -563,6 +653,27 @@ pub fn parse_body(ty: u8, body: &[u8]) -> Result<Frame<'_>, FrameError> {
             Ok(Frame::Reattach {
                 assoc: assoc_at(body),
                 port: u16::from_be_bytes([body[8], body[9]]),
+            })
+        }
+        kind::OPEN => {
+            if body.len() != 6 {
+                return Err(bad("body is not 6 bytes"));
+            }
+            Ok(Frame::Open {
+                req: u32::from_be_bytes([body[0], body[1], body[2], body[3]]),
+                port: u16::from_be_bytes([body[4], body[5]]),
+            })
+        }
+        kind::OPENED => {
+            if body.len() != 13 {
+                return Err(bad("body is not 13 bytes"));
+            }
+            let mut id = [0u8; 8];
+            id.copy_from_slice(&body[5..]);
+            Ok(Frame::Opened {
+                req: u32::from_be_bytes([body[0], body[1], body[2], body[3]]),
+                status: OpenStatus::from_code(body[4]),
+                assoc: AssociationId::from_bytes(id),
             })
         }
         kind::REATTACHED => {
@@ -777,6 +888,54 @@ mod tests {
     }
 
     #[test]
+    fn open_frames_have_the_documented_bytes() {
+        // The examples of PROTOCOL.md §2.9.
+        let open = Frame::Open { req: 7, port: 40002 };
+        assert_eq!(encoded(&open), [0x08, 0x00, 0x06, 0, 0, 0, 7, 0x9c, 0x42]);
+        let id = AssociationId(0x5344_5550_0000_0002);
+        let opened = Frame::Opened {
+            req: 7,
+            status: OpenStatus::Opened,
+            assoc: id,
+        };
+        assert_eq!(
+            encoded(&opened),
+            [0x09, 0x00, 0x0d, 0, 0, 0, 7, 0x00, 0x53, 0x44, 0x55, 0x50, 0, 0, 0, 2]
+        );
+        let limit = Frame::Opened {
+            req: 8,
+            status: OpenStatus::Limit,
+            assoc: AssociationId(0),
+        };
+        assert_eq!(
+            encoded(&limit),
+            [0x09, 0x00, 0x0d, 0, 0, 0, 8, 0x01, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
+        let release = Frame::Close {
+            assoc: id,
+            reason: CloseReason::Released,
+        };
+        assert_eq!(
+            encoded(&release),
+            [0x07, 0x00, 0x09, 0x53, 0x44, 0x55, 0x50, 0, 0, 0, 2, 0x07]
+        );
+        for f in [open, opened, limit, release] {
+            let bytes = encoded(&f);
+            assert_eq!(parse(&bytes).unwrap(), (f, bytes.len()));
+        }
+        for c in 0..=255u8 {
+            assert_eq!(OpenStatus::from_code(c).code(), c);
+        }
+        let names: Vec<_> = [0u8, 1, 2, 3]
+            .iter()
+            .map(|c| OpenStatus::from_code(*c).name())
+            .collect();
+        assert_eq!(names, ["opened", "limit", "failed", "other"]);
+        assert_eq!(CloseReason::from_code(7), CloseReason::Released);
+        assert_eq!(CloseReason::Released.describe(), "released by the client");
+    }
+
+    #[test]
     fn delegation_frames_have_the_documented_bytes_and_hide_secrets() {
         let secrets = [0xA5u8; 128];
         let f = Frame::Delegate {
@@ -846,6 +1005,16 @@ mod tests {
             (&[0x03, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0], "body is not 8 bytes"),
             (&[0x07, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0], "body is not 9 bytes"),
             (&[0x04, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0], "body is not 10 bytes"),
+            (&[0x08, 0, 5, 0, 0, 0, 1, 0], "body is not 6 bytes"),
+            (&[0x08, 0, 7, 0, 0, 0, 1, 0, 0, 0], "body is not 6 bytes"),
+            (
+                &[0x09, 0, 12, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+                "body is not 13 bytes",
+            ),
+            (
+                &[0x09, 0, 14, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                "body is not 13 bytes",
+            ),
             (&[0x05, 0, 12, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0], "epoch 0"),
             (
                 &[0x05, 0, 11, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1],
@@ -1001,6 +1170,8 @@ mod tests {
                 (kind::REATTACHED, b)
             }),
             any::<[u8; 9]>().prop_map(|b| (kind::REATTACH_REFUSED, b.to_vec())),
+            any::<[u8; 6]>().prop_map(|b| (kind::OPEN, b.to_vec())),
+            any::<[u8; 13]>().prop_map(|b| (kind::OPENED, b.to_vec())),
             proptest::collection::vec(any::<u8>(), 1..200).prop_map(|b| (kind::RECORD, b)),
             (any::<[u8; 16]>(), any::<bool>(), any::<u8>()).prop_map(|(tag, long, fill)| {
                 let n: u8 = if long { 48 } else { 32 };
@@ -1021,6 +1192,8 @@ mod tests {
                     kind::REATTACH,
                     kind::REATTACHED,
                     kind::REATTACH_REFUSED,
+                    kind::OPEN,
+                    kind::OPENED,
                     kind::DELEGATE,
                     kind::DELEGATE_REPLY
                 ]

@@ -612,6 +612,7 @@ mod tests {
             metrics,
             trust_origin: None,
             refusals: Default::default(),
+            pool: Default::default(),
         })
     }
 

@@ -24,15 +24,20 @@
 //! Why one association per local source in a UDP forward: replies from the gateway carry
 //! only the target's address, and the gateway sends every datagram of one association to
 //! the target from one socket, so neither end could tell two local peers' replies apart on
-//! a shared association. A separate association per source keeps them apart at the cost of
-//! one TLS connection each (resumed, so cheap), bounded by `max_flows` and closed after
-//! `idle_timeout`. With one local peer, the usual case, a forward holds exactly one.
+//! a shared association. A separate association per source keeps them apart, bounded by
+//! `max_flows` and closed after `idle_timeout`. With one local peer, the usual case, a
+//! forward holds exactly one. The associations share control connections where the gateway
+//! speaks ASSOCIATIONS (PROTOCOL.md §2.9): the [`Dialer`] keeps a pool of them, up to
+//! [`PER_CONNECTION`] associations each, and dials one connection at a time per gateway, so
+//! a new flow costs one OPEN round trip on an open connection (a burst of new flows, or every
+//! flow of a lost connection re-attaching, shares the connection the first one dials).
 
 mod delegate;
 pub mod forward;
 pub mod link;
 pub mod socks;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -269,6 +274,70 @@ pub(crate) struct Dialer {
     /// How the gateway is trusted, for certificate messages.
     trust_origin: Option<String>,
     refusals: Refusals,
+    /// Shared control connections (PROTOCOL.md §2.9), by gateway.
+    pub(crate) pool: Pool,
+}
+
+/// Associations the shim opens on one shared control connection before it dials another
+/// (the gateway takes up to [`crate::gateway::control::MAX_PER_CONNECTION`]): a new flow costs one
+/// round trip on an open connection, and no single connection carries every flow.
+pub const PER_CONNECTION: usize = 256;
+
+/// A dial is shared for this long: a flow that waited for another's dial to a gateway and
+/// saw it fail does not dial that gateway again at once (a reconnect storm to a dead gateway
+/// costs one timeout, not one per flow).
+const DIAL_SHARED_FOR: Duration = Duration::from_secs(1);
+
+/// The shim's shared control connections: those whose gateway speaks ASSOCIATIONS, by
+/// gateway index, and one dial at a time per gateway, so that a burst of new flows (or every
+/// flow of a lost connection) shares the connection the first one opens instead of each
+/// dialing its own.
+#[derive(Default)]
+pub(crate) struct Pool {
+    trunks: std::sync::Mutex<Vec<(usize, std::sync::Weak<crate::client::Trunk>)>>,
+    /// Per gateway: when its last dial ended and whether it worked.
+    dials: std::sync::Mutex<HashMap<usize, DialTurn>>,
+}
+
+/// One gateway's dial turn: when its last dial ended and whether it worked.
+type DialTurn = Arc<tokio::sync::Mutex<Option<(std::time::Instant, bool)>>>;
+
+impl Pool {
+    /// Live connections to gateway `i` with room, fullest first (fewer connections).
+    fn candidates(&self, i: usize) -> Vec<Arc<crate::client::Trunk>> {
+        let mut trunks = self.trunks.lock().unwrap_or_else(|e| e.into_inner());
+        trunks.retain(|(_, w)| w.upgrade().is_some_and(|t| !t.is_dead()));
+        let mut c: Vec<_> = trunks
+            .iter()
+            .filter(|(g, _)| *g == i)
+            .filter_map(|(_, w)| w.upgrade())
+            .filter(|t| t.carried() < PER_CONNECTION)
+            .collect();
+        c.sort_by_key(|t| std::cmp::Reverse(t.carried()));
+        c
+    }
+
+    fn add(&self, i: usize, trunk: &Arc<crate::client::Trunk>) {
+        self.trunks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((i, Arc::downgrade(trunk)));
+    }
+
+    fn dial_lock(&self, i: usize) -> DialTurn {
+        self.dials
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(i)
+            .or_default()
+            .clone()
+    }
+
+    /// Forgets the connections (a reload: new flows dial with the new configuration; the
+    /// associations already open keep theirs).
+    fn clear(&self) {
+        self.trunks.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
 }
 
 /// A gateway's permanent refusal of this shim (see [`Shim::probe`]).
@@ -302,6 +371,7 @@ impl Dialer {
     /// Forgets the refusals met so far (a reload may have fixed their cause): the next
     /// request dials again, and a refusal met again is logged again.
     fn forget_refusals(&self) {
+        self.pool.clear();
         *self.refusals.last.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.refusals
             .logged
@@ -439,6 +509,74 @@ impl Dialer {
         if let Some(e) = self.held_refusal() {
             return Err(e);
         }
+        if let Some(u) = self.via_pool(i, previous).await {
+            return Ok(u);
+        }
+        // One dial at a time to this gateway; who waited for another's uses its outcome.
+        let asked = std::time::Instant::now();
+        let lock = self.pool.dial_lock(i);
+        let mut last_dial = lock.lock().await;
+        if let Some((at, ok)) = *last_dial {
+            if at >= asked {
+                if let Some(e) = self.held_refusal() {
+                    return Err(e);
+                }
+                if let Some(u) = self.via_pool(i, previous).await {
+                    return Ok(u);
+                }
+                if !ok && at.elapsed() < DIAL_SHARED_FOR {
+                    return Err(ClientError::Trunk(format!(
+                        "a connection to {} failed a moment ago",
+                        self.name(i)
+                    )));
+                }
+            }
+        }
+        let dialed = self.dial(i, previous).await;
+        *last_dial = Some((std::time::Instant::now(), dialed.is_ok()));
+        if let Ok(u) = &dialed {
+            self.pool.add(i, u.trunk());
+        }
+        dialed
+    }
+
+    /// The association on a shared connection to gateway `i` with room, if one works.
+    async fn via_pool(
+        &self,
+        i: usize,
+        previous: Option<(crate::proto::AssociationId, crate::proto::CipherSuite)>,
+    ) -> Option<SecureUdp> {
+        for trunk in self.pool.candidates(i) {
+            // A connection just dialed may not have the gateway's HELLO yet.
+            let speaks = tokio::time::timeout(self.timeout, trunk.peer())
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|p| p.associations);
+            if !speaks {
+                continue;
+            }
+            let opts = self.options(i).await.ok()?.into_iter().next()?;
+            match SecureUdp::open_on(&trunk, &opts, previous).await {
+                Ok(u) => {
+                    self.metrics.opened_shared.fetch_add(1, Ordering::Relaxed);
+                    return Some(u.with_metrics(self.metrics.clone()));
+                }
+                Err(e) => {
+                    tracing::debug!(gateway = %self.name(i), error = %e, "shared connection did not open the association")
+                }
+            }
+        }
+        None
+    }
+
+    /// A new control connection to gateway `i` and its own association, trying each of the
+    /// gateway's addresses.
+    async fn dial(
+        &self,
+        i: usize,
+        previous: Option<(crate::proto::AssociationId, crate::proto::CipherSuite)>,
+    ) -> Result<SecureUdp, ClientError> {
         let mut last = None;
         for opts in self.options(i).await? {
             match SecureUdp::connect_reattach(&opts, previous).await {
@@ -613,6 +751,7 @@ impl Shim {
             metrics: metrics.clone(),
             trust_origin: settings.trust_origin,
             refusals: Refusals::default(),
+            pool: Pool::default(),
         });
         let metrics_listener = match settings.metrics {
             Some(a) => Some(crate::metrics::http::bind(a).await?),
