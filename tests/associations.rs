@@ -255,3 +255,114 @@ async fn after_a_break_each_association_is_re_attached_to_one_new_connection() {
     );
     gw.stop().await;
 }
+
+/// The gateway's side of §2.9 from raw frames, written from PROTOCOL.md alone: an OPEN or a
+/// client's CLOSE from a client whose HELLO did not list ASSOCIATIONS is skipped; with it,
+/// OPENED names a new id whose keys are the exporter's with context `ASSOC_ID || SUITE`, a
+/// record sealed with them from a socket of the test is relayed and answered under them, a
+/// second REATTACH of an association the connection carries is refused `0x05`, and a
+/// client's CLOSE ends exactly the association it names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_frames_open_release_and_refuse_as_the_contract_says() {
+    use sudp::net::channel::{Channel, Event};
+    use sudp::proto::frame::{feature, CloseReason, Frame, OpenStatus, RefuseReason};
+    use sudp::proto::session::{Content, RecvSession, SendSession};
+    use sudp::proto::socks::AddrRef;
+    use sudp::proto::Role;
+
+    let pki = pki();
+    let gw = TestGateway::start(settings(&pki)).await;
+    let echo = udp_echo().await;
+    let heartbeat = sudp::client::DEFAULT_HEARTBEAT;
+
+    /// The next event that is not a HELLO, or `None` after `within`.
+    async fn next_event(ch: &mut Channel<sudp::client::Control>, within: Duration) -> Option<Event> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, ch.next()).await {
+                Err(_) => return None,
+                Ok(Ok(Event::Hello(_))) => continue,
+                Ok(Ok(ev)) => return Some(ev),
+                Ok(Err(e)) => panic!("channel ended: {e}"),
+            }
+        }
+    }
+
+    // Without the feature: OPEN and CLOSE are skipped, the association stays.
+    let old = raw_secure(&gw, &pki).await;
+    let mut ch = Channel::open(old.control, heartbeat, &[feature::RECORDS]);
+    ch.send(&Frame::Open { req: 1, port: 0 }).unwrap();
+    ch.send(&Frame::Close {
+        assoc: old.assoc,
+        reason: CloseReason::Released,
+    })
+    .unwrap();
+    assert_eq!(next_event(&mut ch, Duration::from_millis(700)).await, None);
+    assert_eq!(gw.metrics.opened_shared.load(Ordering::Relaxed), 0);
+    assert_eq!(gw.metrics.released.load(Ordering::Relaxed), 0);
+    assert_eq!(gw.metrics.associations_active.load(Ordering::Relaxed), 1);
+
+    // With it.
+    let raw = raw_secure(&gw, &pki).await;
+    let suite = raw.keys.c2g.suite();
+    let mut ch = Channel::open(raw.control, heartbeat, &[feature::RECORDS, feature::ASSOCIATIONS]);
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let port = socket.local_addr().unwrap().port();
+    // Wait for the gateway's HELLO before sending frames of the feature (§2.4).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while ch.peer().is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "no HELLO");
+        let _ = tokio::time::timeout(Duration::from_millis(50), ch.next()).await;
+    }
+    assert!(ch.peer().unwrap().has(feature::ASSOCIATIONS));
+    ch.send(&Frame::Open { req: 0xABCD, port }).unwrap();
+    let Some(Event::Opened { req, status, assoc }) = next_event(&mut ch, WAIT).await else {
+        panic!("no OPENED")
+    };
+    assert_eq!((req, status), (0xABCD, OpenStatus::Opened));
+    assert_ne!(assoc, raw.assoc);
+    let keys = ch
+        .with_stream(|s| sudp::tls::export_keys(s.get_ref().1, assoc, suite))
+        .unwrap();
+    let mut send = SendSession::resume(assoc, &keys, Role::Client, 0);
+    let mut recv = RecvSession::new(assoc, &keys, Role::Client, 64);
+    let mut buf = vec![0u8; 2048];
+    let n = send
+        .seal(&AddrRef::Ip(echo), b"opened by frame", &mut buf)
+        .unwrap();
+    socket.send_to(&buf[..n], raw.relay).await.unwrap();
+    let (m, _) = tokio::time::timeout(WAIT, socket.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let o = recv
+        .open(&mut buf[..m])
+        .expect("the answer opens under the OPENED association's keys");
+    match o.content {
+        Content::Data { payload, .. } => assert_eq!(payload, b"opened by frame"),
+        other => panic!("not data: {other:?}"),
+    }
+    // The connection's own association cannot be re-attached to it again.
+    ch.send(&Frame::Reattach { assoc, port }).unwrap();
+    assert_eq!(
+        next_event(&mut ch, WAIT).await,
+        Some(Event::ReattachRefused {
+            assoc,
+            reason: RefuseReason::AlreadyAttached
+        })
+    );
+    // A CLOSE naming the opened one ends it alone; one naming nothing is ignored.
+    ch.send(&Frame::Close {
+        assoc: sudp::proto::AssociationId(99),
+        reason: CloseReason::Released,
+    })
+    .unwrap();
+    ch.send(&Frame::Close {
+        assoc,
+        reason: CloseReason::Released,
+    })
+    .unwrap();
+    eventually(|| gw.metrics.released.load(Ordering::Relaxed) == 1).await;
+    eventually(|| gw.metrics.associations_active.load(Ordering::Relaxed) == 2).await;
+    gw.stop().await;
+}
