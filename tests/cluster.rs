@@ -8,16 +8,12 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::stream::{shim_through, Stream};
 use common::*;
-use sudp::config::parse_forward;
 use sudp::proto::socks::Address;
-use sudp::shim::{GatewayEndpoint, Shim, ShimSettings};
 use tokio::net::UdpSocket;
-use tokio::task::JoinHandle;
 
 /// Datagrams per second of the test stream (the issue's ~1000/s).
 const RATE: u64 = 1000;
@@ -116,121 +112,20 @@ fn assoc_of(line: &str) -> String {
     line[at..at + 16].to_owned()
 }
 
-/// A numbered UDP stream through a shim forward to an echo; records each echo's arrival.
-struct Stream {
-    echoes: Arc<Mutex<Vec<(u64, Instant)>>>,
-    sent: Arc<std::sync::atomic::AtomicU64>,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl Stream {
-    async fn start(to: SocketAddr) -> Stream {
-        let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-        sock.connect(to).await.unwrap();
-        let echoes = Arc::new(Mutex::new(Vec::new()));
-        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (rs, re) = (sock.clone(), echoes.clone());
-        let recv = tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            while let Ok(n) = rs.recv(&mut buf).await {
-                if n == 200 {
-                    let seq = u64::from_be_bytes(buf[..8].try_into().unwrap());
-                    re.lock().unwrap().push((seq, Instant::now()));
-                }
-            }
-        });
-        let s2 = sent.clone();
-        let send = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
-            let mut d = vec![0x5a; 200];
-            // Bounded: the test ends long before this many datagrams.
-            for seq in 1..=(RATE * 120) {
-                tick.tick().await;
-                d[..8].copy_from_slice(&seq.to_be_bytes());
-                let _ = sock.send(&d).await;
-                s2.store(seq, std::sync::atomic::Ordering::Relaxed);
-            }
-        });
-        Stream {
-            echoes,
-            sent,
-            tasks: vec![recv, send],
-        }
-    }
-
-    fn sent(&self) -> u64 {
-        self.sent.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    fn highest(&self) -> u64 {
-        self.echoes.lock().unwrap().iter().map(|e| e.0).max().unwrap_or(0)
-    }
-
-    async fn wait_for_echo_after(&self, seq: u64, within: Duration) {
-        let deadline = Instant::now() + within;
-        while self.highest() <= seq {
-            assert!(
-                Instant::now() < deadline,
-                "no echo after #{seq} within {within:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// The longest time without an echo after `since`, up to the last echo.
-    fn longest_gap_after(&self, since: Instant) -> Duration {
-        let e = self.echoes.lock().unwrap();
-        let mut times: Vec<Instant> = e.iter().map(|x| x.1).filter(|t| *t >= since).collect();
-        times.insert(0, since);
-        times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
-    }
-
-    /// Datagrams sent in `from..=to` that never came back.
-    fn lost_in(&self, from: u64, to: u64) -> u64 {
-        let e = self.echoes.lock().unwrap();
-        let got: std::collections::HashSet<u64> = e.iter().map(|x| x.0).collect();
-        (from..=to).filter(|s| !got.contains(s)).count() as u64
-    }
-}
-
-impl Drop for Stream {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
-}
-
-async fn shim_through(
-    pki: &sudp::cert::DevPki,
-    gateways: &[SocketAddr],
-    target: SocketAddr,
-) -> (SocketAddr, JoinHandle<std::io::Result<()>>) {
-    let mut s = ShimSettings::new(
-        gateways
-            .iter()
-            .map(|a| GatewayEndpoint::new(Address::Ip(*a)))
-            .collect(),
-        client_tls(pki, false),
-    );
-    s.connect_timeout = Duration::from_secs(3);
-    s.credentials = Some(("alice".into(), "alice pw".into()));
-    s.socks = None;
-    s.forwards = vec![parse_forward(&format!("udp:127.0.0.1:0={target}")).unwrap()];
-    let shim = Shim::bind(s).await.unwrap();
-    let local = shim.forward_addrs()[0].1;
-    let task = tokio::spawn(shim.run(std::future::pending()));
-    (local, task)
-}
-
 /// The moment a gateway is lost, the stream's association moves to the other one: same id,
 /// epoch 1, a resumed TLS handshake there, a gap under `max_gap`.
 async fn the_stream_moves(signal: &str, max_gap: Duration, min_gap: Duration) {
     let pki = pki();
     let Some(c) = cluster(&pki) else { return };
     let echo = udp_echo().await;
-    let (forward, shim) = shim_through(&pki, &[c.a.control, c.b.control], echo).await;
-    let stream = Stream::start(forward).await;
+    let (forward, shim) = shim_through(
+        &pki,
+        &[c.a.control, c.b.control],
+        echo,
+        Some(("alice", "alice pw")),
+    )
+    .await;
+    let stream = Stream::start(forward, RATE, 200).await;
     stream.wait_for_echo_after(200, WAIT).await;
     let opened = wait_log(&c.a, &["UDP association open", "user=\"alice\""], WAIT);
     let id = assoc_of(&opened);

@@ -4,119 +4,14 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::stream::{shim_through, Stream};
 use common::*;
-use sudp::config::parse_forward;
 use sudp::proto::socks::Address;
-use sudp::shim::{GatewayEndpoint, Shim, ShimSettings};
-use tokio::net::UdpSocket;
-use tokio::task::JoinHandle;
 
 /// Datagrams per second of the test stream.
 const RATE: u64 = 500;
-
-/// A UDP stream through the shim's forward to a local echo: one numbered datagram every
-/// 1/RATE s; records when each echo came back.
-struct Stream {
-    echoes: Arc<Mutex<Vec<(u64, Instant)>>>,
-    sent: Arc<std::sync::atomic::AtomicU64>,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl Stream {
-    async fn start(to: SocketAddr) -> Stream {
-        let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-        sock.connect(to).await.unwrap();
-        let echoes = Arc::new(Mutex::new(Vec::new()));
-        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (rs, re) = (sock.clone(), echoes.clone());
-        let recv = tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            while let Ok(n) = rs.recv(&mut buf).await {
-                if n == 160 {
-                    let seq = u64::from_be_bytes(buf[..8].try_into().unwrap());
-                    re.lock().unwrap().push((seq, Instant::now()));
-                }
-            }
-        });
-        let s2 = sent.clone();
-        let send = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
-            let mut d = vec![0x5a; 160];
-            // Bounded: the test ends long before this many datagrams.
-            for seq in 1..=(RATE * 120) {
-                tick.tick().await;
-                d[..8].copy_from_slice(&seq.to_be_bytes());
-                let _ = sock.send(&d).await;
-                s2.store(seq, std::sync::atomic::Ordering::Relaxed);
-            }
-        });
-        Stream {
-            echoes,
-            sent,
-            tasks: vec![recv, send],
-        }
-    }
-
-    fn sent(&self) -> u64 {
-        self.sent.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    fn highest(&self) -> u64 {
-        self.echoes.lock().unwrap().iter().map(|e| e.0).max().unwrap_or(0)
-    }
-
-    async fn wait_for_echo_after(&self, seq: u64, within: Duration) {
-        let deadline = Instant::now() + within;
-        while self.highest() <= seq {
-            assert!(
-                Instant::now() < deadline,
-                "no echo after #{seq} within {within:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// The longest time without an echo after `since`, up to the last echo.
-    fn longest_gap_after(&self, since: Instant) -> Duration {
-        let e = self.echoes.lock().unwrap();
-        let mut times: Vec<Instant> = e.iter().map(|x| x.1).filter(|t| *t >= since).collect();
-        times.insert(0, since);
-        times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
-    }
-}
-
-impl Drop for Stream {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
-}
-
-async fn shim_through(
-    pki: &sudp::cert::DevPki,
-    gateways: &[SocketAddr],
-    target: SocketAddr,
-) -> (SocketAddr, JoinHandle<std::io::Result<()>>) {
-    let mut s = ShimSettings::new(
-        gateways
-            .iter()
-            .map(|a| GatewayEndpoint::new(Address::Ip(*a)))
-            .collect(),
-        client_tls(pki, false),
-    );
-    s.connect_timeout = Duration::from_secs(3);
-    s.socks = None;
-    s.forwards = vec![parse_forward(&format!("udp:127.0.0.1:0={target}")).unwrap()];
-    let shim = Shim::bind(s).await.unwrap();
-    let local = shim.forward_addrs()[0].1;
-    let task = tokio::spawn(shim.run(std::future::pending()));
-    (local, task)
-}
 
 /// A gateway frozen with SIGSTOP (no RST, no FIN: its TCP stack still ACKs) is noticed by the
 /// heartbeat within its timeout (1.5 s by default) and the stream moves to the second gateway.
@@ -128,8 +23,8 @@ async fn a_frozen_gateway_is_noticed_by_the_heartbeat_and_the_stream_moves_on() 
     let a = GatewayProcess::start(&pki, "gw-a", &allow);
     let b = GatewayProcess::start(&pki, "gw-b", &allow);
     let echo = udp_echo().await;
-    let (forward, shim) = shim_through(&pki, &[a.control, b.control], echo).await;
-    let stream = Stream::start(forward).await;
+    let (forward, shim) = shim_through(&pki, &[a.control, b.control], echo, None).await;
+    let stream = Stream::start(forward, RATE, 160).await;
     stream.wait_for_echo_after(100, WAIT).await;
     assert!(
         a.stderr().contains("UDP association open"),
@@ -166,8 +61,8 @@ async fn a_killed_gateway_is_noticed_at_once() {
     let a = GatewayProcess::start(&pki, "gw-a", &allow);
     let b = GatewayProcess::start(&pki, "gw-b", &allow);
     let echo = udp_echo().await;
-    let (forward, shim) = shim_through(&pki, &[a.control, b.control], echo).await;
-    let stream = Stream::start(forward).await;
+    let (forward, shim) = shim_through(&pki, &[a.control, b.control], echo, None).await;
+    let stream = Stream::start(forward, RATE, 160).await;
     stream.wait_for_echo_after(100, WAIT).await;
 
     let killed_at = Instant::now();

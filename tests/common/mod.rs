@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod netns;
+pub mod stream;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
