@@ -568,9 +568,16 @@ async fn measure(
         .map_err(BenchError::Io)?;
     // The baseline: everything set up (the driver's runtime and histogram included), no flow
     // started; the driver waits [`BASELINE_PAUSE`] before it touches the flows.
-    let start = ready_rx
-        .await
-        .map_err(|_| BenchError::Setup("the flow driver did not start".into()))?;
+    let start = match ready_rx.await {
+        Ok(start) => start,
+        // The driver failed before it was ready: its own error says why.
+        Err(_) => {
+            return Err(match rx.await {
+                Ok(Err(e)) => e,
+                _ => BenchError::Setup("the flow driver did not start".into()),
+            })
+        }
+    };
     let rss0 = rss_bytes();
     let (cpu0, machine0, t0) = (cpu::process_ns(), cpu::machine_busy_ns(), Instant::now());
     let c0 = clocks_now();
@@ -988,6 +995,22 @@ pub fn table(r: &FlowsReport) -> String {
             x.mode.name(),
             x.shim_flow_limit_drops.unwrap_or(0),
             x.flows - x.admitted
+        );
+    }
+    let find = |m: FlowMode| r.runs.iter().find(|x| x.mode == m);
+    if let (Some(d), Some(s)) = (find(FlowMode::Direct), find(FlowMode::Sudp)) {
+        let _ = writeln!(
+            out,
+            "sudp against direct: steady RTT p99 {:+.0} µs, first echo p99 {:.1} ms (direct {:.1}), \
+             loss {:.3} % (worst flow {:.3} %), {} of {} flows admitted (issue 14 goals: no loss, \
+             steady p99 within 1 ms of direct, first-echo p99 under 20 ms)",
+            s.steady_rtt_p99_us - d.steady_rtt_p99_us,
+            s.first_echo_p99_ms,
+            d.first_echo_p99_ms,
+            s.loss_pct,
+            s.worst_flow_loss_pct,
+            s.admitted,
+            s.flows
         );
     }
     let _ = writeln!(out);
