@@ -880,6 +880,8 @@ fn raise_fd_limit(needed: u64) -> Result<(), BenchError> {
                 lim.rlim_cur = lim.rlim_max;
             }
         }
+        // rlim_t is u64 on Linux but not on every unix.
+        #[allow(clippy::unnecessary_cast)]
         fd_limit_fits(needed, lim.rlim_cur as u64, lim.rlim_max as u64)
     }
     #[cfg(not(unix))]
