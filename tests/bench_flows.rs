@@ -48,6 +48,11 @@ async fn twenty_flows_through_the_shim_and_direct_all_admitted_and_echoed() {
             0.0 < r.steady_rtt_p50_us && r.steady_rtt_p50_us <= r.steady_rtt_p99_us,
             "{r:?}"
         );
+        // The way out is part of the round trip, datagram by datagram (one clock).
+        assert!(
+            0.0 < r.steady_out_p50_us && r.steady_out_p50_us <= r.steady_rtt_p50_us * 1.01,
+            "{r:?}"
+        );
         assert!(r.rss_kib_per_flow.is_some(), "{r:?}");
         assert!(r.load_generator_cpu_pct.is_some_and(|p| p > 0.0), "{r:?}");
     }

@@ -299,7 +299,7 @@ pub struct FlowsReport {
 pub const FLOWS_NOTES: &str = "admitted: flows with at least one echo. loss: over the admitted flows \
     (sent - distinct echoes) / sent; worst: the admitted flow that lost most. first echo: from a \
     flow's first send to its first echo (any datagram's). steady RTT: round trips of datagrams sent \
-    at least 1 s into their flow. CPU (thread CPU clocks of the shim's and the gateway's runtimes): \
+    at least 1 s into their flow; out: the way out alone (send to the reflector's receive, one clock). CPU (thread CPU clocks of the shim's and the gateway's runtimes): \
     open = CPU from the first flow's start to 1 s after the last flow's start, divided by the \
     flows (opening plus the first second of traffic); steady = CPU while every flow is past its \
     first second, in microseconds per flow per second of traffic (1 % of a core per flow = 10 000). \
@@ -338,6 +338,11 @@ pub struct FlowsRun {
     pub steady_rtt_p99_us: f64,
     /// 99.9th percentile.
     pub steady_rtt_p999_us: f64,
+    /// The way out alone (send to the reflector's receive, same clock) of the same datagrams,
+    /// µs: median. The rest of the round trip is the way back.
+    pub steady_out_p50_us: f64,
+    /// 99th percentile.
+    pub steady_out_p99_us: f64,
     /// Steady round trips measured.
     pub steady_samples: u64,
     /// Shim CPU from the first start to 1 s after the last, per flow, µs.
@@ -489,7 +494,10 @@ async fn run_mode(opts: &FlowsOptions, mode: FlowMode) -> Result<FlowsRun, Bench
     let any: SocketAddr = "127.0.0.1:0".parse().expect("literal address");
     let reflector = Arc::new(crate::net::bind_udp(any)?);
     let reflector_addr = reflector.local_addr()?;
-    let _reflect = AbortOnDrop(tokio::spawn(link::reflect(reflector, None)));
+    // The reflector stamps its receive time on the probes' clock: the echo then tells the
+    // way out (application -> reflector) apart from the way back.
+    let epoch = Instant::now();
+    let _reflect = AbortOnDrop(tokio::spawn(link::reflect(reflector, Some(epoch))));
     let (gateway, shim) = match mode {
         FlowMode::Direct => (None, None),
         FlowMode::Sudp => {
@@ -499,7 +507,7 @@ async fn run_mode(opts: &FlowsOptions, mode: FlowMode) -> Result<FlowsRun, Bench
         }
     };
     let target = shim.as_ref().map_or(reflector_addr, |s| s.forward);
-    let result = measure(opts, mode, target, gateway.as_ref(), shim.as_ref()).await;
+    let result = measure(opts, mode, target, epoch, gateway.as_ref(), shim.as_ref()).await;
     if let Some(s) = shim {
         s.stop().await;
     }
@@ -521,6 +529,7 @@ async fn measure(
     opts: &FlowsOptions,
     mode: FlowMode,
     target: SocketAddr,
+    epoch: Instant,
     gateway: Option<&InProcessGateway>,
     shim: Option<&InProcessShim>,
 ) -> Result<FlowsRun, BenchError> {
@@ -548,6 +557,7 @@ async fn measure(
         interval: opts.interval,
         duration: opts.duration,
         planned: opts.planned(),
+        epoch,
         // Set by the driver once its runtime runs.
         start: Instant::now(),
         ramp: opts.ramp,
@@ -655,6 +665,8 @@ async fn measure(
         steady_rtt_p50_us: round2(outcome.steady.quantile_us(0.5)),
         steady_rtt_p99_us: round2(outcome.steady.quantile_us(0.99)),
         steady_rtt_p999_us: round2(outcome.steady.quantile_us(0.999)),
+        steady_out_p50_us: round2(outcome.steady_out.quantile_us(0.5)),
+        steady_out_p99_us: round2(outcome.steady_out.quantile_us(0.99)),
         steady_samples: outcome.steady.count(),
         shim_open_cpu_us_per_flow: open_per_flow(c0.shim, c1.shim),
         shim_steady_cpu_us_per_flow_s: shim_steady,
@@ -689,6 +701,8 @@ struct Plan {
     interval: Duration,
     duration: Duration,
     planned: u64,
+    /// The probes' clock (shared with the reflector's stamps).
+    epoch: Instant,
     start: Instant,
     ramp: Duration,
     steady_window: Option<(Duration, Duration)>,
@@ -714,6 +728,7 @@ struct FlowTally {
 /// What every flow shares (one thread: no locks).
 struct Shared {
     steady: Latency,
+    steady_out: Latency,
     window_echoes: u64,
 }
 
@@ -721,6 +736,8 @@ struct Shared {
 struct Outcome {
     flows: Vec<FlowTally>,
     steady: Latency,
+    /// One way out (send to the reflector's receive) of the same datagrams.
+    steady_out: Latency,
     /// Echoes received within the steady window (for CPU per round trip).
     window_echoes: u64,
 }
@@ -744,6 +761,7 @@ fn drive(
     local.block_on(&rt, async move {
         let shared = Rc::new(RefCell::new(Shared {
             steady: Latency::default(),
+            steady_out: Latency::default(),
             window_echoes: 0,
         }));
         plan.start = Instant::now() + 2 * BASELINE_PAUSE;
@@ -771,6 +789,7 @@ fn drive(
         Ok(Outcome {
             flows,
             steady: shared.steady.clone(),
+            steady_out: shared.steady_out.clone(),
             window_echoes: shared.window_echoes,
         })
     })
@@ -821,7 +840,7 @@ async fn flow(id: u32, sock: UdpSocket, plan: Rc<Plan>, shared: Rc<RefCell<Share
                     stats::Arrival::InOrder | stats::Arrival::Reordered => {}
                 }
                 tally.received = seen.received();
-                let sent_at = plan.start + Duration::from_nanos(p.tx_ns);
+                let sent_at = plan.epoch + Duration::from_nanos(p.tx_ns);
                 let rtt = now.saturating_duration_since(sent_at).as_nanos() as u64;
                 if tally.first_echo_ns.is_none() {
                     tally.first_echo_ns = first_send.map(|t| now.saturating_duration_since(t).as_nanos() as u64);
@@ -829,6 +848,9 @@ async fn flow(id: u32, sock: UdpSocket, plan: Rc<Plan>, shared: Rc<RefCell<Share
                 let mut sh = shared.borrow_mut();
                 if sent_at >= steady_from {
                     sh.steady.record(rtt);
+                    if p.rx_ns > 0 {
+                        sh.steady_out.record(p.rx_ns.saturating_sub(p.tx_ns));
+                    }
                 }
                 if window.is_some_and(|(a, b)| now >= a && now < b) {
                     sh.window_echoes += 1;
@@ -838,9 +860,9 @@ async fn flow(id: u32, sock: UdpSocket, plan: Rc<Plan>, shared: Rc<RefCell<Share
                 let now = Instant::now();
                 let probe = Probe {
                     seq: tally.sent,
-                    // Since the plan's start (the bench's epoch for this run), so the echo
-                    // tells its own send time.
-                    tx_ns: now.saturating_duration_since(plan.start).as_nanos() as u64,
+                    // On the reflector's clock, so the echo tells its own send time and the
+                    // way out.
+                    tx_ns: now.saturating_duration_since(plan.epoch).as_nanos() as u64,
                     rx_ns: 0,
                     run: 0,
                     stream: id,
@@ -944,14 +966,14 @@ pub fn table(r: &FlowsReport) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<7} {:>6} {:>8} {:>7} {:>7}  {:>27}  {:>17}  {:>15}  {:>15}  {:>8} {:>9} {:>7} {:>5}",
+        "{:<7} {:>6} {:>8} {:>7} {:>7}  {:>27}  {:>21}  {:>15}  {:>15}  {:>8} {:>9} {:>7} {:>5}",
         "mode",
         "flows",
         "admitted",
         "loss%",
         "worst%",
         "first echo ms p50/p99/max",
-        "steady RTT µs p50/p99",
+        "steady µs RTT p50/p99 out p99",
         "shim µs open/s",
         "gw µs open/s",
         "µs/rt",
@@ -963,7 +985,7 @@ pub fn table(r: &FlowsReport) -> String {
     for x in &r.runs {
         let _ = writeln!(
             out,
-            "{:<7} {:>6} {:>8} {:>7.3} {:>7.3}  {:>27}  {:>17}  {:>15}  {:>15}  {:>8} {:>9} {:>7} {:>5}",
+            "{:<7} {:>6} {:>8} {:>7.3} {:>7.3}  {:>27}  {:>21}  {:>15}  {:>15}  {:>8} {:>9} {:>7} {:>5}",
             x.mode.name(),
             x.flows,
             x.admitted,
@@ -973,7 +995,10 @@ pub fn table(r: &FlowsReport) -> String {
                 "{:.1}/{:.1}/{:.1}",
                 x.first_echo_p50_ms, x.first_echo_p99_ms, x.first_echo_max_ms
             ),
-            format!("{:.0}/{:.0}", x.steady_rtt_p50_us, x.steady_rtt_p99_us),
+            format!(
+                "{:.0}/{:.0} {:.0}",
+                x.steady_rtt_p50_us, x.steady_rtt_p99_us, x.steady_out_p99_us
+            ),
             format!(
                 "{}/{}",
                 opt(x.shim_open_cpu_us_per_flow, 0),
@@ -1134,6 +1159,7 @@ mod tests {
             interval: Duration::from_millis(20),
             duration: Duration::from_secs(2),
             planned: 100,
+            epoch: Instant::now(),
             start: Instant::now(),
             ramp: Duration::from_secs(1),
             steady_window: None,
