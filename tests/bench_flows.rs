@@ -69,6 +69,14 @@ async fn twenty_flows_through_the_shim_and_direct_all_admitted_and_echoed() {
         assert!(cpu.is_some_and(|c| c > 0.0), "{sudp:?}");
     }
     assert_eq!(sudp.shim_flow_limit_drops, Some(0), "{sudp:?}");
+    // One association per flow (each source its own), over however many control connections.
+    assert!(sudp.gateway_associations.is_some_and(|a| a >= 20), "{sudp:?}");
+    assert!(
+        sudp.gateway_control_connections
+            .is_some_and(|c| (1..=sudp.gateway_associations.unwrap()).contains(&c)),
+        "{sudp:?}"
+    );
+    assert!(direct.gateway_associations.is_none());
     let text = flows::table(&report);
     assert!(
         text.contains("direct") && text.contains("sudp") && text.contains("first echo"),

@@ -28,6 +28,7 @@ use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -357,6 +358,11 @@ pub struct FlowsRun {
     pub proxy_steady_cpu_us_per_round_trip: Option<f64>,
     /// Process RSS after the flows opened minus before, per flow, KiB (process-wide).
     pub rss_kib_per_flow: Option<f64>,
+    /// TLS control connections the gateway accepted during the run (the flows', not the
+    /// shim's startup probe): one per flow while every association has its own connection.
+    pub gateway_control_connections: Option<u64>,
+    /// Associations the gateway opened during the run.
+    pub gateway_associations: Option<u64>,
     /// Datagrams the shim refused for its flow limit (`flow_limit` drops).
     pub shim_flow_limit_drops: Option<u64>,
     /// CPU of the load generator's one thread over the run, percent of one core.
@@ -591,6 +597,15 @@ async fn measure(
     let rss0 = rss_bytes();
     let (cpu0, machine0, t0) = (cpu::process_ns(), cpu::machine_busy_ns(), Instant::now());
     let c0 = clocks_now();
+    let gw_counts = || {
+        gateway.map(|g| {
+            (
+                g.metrics.connections.load(Ordering::Relaxed),
+                g.metrics.associations.load(Ordering::Relaxed),
+            )
+        })
+    };
+    let counts0 = gw_counts();
 
     // The flows are open one second after the last one started.
     tokio::time::sleep_until((start + ramp + STEADY_AFTER).into()).await;
@@ -608,6 +623,11 @@ async fn measure(
         .map_err(|_| BenchError::Setup("the flows did not finish in time".into()))?
         .map_err(|_| BenchError::Setup("the flow driver thread panicked".into()))??;
     let (wall, cpu1, machine1) = (t0.elapsed(), cpu::process_ns(), cpu::machine_busy_ns());
+    let counts = counts0
+        .zip(gw_counts())
+        .map(|((conn0, assoc0), (conn1, assoc1))| {
+            (conn1.saturating_sub(conn0), assoc1.saturating_sub(assoc0))
+        });
     let c3 = Clocks {
         driver: driver_clocks.total_ns(),
         ..clocks_now()
@@ -676,6 +696,8 @@ async fn measure(
         rss_kib_per_flow: rss0
             .zip(rss1)
             .map(|(a, b)| round2((b as f64 - a as f64) / 1024.0 / n as f64)),
+        gateway_control_connections: counts.map(|(c, _)| c),
+        gateway_associations: counts.map(|(_, a)| a),
         shim_flow_limit_drops: shim
             .filter(|_| proxied)
             .map(|s| s.metrics.drops(DropReason::FlowLimit)),
@@ -1014,6 +1036,16 @@ pub fn table(r: &FlowsReport) -> String {
             opt(x.load_generator_cpu_pct, 0),
             opt(x.background_cpu_pct, 0),
         );
+    }
+    for x in &r.runs {
+        if let (Some(c), Some(a)) = (x.gateway_control_connections, x.gateway_associations) {
+            let _ = writeln!(
+                out,
+                "{}: the gateway accepted {c} control connections and opened {a} associations for {} admitted flows",
+                x.mode.name(),
+                x.admitted
+            );
+        }
     }
     for x in r.runs.iter().filter(|x| x.shim_flow_limit_drops.unwrap_or(0) > 0) {
         let _ = writeln!(

@@ -801,6 +801,8 @@ struct InProcessGateway {
     runtime: Option<tokio::runtime::Runtime>,
     clocks: ThreadClocks,
     client: ClientOptions,
+    /// The gateway's counters (connections and associations opened, for `bench flows`).
+    metrics: Arc<crate::metrics::Metrics>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -845,6 +847,7 @@ impl InProcessGateway {
             .await
             .map_err(|e| setup(&e))??;
         let control = gateway.control_addr();
+        let metrics = gateway.metrics();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = runtime.spawn(gateway.run(async move {
             let _ = stopped.await;
@@ -859,6 +862,7 @@ impl InProcessGateway {
             runtime: Some(runtime),
             clocks,
             client: ClientOptions::new(control, "localhost", client_tls),
+            metrics,
             stop: Some(stop),
             task: Some(task),
         })
