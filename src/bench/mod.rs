@@ -26,6 +26,10 @@
 //! Against a real deployment, `--socks ADDR --target HOST:PORT` drives any plain SOCKS5 UDP
 //! proxy (naked) and the target directly, with `sudp bench reflect --listen ADDR` (or any UDP
 //! echo server) at the far end; latency is then the round trip halved.
+//!
+//! `sudp bench flows` ([`flows`]) is the many-flow scenario: N small VoIP-shaped flows, each
+//! from its own local port, through one in-process shim UDP forward and the gateway, and
+//! direct, all driven by one event loop.
 
 pub mod cpu;
 pub mod flows;
