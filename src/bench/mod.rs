@@ -26,8 +26,13 @@
 //! Against a real deployment, `--socks ADDR --target HOST:PORT` drives any plain SOCKS5 UDP
 //! proxy (naked) and the target directly, with `sudp bench reflect --listen ADDR` (or any UDP
 //! echo server) at the far end; latency is then the round trip halved.
+//!
+//! `sudp bench flows` ([`flows`]) is the many-flow scenario: N small VoIP-shaped flows, each
+//! from its own local port, through one in-process shim UDP forward and the gateway, and
+//! direct, all driven by one event loop.
 
 pub mod cpu;
+pub mod flows;
 pub mod link;
 pub mod report;
 pub mod runner;
@@ -133,6 +138,9 @@ pub struct BenchArgs {
 pub enum BenchCommand {
     /// Echo every UDP datagram back to its sender: the far end of `sudp bench --target`
     Reflect(ReflectArgs),
+    /// Many small flows (VoIP-shaped, each from its own local port) through one in-process
+    /// shim UDP forward and gateway, and directly as the baseline
+    Flows(flows::FlowsArgs),
 }
 
 /// `sudp bench reflect`.
@@ -576,7 +584,7 @@ async fn local(opts: &Options, progress: &Progress) -> Result<Vec<RunResult>, Be
     let needs_gateway = opts.modes.iter().any(|m| *m != Mode::Direct);
     let mut gateway = if needs_gateway {
         progress.phase("starting the gateway".into());
-        Some(InProcessGateway::start(opts.streams).await?)
+        Some(InProcessGateway::start(4 * opts.streams + 8).await?)
     } else {
         None
     };
@@ -797,12 +805,16 @@ struct InProcessGateway {
     runtime: Option<tokio::runtime::Runtime>,
     clocks: ThreadClocks,
     client: ClientOptions,
+    /// The gateway's counters (connections and associations opened, for `bench flows`).
+    metrics: Arc<crate::metrics::Metrics>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
 impl InProcessGateway {
-    async fn start(streams: usize) -> Result<InProcessGateway, BenchError> {
+    /// A gateway for `capacity` associations (and as many control connections, all from
+    /// loopback).
+    async fn start(capacity: usize) -> Result<InProcessGateway, BenchError> {
         let pki = crate::cert::ephemeral();
         let setup = |e: &dyn std::fmt::Display| BenchError::Setup(e.to_string());
         let tls = crate::tls::server_config(ServerTlsOptions {
@@ -826,18 +838,20 @@ impl InProcessGateway {
                 HashMap::new(),
             )),
             idle_timeout: Duration::from_secs(600),
-            max_associations: 4 * streams + 8,
-            max_connections: 4 * streams + 8,
+            max_associations: capacity,
+            max_connections: capacity,
+            max_connections_per_ip: capacity,
             // Invariant: a literal socket address parses.
             ..Settings::new("127.0.0.1:0".parse().expect("literal address"), tls)
         };
         let clocks = ThreadClocks::default();
-        let runtime = gateway_runtime(&clocks)?;
+        let runtime = quiet_runtime("sudp-bench-gw", &clocks)?;
         let gateway = runtime
             .spawn(Gateway::bind(settings))
             .await
             .map_err(|e| setup(&e))??;
         let control = gateway.control_addr();
+        let metrics = gateway.metrics();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = runtime.spawn(gateway.run(async move {
             let _ = stopped.await;
@@ -852,6 +866,7 @@ impl InProcessGateway {
             runtime: Some(runtime),
             clocks,
             client: ClientOptions::new(control, "localhost", client_tls),
+            metrics,
             stop: Some(stop),
             task: Some(task),
         })
@@ -879,9 +894,9 @@ impl Drop for InProcessGateway {
 }
 
 /// A multi-threaded runtime whose threads register with `clocks`. With the default log
-/// level its threads log warnings only, so the gateway's per-association info lines do not
+/// level its threads log warnings only, so the per-association (or per-flow) info lines do not
 /// break up the progress bar.
-fn gateway_runtime(clocks: &ThreadClocks) -> Result<tokio::runtime::Runtime, BenchError> {
+fn quiet_runtime(name: &str, clocks: &ThreadClocks) -> Result<tokio::runtime::Runtime, BenchError> {
     use tracing::level_filters::LevelFilter;
     let quiet = (LevelFilter::current() <= LevelFilter::INFO).then(|| {
         tracing::Dispatch::new(
@@ -893,7 +908,7 @@ fn gateway_runtime(clocks: &ThreadClocks) -> Result<tokio::runtime::Runtime, Ben
     });
     let (start, stop) = (clocks.clone(), clocks.clone());
     tokio::runtime::Builder::new_multi_thread()
-        .thread_name("sudp-bench-gw")
+        .thread_name(name)
         .enable_all()
         .on_thread_start(move || {
             start.register();
@@ -910,8 +925,10 @@ fn gateway_runtime(clocks: &ThreadClocks) -> Result<tokio::runtime::Runtime, Ben
 
 /// `sudp bench` from the command line: runs, prints the table, writes the requested files.
 pub async fn run_cli(args: BenchArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    if let Some(BenchCommand::Reflect(r)) = &args.command {
-        return reflect_cli(r, shutdown).await;
+    match &args.command {
+        Some(BenchCommand::Reflect(r)) => return reflect_cli(r, shutdown).await,
+        Some(BenchCommand::Flows(f)) => return flows::run_cli(f, shutdown).await,
+        None => {}
     }
     let opts = Options::from_args(&args)?;
     // Rows as they finish when stdout is a file or a pipe (a terminal has the progress bar).
