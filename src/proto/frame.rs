@@ -1254,4 +1254,231 @@ mod tests {
             }
         }
     }
+
+    /// Every named code maps to its variant and back (a round trip of `code(from_code(c))`
+    /// alone would pass with any named variant turned into `Other`), and every variant has
+    /// its own name: the names are metric labels and audit fields.
+    #[test]
+    fn codes_map_to_their_named_variants_and_names() {
+        use std::collections::HashSet;
+        let refuse = [
+            (0x01, RefuseReason::Unknown, "unknown_association"),
+            (0x02, RefuseReason::NotOwner, "not_owner"),
+            (0x03, RefuseReason::Anonymous, "anonymous"),
+            (0x04, RefuseReason::Busy, "busy"),
+            (0x05, RefuseReason::AlreadyAttached, "already_attached"),
+            (0x00, RefuseReason::Other(0), "other"),
+            (0x06, RefuseReason::Other(6), "other"),
+        ];
+        for (c, r, name) in refuse {
+            assert_eq!((RefuseReason::from_code(c), r.code(), r.name()), (r, c, name));
+        }
+        let delegate = [
+            (0x00, DelegateStatus::Accepted, "accepted"),
+            (0x01, DelegateStatus::InspectionOff, "inspection_off"),
+            (0x02, DelegateStatus::EndToEnd, "end_to_end"),
+            (0x03, DelegateStatus::UnknownTunnel, "unknown_tunnel"),
+            (0x04, DelegateStatus::OtherSession, "other_session"),
+            (0x05, DelegateStatus::OtherIdentity, "other_identity"),
+            (0x06, DelegateStatus::Duplicate, "duplicate"),
+            (0x07, DelegateStatus::TooLate, "too_late"),
+            (0x08, DelegateStatus::Malformed, "malformed"),
+            (0x09, DelegateStatus::Other(9), "other"),
+        ];
+        for (c, s, name) in delegate {
+            assert_eq!((DelegateStatus::from_code(c), s.code(), s.name()), (s, c, name));
+        }
+        let close = [
+            (0x01, CloseReason::Idle),
+            (0x02, CloseReason::KeyExhausted),
+            (0x03, CloseReason::Shutdown),
+            (0x04, CloseReason::Heartbeat),
+            (0x05, CloseReason::Moved),
+            (0x06, CloseReason::Unreachable),
+            (0x00, CloseReason::Other(0)),
+        ];
+        let mut described = HashSet::new();
+        for (c, r) in close {
+            assert_eq!((CloseReason::from_code(c), r.code()), (r, c));
+            assert!(!r.describe().is_empty());
+            assert!(described.insert(r.describe()), "{r:?} shares its description");
+        }
+        assert_eq!(CloseReason::Idle.describe(), "idle timeout");
+        assert_eq!(CloseReason::Other(0x42).describe(), "unknown reason");
+    }
+
+    /// `Debug` of a DELEGATE shows how many secret bytes it holds, never which.
+    #[test]
+    fn secrets_debug_as_their_length_only() {
+        let s = [0x5Au8; 128];
+        assert_eq!(format!("{:?}", Secret(&s)), "Secret([redacted, 128 bytes])");
+    }
+
+    /// `Hello::has` answers for the listed features only.
+    #[test]
+    fn hello_has_exactly_its_features() {
+        let h = Hello {
+            version: 1,
+            ping_interval_ms: 0,
+            features: vec![feature::RECORDS, feature::DELEGATION],
+        };
+        assert!(h.has(feature::RECORDS) && h.has(feature::DELEGATION));
+        assert!(!h.has(feature::REATTACH));
+    }
+
+    /// The limits are inclusive: 32 features and a 65 535-byte body are framed and parsed
+    /// back; one more is refused on both sides.
+    #[test]
+    fn limits_are_inclusive_on_both_sides() {
+        let hello = Frame::Hello(Hello {
+            version: 1,
+            ping_interval_ms: 7,
+            features: (0..MAX_FEATURES as u8).collect(),
+        });
+        let bytes = encoded(&hello);
+        assert_eq!(parse(&bytes).unwrap(), (hello, bytes.len()));
+        let mut many = vec![kind::HELLO, 0, 37, 1, 0, 0, 33];
+        many.extend(0..33u8);
+        assert_eq!(
+            parse(&many),
+            Err(FrameError::Malformed {
+                kind: kind::HELLO,
+                problem: "more than 32 features"
+            })
+        );
+        let body = vec![0x42u8; MAX_BODY];
+        for f in [
+            Frame::Record(&body),
+            Frame::Unknown {
+                kind: 0x70,
+                body: &body,
+            },
+        ] {
+            let bytes = encoded(&f);
+            assert_eq!(&bytes[..3], &[f.kind(), 0xff, 0xff]);
+            assert_eq!(parse(&bytes).unwrap(), (f, HEADER_LEN + MAX_BODY));
+        }
+        let big = vec![0u8; MAX_BODY + 1];
+        assert_eq!(
+            Frame::Record(&big).encode(&mut Vec::new()),
+            Err(FrameError::TooLong(MAX_BODY + 1))
+        );
+    }
+
+    /// A DELEGATE body too short to hold its tag and length byte, or whose length byte is
+    /// not 32 or 48, or whose secrets do not fill 4 x that length: each refused by name.
+    #[test]
+    fn short_and_odd_delegate_bodies_are_refused_by_name() {
+        let frame = |body: &[u8]| {
+            let mut b = vec![kind::DELEGATE, 0, body.len() as u8];
+            b.extend_from_slice(body);
+            b
+        };
+        let cases: [(Vec<u8>, &str); 5] = [
+            (vec![0; 16], "shorter than 17 bytes"),
+            (vec![0; 17], "secret length is not 32 or 48"),
+            (
+                [&[0u8; 16][..], &[32]].concat(),
+                "body is not 17 + 4 x secret length bytes",
+            ),
+            (
+                [&[0u8; 16][..], &[48], &[1; 128]].concat(),
+                "body is not 17 + 4 x secret length bytes",
+            ),
+            (
+                [&[0u8; 16][..], &[33], &[1; 132]].concat(),
+                "secret length is not 32 or 48",
+            ),
+        ];
+        for (body, problem) in cases {
+            assert_eq!(
+                parse(&frame(&body)),
+                Err(FrameError::Malformed {
+                    kind: kind::DELEGATE,
+                    problem
+                }),
+                "{} bytes",
+                body.len()
+            );
+        }
+        // 48-byte secrets (SHA-384 suites) frame and parse back.
+        let secrets = [3u8; 4 * 48];
+        let f = Frame::Delegate {
+            tag: [1; TAG_LEN],
+            secrets: Secret(&secrets),
+        };
+        let bytes = encoded(&f);
+        assert_eq!(bytes[3 + TAG_LEN], 48);
+        assert_eq!(parse(&bytes).unwrap(), (f, HEADER_LEN + TAG_LEN + 1 + 4 * 48));
+    }
+
+    /// `wipe_taken` zeroes the bytes of the frames already taken (a DELEGATE's secrets) and
+    /// leaves the pending ones alone.
+    #[test]
+    fn wipe_taken_zeroes_only_the_taken_frames() {
+        let secrets = [0xA5u8; 128];
+        let mut stream = encoded(&Frame::Delegate {
+            tag: [7; TAG_LEN],
+            secrets: Secret(&secrets),
+        });
+        let first = stream.len();
+        stream.extend_from_slice(&encoded(&Frame::Ping([9; 8]))[..5]);
+        let mut d = Decoder::default();
+        d.space()[..stream.len()].copy_from_slice(&stream);
+        d.filled(stream.len());
+        assert!(matches!(d.next_frame(), Ok(Some(Frame::Delegate { .. }))));
+        assert!(d.next_frame().unwrap().is_none());
+        d.wipe_taken();
+        assert!(d.buf[..first].iter().all(|&b| b == 0));
+        assert_eq!(&d.buf[first..first + 5], &stream[first..]);
+        assert_eq!(d.pending(), 5);
+    }
+
+    /// After a frame of up to 8 x 512 bytes the decoder keeps its grown buffer (no
+    /// reallocation churn for ordinary frames); after a larger one it shrinks back to 512.
+    #[test]
+    fn decoder_shrinks_only_after_a_large_frame() {
+        for (body, kept) in [
+            (8 * SMALL - HEADER_LEN, true),
+            (8 * SMALL - HEADER_LEN + 1, false),
+        ] {
+            let stream = encoded(&Frame::Unknown {
+                kind: 0x70,
+                body: &vec![1u8; body],
+            });
+            let mut d = Decoder::default();
+            let mut fed = 0;
+            while fed < stream.len() {
+                let space = d.space();
+                let n = space.len().min(stream.len() - fed);
+                space[..n].copy_from_slice(&stream[fed..fed + n]);
+                d.filled(n);
+                fed += n;
+            }
+            assert!(matches!(d.next_frame(), Ok(Some(Frame::Unknown { .. }))));
+            let grown = d.buf.len();
+            assert_eq!(grown, HEADER_LEN + body);
+            d.space();
+            assert_eq!(d.buf.len(), if kept { grown } else { SMALL }, "body {body}");
+        }
+    }
+
+    /// A frame whose start is not at the front of the buffer is moved there before the
+    /// decoder sizes the buffer by its header (not by the header of a frame already taken).
+    #[test]
+    fn decoder_sizes_the_buffer_by_the_pending_frame() {
+        let mut stream = encoded(&Frame::Ping([1; 8]));
+        let big = encoded(&Frame::Unknown {
+            kind: 0x70,
+            body: &[2u8; 2000],
+        });
+        stream.extend_from_slice(&big[..3]);
+        let mut d = Decoder::default();
+        d.space()[..stream.len()].copy_from_slice(&stream);
+        d.filled(stream.len());
+        assert_eq!(d.next_frame(), Ok(Some(Frame::Ping([1; 8]))));
+        assert!(d.next_frame().unwrap().is_none());
+        assert_eq!(d.space().len(), 2000, "room for the pending frame's body");
+        assert_eq!(&d.buf[..3], &big[..3]);
+    }
 }

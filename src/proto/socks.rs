@@ -1182,4 +1182,147 @@ mod tests {
             prop_assert_eq!(choose_suite(&offered, &allowed), model);
         }
     }
+
+    /// The `need` of every `Incomplete` at every cut of a valid message: the length up to
+    /// the end of the next field the parser has to see (the control connection's reader
+    /// resizes its buffer to `need` and reads exactly that much, so a `need` too large
+    /// waits for bytes a correct peer never sends, and one at or below the bytes in hand
+    /// would shrink the buffer). Written from the byte layouts, one list per message.
+    #[test]
+    fn incomplete_names_the_end_of_the_next_field() {
+        fn needs(parse: impl Fn(&[u8]) -> Result<usize, SocksError>, msg: &[u8]) -> Vec<usize> {
+            assert_eq!(parse(msg), Ok(msg.len()), "the whole message parses");
+            (0..msg.len())
+                .map(|cut| match parse(&msg[..cut]) {
+                    Err(SocksError::Incomplete { need }) => need,
+                    other => panic!("cut {cut} of {msg:?}: {other:?}"),
+                })
+                .collect()
+        }
+        let request = |addr: AddrRef<'_>| {
+            let mut v = Vec::new();
+            encode_request(1, &addr, &mut v).unwrap();
+            v
+        };
+        let req = |b: &[u8]| parse_request(b).map(|(_, n)| n);
+        // VER CMD RSV ATYP | LEN | NAME PORT
+        assert_eq!(
+            needs(req, &request(AddrRef::Domain("a.b", 9))),
+            [4, 4, 4, 4, 5, 10, 10, 10, 10, 10]
+        );
+        let v4: SocketAddr = "192.0.2.1:53".parse().unwrap();
+        assert_eq!(
+            needs(req, &request(AddrRef::Ip(v4))),
+            [4, 4, 4, 4, 10, 10, 10, 10, 10, 10]
+        );
+        let v6: SocketAddr = "[2001:db8::1]:5004".parse().unwrap();
+        let mut want = vec![4; 4];
+        want.resize(22, 22);
+        assert_eq!(needs(req, &request(AddrRef::Ip(v6))), want);
+        // An address alone: ATYP | LEN | NAME PORT, ATYP | ADDR PORT.
+        let addr = |b: &[u8]| AddrRef::parse(b).map(|(_, n)| n);
+        let mut a = [0u8; 32];
+        let n = AddrRef::Domain("ab", 1).encode(&mut a).unwrap();
+        assert_eq!(needs(addr, &a[..n]), [1, 2, 6, 6, 6, 6]);
+        let n = AddrRef::Ip(v4).encode(&mut a).unwrap();
+        assert_eq!(needs(addr, &a[..n]), [1, 7, 7, 7, 7, 7, 7]);
+        // Greeting: VER NMETHODS | METHODS.
+        let greeting = |b: &[u8]| parse_greeting(b).map(|(_, n)| n);
+        assert_eq!(needs(greeting, &[5, 2, 0, 2]), [2, 2, 4, 4]);
+        let method = |b: &[u8]| parse_method_selection(b).map(|(_, n)| n);
+        assert_eq!(needs(method, &[5, 0x80]), [2, 2]);
+        // RFC 1929: VER ULEN | UNAME PLEN | PASSWD.
+        let userpass = |b: &[u8]| parse_userpass(b).map(|(_, n)| n);
+        assert_eq!(
+            needs(userpass, &[1, 2, b'a', b'b', 3, b'x', b'y', b'z']),
+            [2, 2, 5, 5, 5, 8, 8, 8]
+        );
+        // SudpHello: VER NSUITES | SUITES ULEN | UNAME PLEN | PASSWD; ULEN 0 ends it.
+        let hello = |b: &[u8]| SudpHello::parse(b).map(|(_, n)| n);
+        assert_eq!(needs(hello, &[1, 2, 3, 1, 0]), [2, 2, 5, 5, 5]);
+        assert_eq!(
+            needs(hello, &[1, 1, 3, 2, b'a', b'b', 1, b'p']),
+            [2, 2, 4, 4, 7, 7, 7, 8]
+        );
+        let accept = |b: &[u8]| SudpAccept::parse(b).map(|(_, n)| n);
+        let ok = SudpAccept::ok(CipherSuite::Aes128Gcm, AssociationId(7)).encode();
+        assert_eq!(needs(accept, &ok), [11; 11]);
+    }
+
+    /// Every command byte survives `from_u8` then `to_u8`, and the three RFC 1928 commands
+    /// are the ones named (BIND and unknown bytes are refused by the gateway by name).
+    #[test]
+    fn command_bytes_map_both_ways() {
+        assert_eq!(Command::from_u8(1), Command::Connect);
+        assert_eq!(Command::from_u8(2), Command::Bind);
+        assert_eq!(Command::from_u8(3), Command::UdpAssociate);
+        assert_eq!(Command::from_u8(0), Command::Other(0));
+        assert_eq!(Command::from_u8(4), Command::Other(4));
+        for b in 0..=255u8 {
+            assert_eq!(Command::from_u8(b).to_u8(), b);
+        }
+    }
+
+    /// Reply bytes 0x00..=0x08 are their RFC 1928 §6 codes; anything else reads as a general
+    /// failure, never as success.
+    #[test]
+    fn reply_codes_map_to_their_rfc_bytes() {
+        for b in 0..=255u8 {
+            let code = ReplyCode::from_u8(b);
+            if b <= 0x08 {
+                assert_eq!(code as u8, b);
+            } else {
+                assert_eq!(code, ReplyCode::GeneralFailure, "{b:#04x}");
+            }
+        }
+    }
+
+    /// `Address` prints as `host:port` (IPv6 bracketed), as the logs and audit lines show it.
+    #[test]
+    fn addresses_print_as_host_and_port() {
+        let v4: SocketAddr = "192.0.2.1:53".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8::1]:5004".parse().unwrap();
+        assert_eq!(Address::from(v4), Address::Ip(v4));
+        assert_eq!(Address::from(v4).to_string(), "192.0.2.1:53");
+        assert_eq!(Address::from(v6).to_string(), "[2001:db8::1]:5004");
+        let d = Address::Domain("example.com".into(), 443);
+        assert_eq!(d.to_string(), "example.com:443");
+        assert_eq!((d.port(), d.as_ref().port()), (443, 443));
+    }
+
+    /// A buffer of exactly the encoded length is enough and one byte less is not, for an
+    /// address and a UDP header; a name of 255 bytes (the most a length byte holds) encodes
+    /// and parses back, one of 256 is refused.
+    #[test]
+    fn exact_buffers_and_the_longest_name() {
+        let long = "n".repeat(255);
+        for addr in [
+            AddrRef::Ip("192.0.2.1:53".parse().unwrap()),
+            AddrRef::Ip("[2001:db8::1]:5004".parse().unwrap()),
+            AddrRef::Domain("example.com", 443),
+            AddrRef::Domain(&long, 1),
+        ] {
+            let need = addr.encoded_len();
+            let mut out = vec![0u8; need];
+            assert_eq!(addr.encode(&mut out), Ok(need));
+            assert_eq!(AddrRef::parse(&out), Ok((addr, need)));
+            assert_eq!(
+                addr.encode(&mut out[..need - 1]),
+                Err(SocksError::BufferTooSmall { need })
+            );
+            let mut out = vec![0u8; 3 + need];
+            assert_eq!(encode_udp_header(&addr, &mut out), Ok(3 + need));
+            assert_eq!(parse_udp_header(&out).unwrap().addr, addr);
+            assert_eq!(
+                encode_udp_header(&addr, &mut out[..need + 2]),
+                Err(SocksError::BufferTooSmall { need: 3 + need })
+            );
+        }
+        assert_eq!(long.len() + 4, AddrRef::Domain(&long, 1).encoded_len());
+        let longer = "n".repeat(256);
+        assert_eq!(
+            AddrRef::Domain(&longer, 1).encode(&mut [0u8; 300]),
+            Err(SocksError::BadDomain)
+        );
+    }
 }
