@@ -39,7 +39,7 @@ use tokio::net::UdpSocket;
 use super::cpu::{self, ThreadClocks};
 use super::link::{self, is_transient};
 use super::stats::{self, loss_pct, Latency, Probe, SeqTracker, PROBE_HEADER};
-use super::{AbortOnDrop, BenchError, InProcessGateway};
+use super::{AbortOnDrop, BenchError, Hosted, InProcessGateway};
 use crate::config::{Forward, ForwardProto};
 use crate::proto::socks::Address;
 use crate::proto::{CipherSuite, DropReason};
@@ -407,12 +407,10 @@ pub async fn run(opts: &FlowsOptions) -> Result<FlowsReport, BenchError> {
 
 /// The in-process shim with one UDP forward, on its own runtime.
 struct InProcessShim {
-    runtime: Option<tokio::runtime::Runtime>,
     clocks: ThreadClocks,
     forward: SocketAddr,
     metrics: Arc<crate::metrics::Metrics>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    hosted: Hosted,
 }
 
 impl InProcessShim {
@@ -460,37 +458,22 @@ impl InProcessShim {
             .await
             .map_err(|e| setup(&e))?
             .map_err(|e| setup(&e))?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = runtime.spawn(shim.run(async move {
-            let _ = stopped.await;
-        }));
+        let hosted = Hosted::serve(runtime, |stopped| {
+            shim.run(async move {
+                let _ = stopped.await;
+            })
+        });
         Ok(InProcessShim {
-            runtime: Some(runtime),
             clocks,
             forward,
             metrics,
-            stop: Some(stop),
-            task: Some(task),
+            hosted,
         })
     }
 
     /// Graceful stop (bounded).
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
-        }
-    }
-}
-
-impl Drop for InProcessShim {
-    fn drop(&mut self) {
-        // As for the gateway: never block an async worker on a runtime's shutdown.
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
+    async fn stop(self) {
+        self.hosted.stop().await;
     }
 }
 

@@ -802,13 +802,59 @@ impl<T> Drop for AbortOnDrop<T> {
 
 /// The real gateway on its own runtime, so its threads' CPU time can be read apart.
 struct InProcessGateway {
-    runtime: Option<tokio::runtime::Runtime>,
     clocks: ThreadClocks,
     client: ClientOptions,
     /// The gateway's counters (connections and associations opened, for `bench flows`).
     metrics: Arc<crate::metrics::Metrics>,
+    hosted: Hosted,
+}
+
+/// A service (the gateway, `bench flows`' shim) serving on a runtime of its own until
+/// [`Hosted::stop`].
+struct Hosted {
+    runtime: Option<tokio::runtime::Runtime>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Hosted {
+    /// Spawns `serve(stopped)` on `runtime`; `stopped` resolves when [`Hosted::stop`] is
+    /// called (or the `Hosted` dropped).
+    fn serve<F>(
+        runtime: tokio::runtime::Runtime,
+        serve: impl FnOnce(tokio::sync::oneshot::Receiver<()>) -> F,
+    ) -> Hosted
+    where
+        F: std::future::Future<Output = std::io::Result<()>> + Send + 'static,
+    {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = runtime.spawn(serve(stopped));
+        Hosted {
+            runtime: Some(runtime),
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Graceful stop (bounded).
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+}
+
+impl Drop for Hosted {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which is not allowed on an async worker: let its
+        // threads wind down in the background instead.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl InProcessGateway {
@@ -852,10 +898,11 @@ impl InProcessGateway {
             .map_err(|e| setup(&e))??;
         let control = gateway.control_addr();
         let metrics = gateway.metrics();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = runtime.spawn(gateway.run(async move {
-            let _ = stopped.await;
-        }));
+        let hosted = Hosted::serve(runtime, |stopped| {
+            gateway.run(async move {
+                let _ = stopped.await;
+            })
+        });
         let client_tls = crate::tls::client_config(ClientTlsOptions {
             trust: ServerTrust::Ca(vec![pki.ca_der()]),
             client_auth: None,
@@ -863,33 +910,16 @@ impl InProcessGateway {
         })
         .map_err(|e| setup(&e))?;
         Ok(InProcessGateway {
-            runtime: Some(runtime),
             clocks,
             client: ClientOptions::new(control, "localhost", client_tls),
             metrics,
-            stop: Some(stop),
-            task: Some(task),
+            hosted,
         })
     }
 
     /// Graceful stop (bounded), then the runtime goes.
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
-        }
-    }
-}
-
-impl Drop for InProcessGateway {
-    fn drop(&mut self) {
-        // Dropping a runtime blocks, which is not allowed on an async worker: let its
-        // threads wind down in the background instead.
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
+    async fn stop(self) {
+        self.hosted.stop().await;
     }
 }
 
