@@ -1121,6 +1121,45 @@ mod tests {
     }
 
     #[test]
+    fn space_is_never_empty_when_whole_frames_fill_the_buffer() {
+        // Frames that end exactly at the end of the buffer, not yet taken: `space` must still
+        // give room (an empty slice would make the reader see end of stream), and taking the
+        // frames afterwards yields them all.
+        for first in [0usize, 8 + HEADER_LEN] {
+            let mut stream = Vec::new();
+            if first > 0 {
+                Frame::Ping([3; 8]).encode(&mut stream).unwrap();
+            }
+            let body = vec![5u8; SMALL - HEADER_LEN - first];
+            Frame::Unknown {
+                kind: 0x70,
+                body: &body,
+            }
+            .encode(&mut stream)
+            .unwrap();
+            assert_eq!(stream.len(), SMALL);
+            let mut d = Decoder::default();
+            let space = d.space();
+            assert_eq!(space.len(), SMALL);
+            space.copy_from_slice(&stream);
+            d.filled(SMALL);
+            assert!(
+                !d.space().is_empty(),
+                "a full buffer of whole frames ({first}) still has room"
+            );
+            let mut n = 0;
+            while let Some(f) = d.next_frame().unwrap() {
+                n += 1;
+                if let Frame::Unknown { body: b, .. } = f {
+                    assert_eq!(b, &body[..]);
+                }
+            }
+            assert_eq!(n, 1 + usize::from(first > 0));
+            assert_eq!(d.pending(), 0);
+        }
+    }
+
+    #[test]
     fn decoder_grows_only_with_the_frame_it_reads() {
         let mut d = Decoder::default();
         let space = d.space();
