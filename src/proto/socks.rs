@@ -704,6 +704,44 @@ mod tests {
     }
 
     #[test]
+    fn credentials_over_255_bytes_are_refused_on_either_side() {
+        let (long, short) = (vec![b'a'; 256], b"p".to_vec());
+        let max = vec![b'b'; 255];
+        for (u, p, ok) in [
+            (&long, &short, false),
+            (&short, &long, false),
+            (&long, &long, false),
+            (&max, &max, true),
+        ] {
+            let mut v = Vec::new();
+            let r = encode_userpass(u, p, &mut v);
+            assert_eq!(r.is_ok(), ok, "RFC 1929 user {} pass {}", u.len(), p.len());
+            if !ok {
+                assert!(matches!(
+                    r,
+                    Err(SocksError::BadField {
+                        field: "credentials length",
+                        ..
+                    })
+                ));
+            }
+            let mut v = Vec::new();
+            let h = SudpHello {
+                suites: &[1],
+                user: u,
+                pass: p,
+            };
+            assert_eq!(
+                h.encode(&mut v).is_ok(),
+                ok,
+                "SudpHello user {} pass {}",
+                u.len(),
+                p.len()
+            );
+        }
+    }
+
+    #[test]
     fn sudp_hello_round_trip_with_and_without_credentials() {
         for (u, p) in [(&b""[..], &b""[..]), (b"alice", b"s3cret")] {
             let h = SudpHello {
