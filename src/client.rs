@@ -829,14 +829,7 @@ impl SecureUdp {
             .map_err(|e| e.explained(&opts.server_name))?;
         let keys = crate::tls::export_keys(control.get_ref().1, assoc, suite)
             .map_err(|e| ClientError::Keys(e.to_string()))?;
-        let bind: SocketAddr = if opts.gateway.is_ipv6() {
-            "[::]:0"
-        } else {
-            "0.0.0.0:0"
-        }
-        .parse()
-        .expect("literal address");
-        let socket = crate::net::bind_udp(bind)?;
+        let socket = crate::net::bind_udp(any_port_like(opts.gateway))?;
         let bnd = request(
             &mut control,
             Command::UdpAssociate,
@@ -901,14 +894,7 @@ impl SecureUdp {
         opts: &ClientOptions,
         previous: Option<(AssociationId, CipherSuite)>,
     ) -> Result<SecureUdp, ClientError> {
-        let bind: SocketAddr = if trunk.relay.is_ipv6() {
-            "[::]:0"
-        } else {
-            "0.0.0.0:0"
-        }
-        .parse()
-        .expect("literal address");
-        let socket = crate::net::bind_udp(bind)?;
+        let socket = crate::net::bind_udp(any_port_like(trunk.relay))?;
         socket.connect(trunk.relay).await?;
         let port = socket.local_addr()?.port();
         let denied = |d: Denied| match d {
@@ -1542,6 +1528,17 @@ impl Drop for SecureUdp {
     fn drop(&mut self) {
         self.trunk.release(self.assoc);
     }
+}
+
+/// The unspecified address of `peer`'s family, port 0: where an association's UDP socket
+/// binds before it connects to the relay.
+fn any_port_like(peer: SocketAddr) -> SocketAddr {
+    let ip: std::net::IpAddr = if peer.is_ipv6() {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    };
+    SocketAddr::new(ip, 0)
 }
 
 #[cfg(test)]
