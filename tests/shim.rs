@@ -98,6 +98,14 @@ fn shim_settings(pki: &sudp::cert::DevPki, gateways: &[SocketAddr]) -> ShimSetti
     s
 }
 
+/// Settings of a shim with one UDP forward to `target` through `gateway`, and no SOCKS port.
+fn udp_forward_settings(pki: &sudp::cert::DevPki, gateway: SocketAddr, target: SocketAddr) -> ShimSettings {
+    let mut s = shim_settings(pki, &[gateway]);
+    s.socks = None;
+    s.forwards = vec![forward(&format!("udp:127.0.0.1:0={target}"))];
+    s
+}
+
 fn forward(text: &str) -> Forward {
     parse_forward(text).unwrap()
 }
@@ -699,10 +707,7 @@ async fn udp_forward_gives_each_local_source_its_own_flow() {
     let pki = pki();
     let gw = TestGateway::start(settings(&pki)).await;
     let echo = udp_echo().await;
-    let mut s = shim_settings(&pki, &[gw.control]);
-    s.socks = None;
-    s.forwards = vec![forward(&format!("udp:127.0.0.1:0={echo}"))];
-    let shim = TestShim::start(s).await;
+    let shim = TestShim::start(udp_forward_settings(&pki, gw.control, echo)).await;
     let local = shim.forward(ForwardProto::Udp);
 
     let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -736,10 +741,8 @@ async fn a_forward_at_its_flow_limit_refuses_new_sources_and_keeps_its_flows() {
     let pki = pki();
     let gw = TestGateway::start(settings(&pki)).await;
     let echo = udp_echo().await;
-    let mut s = shim_settings(&pki, &[gw.control]);
-    s.socks = None;
+    let mut s = udp_forward_settings(&pki, gw.control, echo);
     s.max_flows = 2;
-    s.forwards = vec![forward(&format!("udp:127.0.0.1:0={echo}"))];
     let shim = TestShim::start(s).await;
     let local = shim.forward(ForwardProto::Udp);
     let socks: Vec<UdpSocket> = {
@@ -1368,10 +1371,7 @@ async fn a_forward_opens_its_flows_on_one_shared_connection() {
     let pki = pki();
     let gw = TestGateway::start(settings(&pki)).await;
     let echo = udp_echo().await;
-    let mut s = shim_settings(&pki, &[gw.control]);
-    s.socks = None;
-    s.forwards = vec![forward(&format!("udp:127.0.0.1:0={echo}"))];
-    let shim = TestShim::start(s).await;
+    let shim = TestShim::start(udp_forward_settings(&pki, gw.control, echo)).await;
     let local = shim.forward(ForwardProto::Udp);
     let before = gw.metrics.connections.load(Ordering::Relaxed);
     const FLOWS: usize = 40;
