@@ -741,6 +741,38 @@ mod tests {
         }
     }
 
+    /// A hello offers 1 to MAX_SUITES suites: encode refuses an empty list and a long one
+    /// alike (parse refuses both too), and writes nothing when it refuses.
+    #[test]
+    fn sudp_hello_encode_refuses_an_empty_or_long_suite_list() {
+        let long = [1u8; MAX_SUITES + 1];
+        let full = [1u8; MAX_SUITES];
+        for (suites, ok) in [
+            (&[][..], false),
+            (&long[..], false),
+            (&full[..], true),
+            (&[1][..], true),
+        ] {
+            let mut v = Vec::new();
+            let h = SudpHello {
+                suites,
+                user: b"",
+                pass: b"",
+            };
+            let r = h.encode(&mut v);
+            assert_eq!(r.is_ok(), ok, "{} suites", suites.len());
+            if ok {
+                assert_eq!(SudpHello::parse(&v).unwrap().0.suites, suites);
+            } else {
+                assert!(v.is_empty());
+                assert!(matches!(
+                    r,
+                    Err(SocksError::BadField { field: "NSUITES", value }) if value == suites.len() as u64
+                ));
+            }
+        }
+    }
+
     #[test]
     fn sudp_hello_round_trip_with_and_without_credentials() {
         for (u, p) in [(&b""[..], &b""[..]), (b"alice", b"s3cret")] {
@@ -1267,6 +1299,9 @@ mod tests {
         // Greeting: VER NMETHODS | METHODS.
         let greeting = |b: &[u8]| parse_greeting(b).map(|(_, n)| n);
         assert_eq!(needs(greeting, &[5, 2, 0, 2]), [2, 2, 4, 4]);
+        // NMETHODS other than 2, where 2 + n and 2 * n differ.
+        assert_eq!(needs(greeting, &[5, 1, 0]), [2, 2, 3]);
+        assert_eq!(needs(greeting, &[5, 3, 0, 1, 2]), [2, 2, 5, 5, 5]);
         let method = |b: &[u8]| parse_method_selection(b).map(|(_, n)| n);
         assert_eq!(needs(method, &[5, 0x80]), [2, 2]);
         // RFC 1929: VER ULEN | UNAME PLEN | PASSWD.
