@@ -50,6 +50,7 @@ use crate::proto::{AssociationId, CipherSuite, OpenError, Role, SealError, Socks
 use crate::tls::HandshakeProblem;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+mod mux;
 mod trunk;
 pub use trunk::Trunk;
 use trunk::{Denied, Granted, RouteEnds};
@@ -743,7 +744,7 @@ pub struct Received {
 
 /// A secure UDP association through a gateway.
 pub struct SecureUdp {
-    socket: BatchSocket,
+    udp: UdpPath,
     send: Mutex<SendSession>,
     recv: Mutex<RecvSession>,
     assoc: AssociationId,
@@ -765,6 +766,40 @@ pub struct SecureUdp {
     metrics: Option<Arc<Metrics>>,
     /// How records travel (PROTOCOL.md §6.4).
     carrier: Carrier,
+}
+
+/// Where an association's records travel over UDP.
+enum UdpPath {
+    /// A socket of its own: the first association of a control connection (and every
+    /// association of a gateway without ASSOCIATIONS).
+    Own(BatchSocket),
+    /// The socket its control connection's other associations share (PROTOCOL.md §2.9):
+    /// records for it arrive through the trunk's demux ([`mux`]).
+    Shared(mux::Route),
+}
+
+impl UdpPath {
+    /// The socket records leave from.
+    fn socket(&self) -> &BatchSocket {
+        match self {
+            UdpPath::Own(s) => s,
+            UdpPath::Shared(r) => r.mux().socket(),
+        }
+    }
+
+    /// The next datagram for this association into `buf` (cut to its length, as a socket
+    /// does). Cancel-safe.
+    async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            UdpPath::Own(s) => s.recv(buf).await,
+            UdpPath::Shared(r) => {
+                let rec = r.recv().await;
+                let n = rec.len().min(buf.len());
+                buf[..n].copy_from_slice(&rec[..n]);
+                Ok(n)
+            }
+        }
+    }
 }
 
 /// The transport state of one association: which way records go now, the control
@@ -883,20 +918,22 @@ impl SecureUdp {
             keys,
             ends,
         };
-        SecureUdp::assemble(trunk, socket, assoc_suite, granted, reattach_refused, opts).await
+        // Read with plain `recv` too (recv_in_place): no GRO trains on this socket.
+        let udp = UdpPath::Own(BatchSocket::without_gro(socket)?);
+        SecureUdp::assemble(trunk, udp, assoc_suite, granted, reattach_refused, opts).await
     }
 
     /// One more association on `trunk`'s control connection (PROTOCOL.md §2.9: OPEN, or
-    /// REATTACH of `previous`, falling back to OPEN when the gateway refuses it), with a UDP
-    /// socket of its own; `opts` gives the replay window, transport and timeout.
+    /// REATTACH of `previous`, falling back to OPEN when the gateway refuses it), sending
+    /// from the UDP socket the trunk's other opened associations share (see [`mux`]);
+    /// `opts` gives the replay window, transport and timeout.
     pub async fn open_on(
         trunk: &Arc<Trunk>,
         opts: &ClientOptions,
         previous: Option<(AssociationId, CipherSuite)>,
     ) -> Result<SecureUdp, ClientError> {
-        let socket = crate::net::bind_udp(any_port_like(trunk.relay))?;
-        socket.connect(trunk.relay).await?;
-        let port = socket.local_addr()?.port();
+        let mux = trunk.mux().await?;
+        let port = mux.socket().local_addr()?.port();
         let denied = |d: Denied| match d {
             Denied::Open(s) => ClientError::Trunk(format!("OPEN refused: {}", s.name())),
             Denied::Reattach(r) => ClientError::Trunk(format!("REATTACH refused: {}", r.name())),
@@ -917,14 +954,15 @@ impl SecureUdp {
                 None,
             ),
         };
-        SecureUdp::assemble(trunk.clone(), socket, suite, granted, refused, opts).await
+        let udp = UdpPath::Shared(mux.route(granted.assoc));
+        SecureUdp::assemble(trunk.clone(), udp, suite, granted, refused, opts).await
     }
 
-    /// The association `granted` on `trunk`, sending from `socket` (connected to the relay):
+    /// The association `granted` on `trunk`, sending on `udp` (connected to the relay):
     /// its sessions, the first probe of `auto`, and which way records go.
     async fn assemble(
         trunk: Arc<Trunk>,
-        socket: tokio::net::UdpSocket,
+        udp: UdpPath,
         suite: CipherSuite,
         granted: Granted,
         reattach_refused: Option<RefuseReason>,
@@ -948,7 +986,7 @@ impl SecureUdp {
         let udp_works = match opts.transport {
             Transport::Udp => true,
             Transport::Tls => false,
-            Transport::Auto => first_probe(&socket, &mut send, &mut recv).await,
+            Transport::Auto => first_probe(&udp, &mut send, &mut recv).await,
         };
         let via_tls = if udp_works {
             false
@@ -979,8 +1017,7 @@ impl SecureUdp {
         let epoch = std::time::Instant::now();
         let sender = trunk.sender().clone();
         Ok(SecureUdp {
-            // Read with plain `recv` too (recv_in_place): no GRO trains on this socket.
-            socket: BatchSocket::without_gro(socket)?,
+            udp,
             send: Mutex::new(send),
             recv: Mutex::new(recv),
             assoc,
@@ -1024,12 +1061,23 @@ impl SecureUdp {
         if self.via_tls() {
             return self.carrier.sender.send_record(record).map_err(channel_error);
         }
-        self.socket.send_connected(record).await
+        self.udp.socket().send_connected(record).await
+    }
+
+    /// Whether this association and `other` send from one socket (both opened on the same
+    /// control connection, §2.9): their sealed records can leave in one train.
+    pub fn shares_socket_with(&self, other: &SecureUdp) -> bool {
+        match (&self.udp, &other.udp) {
+            (UdpPath::Shared(a), UdpPath::Shared(b)) => std::ptr::eq(a.mux(), b.mux()),
+            _ => false,
+        }
     }
 
     /// For `auto`: now and then (while sending) a PROBE over UDP; switches to TLS when UDP
     /// has been silent too long, and back when a PROBE_ACK arrives (see `note_probe_ack`).
-    fn maybe_probe(&self) {
+    /// [`SecureUdp::send_train`] calls it; a caller that sends this association's records
+    /// in another association's train calls it itself.
+    pub(crate) fn maybe_probe(&self) {
         let c = &self.carrier;
         if c.mode != Transport::Auto {
             return;
@@ -1059,7 +1107,7 @@ impl SecureUdp {
             .seal_control(&ControlMessage::Probe(token), &mut buf);
         if let Ok(n) = sealed {
             // Lost when the socket buffer is full or UDP is blocked: that is what we measure.
-            let _ = self.socket.try_send(self.relay, &buf[..n], None);
+            let _ = self.udp.socket().try_send(self.relay, &buf[..n], None);
         }
     }
 
@@ -1079,7 +1127,10 @@ impl SecureUdp {
     /// Counts records dropped on receipt (by [`crate::proto::DropReason`]) in `metrics`,
     /// and the datagrams the kernel drops at this association's socket (as `outbound`).
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
-        self.socket.set_drop_tracker(&metrics.socket_drops.outbound);
+        match &mut self.udp {
+            UdpPath::Own(s) => s.set_drop_tracker(&metrics.socket_drops.outbound),
+            UdpPath::Shared(r) => r.mux().set_metrics(&metrics),
+        }
         self.metrics = Some(metrics);
         self
     }
@@ -1119,7 +1170,7 @@ impl SecureUdp {
 
     /// The local UDP address.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.socket.local_addr()
+        self.udp.socket().local_addr()
     }
 
     /// True once the gateway closed the control connection (the association is gone).
@@ -1214,7 +1265,7 @@ impl SecureUdp {
 
     /// Records one GSO send may carry to the relay (1 where the kernel has no GSO).
     pub fn max_gso_segments(&self) -> usize {
-        self.socket.max_gso_segments()
+        self.udp.socket().max_gso_segments()
     }
 
     /// Sends sealed records to the relay: one record, or a train of `segment`-byte records
@@ -1227,10 +1278,9 @@ impl SecureUdp {
             }
             return Ok(());
         }
-        match self.socket.try_send(self.relay, bytes, segment) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                self.socket.send(self.relay, bytes, segment).await
-            }
+        let socket = self.udp.socket();
+        match socket.try_send(self.relay, bytes, segment) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => socket.send(self.relay, bytes, segment).await,
             r => r,
         }
     }
@@ -1267,7 +1317,7 @@ impl SecureUdp {
     pub async fn recv_in_place(&self, rec: &mut [u8]) -> Result<Received, ClientError> {
         loop {
             let n = tokio::select! {
-                n = self.socket.recv(rec) => n?,
+                n = self.udp.recv(rec) => n?,
                 r = self.next_tls_record() => {
                     // Longer than the caller's buffer: cut short, as a socket would; it then
                     // fails to open and is counted.
@@ -1298,8 +1348,12 @@ impl SecureUdp {
         batch: &mut RecvBatch,
         f: &mut (dyn FnMut(&[u8], &Address) + Send),
     ) -> Result<usize, ClientError> {
+        let own = match &self.udp {
+            UdpPath::Own(s) => s,
+            UdpPath::Shared(route) => return self.recv_shared(route, f).await,
+        };
         let mut from_tls = tokio::select! {
-            r = self.socket.recv_batch(batch) => {
+            r = own.recv_batch(batch) => {
                 r?;
                 None
             }
@@ -1310,18 +1364,7 @@ impl SecureUdp {
             let mut delivered = 0;
             let mut more = 0;
             loop {
-                match self.open(rec) {
-                    Ok(Some(r)) => {
-                        f(&rec[r.payload.clone()], &r.from);
-                        delivered += 1;
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        if let Some(m) = &self.metrics {
-                            m.count_drop(e.reason());
-                        }
-                    }
-                }
+                self.open_run(&mut [&mut rec[..]], f, &mut delivered);
                 more += 1;
                 match self.carrier.inbound.lock().await.try_recv() {
                     Ok(next) if more < crate::net::batch::BATCH => *rec = next,
@@ -1331,28 +1374,57 @@ impl SecureUdp {
             return Ok(delivered);
         }
         let mut delivered = 0;
-        batch.for_each_run(|run, _| {
-            let mut tags = [None; RUN];
-            if run.len() > 1 {
-                self.verify_run(run, &mut tags);
-            }
-            for (rec, tag) in run.iter_mut().zip(tags) {
-                match self.open_checked(rec, tag) {
-                    Ok(Some(r)) => {
-                        f(&rec[r.payload.clone()], &r.from);
-                        delivered += 1;
+        batch.for_each_run(|run, _| self.open_run(run, f, &mut delivered));
+        Ok(delivered)
+    }
+
+    /// [`SecureUdp::recv_batch`] of an association on the shared socket: what its queue
+    /// holds (up to [`crate::net::batch::BATCH`] records), or records inside TLS.
+    async fn recv_shared(
+        &self,
+        route: &mux::Route,
+        f: &mut (dyn FnMut(&[u8], &Address) + Send),
+    ) -> Result<usize, ClientError> {
+        let mut recs = Vec::new();
+        tokio::select! {
+            () = route.recv_many(&mut recs, crate::net::batch::BATCH) => {}
+            r = self.next_tls_record() => recs.push(r),
+        }
+        let mut delivered = 0;
+        for chunk in recs.chunks_mut(RUN) {
+            let mut run: Vec<&mut [u8]> = chunk.iter_mut().map(|r| &mut r[..]).collect();
+            self.open_run(&mut run, f, &mut delivered);
+        }
+        Ok(delivered)
+    }
+
+    /// Opens the records of `run` (checking the tags of equal-length stretches together),
+    /// gives `f` each authentic payload and counts the rest as dropped.
+    fn open_run(
+        &self,
+        run: &mut [&mut [u8]],
+        f: &mut (dyn FnMut(&[u8], &Address) + Send),
+        delivered: &mut usize,
+    ) {
+        let mut tags = [None; RUN];
+        if run.len() > 1 {
+            self.verify_run(run, &mut tags);
+        }
+        for (rec, tag) in run.iter_mut().zip(tags) {
+            match self.open_checked(rec, tag) {
+                Ok(Some(r)) => {
+                    f(&rec[r.payload.clone()], &r.from);
+                    *delivered += 1;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    if let Some(m) = &self.metrics {
+                        m.count_drop(e.reason());
                     }
-                    Ok(None) => {}
-                    Err(e) => {
-                        if let Some(m) = &self.metrics {
-                            m.count_drop(e.reason());
-                        }
-                        tracing::debug!(error = %e, "dropped record from gateway");
-                    }
+                    tracing::debug!(error = %e, "dropped record from gateway");
                 }
             }
-        });
-        Ok(delivered)
+        }
     }
 
     /// Checks together the tags of each stretch of equal-length records in `run` (a train
@@ -1432,7 +1504,8 @@ impl SecureUdp {
             .seal_control(&ControlMessage::PathResponse(token), &mut buf);
         let sent = match sealed {
             Ok(n) => self
-                .socket
+                .udp
+                .socket()
                 .try_send(self.relay, &buf[..n], None)
                 .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
@@ -1456,7 +1529,7 @@ fn channel_error(e: ChannelError) -> io::Error {
 
 /// The first PROBE of an `auto` association, sent on the connected socket before anything
 /// else: `true` when a PROBE_ACK came back over UDP (three tries of [`PROBE_TIMEOUT`]).
-async fn first_probe(socket: &tokio::net::UdpSocket, send: &mut SendSession, recv: &mut RecvSession) -> bool {
+async fn first_probe(udp: &UdpPath, send: &mut SendSession, recv: &mut RecvSession) -> bool {
     let mut buf = vec![0u8; RECORD_BUF];
     for _ in 0..3 {
         let token: [u8; TOKEN_LEN] = rand::random();
@@ -1464,12 +1537,12 @@ async fn first_probe(socket: &tokio::net::UdpSocket, send: &mut SendSession, rec
         let Ok(n) = send.seal_control(&ControlMessage::Probe(token), &mut rec) else {
             return false;
         };
-        if socket.send(&rec[..n]).await.is_err() {
+        if udp.socket().send_connected(&rec[..n]).await.is_err() {
             // Refused at once (ICMP unreachable): UDP does not work.
             return false;
         }
         let deadline = tokio::time::Instant::now() + PROBE_TIMEOUT;
-        while let Ok(Ok(m)) = tokio::time::timeout_at(deadline, socket.recv(&mut buf)).await {
+        while let Ok(Ok(m)) = tokio::time::timeout_at(deadline, udp.recv(&mut buf)).await {
             if let Ok(o) = recv.open(&mut buf[..m]) {
                 if o.content == Content::Control(ControlMessage::ProbeAck(token)) {
                     return true;
@@ -1562,7 +1635,7 @@ mod tests {
         std::mem::forget(closed_tx);
         let metrics = Arc::new(Metrics::default());
         let udp = SecureUdp {
-            socket: BatchSocket::without_gro(sock).unwrap(),
+            udp: UdpPath::Own(BatchSocket::without_gro(sock).unwrap()),
             send: Mutex::new(SendSession::new(assoc, &ks, Role::Client)),
             recv: Mutex::new(RecvSession::new(assoc, &ks, Role::Client, 1024)),
             assoc,

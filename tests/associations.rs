@@ -2,7 +2,8 @@
 //! against an in-process gateway: OPEN gives associations of their own (ids, keys, replay
 //! windows) on the connection without another handshake; records inside TLS are routed by
 //! id; a released association ends alone, as does one the gateway ends (idle); OPENs past
-//! the limit are refused and counted without disturbing the others; and after the
+//! the limit are refused and counted without disturbing the others; the opened ones share
+//! one UDP socket, their records routed by id; and after the
 //! connection breaks, each association is re-attached to one new connection.
 //! The shim's use of it (one connection for many flows) is in `tests/shim.rs`.
 
@@ -54,6 +55,11 @@ async fn many_associations_share_one_connection_each_with_its_own_id_and_keys() 
     assert!(inside.via_tls());
     all.push(inside);
 
+    // The connection's own association has a socket of its own; the opened ones share one
+    // (their records are told apart by id), so 21 flows cost 2 sockets, not 22.
+    let shared = all[1].local_addr().unwrap();
+    assert_ne!(all[0].local_addr().unwrap(), shared);
+    assert!(all[1..].iter().all(|u| u.local_addr().unwrap() == shared));
     let mut ids: Vec<_> = all.iter().map(|u| u.assoc()).collect();
     ids.sort();
     ids.dedup();

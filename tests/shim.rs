@@ -1388,6 +1388,25 @@ async fn a_forward_opens_its_flows_on_one_shared_connection() {
         let (n, _) = timeout(WAIT, s.recv_from(&mut buf)).await.unwrap().unwrap();
         assert!(buf[..n] == pattern(200, i)[..], "flow {i} got another's reply");
     }
+    // Again, all at once, now that every association is open: the shim takes the 40 in
+    // one batch and their records (one per association, all sharing one socket) leave in
+    // trains that mix associations, each record sealed by its own. A record sealed with
+    // another association's keys fails its tag at the gateway and never comes back.
+    for round in 1..=3 {
+        for (i, s) in socks.iter().enumerate() {
+            s.send_to(&pattern(200, i + round * FLOWS), local).await.unwrap();
+        }
+        for (i, s) in socks.iter().enumerate() {
+            let (n, _) = timeout(WAIT, s.recv_from(&mut buf)).await.unwrap().unwrap();
+            assert!(
+                buf[..n] == pattern(200, i + round * FLOWS)[..],
+                "round {round}: flow {i} got another's reply"
+            );
+        }
+    }
+    for r in sudp::proto::DropReason::ALL {
+        assert_eq!(gw.metrics.drops(r), 0, "gateway dropped {r:?}");
+    }
     assert_eq!(
         gw.metrics.connections.load(Ordering::Relaxed) - before,
         1,

@@ -5,14 +5,16 @@
 //! feature ASSOCIATIONS (PROTOCOL.md §2.9), opens more associations on the same connection:
 //!
 //! ```text
-//!   SecureUdp (own UDP socket) ─┐                    ┌─ OPEN(req, port) ──────────▶
-//!   SecureUdp (own UDP socket) ─┼─ Trunk ── TLS ─────┤◀─ OPENED(req, status, id) ──
-//!   SecureUdp (own UDP socket) ─┘   routes by id     └─ REATTACH / CLOSE(released) ▶
+//!   SecureUdp (own UDP socket)  ─┐                    ┌─ OPEN(req, port) ──────────▶
+//!   SecureUdp (shared socket)   ─┼─ Trunk ── TLS ─────┤◀─ OPENED(req, status, id) ──
+//!   SecureUdp (shared socket)   ─┘   routes by id     └─ REATTACH / CLOSE(released) ▶
 //! ```
 //!
-//! Every association keeps its own UDP socket, keys and replay window; only the control
-//! connection is shared, so a new flow costs one round trip on it instead of a TLS
-//! handshake and a SOCKS negotiation. The keys of an association opened here come from
+//! Every association keeps its own keys and replay window; the control connection is
+//! shared, so a new flow costs one round trip on it instead of a TLS handshake and a SOCKS
+//! negotiation. The connection's first association has a UDP socket of its own; the ones
+//! opened here share one more, read by one demux task ([`super::mux`]), so many small flows
+//! cost one socket and batched reads instead of a socket and a wake-up per datagram each. The keys of an association opened here come from
 //! this connection's exporter with its own id (§3.1), derived in the task when the answer
 //! arrives, so no two associations of the connection share keys.
 //!
@@ -34,6 +36,7 @@ use crate::proto::frame::{feature, CloseReason, Frame, OpenStatus, RefuseReason}
 use crate::proto::record::ASSOC_OFFSET;
 use crate::proto::{AssociationId, CipherSuite, KeySchedule};
 
+use super::mux::Mux;
 use super::Control;
 
 /// Records inside TLS the trunk holds per association for its receive path (more are
@@ -130,6 +133,8 @@ pub struct Trunk {
     /// The suite the connection's SudpAccept chose: that of every association it opens.
     pub(crate) suite: CipherSuite,
     next_req: AtomicU32,
+    /// The UDP socket of the associations opened on this connection, bound at the first.
+    mux: tokio::sync::OnceCell<Arc<Mux>>,
     task: JoinHandle<()>,
 }
 
@@ -162,6 +167,7 @@ impl Trunk {
             relay,
             suite,
             next_req: AtomicU32::new(1),
+            mux: tokio::sync::OnceCell::new(),
             task,
         });
         (trunk, ends)
@@ -178,8 +184,15 @@ impl Trunk {
             relay,
             suite,
             next_req: AtomicU32::new(1),
+            mux: tokio::sync::OnceCell::new(),
             task: tokio::spawn(std::future::pending()),
         })
+    }
+
+    /// The socket the associations opened here share, bound and connected to the relay
+    /// on first use.
+    pub(crate) async fn mux(&self) -> std::io::Result<Arc<Mux>> {
+        self.mux.get_or_try_init(|| Mux::start(self.relay)).await.cloned()
     }
 
     pub(crate) fn sender(&self) -> &FrameSender {

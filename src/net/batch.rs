@@ -466,6 +466,11 @@ impl GsoBatch {
         (self.count > 0).then(|| (dest, &self.buf[..], (self.count > 1).then_some(self.segment)))
     }
 
+    /// The bytes placed so far.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
     /// Empties the batch (after sending or dropping it).
     pub fn clear(&mut self) {
         self.buf.clear();
@@ -535,6 +540,43 @@ impl RecordTrain {
             &self.plaintexts,
             &mut self.lens,
         )
+    }
+
+    /// [`seal_with`](Self::seal_with) for the records `range` only (a train whose records
+    /// belong to several sealers, one stretch each): `seal` gets the whole buffer and those
+    /// records' offsets, plaintext and record lengths.
+    pub fn seal_range_with<E>(
+        &mut self,
+        range: std::ops::Range<usize>,
+        seal: impl FnOnce(&mut [u8], &[usize], &[usize], &mut [usize]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        if range.is_empty() {
+            return Ok(());
+        }
+        self.lens.resize(self.offsets.len(), 0);
+        seal(
+            self.batch.bytes_mut(),
+            &self.offsets[range.clone()],
+            &self.plaintexts[range.clone()],
+            &mut self.lens[range],
+        )
+    }
+
+    /// The bytes of records `range` (placed lengths) and their segment size, to send them
+    /// apart from the rest of the train: `None` for one record.
+    pub fn range_bytes(&self, range: std::ops::Range<usize>) -> (&[u8], Option<usize>) {
+        if range.is_empty() {
+            return (&[], None);
+        }
+        let start = self.offsets[range.start];
+        let end = self
+            .offsets
+            .get(range.end)
+            .copied()
+            .unwrap_or(self.batch.byte_len());
+        let first_len = self.offsets.get(range.start + 1).copied().unwrap_or(end) - start;
+        let bytes = &self.batch.bytes()[start..end];
+        (bytes, (range.len() > 1).then_some(first_len))
     }
 
     /// Records in the train.
@@ -607,6 +649,46 @@ mod tests {
             assert_eq!(len, 500);
             assert_eq!(buf[0], i as u8);
         }
+    }
+
+    /// A train of several sealers' stretches: each `seal_range_with` sees only its records
+    /// (offsets into the whole buffer), and `range_bytes` cuts exactly their bytes, with the
+    /// segment size of a train (none for one record).
+    #[test]
+    fn record_train_stretches_seal_and_send_apart() {
+        let dest: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let mut t = RecordTrain::new(64);
+        for i in 0..5u8 {
+            let len = if i == 4 { 6 } else { 10 };
+            let space = t.place(dest, len, 3);
+            space.fill(i);
+        }
+        // Sealer A takes records 0..2, sealer B 2..5: each marks its records' first byte.
+        for (range, mark) in [(0..2, 0xa0u8), (2..5, 0xb0)] {
+            let want: Vec<usize> = range.clone().map(|i| i * 10).collect();
+            t.seal_range_with(range.clone(), |buf, offsets, pts, lens| {
+                assert_eq!(offsets, &want[..]);
+                assert!(pts.iter().all(|&p| p == 3));
+                for (k, (&o, l)) in offsets.iter().zip(lens.iter_mut()).enumerate() {
+                    buf[o] = mark + k as u8;
+                    *l = if o == 40 { 6 } else { 10 };
+                }
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        }
+        assert_eq!(t.seal_range_with(3..3, |_, _, _, _| Err(())), Ok(()));
+        let (a, seg) = t.range_bytes(0..2);
+        assert_eq!((a.len(), seg), (20, Some(10)));
+        assert_eq!((a[0], a[1], a[10], a[11]), (0xa0, 0, 0xa1, 1));
+        let (b, seg) = t.range_bytes(2..5);
+        assert_eq!((b.len(), seg), (26, Some(10)));
+        assert_eq!((b[0], b[10], b[20], b[25]), (0xb0, 0xb1, 0xb2, 4));
+        let (one, seg) = t.range_bytes(4..5);
+        assert_eq!((one, seg), (&[0xb2, 4, 4, 4, 4, 4][..], None));
+        assert_eq!(t.range_bytes(1..1), (&[][..], None));
+        // The whole train is still one send.
+        assert_eq!(t.pending().map(|(_, b, s)| (b.len(), s)), Some((46, Some(10))));
     }
 
     #[test]

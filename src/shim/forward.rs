@@ -171,11 +171,15 @@ pub(crate) async fn serve_udp(
     tracing::debug!(forward = %spec, flows = open, "UDP forward stopped");
 }
 
-/// Records for one association, waiting to leave in one GSO send. Their plaintexts are
-/// placed as they come and sealed together at [`Train::flush`], so the CBC chains of the
-/// train advance side by side ([`SecureUdp::seal_many`](crate::client::SecureUdp::seal_many)).
+/// Records waiting to leave in one GSO send: of one association, or of several that share
+/// one socket (opened on one control connection, PROTOCOL.md §2.9), one stretch each. Their
+/// plaintexts are placed as they come and each stretch is sealed by its association at
+/// [`Train::flush`], so the CBC chains of a stretch advance side by side
+/// ([`SecureUdp::seal_many`](crate::client::SecureUdp::seal_many)), and many small flows
+/// leave in one system call instead of one each.
 pub(crate) struct Train {
-    current: Option<(Arc<Link>, Arc<Assoc>)>,
+    /// The associations of the train in order, each with the index of its first record.
+    stretches: Vec<(Arc<Link>, Arc<Assoc>, usize)>,
     records: RecordTrain,
     /// Payload bytes of each record, for the counters. Reused, never shrunk.
     payloads: Vec<usize>,
@@ -184,7 +188,7 @@ pub(crate) struct Train {
 impl Default for Train {
     fn default() -> Self {
         Train {
-            current: None,
+            stretches: Vec::with_capacity(64),
             records: RecordTrain::new(1),
             payloads: Vec::with_capacity(64),
         }
@@ -193,49 +197,85 @@ impl Default for Train {
 
 impl Train {
     /// Places `header` + `payload` for `assoc` in the train, sending the train first when
-    /// the record cannot join it (another association, another size, or full). The caller
-    /// has checked that the plaintext fits one record.
+    /// the record cannot join it (an association on another socket, or inside TLS, another
+    /// size, or full). The caller has checked that the plaintext fits one record.
     pub(crate) async fn push(&mut self, link: Arc<Link>, assoc: Arc<Assoc>, header: &[u8], payload: &[u8]) {
         let relay = assoc.udp.relay();
         let plaintext_len = header.len() + payload.len();
         let len = assoc.udp.suite().record_len(plaintext_len);
-        let same = self.current.as_ref().is_some_and(|(_, a)| Arc::ptr_eq(a, &assoc));
-        if !same || !self.records.fits(relay, len) {
+        let last = self.stretches.last().map(|(_, a, _)| a.clone());
+        let same = last.as_ref().is_some_and(|a| Arc::ptr_eq(a, &assoc));
+        let joins = same
+            || last.as_ref().is_some_and(|a| {
+                a.udp.shares_socket_with(&assoc.udp) && !a.udp.via_tls() && !assoc.udp.via_tls()
+            });
+        if !joins || !self.records.fits(relay, len) {
             self.flush().await;
-            if !same {
-                self.records.reset(assoc.udp.max_gso_segments());
-            }
+        }
+        if self.stretches.is_empty() {
+            self.records.reset(assoc.udp.max_gso_segments());
+        }
+        if !self
+            .stretches
+            .last()
+            .is_some_and(|(_, a, _)| Arc::ptr_eq(a, &assoc))
+        {
+            self.stretches.push((link, assoc, self.records.len()));
         }
         let space = self.records.place(relay, len, plaintext_len);
         space[PREFIX_LEN..PREFIX_LEN + header.len()].copy_from_slice(header);
         space[PREFIX_LEN + header.len()..PREFIX_LEN + plaintext_len].copy_from_slice(payload);
         self.payloads.push(payload.len());
-        self.current = Some((link, assoc));
     }
 
-    /// Seals and sends what the train holds.
+    /// Seals (each stretch with its association's keys) and sends what the train holds: in
+    /// one send when every stretch sealed, else each sealed stretch apart (an unsealed one,
+    /// whose key is exhausted, is counted and never sent).
     pub(crate) async fn flush(&mut self) {
-        if let (Some((link, assoc)), false) = (&self.current, self.records.is_empty()) {
-            let n = self.records.len();
-            let sealed = self
+        let n = self.records.len();
+        let mut sealed = Vec::with_capacity(self.stretches.len());
+        for (i, (link, assoc, start)) in self.stretches.iter().enumerate() {
+            let end = self.stretches.get(i + 1).map_or(n, |s| s.2);
+            let r = self
                 .records
-                .seal_with(|buf, offsets, pts, lens| assoc.udp.seal_many(buf, offsets, pts, lens));
-            match sealed {
-                Err(e) => {
-                    for _ in 0..n {
-                        link.seal_failed(assoc, e);
-                    }
+                .seal_range_with(*start..end, |buf, offsets, pts, lens| {
+                    assoc.udp.seal_many(buf, offsets, pts, lens)
+                });
+            if let Err(e) = r {
+                for _ in *start..end {
+                    link.seal_failed(assoc, e);
                 }
-                Ok(()) => {
-                    if let Some((_, bytes, seg)) = self.records.pending() {
-                        match assoc.udp.send_train(bytes, seg).await {
-                            Ok(()) => link.sent(assoc.udp.via_tls(), &self.payloads),
-                            Err(e) => link.send_failed(assoc, n, &e),
-                        }
+            }
+            sealed.push((*start..end, r.is_ok()));
+        }
+        if sealed.iter().all(|(_, ok)| *ok) {
+            if let (Some((_, first, _)), Some((_, bytes, seg))) =
+                (self.stretches.first(), self.records.pending())
+            {
+                let r = first.udp.send_train(bytes, seg).await;
+                for ((link, assoc, _), (range, _)) in self.stretches.iter().zip(&sealed) {
+                    if !Arc::ptr_eq(assoc, first) {
+                        assoc.udp.maybe_probe();
+                    }
+                    match &r {
+                        Ok(()) => link.sent(assoc.udp.via_tls(), &self.payloads[range.clone()]),
+                        Err(e) => link.send_failed(assoc, range.len(), e),
                     }
                 }
             }
+        } else {
+            for ((link, assoc, _), (range, ok)) in self.stretches.iter().zip(&sealed) {
+                if !ok {
+                    continue;
+                }
+                let (bytes, seg) = self.records.range_bytes(range.clone());
+                match assoc.udp.send_train(bytes, seg).await {
+                    Ok(()) => link.sent(assoc.udp.via_tls(), &self.payloads[range.clone()]),
+                    Err(e) => link.send_failed(assoc, range.len(), &e),
+                }
+            }
         }
+        self.stretches.clear();
         self.records.clear();
         self.payloads.clear();
     }
