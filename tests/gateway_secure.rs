@@ -312,3 +312,135 @@ async fn a_relay_socket_overflow_is_counted_exactly() {
     drop(control);
     gw.stop().await;
 }
+
+/// What the gateway counts as returned: datagrams and payload bytes, in all and on `path`.
+fn returned(gw: &TestGateway, path: sudp::metrics::Path) -> (u64, u64, u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let m = &gw.metrics;
+    let p = &m.returned_by[path as usize];
+    (
+        m.returned.load(Relaxed),
+        m.returned_bytes.load(Relaxed),
+        p.datagrams.load(Relaxed),
+        p.bytes.load(Relaxed),
+    )
+}
+
+/// The restricted cone remembers every destination an association sent to (within its
+/// bound), not only the latest: each of three targets answers after the client has sent
+/// to all three, oldest first, and every answer arrives from its target. The gateway
+/// counts exactly those datagrams and payload bytes as returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_destination_sent_to_may_answer_later() {
+    let pki = pki();
+    let gw = TestGateway::start(settings(&pki)).await;
+    let udp = SecureUdp::connect(&gw.options(&pki)).await.unwrap();
+    let mut targets = Vec::new();
+    for _ in 0..3 {
+        targets.push(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    }
+    let mut buf = vec![0u8; 2048];
+    let mut outbound = None;
+    for t in &targets {
+        udp.send_to(b"hello", &Address::Ip(t.local_addr().unwrap()))
+            .await
+            .unwrap();
+        let (_, from) = tokio::time::timeout(WAIT, t.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        outbound = Some(from);
+    }
+    let outbound = outbound.unwrap();
+    let mut bytes = 0;
+    for (i, t) in targets.iter().enumerate() {
+        let answer = format!("answer from target {i}");
+        bytes += answer.len() as u64;
+        t.send_to(answer.as_bytes(), outbound).await.unwrap();
+        let (n, from) = tokio::time::timeout(WAIT, udp.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buf[..n], answer.as_bytes());
+        assert_eq!(from, Address::Ip(t.local_addr().unwrap()));
+    }
+    assert_eq!(gw.metrics.drops(DropReason::UnsolicitedReply), 0);
+    assert_eq!(returned(&gw, sudp::metrics::Path::Secure), (3, bytes, 3, bytes));
+}
+
+/// Replies of two sizes that reach the gateway together leave in several trains (a train
+/// is one size), sent without waiting while the batch lasts: none is lost, the association
+/// goes on, and the counters hold exactly what was returned. Then the same inside TLS
+/// (records as RECORD frames), whose counters are kept apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_of_mixed_sizes_arriving_together_all_arrive() {
+    let pki = pki();
+    let gw = TestGateway::start(settings(&pki)).await;
+    for transport in [sudp::client::Transport::Udp, sudp::client::Transport::Tls] {
+        let mut opts = gw.options(&pki);
+        opts.transport = transport;
+        let udp = SecureUdp::connect(&opts).await.unwrap();
+        let target = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let to = Address::Ip(target.local_addr().unwrap());
+        let mut buf = vec![0u8; 2048];
+        udp.send_to(b"go", &to).await.unwrap();
+        let (_, outbound) = tokio::time::timeout(WAIT, target.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let path = if udp.via_tls() {
+            sudp::metrics::Path::Tls
+        } else {
+            sudp::metrics::Path::Secure
+        };
+        let before = returned(&gw, path);
+        const N: usize = 24;
+        let mut bytes = 0u64;
+        for i in 0..N {
+            let size = if i % 2 == 0 { 100 } else { 300 };
+            let d: Vec<u8> = (0..size).map(|k| (k + i) as u8).collect();
+            bytes += size as u64;
+            target.send_to(&d, outbound).await.unwrap();
+        }
+        let mut got = Vec::new();
+        while got.len() < N {
+            let (n, _) = tokio::time::timeout(WAIT, udp.recv_from(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("{transport:?}: {} of {N} replies", got.len()))
+                .unwrap();
+            got.push(buf[..n].to_vec());
+        }
+        for (i, d) in got.iter().enumerate() {
+            let size = if i % 2 == 0 { 100 } else { 300 };
+            assert_eq!(d.len(), size, "{transport:?}: reply {i}");
+            assert_eq!(d[0], i as u8, "{transport:?}: reply {i} in order");
+        }
+        let after = returned(&gw, path);
+        assert_eq!(
+            (
+                after.0 - before.0,
+                after.1 - before.1,
+                after.2 - before.2,
+                after.3 - before.3
+            ),
+            (N as u64, bytes, N as u64, bytes),
+            "{transport:?}: counted as returned"
+        );
+        // The association goes on.
+        udp.send_to(b"still there?", &to).await.unwrap();
+        let (n, _) = tokio::time::timeout(WAIT, target.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buf[..n], b"still there?");
+        target.send_to(b"yes", outbound).await.unwrap();
+        let (n, _) = tokio::time::timeout(WAIT, udp.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buf[..n], b"yes");
+    }
+    for r in DropReason::ALL {
+        assert_eq!(gw.metrics.drops(r), 0, "{r:?}");
+    }
+}
