@@ -69,10 +69,12 @@ const DRAIN: Duration = Duration::from_secs(1);
 /// CPU figures.
 const MIN_STEADY_WINDOW: Duration = Duration::from_millis(500);
 
-/// File descriptors this process holds per sudp flow, counted generously: the flow's
-/// socket; in the shim its association's UDP socket and TLS connection; in the gateway the
-/// accepted connection and the association's relay socket; and slack for the epoll and
-/// timer machinery.
+/// File descriptors this process holds per sudp flow, counted generously (for a shim that
+/// gives each flow its own connection): the flow's socket; in the shim its association's
+/// UDP socket and TLS connection; in the gateway the accepted connection and the
+/// association's outbound socket; and slack for the epoll and timer machinery. Associations
+/// opened on a shared connection have neither a connection nor a UDP socket of their own in
+/// the shim, so today's flows need fewer.
 pub const FDS_PER_SUDP_FLOW: u64 = 6;
 
 /// Descriptors beside the flows (runtimes, listeners, the reflector, stdio).
