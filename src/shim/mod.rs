@@ -30,7 +30,11 @@
 //! speaks ASSOCIATIONS (PROTOCOL.md §2.9): the [`Dialer`] keeps a pool of them, up to
 //! [`PER_CONNECTION`] associations each, and dials one connection at a time per gateway, so
 //! a new flow costs one OPEN round trip on an open connection (a burst of new flows, or every
-//! flow of a lost connection re-attaching, shares the connection the first one dials).
+//! flow of a lost connection re-attaching, shares the connection the first one dials). The
+//! associations opened on one connection also share one UDP socket to the relay
+//! ([`crate::client`]'s demux), and a forward's records for several of them leave in one
+//! GSO train ([`forward::Train`]): many small flows cost batched system calls, not a socket
+//! and a wake-up per datagram each.
 
 mod delegate;
 pub mod forward;
