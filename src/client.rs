@@ -925,8 +925,8 @@ impl SecureUdp {
 
     /// One more association on `trunk`'s control connection (PROTOCOL.md §2.9: OPEN, or
     /// REATTACH of `previous`, falling back to OPEN when the gateway refuses it), sending
-    /// from the UDP socket the trunk's other opened associations share (a demux task routes their records by id);
-    /// `opts` gives the replay window, transport and timeout.
+    /// from the UDP socket the trunk's other opened associations share (a demux task routes
+    /// their records by id); `opts` gives the replay window, transport and timeout.
     pub async fn open_on(
         trunk: &Arc<Trunk>,
         opts: &ClientOptions,
