@@ -39,6 +39,10 @@ pub(crate) const QUEUE_RECORDS: usize = 1024;
 /// Bytes of records all queues of one socket hold together (a socket buffer's worth).
 pub(crate) const QUEUE_BYTES: usize = 8 << 20;
 
+/// Pause after a receive error on the shared socket, doubling while errors repeat.
+const ERROR_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(1);
+const ERROR_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// What the demux task and the associations share.
 struct Shared {
     routes: Mutex<HashMap<AssociationId, mpsc::Sender<Vec<u8>>>>,
@@ -178,14 +182,20 @@ impl Drop for Route {
 /// Reads the shared socket in batches and hands each record to its association's queue.
 async fn demux(socket: Arc<BatchSocket>, shared: Arc<Shared>) {
     let mut batch = RecvBatch::new(BATCH);
+    let mut backoff = ERROR_BACKOFF_MIN;
     loop {
         let n = match socket.recv_batch(&mut batch).await {
-            Ok(n) => n,
+            Ok(n) => {
+                backoff = ERROR_BACKOFF_MIN;
+                n
+            }
             Err(e) => {
                 // ICMP errors of a connected socket (the relay unreachable for a moment):
                 // the associations notice through their probes and the control connection.
+                // Backing off, so an error that persists costs no more than 10 wake-ups/s.
                 tracing::debug!(error = %e, "shared association socket: receive error");
-                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ERROR_BACKOFF_MAX);
                 continue;
             }
         };
