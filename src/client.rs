@@ -1621,6 +1621,37 @@ mod tests {
     use crate::proto::{DropReason, KeySchedule};
     use tokio::net::UdpSocket;
 
+    /// Every transport name parses to itself, spaces around it ignored; nothing else parses.
+    #[test]
+    fn transport_names_parse_to_themselves() {
+        for t in [Transport::Udp, Transport::Tls, Transport::Auto] {
+            assert_eq!(Transport::parse(t.name()), Some(t));
+            assert_eq!(Transport::parse(&format!(" {} ", t.name())), Some(t));
+        }
+        for bad in ["", "UDP", "quic", "udp tls"] {
+            assert_eq!(Transport::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    /// The permanent refusals are copied as themselves (a shim answers later requests with
+    /// the copy instead of asking again); anything else has no copy.
+    #[test]
+    fn permanent_errors_copy_as_themselves_and_others_not_at_all() {
+        for e in [
+            ClientError::AuthFailed,
+            ClientError::NoAcceptableMethod,
+            ClientError::NoSuite,
+        ] {
+            let copy = e.permanent_copy().expect("a permanent error has a copy");
+            assert_eq!(copy.to_string(), e.to_string());
+            assert_eq!(std::mem::discriminant(&copy), std::mem::discriminant(&e));
+        }
+        for e in [ClientError::Timeout, ClientError::NoTlsTransport] {
+            assert!(!e.is_permanent());
+            assert!(e.permanent_copy().is_none());
+        }
+    }
+
     /// A `SecureUdp` whose "relay" is a socket of the test, with the gateway's halves.
     async fn pair() -> (SecureUdp, UdpSocket, SendSession, RecvSession, Arc<Metrics>) {
         let suite = CipherSuite::Aes128CbcHmacSha256;
