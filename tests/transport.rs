@@ -257,6 +257,31 @@ async fn auto_carries_records_inside_tls_while_udp_is_blocked_and_returns_to_udp
             > 0,
         "replies came back over UDP"
     );
+
+    // Phase 3: UDP goes silent mid-stream. After PROBE_SILENCE of unanswered probes the
+    // records move inside TLS again, and the stream goes on there.
+    fw.open.store(false, Ordering::Relaxed);
+    let t2 = Instant::now();
+    let tls_before = forwarded(&m, Path::Tls);
+    while forwarded(&m, Path::Tls) == tls_before {
+        assert!(
+            t2.elapsed() < sudp::client::PROBE_SILENCE + Duration::from_secs(5),
+            "records stayed on a silent UDP path"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("inside TLS {:?} after UDP went silent", t2.elapsed());
+    assert!(
+        t2.elapsed() >= sudp::client::PROBE_SILENCE - Duration::from_millis(500),
+        "moved before the probes had been unanswered for PROBE_SILENCE"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (sent, echoed) = stream.during(Duration::from_secs(1)).await;
+    eprintln!("UDP silent again: {echoed} of {sent} echoed inside TLS");
+    assert!(
+        echoed * 100 >= sent * 90,
+        "{echoed} of {sent} echoed after UDP went silent"
+    );
     shim.abort();
 }
 
