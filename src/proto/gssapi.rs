@@ -217,6 +217,17 @@ mod tests {
         assert!(GssMessage::authentication(&big).encode(&mut out).is_err());
         assert!(GssMessage::authentication(&[]).encode(&mut out).is_err());
         assert_eq!(out, [9], "nothing left behind by a refused encode");
+        // Exactly what was there before, whatever its length; and a token of exactly
+        // MAX_TOKEN bytes is taken and reads back.
+        let mut out = vec![7u8; 10];
+        assert!(GssMessage::authentication(&big).encode(&mut out).is_err());
+        assert_eq!(out, [7u8; 10]);
+        let max = vec![5u8; MAX_TOKEN];
+        let mut out = Vec::new();
+        GssMessage::authentication(&max).encode(&mut out).unwrap();
+        assert_eq!(out.len(), 4 + MAX_TOKEN);
+        let (m, used) = GssMessage::parse(&out).unwrap();
+        assert_eq!((m.token, used), (&max[..], 4 + MAX_TOKEN));
     }
 
     #[test]
