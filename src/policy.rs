@@ -586,6 +586,39 @@ mod tests {
         Rule::parse(Action::Deny, text).unwrap_err().problem
     }
 
+    /// What a reload and `sudp check` read from a policy, and equality (a reload compares
+    /// the old policy with the new one): equal exactly when the rules, the default and the
+    /// host's addresses are.
+    #[test]
+    fn accessors_and_equality_say_what_the_policy_holds() {
+        let rule = |t: &str| Rule::parse(Action::Allow, t).unwrap();
+        let mut users = HashMap::new();
+        users.insert("alice".to_string(), vec![rule("10.0.0.0/8")]);
+        users.insert("bob".to_string(), vec![]);
+        let global = vec![rule("192.0.2.0/24"), rule("198.51.100.7:53")];
+        let p = Policy::new(global.clone(), users);
+        assert_eq!(p.global_rules(), &global[..]);
+        assert_eq!(p.users_with_rules(), 2);
+        assert_eq!(p.user_rules("alice"), &[rule("10.0.0.0/8")][..]);
+        assert!(!p.denies_by_default());
+        let q = p.clone().deny_by_default(true);
+        assert!(q.denies_by_default());
+        assert_ne!(p, q);
+        assert_eq!(p, p.clone());
+        assert_eq!(Policy::default().users_with_rules(), 0);
+
+        assert!(LocalAddrs::new([]).is_empty());
+        let (a, b) = (Policy::default(), Policy::default());
+        assert_eq!(a, b);
+        let host = || LocalAddrs::new([("192.0.2.1".parse().unwrap(), 24)]);
+        b.set_local_addrs(host());
+        assert_ne!(a, b, "the host's addresses are part of the policy");
+        a.set_local_addrs(host());
+        assert_eq!(a, b);
+        assert!(!a.local_addrs().is_empty());
+        assert_eq!(a.local_addrs().len(), 1);
+    }
+
     #[test]
     fn parses_every_documented_form() {
         type Case = (&'static str, &'static str, Option<(u16, u16)>);
