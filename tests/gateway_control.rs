@@ -595,3 +595,38 @@ fn alert(e: &std::io::Error) -> Option<rustls::AlertDescription> {
         _ => None,
     }
 }
+
+/// The largest naked reply that fits one datagram with its SOCKS5 header (65 507 bytes over
+/// IPv4: 10 of header for an IPv4 source, 65 497 of payload) is relayed whole; one byte more
+/// cannot be, and is dropped and counted as `too_large`, and the association goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_naked_reply_is_relayed_and_one_byte_more_is_counted() {
+    let pki = pki();
+    let gw = TestGateway::start(settings(&pki)).await;
+    let naked = NakedClient::connect(&gw, &pki, true).await;
+    let target = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let to = Address::Ip(target.local_addr().unwrap());
+    naked.send(&to, b"hi").await;
+    let mut buf = vec![0u8; 65_536];
+    let (_, outbound) = tokio::time::timeout(WAIT, target.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let max = 65_507 - 10;
+    let big: Vec<u8> = (0..max).map(|i| (i % 251) as u8).collect();
+    target.send_to(&big, outbound).await.unwrap();
+    let (from, got) = naked.recv().await;
+    assert_eq!(from, to);
+    assert!(
+        got == big,
+        "the largest reply arrives whole ({} bytes)",
+        got.len()
+    );
+    let mut over = big.clone();
+    over.push(0);
+    target.send_to(&over, outbound).await.unwrap();
+    eventually(|| gw.metrics.drops(DropReason::TooLarge) == 1).await;
+    target.send_to(b"after", outbound).await.unwrap();
+    assert_eq!(naked.recv().await.1, b"after");
+    gw.stop().await;
+}
