@@ -1392,8 +1392,12 @@ impl SecureUdp {
         }
         let mut delivered = 0;
         for chunk in recs.chunks_mut(RUN) {
-            let mut run: Vec<&mut [u8]> = chunk.iter_mut().map(|r| &mut r[..]).collect();
-            self.open_run(&mut run, f, &mut delivered);
+            let mut run: [&mut [u8]; RUN] = Default::default();
+            let n = chunk.len();
+            for (slot, r) in run.iter_mut().zip(chunk.iter_mut()) {
+                *slot = &mut r[..];
+            }
+            self.open_run(&mut run[..n], f, &mut delivered);
         }
         Ok(delivered)
     }

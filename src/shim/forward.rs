@@ -183,6 +183,8 @@ pub(crate) struct Train {
     records: RecordTrain,
     /// Payload bytes of each record, for the counters. Reused, never shrunk.
     payloads: Vec<usize>,
+    /// Per stretch at [`Train::flush`]: its records and whether they sealed. Reused.
+    sealed: Vec<(std::ops::Range<usize>, bool)>,
 }
 
 impl Default for Train {
@@ -191,6 +193,7 @@ impl Default for Train {
             stretches: Vec::with_capacity(64),
             records: RecordTrain::new(1),
             payloads: Vec::with_capacity(64),
+            sealed: Vec::with_capacity(64),
         }
     }
 }
@@ -233,7 +236,8 @@ impl Train {
     /// whose key is exhausted, is counted and never sent).
     pub(crate) async fn flush(&mut self) {
         let n = self.records.len();
-        let mut sealed = Vec::with_capacity(self.stretches.len());
+        let sealed = &mut self.sealed;
+        sealed.clear();
         for (i, (link, assoc, start)) in self.stretches.iter().enumerate() {
             let end = self.stretches.get(i + 1).map_or(n, |s| s.2);
             let r = self
@@ -253,7 +257,7 @@ impl Train {
                 (self.stretches.first(), self.records.pending())
             {
                 let r = first.udp.send_train(bytes, seg).await;
-                for ((link, assoc, _), (range, _)) in self.stretches.iter().zip(&sealed) {
+                for ((link, assoc, _), (range, _)) in self.stretches.iter().zip(sealed.iter()) {
                     if !Arc::ptr_eq(assoc, first) {
                         assoc.udp.maybe_probe();
                     }
@@ -264,7 +268,7 @@ impl Train {
                 }
             }
         } else {
-            for ((link, assoc, _), (range, ok)) in self.stretches.iter().zip(&sealed) {
+            for ((link, assoc, _), (range, ok)) in self.stretches.iter().zip(sealed.iter()) {
                 if !ok {
                     continue;
                 }
