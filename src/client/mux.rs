@@ -244,6 +244,27 @@ mod tests {
         )
     }
 
+    /// A mux whose "relay" is a socket of the test, counting into its own metrics; and the
+    /// address the relay sends to.
+    async fn setup() -> (UdpSocket, Arc<Mux>, Arc<Metrics>, SocketAddr) {
+        let relay = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mux = Mux::start(relay.local_addr().unwrap()).await.unwrap();
+        let metrics = Arc::new(Metrics::default());
+        mux.set_metrics(&metrics);
+        let to = mux.socket().local_addr().unwrap();
+        (relay, mux, metrics, to)
+    }
+
+    /// Waits until `f` holds, at most 5 s (the demux task runs beside the test).
+    async fn until(mut f: impl FnMut() -> bool) {
+        for _ in 0..500 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     async fn got(r: &Route) -> Vec<u8> {
         tokio::time::timeout(WAIT, r.recv()).await.expect("a record")
     }
@@ -260,11 +281,7 @@ mod tests {
     /// or is no record, is counted by its reason; a dropped route gives its queued bytes back.
     #[tokio::test]
     async fn records_go_to_the_association_they_name_and_the_rest_is_counted() {
-        let relay = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let mux = Mux::start(relay.local_addr().unwrap()).await.unwrap();
-        let metrics = Arc::new(Metrics::default());
-        mux.set_metrics(&metrics);
-        let to = mux.socket().local_addr().unwrap();
+        let (relay, mux, metrics, to) = setup().await;
         let (a, b, c) = (AssociationId(0xa), AssociationId(0xb), AssociationId(0xc));
         let (ra, rb) = (mux.route(a), mux.route(b));
         let (mut ta, mut tb, mut tc) = (sender(a), sender(b), sender(c));
@@ -286,12 +303,7 @@ mod tests {
                 metrics.drops(DropReason::Truncated),
             )
         };
-        for _ in 0..500 {
-            if counted() == (1, 2) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        until(|| counted() == (1, 2)).await;
         assert_eq!(
             counted(),
             (1, 2),
@@ -302,22 +314,12 @@ mod tests {
             .is_err());
         // Queued and never read: given back when the route goes; then its id is unknown.
         relay.send_to(&b1, to).await.unwrap();
-        for _ in 0..500 {
-            if mux.shared.queued.load(Ordering::Relaxed) == b1.len() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        until(|| mux.shared.queued.load(Ordering::Relaxed) == b1.len()).await;
         assert_eq!(mux.shared.queued.load(Ordering::Relaxed), b1.len());
         drop(rb);
         assert_eq!(mux.shared.queued.load(Ordering::Relaxed), 0);
         relay.send_to(&b1, to).await.unwrap();
-        for _ in 0..500 {
-            if counted().0 == 2 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        until(|| counted().0 == 2).await;
         assert_eq!(counted().0, 2);
     }
 
@@ -325,11 +327,7 @@ mod tests {
     /// as queue_full, and the other associations' records still pass.
     #[tokio::test]
     async fn a_full_queue_drops_and_counts_and_the_others_go_on() {
-        let relay = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let mux = Mux::start(relay.local_addr().unwrap()).await.unwrap();
-        let metrics = Arc::new(Metrics::default());
-        mux.set_metrics(&metrics);
-        let to = mux.socket().local_addr().unwrap();
+        let (relay, mux, metrics, to) = setup().await;
         let (a, b) = (AssociationId(0xa), AssociationId(0xb));
         let (_ra, rb) = (mux.route(a), mux.route(b));
         let (mut ta, mut tb) = (sender(a), sender(b));

@@ -206,12 +206,11 @@ impl Train {
         let relay = assoc.udp.relay();
         let plaintext_len = header.len() + payload.len();
         let len = assoc.udp.suite().record_len(plaintext_len);
-        let last = self.stretches.last().map(|(_, a, _)| a.clone());
-        let same = last.as_ref().is_some_and(|a| Arc::ptr_eq(a, &assoc));
-        let joins = same
-            || last.as_ref().is_some_and(|a| {
-                a.udp.shares_socket_with(&assoc.udp) && !a.udp.via_tls() && !assoc.udp.via_tls()
-            });
+        // Borrowed, not cloned: no reference-count traffic per datagram.
+        let joins = self.stretches.last().is_some_and(|(_, a, _)| {
+            Arc::ptr_eq(a, &assoc)
+                || (a.udp.shares_socket_with(&assoc.udp) && !a.udp.via_tls() && !assoc.udp.via_tls())
+        });
         if !joins || !self.records.fits(relay, len) {
             self.flush().await;
         }
