@@ -606,8 +606,9 @@ async fn without_an_audit_log_secrets_are_refused_and_e2e_tunnels_end_at_their_t
 }
 
 /// A UDP association to an end-to-end destination ends when that destination answers ICMP
-/// port unreachable, and the client is told so (CLOSE 0x06); without end-to-end classes the
-/// same ICMP changes nothing.
+/// port unreachable, and the client is told so (CLOSE 0x06); without end-to-end classes, or
+/// from a destination outside them while classes are set (the socket then hears every ICMP
+/// error), the same ICMP changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_e2e_destination_that_answers_port_unreachable_ends_the_association() {
     use sudp::client::SecureUdp;
@@ -617,11 +618,12 @@ async fn an_e2e_destination_that_answers_port_unreachable_ends_the_association()
         s.local_addr().unwrap()
     };
     let pki = pki();
-    for e2e in [true, false] {
+    for classes in [Some("127.0.0.1/32"), None, Some("127.0.0.2/32")] {
         let mut s = settings(&pki);
-        if e2e {
-            s.e2e = E2e::parse(&["127.0.0.1/32".to_owned()]).unwrap();
+        if let Some(class) = classes {
+            s.e2e = E2e::parse(&[class.to_owned()]).unwrap();
         }
+        let e2e = classes == Some("127.0.0.1/32");
         let gw = TestGateway::start(s).await;
         let echo = udp_echo().await;
         let u = SecureUdp::connect(&gw.options(&pki)).await.unwrap();
@@ -634,11 +636,7 @@ async fn an_e2e_destination_that_answers_port_unreachable_ends_the_association()
             let why = u.close_reason().unwrap();
             assert!(why.contains("port unreachable"), "{why}");
         } else {
-            assert!(
-                !ended,
-                "closed without end-to-end classes: {:?}",
-                u.close_reason()
-            );
+            assert!(!ended, "closed with classes {classes:?}: {:?}", u.close_reason());
             u.send_to(b"still here", &Address::Ip(echo)).await.unwrap();
             let mut buf = vec![0u8; sudp::client::RECORD_BUF];
             let (n, _) = tokio::time::timeout(WAIT, u.recv_from(&mut buf))

@@ -176,6 +176,73 @@ async fn naked_udp_echo_and_naked_beside_secure_on_one_relay() {
     gw.stop().await;
 }
 
+/// A naked UDP ASSOCIATE announcing `from` as the client's address; the association lives
+/// as long as the returned control connection.
+async fn naked_association(gw: &TestGateway, pki: &sudp::cert::DevPki, from: SocketAddr) -> Control {
+    let mut control = connect_tls(&gw.options(pki)).await.unwrap();
+    authenticate_plain(&mut control, None).await.unwrap();
+    let bnd = request(&mut control, Command::UdpAssociate, &Address::Ip(from))
+        .await
+        .unwrap();
+    assert_eq!(bnd, Address::Ip(gw.relay));
+    control
+}
+
+/// A naked association that ended takes its client address out of the relay's table: a
+/// datagram from that address is then dropped (`foreign_source`), not relayed by the dead
+/// association's socket. And ending one association leaves alone another that announced
+/// the same address after it (the table holds the newest).
+#[tokio::test]
+async fn an_ended_naked_association_relays_nothing_more_and_leaves_its_successor_alone() {
+    let pki = pki();
+    let gw = TestGateway::start(settings(&pki)).await;
+    let echo = udp_echo().await;
+    let active = || gw.metrics.associations_active.load(Ordering::Relaxed);
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let me = socket.local_addr().unwrap();
+    let datagram = |payload: &[u8]| {
+        let mut d = vec![0u8; 64];
+        let n = socks::encode_udp_header(&Address::Ip(echo).as_ref(), &mut d).unwrap();
+        d.truncate(n);
+        d.extend_from_slice(payload);
+        d
+    };
+    let mut buf = vec![0u8; 2048];
+    let mut echoed = async |payload: &[u8]| {
+        socket.send_to(&datagram(payload), gw.relay).await.unwrap();
+        let (n, from) = tokio::time::timeout(WAIT, socket.recv_from(&mut buf))
+            .await
+            .expect("reply in time")
+            .unwrap();
+        assert_eq!(from, gw.relay);
+        let h = socks::parse_udp_header(&buf[..n]).unwrap();
+        assert_eq!(&buf[h.payload_offset..n], payload);
+    };
+
+    let first = naked_association(&gw, &pki, me).await;
+    echoed(b"while open").await;
+    drop(first);
+    eventually(|| active() == 0).await;
+    let forwarded = gw.metrics.forwarded.load(Ordering::Relaxed);
+    socket
+        .send_to(&datagram(b"after the end"), gw.relay)
+        .await
+        .unwrap();
+    eventually(|| gw.metrics.drops(DropReason::ForeignSource) == 1).await;
+    assert_eq!(gw.metrics.forwarded.load(Ordering::Relaxed), forwarded);
+
+    // Two associations announce one address; the older one ends; the newer still relays.
+    let older = naked_association(&gw, &pki, me).await;
+    let newer = naked_association(&gw, &pki, me).await;
+    eventually(|| active() == 2).await;
+    drop(older);
+    eventually(|| active() == 1).await;
+    echoed(b"the newer one").await;
+    drop(newer);
+    assert_eq!(gw.metrics.total_drops(), 1, "{}", gw.metrics.drop_summary());
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn foreign_sources_and_fragments_are_dropped() {
     let pki = pki();

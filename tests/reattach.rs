@@ -19,7 +19,15 @@ use sudp::proto::{DropReason, Role};
 use tokio::net::UdpSocket;
 
 async fn users_gateway(pki: &sudp::cert::DevPki) -> TestGateway {
+    users_gateway_auditing(pki, None).await
+}
+
+/// [`users_gateway`], writing its audit log to `audit` if given.
+async fn users_gateway_auditing(pki: &sudp::cert::DevPki, audit: Option<&std::path::Path>) -> TestGateway {
     let mut s = settings(pki);
+    if let Some(path) = audit {
+        s.audit = sudp::audit::AuditLog::open(path).unwrap();
+    }
     let lines = format!(
         "alice:{}\nbob:{}\n",
         hash_password(b"alice pw").unwrap(),
@@ -56,7 +64,9 @@ async fn echoes(u: &SecureUdp, echo: std::net::SocketAddr, payload: &[u8]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_owner_re_attaches_under_a_new_epoch_and_strangers_are_refused() {
     let pki = pki();
-    let gw = users_gateway(&pki).await;
+    let audit_dir = TempDir::new("reattach-audit");
+    let audit = audit_dir.path().join("audit.jsonl");
+    let gw = users_gateway_auditing(&pki, Some(&audit)).await;
     let echo = udp_echo().await;
     let alice = as_user(&gw, &pki, "alice");
 
@@ -103,6 +113,26 @@ async fn the_owner_re_attaches_under_a_new_epoch_and_strangers_are_refused() {
         .expect("the superseded copy is closed");
     let why = second.close_reason().unwrap();
     assert!(why.contains("re-attached"), "{why}");
+    // Ended because this gateway saw the re-attach, at once, not by the store check every
+    // second that catches a re-attach on another node: the audit line says which.
+    let deadline = std::time::Instant::now() + WAIT;
+    let end = loop {
+        let text = std::fs::read_to_string(&audit).unwrap_or_default();
+        let found = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["event"] == "association_end" && v["epoch"] == 1);
+        if let Some(v) = found {
+            break v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no end of epoch 1 in\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(end["assoc"], token.0.to_string(), "{end}");
+    assert_eq!(end["reason"], "re-attached to another connection", "{end}");
     echoes(&third, echo, b"epoch 2").await;
     assert_eq!(
         gw.metrics.reattached.load(std::sync::atomic::Ordering::Relaxed),

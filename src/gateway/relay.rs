@@ -293,11 +293,6 @@ impl AssociationHandle {
         list.into_iter().map(|a| a.to_string()).collect()
     }
 
-    /// Whether replies currently travel inside TLS.
-    pub fn via_tls(&self) -> bool {
-        self.assoc.via_tls.load(Ordering::Relaxed)
-    }
-
     /// A record that arrived inside TLS on this association's control connection (a RECORD
     /// frame): opened and forwarded like a UDP one (PROTOCOL.md §6.1, same window), with
     /// no path rules (the control connection is the client); one naming another association
@@ -1316,13 +1311,17 @@ mod tests {
     use crate::proto::CipherSuite;
 
     fn relay(naked_require_port: bool) -> Arc<Relay> {
+        relay_with(naked_require_port, 1)
+    }
+
+    fn relay_with(naked_require_port: bool, workers: usize) -> Arc<Relay> {
         Relay::bind(
             "127.0.0.1:0".parse().unwrap(),
             RelaySettings {
                 full_cone: false,
                 max_associations: 16,
                 replay_window: 64,
-                workers: 1,
+                workers,
                 recv_buffer: crate::net::UDP_BUFFER,
                 naked_require_port,
                 e2e: Default::default(),
@@ -1374,6 +1373,39 @@ mod tests {
         assert_eq!(r.live(), 0);
         assert!(r.open_naked(ip, Some(4000), None).is_ok());
         assert!(relay(false).open_naked(ip, None, None).is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_relay_runs_the_workers_it_was_given() {
+        // Ephemeral port, SO_REUSEPORT group: every socket of the group joins.
+        for n in [1, 3] {
+            assert_eq!(relay_with(false, n).workers(), n);
+        }
+        // Zero means one.
+        assert_eq!(relay_with(false, 0).workers(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_remembered_destinations_stay_within_their_bound() {
+        let r = relay(false);
+        let h = r
+            .open_naked("127.0.0.1".parse().unwrap(), Some(4000), None)
+            .unwrap();
+        let peer = |i: usize| SocketAddr::from(([127, 0, (i >> 8) as u8, i as u8], 9));
+        for i in 0..MAX_PEERS {
+            h.assoc.remember(peer(i));
+        }
+        assert_eq!(h.destinations(), MAX_PEERS);
+        // A known destination at the bound changes nothing.
+        h.assoc.remember(peer(0));
+        assert_eq!(h.destinations(), MAX_PEERS);
+        assert!(h.assoc.knows(peer(MAX_PEERS - 1)));
+        assert_eq!(h.assoc.peers_generation.load(Ordering::Acquire), 0);
+        // One more: the set starts over with it (and cached answers expire).
+        h.assoc.remember(peer(MAX_PEERS));
+        assert_eq!(h.destinations(), 1);
+        assert!(h.assoc.knows(peer(MAX_PEERS)) && !h.assoc.knows(peer(0)));
+        assert_eq!(h.assoc.peers_generation.load(Ordering::Acquire), 1);
     }
 
     #[tokio::test]
