@@ -25,8 +25,10 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use aes::cipher::array::Array;
-use aes::cipher::{BlockModeDecrypt, BlockModeEncrypt, InnerIvInit, KeyInit};
+use aes::cipher::consts::U16;
+use aes::cipher::generic_array::GenericArray;
+use aes::cipher::inout::InOutBuf;
+use aes::cipher::{BlockDecryptMut, BlockEncryptMut, InnerIvInit, KeyInit};
 use aes::Aes128;
 use criterion::{BatchSize, Criterion, Throughput};
 use hmac::{Hmac, Mac};
@@ -38,7 +40,7 @@ use sudp::proto::session::{RecvSession, SendSession};
 use sudp::proto::socks::AddrRef;
 
 const SIZES: [usize; 6] = [64, 200, 512, 1200, 1400, 8192];
-type Block = Array<u8, aes::cipher::consts::U16>;
+type Block = GenericArray<u8, U16>;
 
 fn schedule() -> KeySchedule {
     let suite = CipherSuite::Aes128CbcHmacSha256;
@@ -57,7 +59,7 @@ fn bench_records(c: &mut Criterion) {
     let dst = AddrRef::Ip("192.0.2.1:5004".parse().expect("literal address"));
     let sealer = Sealer::new(assoc, ks.for_role(Role::Client).0);
     let aes = Aes128::new_from_slice(ks.c2g.enc()).expect("16-byte key");
-    let mac = <Hmac<Sha256> as KeyInit>::new_from_slice(ks.c2g.mac()).expect("any key length");
+    let mac = <Hmac<Sha256> as hmac::digest::KeyInit>::new_from_slice(ks.c2g.mac()).expect("any key length");
     let iv = Block::default();
 
     let mut g = c.benchmark_group("record");
@@ -84,8 +86,8 @@ fn bench_records(c: &mut Criterion) {
         g.bench_function(format!("raw_seal/{size}"), |b| {
             b.iter(|| {
                 let (data, tag) = raw.split_at_mut(ct_len);
-                let (blocks, _) = Block::slice_as_chunks_mut(data);
-                cbc::Encryptor::<&Aes128>::inner_iv_init(&aes, &iv).encrypt_blocks(blocks);
+                let (blocks, _) = InOutBuf::from(&mut *data).into_chunks::<U16>();
+                cbc::Encryptor::<&Aes128>::inner_iv_init(&aes, &iv).encrypt_blocks_inout_mut(blocks);
                 let mut m = mac.clone();
                 m.update(data);
                 tag.copy_from_slice(&m.finalize().into_bytes()[..16]);
@@ -125,8 +127,8 @@ fn bench_records(c: &mut Criterion) {
                     let mut m = mac.clone();
                     m.update(data);
                     m.verify_truncated_left(tag).expect("tag matches");
-                    let (blocks, _) = Block::slice_as_chunks_mut(data);
-                    cbc::Decryptor::<&Aes128>::inner_iv_init(&aes, &iv).decrypt_blocks(blocks);
+                    let (blocks, _) = InOutBuf::from(&mut *data).into_chunks::<U16>();
+                    cbc::Decryptor::<&Aes128>::inner_iv_init(&aes, &iv).decrypt_blocks_inout_mut(blocks);
                     black_box(&r[0]);
                 },
                 BatchSize::SmallInput,

@@ -37,13 +37,13 @@
 //! payload, 65 507 bytes ([`MAX_DATAGRAM`]); whole blocks make the largest record 65 493
 //! bytes ([`MAX_RECORD`]), carrying the largest plaintext, [`MAX_PLAINTEXT`] = 65 455 bytes.
 
-use aes::cipher::array::Array;
 use aes::cipher::consts::U16;
+use aes::cipher::generic_array::GenericArray;
+use aes::cipher::inout::InOutBuf;
 #[cfg(test)]
-use aes::cipher::BlockModeEncrypt;
+use aes::cipher::BlockEncryptMut;
 use aes::cipher::{
-    BlockCipherEncBackend, BlockCipherEncClosure, BlockCipherEncrypt, BlockModeDecrypt, BlockSizeUser,
-    InnerIvInit, KeyInit,
+    BlockBackend, BlockClosure, BlockDecryptMut, BlockEncrypt, BlockSizeUser, InnerIvInit, KeyInit,
 };
 use aes::{Aes128, Aes256};
 
@@ -190,14 +190,17 @@ fn read8(b: &[u8]) -> [u8; 8] {
     o
 }
 
-/// A keyed AES instance of either size, built once per key.
+/// A keyed AES instance of either size, built once per key (and held for the key's life:
+/// the 256 bytes between the variants cost nothing, where a box would cost a pointer chase
+/// per block).
 #[derive(Clone)]
+#[allow(clippy::large_enum_variant)]
 enum Aes {
     A128(Aes128),
     A256(Aes256),
 }
 
-type Block = Array<u8, U16>;
+type Block = GenericArray<u8, U16>;
 
 impl Aes {
     fn new(suite: CipherSuite, key: &[u8]) -> Self {
@@ -217,7 +220,7 @@ impl Aes {
     }
 
     fn encrypt_block(&self, block: &mut [u8; 16]) {
-        let b: &mut Block = block.into();
+        let b = Block::from_mut_slice(block);
         match self {
             Aes::A128(k) => k.encrypt_block(b),
             Aes::A256(k) => k.encrypt_block(b),
@@ -235,23 +238,23 @@ impl Aes {
     /// CBC-encrypts whole blocks in place (tests build records by hand with it).
     #[cfg(test)]
     fn cbc_encrypt(&self, iv: &[u8; 16], data: &mut [u8]) {
-        let (blocks, tail) = Block::slice_as_chunks_mut(data);
+        let (blocks, tail) = InOutBuf::from(data).into_chunks::<U16>();
         debug_assert!(tail.is_empty());
-        let iv: &Block = iv.into();
+        let iv = Block::from_slice(iv);
         match self {
-            Aes::A128(k) => cbc::Encryptor::<&Aes128>::inner_iv_init(k, iv).encrypt_blocks(blocks),
-            Aes::A256(k) => cbc::Encryptor::<&Aes256>::inner_iv_init(k, iv).encrypt_blocks(blocks),
+            Aes::A128(k) => cbc::Encryptor::<&Aes128>::inner_iv_init(k, iv).encrypt_blocks_inout_mut(blocks),
+            Aes::A256(k) => cbc::Encryptor::<&Aes256>::inner_iv_init(k, iv).encrypt_blocks_inout_mut(blocks),
         }
     }
 
     /// CBC-decrypts whole blocks in place.
     fn cbc_decrypt(&self, iv: &[u8; 16], data: &mut [u8]) {
-        let (blocks, tail) = Block::slice_as_chunks_mut(data);
+        let (blocks, tail) = InOutBuf::from(data).into_chunks::<U16>();
         debug_assert!(tail.is_empty());
-        let iv: &Block = iv.into();
+        let iv = Block::from_slice(iv);
         match self {
-            Aes::A128(k) => cbc::Decryptor::<&Aes128>::inner_iv_init(k, iv).decrypt_blocks(blocks),
-            Aes::A256(k) => cbc::Decryptor::<&Aes256>::inner_iv_init(k, iv).decrypt_blocks(blocks),
+            Aes::A128(k) => cbc::Decryptor::<&Aes128>::inner_iv_init(k, iv).decrypt_blocks_inout_mut(blocks),
+            Aes::A256(k) => cbc::Decryptor::<&Aes256>::inner_iv_init(k, iv).decrypt_blocks_inout_mut(blocks),
         }
     }
 }
@@ -273,9 +276,9 @@ impl BlockSizeUser for CbcJob<'_> {
     type BlockSize = U16;
 }
 
-impl BlockCipherEncClosure for CbcJob<'_> {
+impl BlockClosure for CbcJob<'_> {
     #[inline(always)]
-    fn call<B: BlockCipherEncBackend<BlockSize = U16>>(mut self, backend: &B) {
+    fn call<B: BlockBackend<BlockSize = U16>>(mut self, backend: &mut B) {
         let k = self.offsets.len();
         let most = self.nblocks[..k].iter().copied().max().unwrap_or(0);
         for r in 0..most {
@@ -286,7 +289,7 @@ impl BlockCipherEncClosure for CbcJob<'_> {
                     for (c, p) in x.iter_mut().zip(&self.buf[at..at + BLOCK_LEN]) {
                         *c ^= p;
                     }
-                    backend.encrypt_block((&mut x).into());
+                    backend.proc_block((&mut x).into());
                     self.buf[at..at + BLOCK_LEN].copy_from_slice(&x);
                     self.chain[j] = x;
                 }
