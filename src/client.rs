@@ -1625,6 +1625,35 @@ mod tests {
     use crate::proto::{DropReason, KeySchedule};
     use tokio::net::UdpSocket;
 
+    /// A reply read from the gateway is bounded before it is read: a parser that asks for
+    /// more than the largest SOCKS message (a peer claiming a huge length) ends the read
+    /// with its error, and nothing past the bound is read or allocated.
+    #[tokio::test]
+    async fn a_message_longer_than_the_bound_is_refused_unread() {
+        let wants = |need: usize| {
+            move |b: &[u8]| {
+                if b.len() >= need {
+                    Ok(((), need))
+                } else {
+                    Err(SocksError::Incomplete { need })
+                }
+            }
+        };
+        let bytes = vec![5u8; 1000];
+        // Up to the bound: read byte-exactly, whatever follows stays unread.
+        let mut s: &[u8] = &bytes;
+        read_msg(&mut s, wants(600)).await.unwrap();
+        assert_eq!(s.len(), 400);
+        // Past it: the parser's own error, and the stream untouched.
+        let mut s: &[u8] = &bytes;
+        let err = read_msg(&mut s, wants(601)).await.unwrap_err();
+        assert!(
+            matches!(err, ClientError::Protocol(SocksError::Incomplete { need: 601 })),
+            "{err:?}"
+        );
+        assert_eq!(s.len(), 1000);
+    }
+
     /// Every transport name parses to itself, spaces around it ignored; nothing else parses.
     #[test]
     fn transport_names_parse_to_themselves() {

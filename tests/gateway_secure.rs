@@ -444,3 +444,41 @@ async fn replies_of_mixed_sizes_arriving_together_all_arrive() {
         assert_eq!(gw.metrics.drops(r), 0, "{r:?}");
     }
 }
+
+/// Each association's datagrams leave from its own outbound port, even when records of two
+/// associations to one target, of one size, reach the gateway together (one receive batch):
+/// the target sees exactly one source port per association, never one carrying the other's
+/// datagrams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_associations_to_one_target_each_leave_from_their_own_port() {
+    const EACH: usize = 300;
+    let pki = pki();
+    let gw = TestGateway::start(settings(&pki)).await;
+    let a = SecureUdp::connect(&gw.options(&pki)).await.unwrap();
+    let b = SecureUdp::connect(&gw.options(&pki)).await.unwrap();
+    let target = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    // Room for every datagram (2 x 300 small ones) however late the test reads.
+    sudp::net::set_recv_buffer(&target, 4 << 20).unwrap();
+    let to = Address::Ip(target.local_addr().unwrap());
+    // Interleaved and without waiting, so that the relay reads both kinds in one batch.
+    for i in 0..EACH {
+        a.send_to(format!("a{i:04}").as_bytes(), &to).await.unwrap();
+        b.send_to(format!("b{i:04}").as_bytes(), &to).await.unwrap();
+    }
+    let mut from: std::collections::HashMap<u8, std::collections::HashSet<std::net::SocketAddr>> =
+        Default::default();
+    let mut buf = [0u8; 64];
+    for _ in 0..2 * EACH {
+        let (n, src) = tokio::time::timeout(WAIT, target.recv_from(&mut buf))
+            .await
+            .expect("every datagram arrives")
+            .unwrap();
+        assert_eq!(n, 5);
+        from.entry(buf[0]).or_default().insert(src);
+    }
+    let (pa, pb) = (&from[&b'a'], &from[&b'b']);
+    assert_eq!((pa.len(), pb.len()), (1, 1), "a from {pa:?}, b from {pb:?}");
+    assert_ne!(pa, pb);
+    assert_eq!(gw.metrics.total_drops(), 0, "{}", gw.metrics.drop_summary());
+    gw.stop().await;
+}
