@@ -482,3 +482,158 @@ async fn two_associations_to_one_target_each_leave_from_their_own_port() {
     assert_eq!(gw.metrics.total_drops(), 0, "{}", gw.metrics.drop_summary());
     gw.stop().await;
 }
+
+/// Replies follow the client's *newest* record between UDP and TLS (PROTOCOL.md §6.4): a
+/// newer record inside TLS turns them inside TLS, and an older one arriving over UDP after
+/// it (reordered, or late) does not turn them back; the next newest record over UDP, from
+/// the validated path, does. Driven with the library's parts (a control connection that
+/// speaks RECORD frames, the association's own sessions), so the test chooses each
+/// record's nonce and path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_follow_the_newest_record_not_a_late_one_over_udp() {
+    use sudp::proto::frame::{feature, Decoder, Frame, Hello};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = pki();
+    let gw = TestGateway::start(settings(&pki)).await;
+    let echo = udp_echo().await;
+    let RawSecure {
+        mut control,
+        assoc,
+        keys,
+        socket,
+        relay,
+    } = raw_secure_announcing(&gw, &pki, true).await;
+    let mut hello = Vec::new();
+    Frame::Hello(Hello {
+        version: 1,
+        ping_interval_ms: 0,
+        features: vec![feature::RECORDS],
+    })
+    .encode(&mut hello)
+    .unwrap();
+    control.write_all(&hello).await.unwrap();
+    let (mut tx, mut rx) = keys.into_sessions(assoc, sudp::proto::Role::Client, 1024);
+    let seal = |tx: &mut sudp::proto::session::SendSession, payload: &[u8]| {
+        let mut rec = vec![0u8; 256];
+        let n = tx.seal(&AddrRef::Ip(echo), payload, &mut rec).unwrap();
+        rec.truncate(n);
+        rec
+    };
+    let in_tls = |rec: &[u8]| {
+        let mut f = Vec::new();
+        Frame::Record(rec).encode(&mut f).unwrap();
+        f
+    };
+    // Where the next reply arrives: over UDP or inside TLS, opened and checked.
+    let mut decoder = Decoder::default();
+    let mut udp_buf = vec![0u8; 2048];
+    let mut reply = async |expect: &[u8], tx_control: &mut sudp::client::Control| -> &'static str {
+        let (path, mut rec) = tokio::time::timeout(WAIT, async {
+            loop {
+                tokio::select! {
+                    r = socket.recv_from(&mut udp_buf) => {
+                        let (n, from) = r.unwrap();
+                        assert_eq!(from, relay);
+                        return ("udp", udp_buf[..n].to_vec());
+                    }
+                    r = tx_control.read(decoder.space()) => {
+                        let n = r.unwrap();
+                        assert!(n > 0, "control connection closed");
+                        decoder.filled(n);
+                        while let Some(f) = decoder.next_frame().unwrap() {
+                            if let Frame::Record(r) = f {
+                                return ("tls", r.to_vec());
+                            }
+                        }
+                    }
+                }
+            }
+        })
+        .await
+        .expect("a reply in time");
+        let opened = rx.open(&mut rec).unwrap();
+        assert_eq!(opened.data().unwrap().1, expect);
+        path
+    };
+
+    let first = seal(&mut tx, b"first, over UDP");
+    socket.send_to(&first, relay).await.unwrap();
+    assert_eq!(reply(b"first, over UDP", &mut control).await, "udp");
+    // Two records; the newer goes inside TLS first, then the older over UDP.
+    let older = seal(&mut tx, b"older, over UDP");
+    let newer = seal(&mut tx, b"newer, inside TLS");
+    control.write_all(&in_tls(&newer)).await.unwrap();
+    assert_eq!(reply(b"newer, inside TLS", &mut control).await, "tls");
+    socket.send_to(&older, relay).await.unwrap();
+    assert_eq!(
+        reply(b"older, over UDP", &mut control).await,
+        "tls",
+        "a late record over UDP turned the replies back to UDP"
+    );
+    // The newest record over UDP, from the validated path: replies follow it back.
+    let newest = seal(&mut tx, b"newest, over UDP");
+    socket.send_to(&newest, relay).await.unwrap();
+    assert_eq!(reply(b"newest, over UDP", &mut control).await, "udp");
+    assert_eq!(gw.metrics.total_drops(), 0, "{}", gw.metrics.drop_summary());
+    gw.stop().await;
+}
+
+/// A client whose control connection stops reading while its replies travel inside TLS:
+/// once the connection's queue is full, each further reply is dropped and counted
+/// (`send_failed`), nothing waits on it, and the association goes on: the client's next
+/// record over UDP is answered over UDP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_a_stalled_control_connection_cannot_take_are_counted_and_the_association_lives() {
+    use sudp::proto::frame::{feature, Frame, Hello};
+    use tokio::io::AsyncWriteExt;
+    // Enough replies to fill the gateway's queue (512 frames) and both TCP buffers.
+    const RECORDS: usize = 20_000;
+    let pki = pki();
+    let gw = TestGateway::start(settings(&pki)).await;
+    let echo = udp_echo().await;
+    let RawSecure {
+        mut control,
+        assoc,
+        keys,
+        socket,
+        relay,
+    } = raw_secure_announcing(&gw, &pki, true).await;
+    let mut out = Vec::new();
+    Frame::Hello(Hello {
+        version: 1,
+        ping_interval_ms: 0,
+        features: vec![feature::RECORDS],
+    })
+    .encode(&mut out)
+    .unwrap();
+    let (mut tx, mut rx) = keys.into_sessions(assoc, sudp::proto::Role::Client, 1024);
+    let payload = vec![0x5au8; 1000];
+    let mut rec = vec![0u8; 1100];
+    for _ in 0..RECORDS {
+        let n = tx.seal(&AddrRef::Ip(echo), &payload, &mut rec).unwrap();
+        Frame::Record(&rec[..n]).encode(&mut out).unwrap();
+    }
+    // Written, never read: the gateway's replies inside TLS pile up.
+    tokio::time::timeout(Duration::from_secs(30), control.write_all(&out))
+        .await
+        .expect("the gateway reads a client that does not read")
+        .unwrap();
+    eventually(|| gw.metrics.drops(DropReason::SendFailed) > 0).await;
+    // The association still answers, over UDP now that the newest record came that way.
+    let n = tx.seal(&AddrRef::Ip(echo), b"after the stall", &mut rec).unwrap();
+    socket.send_to(&rec[..n], relay).await.unwrap();
+    let mut buf = vec![0u8; 2048];
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let (n, _) = socket.recv_from(&mut buf).await.unwrap();
+            // Replies to earlier records may come first, over UDP too from now on.
+            if rx.open(&mut buf[..n]).unwrap().data().unwrap().1 == b"after the stall" {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the association answered after the stall");
+    drop(control);
+    gw.stop().await;
+}
