@@ -1674,6 +1674,13 @@ mod tests {
             ClientError::AuthFailed,
             ClientError::NoAcceptableMethod,
             ClientError::NoSuite,
+            // An untrusted certificate: the shim answers from the copy instead of dialing a
+            // gateway it cannot trust again and again.
+            ClientError::Tls {
+                problem: crate::tls::HandshakeProblem::PinMismatch,
+                server_name: "gw.example".to_owned(),
+                trust: Some("--pin 00".to_owned()),
+            },
         ] {
             let copy = e.permanent_copy().expect("a permanent error has a copy");
             assert_eq!(copy.to_string(), e.to_string());
@@ -1683,6 +1690,25 @@ mod tests {
             assert!(!e.is_permanent());
             assert!(e.permanent_copy().is_none());
         }
+    }
+
+    /// Built without the `kerberos` feature, a client asked for GSS-API refuses with an error
+    /// that names the feature, and sends the gateway nothing.
+    #[cfg(not(feature = "kerberos"))]
+    #[tokio::test]
+    async fn without_kerberos_gssapi_is_refused_with_the_reason_before_any_byte() {
+        let (mut ours, mut theirs) = tokio::io::duplex(64);
+        let err = gssapi_exchange(&mut ours, "sudp@gw.example", crate::proto::gssapi::level::SUDP)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Gssapi(m) if m.contains("`kerberos`")),
+            "{err:?}"
+        );
+        drop(ours);
+        let mut sent = Vec::new();
+        theirs.read_to_end(&mut sent).await.unwrap();
+        assert!(sent.is_empty(), "{sent:?}");
     }
 
     /// A `SecureUdp` whose "relay" is a socket of the test, with the gateway's halves.
