@@ -483,6 +483,48 @@ async fn two_associations_to_one_target_each_leave_from_their_own_port() {
     gw.stop().await;
 }
 
+/// A secure association built from the library's parts whose control connection speaks
+/// RECORD frames (its HELLO sent), with the association's own client sessions, so that a
+/// test picks each record's nonce and path.
+struct RecordsClient {
+    control: sudp::client::Control,
+    socket: tokio::net::UdpSocket,
+    relay: SocketAddr,
+    tx: sudp::proto::session::SendSession,
+    rx: sudp::proto::session::RecvSession,
+}
+
+impl RecordsClient {
+    async fn open(gw: &TestGateway, pki: &sudp::cert::DevPki) -> RecordsClient {
+        use sudp::proto::frame::{feature, Frame, Hello};
+        use tokio::io::AsyncWriteExt;
+        let RawSecure {
+            mut control,
+            assoc,
+            keys,
+            socket,
+            relay,
+        } = raw_secure_announcing(gw, pki, true).await;
+        let mut hello = Vec::new();
+        Frame::Hello(Hello {
+            version: 1,
+            ping_interval_ms: 0,
+            features: vec![feature::RECORDS],
+        })
+        .encode(&mut hello)
+        .unwrap();
+        control.write_all(&hello).await.unwrap();
+        let (tx, rx) = keys.into_sessions(assoc, sudp::proto::Role::Client, 1024);
+        RecordsClient {
+            control,
+            socket,
+            relay,
+            tx,
+            rx,
+        }
+    }
+}
+
 /// Replies follow the client's *newest* record between UDP and TLS (PROTOCOL.md §6.4): a
 /// newer record inside TLS turns them inside TLS, and an older one arriving over UDP after
 /// it (reordered, or late) does not turn them back; the next newest record over UDP, from
@@ -491,28 +533,18 @@ async fn two_associations_to_one_target_each_leave_from_their_own_port() {
 /// record's nonce and path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_follow_the_newest_record_not_a_late_one_over_udp() {
-    use sudp::proto::frame::{feature, Decoder, Frame, Hello};
+    use sudp::proto::frame::{Decoder, Frame};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let pki = pki();
     let gw = TestGateway::start(settings(&pki)).await;
     let echo = udp_echo().await;
-    let RawSecure {
+    let RecordsClient {
         mut control,
-        assoc,
-        keys,
         socket,
         relay,
-    } = raw_secure_announcing(&gw, &pki, true).await;
-    let mut hello = Vec::new();
-    Frame::Hello(Hello {
-        version: 1,
-        ping_interval_ms: 0,
-        features: vec![feature::RECORDS],
-    })
-    .encode(&mut hello)
-    .unwrap();
-    control.write_all(&hello).await.unwrap();
-    let (mut tx, mut rx) = keys.into_sessions(assoc, sudp::proto::Role::Client, 1024);
+        mut tx,
+        mut rx,
+    } = RecordsClient::open(&gw, &pki).await;
     let seal = |tx: &mut sudp::proto::session::SendSession, payload: &[u8]| {
         let mut rec = vec![0u8; 256];
         let n = tx.seal(&AddrRef::Ip(echo), payload, &mut rec).unwrap();
@@ -584,29 +616,21 @@ async fn replies_follow_the_newest_record_not_a_late_one_over_udp() {
 /// record over UDP is answered over UDP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_a_stalled_control_connection_cannot_take_are_counted_and_the_association_lives() {
-    use sudp::proto::frame::{feature, Frame, Hello};
+    use sudp::proto::frame::Frame;
     use tokio::io::AsyncWriteExt;
     // Enough replies to fill the gateway's queue (512 frames) and both TCP buffers.
     const RECORDS: usize = 20_000;
     let pki = pki();
     let gw = TestGateway::start(settings(&pki)).await;
     let echo = udp_echo().await;
-    let RawSecure {
+    let RecordsClient {
         mut control,
-        assoc,
-        keys,
         socket,
         relay,
-    } = raw_secure_announcing(&gw, &pki, true).await;
+        mut tx,
+        mut rx,
+    } = RecordsClient::open(&gw, &pki).await;
     let mut out = Vec::new();
-    Frame::Hello(Hello {
-        version: 1,
-        ping_interval_ms: 0,
-        features: vec![feature::RECORDS],
-    })
-    .encode(&mut out)
-    .unwrap();
-    let (mut tx, mut rx) = keys.into_sessions(assoc, sudp::proto::Role::Client, 1024);
     let payload = vec![0x5au8; 1000];
     let mut rec = vec![0u8; 1100];
     for _ in 0..RECORDS {
