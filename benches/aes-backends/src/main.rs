@@ -14,7 +14,10 @@ fn per_op(t: Instant, n: u64) -> f64 {
 }
 
 fn main() {
-    println!("cpu has avx512f+vaes: {}", is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("vaes"));
+    println!(
+        "cpu has avx512f+vaes: {}",
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("vaes")
+    );
     {
         use aes9::cipher::{Array, BlockCipherEncrypt, KeyInit};
         let k = aes9::Aes128::new(&Array::from([7u8; 16]));
@@ -47,13 +50,17 @@ fn main() {
             let t = Instant::now();
             for _ in 0..RECORDS {
                 let (blocks, _) = Array::<u8, aes9::cipher::consts::U16>::slice_as_chunks_mut(&mut data);
-                cbc2::Decryptor::<&aes9::Aes128>::inner_iv_init(&k, &Array::from([1u8; 16])).decrypt_blocks(blocks);
+                cbc2::Decryptor::<&aes9::Aes128>::inner_iv_init(&k, &Array::from([1u8; 16]))
+                    .decrypt_blocks(blocks);
             }
             black_box(&data);
             println!("aes 0.9 CBC decrypt {size:4} B:  {:7.1} ns", per_op(t, RECORDS));
         }
         {
-            use cbc1::cipher::{consts::U16, generic_array::GenericArray, inout::InOutBuf, BlockDecryptMut, InnerIvInit, KeyInit};
+            use cbc1::cipher::{
+                consts::U16, generic_array::GenericArray, inout::InOutBuf, BlockDecryptMut, InnerIvInit,
+                KeyInit,
+            };
             let k = aes8::Aes128::new(&GenericArray::from([7u8; 16]));
             let mut data = vec![3u8; size];
             let t = Instant::now();
