@@ -1692,6 +1692,23 @@ mod tests {
         }
     }
 
+    /// Only a failure of the gateway itself sends a shim on to the next gateway of its list:
+    /// not a target the gateway refused, and not an error no gateway will answer otherwise.
+    #[test]
+    fn only_the_gateway_failing_moves_on_to_another_gateway() {
+        let refused = ClientError::Refused(ReplyCode::ConnectionRefused);
+        assert!(!refused.is_gateway_failure());
+        for permanent in [ClientError::AuthFailed, ClientError::NoSuite] {
+            assert!(!permanent.is_gateway_failure(), "{permanent}");
+        }
+        for broken in [
+            ClientError::Timeout,
+            ClientError::Io(io::Error::from(io::ErrorKind::ConnectionRefused)),
+        ] {
+            assert!(broken.is_gateway_failure(), "{broken}");
+        }
+    }
+
     /// Built without the `kerberos` feature, a client asked for GSS-API refuses with an error
     /// that names the feature, and sends the gateway nothing.
     #[cfg(not(feature = "kerberos"))]
