@@ -305,3 +305,32 @@ async fn tls_transport_never_uses_udp() {
     assert!(forwarded(&gw.metrics, Path::Tls) >= 50);
     shim.abort();
 }
+
+/// The gateway says once, not once per record, that an association's records arrive inside
+/// TLS (the line an operator reads when a network blocks UDP): a `sudp gateway` process,
+/// a client on the TLS transport, several round trips, one line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_move_inside_tls_is_logged_once() {
+    let pki = pki();
+    let gw = GatewayProcess::start(&pki, "gw-tls-log", &["--no-auth", "--allow", "127.0.0.0/8"]);
+    let echo = udp_echo().await;
+    let mut opts = sudp::client::ClientOptions::new(gw.control, "localhost", client_tls(&pki, false));
+    opts.transport = Transport::Tls;
+    let udp = sudp::client::SecureUdp::connect(&opts).await.unwrap();
+    let mut buf = vec![0u8; sudp::client::RECORD_BUF];
+    for i in 0..5u8 {
+        udp.send_to(&[i; 32], &Address::Ip(echo)).await.unwrap();
+        let (n, _) = tokio::time::timeout(WAIT, udp.recv_from(&mut buf))
+            .await
+            .expect("echo in time")
+            .unwrap();
+        assert_eq!(&buf[..n], &[i; 32]);
+    }
+    const LINE: &str = "client records arrive inside TLS";
+    let t0 = Instant::now();
+    while !gw.stderr().contains(LINE) {
+        assert!(t0.elapsed() < WAIT, "no line for the move:\n{}", gw.stderr());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(gw.stderr().matches(LINE).count(), 1, "{}", gw.stderr());
+}
