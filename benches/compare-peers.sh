@@ -35,6 +35,8 @@
 #
 # SKIP_SS=1 leaves shadowsocks-rust out (direct and sudp only: no cargo install);
 # SUDP_BIN=path uses that sudp binary instead of building the release one.
+# PROXY_NICE=N starts sudp's gateway and shims under `nice -n N` (the `nice` key of their
+# configs does the same), so iperf3 is scheduled before them when the 2 CPUs are short.
 #
 # Installs iperf3 (Debian) and shadowsocks-rust (cargo) when missing. Every process it
 # starts it stops by PID.
@@ -152,13 +154,13 @@ run_logged() { log "$*"; "$@"; }
 # Starts a command in the background, logged; $! is the command's own PID (not a subshell's:
 # its /proc/PID/stat is what the CPU columns read).
 bg_logged() { log "$*"; "$@" & }
-bg_logged "$SUDP" gateway --listen "127.0.0.1:$GW_PORT" --cert "$WORK/pki/gateway.pem" \
+bg_logged ${PROXY_NICE:+nice -n $PROXY_NICE} "$SUDP" gateway --listen "127.0.0.1:$GW_PORT" --cert "$WORK/pki/gateway.pem" \
   --key "$WORK/pki/gateway.key" --no-auth --allow 127.0.0.0/8 --log warn >/dev/null
 SUDP_GW=$!; PIDS+=($SUDP_GW)
 wait_tcp "$GW_PORT"
 start_shim() { # suite -> sets SHIM_PID SHIM_FWD SHIM_SOCKS
   SHIM_FWD=$(free_port); SHIM_SOCKS=$(free_port)
-  bg_logged "$SUDP" shim --gateway "127.0.0.1:$GW_PORT" --ca "$WORK/pki/ca.pem" --server-name localhost \
+  bg_logged ${PROXY_NICE:+nice -n $PROXY_NICE} "$SUDP" shim --gateway "127.0.0.1:$GW_PORT" --ca "$WORK/pki/ca.pem" --server-name localhost \
     --socks "127.0.0.1:$SHIM_SOCKS" --suites "$1" \
     --forward "tcp:127.0.0.1:$SHIM_FWD=127.0.0.1:$IPERF_PORT" \
     --forward "udp:127.0.0.1:$SHIM_FWD=127.0.0.1:$IPERF_PORT" --log warn >/dev/null

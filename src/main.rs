@@ -349,6 +349,7 @@ fn write_man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
 fn run_gateway(args: sudp::config::GatewayArgs) -> anyhow::Result<()> {
     let config = sudp::config::GatewayConfig::from_args(args.clone()).map_err(fatal)?;
     let settings = sudp::gateway::Settings::from_config(&config).map_err(fatal)?;
+    take_nice(config.nice)?;
     runtime()?.block_on(async {
         let gateway = sudp::gateway::Gateway::bind(settings).await?;
         let shutdown = armed_shutdown_signal().await;
@@ -386,6 +387,7 @@ fn run_gateway(args: sudp::config::GatewayArgs) -> anyhow::Result<()> {
 fn run_shim(args: sudp::config::ShimArgs) -> anyhow::Result<()> {
     let config = sudp::config::ShimConfig::from_args(args.clone()).map_err(fatal)?;
     let settings = sudp::shim::ShimSettings::from_config(&config).map_err(fatal)?;
+    take_nice(config.nice)?;
     runtime()?.block_on(async {
         let shim = sudp::shim::Shim::bind(settings).await?;
         let shutdown = armed_shutdown_signal().await;
@@ -439,6 +441,32 @@ fn run_shim(args: sudp::config::ShimArgs) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// Takes the configured nice value (key `nice`), before the runtime starts its threads: on
+/// Linux a nice value belongs to a thread, and the threads created after this inherit it.
+fn take_nice(nice: Option<i32>) -> anyhow::Result<()> {
+    let Some(n) = nice else {
+        return Ok(());
+    };
+    // SAFETY: setpriority takes plain integers; `0` is the calling thread.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, n) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        let hint = match e.raw_os_error() {
+            Some(libc::EACCES) => " (a value below the inherited one needs CAP_SYS_NICE)",
+            // systemd's SystemCallFilter=~@resources, as in examples/*.service.
+            Some(libc::EPERM) => {
+                " (a seccomp filter refuses setpriority: under systemd use the unit's Nice=)"
+            }
+            _ => "",
+        };
+        return Err(fatal(anyhow::anyhow!(
+            "key `nice`: cannot take nice value {n}: {e}{hint}"
+        )));
+    }
+    tracing::info!("running at nice value {n}");
+    Ok(())
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {

@@ -84,6 +84,44 @@ fn gateway_prints_bound_addresses_and_exits_zero_on_sigterm() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `--nice N`: every thread of the gateway runs at N (taken before the runtime starts its
+/// threads, which inherit it), and a value outside the kernel's range is refused naming the
+/// flag.
+#[test]
+fn the_gateway_takes_the_nice_value_it_is_given() {
+    let pki = common::pki();
+    let want = common::another_nice_value();
+    let mut gw = common::GatewayProcess::start(&pki, "nice", &["--no-auth", "--nice", &want.to_string()]);
+    let threads = common::runtime_thread_nice_values(gw.child.id());
+    assert!(
+        threads.iter().all(|&(_, n)| n == want),
+        "want {want}: {threads:?}"
+    );
+    let status = common::terminate(&mut gw.child, "gateway");
+    assert!(status.success(), "{status}");
+    let log = std::fs::read_to_string(gw.dir.join("stderr.log")).unwrap();
+    assert!(log.contains(&format!("running at nice value {want}")), "{log}");
+
+    let out = Command::new(BIN)
+        .args([
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-auth",
+            "--cert",
+            "a.pem",
+            "--key",
+            "a.key",
+            "--nice",
+            "20",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("flag `--nice`: 20 is outside -20..=19"), "{err}");
+}
+
 #[test]
 fn bad_config_names_the_key() {
     let dir = tempdir("cfg");

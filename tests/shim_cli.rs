@@ -95,6 +95,60 @@ fn shim_config_errors_name_the_key_or_flag() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The file's `nice` key: every thread of the shim runs at that value (taken before the
+/// runtime starts its threads), and a value outside the kernel's range is refused naming the
+/// file and key.
+#[test]
+fn the_shim_takes_the_nice_value_of_its_file() {
+    let dir = tempdir("nice");
+    let want = common::another_nice_value();
+    let file = dir.join("shim.toml");
+    let body = |nice: i32| {
+        format!(
+            "gateway = [\"127.0.0.1:9\"]\npin = \"{}\"\nsocks = \"127.0.0.1:0\"\nnice = {nice}\n",
+            "ab".repeat(32)
+        )
+    };
+    std::fs::write(&file, body(want)).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["shim", "--config"])
+        .arg(&file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Bounded: the first line (the SOCKS5 listener) comes once the runtime runs.
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        if let Some(Ok(line)) = BufReader::new(stdout).lines().next() {
+            let _ = tx.send(line);
+        }
+    });
+    let line = rx
+        .recv_timeout(common::WAIT)
+        .expect("the shim printed its listener");
+    assert!(line.starts_with("socks 127.0.0.1:"), "{line}");
+    let threads = common::runtime_thread_nice_values(child.id());
+    assert!(
+        threads.iter().all(|&(_, n)| n == want),
+        "want {want}: {threads:?}"
+    );
+    let status = common::terminate(&mut child, "shim");
+    assert!(status.success(), "{status}");
+
+    std::fs::write(&file, body(-21)).unwrap();
+    let out = Command::new(BIN)
+        .args(["shim", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("key `nice`: -21 is outside -20..=19"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn tempdir(tag: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("sudp-shim-cli-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);

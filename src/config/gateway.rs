@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{
-    file_items, file_value, heartbeat, nonzero, nonzero_duration, parse_duration, parse_socket_addr,
+    file_items, file_value, heartbeat, nice, nonzero, nonzero_duration, parse_duration, parse_socket_addr,
     parse_suite, read_file, replay_window, suites, value_err, ConfigError, Origins, Problem,
 };
 use crate::net::channel::Heartbeat;
@@ -158,6 +158,12 @@ pub struct GatewayArgs {
     #[arg(long, value_name = "N")]
     pub replay_window: Option<usize>,
 
+    /// Nice value (scheduling priority) to run at, -20..=19: a positive value lets the
+    /// applications on the same machine, whose sockets have the kernel's default buffers,
+    /// be scheduled before the proxy, whose sockets have 4 MiB [default: as inherited].
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub nice: Option<i32>,
+
     /// Secure-UDP cipher suites to offer, most preferred first, comma-separated
     /// [default: aes128-cbc-hmac-sha256,aes256-cbc-hmac-sha256].
     #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = parse_suite)]
@@ -300,6 +306,8 @@ pub struct GatewayConfig {
     /// [`replay::MIN_WINDOW`](crate::proto::replay::MIN_WINDOW)..=
     /// [`replay::MAX_WINDOW`](crate::proto::replay::MAX_WINDOW).
     pub replay_window: usize,
+    /// Nice value to take at start (-20..=19); `None`: as inherited.
+    pub nice: Option<i32>,
     /// Cipher suites to offer, most preferred first: non-empty, no duplicates.
     pub suites: Vec<CipherSuite>,
     /// Accept TLS 1.2 as well as TLS 1.3.
@@ -414,6 +422,7 @@ struct GatewayFile {
     handshake_timeout: Option<toml::Value>,
     connect_idle_timeout: Option<toml::Value>,
     replay_window: Option<usize>,
+    nice: Option<i64>,
     suites: Option<Vec<String>>,
     tls12: Option<bool>,
     heartbeat_interval: Option<toml::Value>,
@@ -604,6 +613,7 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
         DEFAULT_CONNECT_IDLE_TIMEOUT,
     )?;
     let replay_window = replay_window(&o, args.replay_window, file.replay_window)?;
+    let nice = nice(&o, args.nice, file.nice)?;
     // A flag given at least once replaces the file's list.
     let e2e_items = if args.e2e.is_empty() {
         file.e2e.unwrap_or_default()
@@ -672,6 +682,7 @@ fn build(args: GatewayArgs, file: GatewayFile) -> Result<GatewayConfig, ConfigEr
         handshake_timeout,
         connect_idle_timeout,
         replay_window,
+        nice,
         suites,
         tls12: args.tls12 || file.tls12.unwrap_or(false),
         heartbeat,
@@ -921,6 +932,7 @@ mod tests {
         assert_eq!(c.connect_idle_timeout, Duration::from_secs(600));
         assert!(c.client_crl.is_empty());
         assert_eq!(c.replay_window, 1024);
+        assert_eq!(c.nice, None);
         assert_eq!(c.suites, CipherSuite::ALL.to_vec());
         assert_eq!(c.suites[0], CipherSuite::Aes128CbcHmacSha256);
     }
@@ -1085,6 +1097,7 @@ mod tests {
             max_connections = 8
             handshake_timeout = "2s"
             replay_window = 65536
+            nice = -20
             suites = ["aes256-cbc-hmac-sha256", "aes128-cbc-hmac-sha256"]
             tls12 = true
 
@@ -1119,6 +1132,7 @@ mod tests {
         assert_eq!(c.handshake_timeout, Duration::from_secs(2));
         assert_eq!((c.max_associations, c.max_connections), (7, 8));
         assert_eq!(c.replay_window, 65536);
+        assert_eq!(c.nice, Some(-20));
         assert_eq!(
             c.suites,
             [CipherSuite::Aes256CbcHmacSha256, CipherSuite::Aes128CbcHmacSha256]
@@ -1212,6 +1226,8 @@ mod tests {
                 "handshake_timeout = -3",
                 "gateway.toml: key `handshake_timeout`: invalid duration \"-3\"",
             ),
+            ("nice = 20", "gateway.toml: key `nice`: 20 is outside -20..=19"),
+            ("nice = -21", "gateway.toml: key `nice`: -21 is outside -20..=19"),
             (
                 "idle_timeout = 1.5",
                 "gateway.toml: key `idle_timeout`: expected a duration string",

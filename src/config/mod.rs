@@ -211,6 +211,9 @@ pub enum Problem {
     /// An empty suite list.
     #[error("at least one cipher suite is required (known: {})", known_suites())]
     NoSuites,
+    /// A nice value outside the kernel's range.
+    #[error("{0} is outside -20..=19 (the nice range: -20 most favoured, 19 least)")]
+    Nice(i64),
     /// Not `HOST:PORT` with a nonzero port.
     #[error(
         "invalid HOST:PORT \"{0}\" (expected e.g. gw.example:8443, 192.0.2.1:8443 or \
@@ -565,6 +568,17 @@ fn replay_window(o: &Origins, flag: Option<usize>, file: Option<usize>) -> Resul
             },
         )),
         None => Ok(replay::DEFAULT_WINDOW),
+    }
+}
+
+/// The nice value (scheduling priority) the process takes at start: the flag's, else the
+/// file's, within -20..=19; `None` keeps the one it inherited.
+fn nice(o: &Origins, flag: Option<i32>, file: Option<i64>) -> Result<Option<i32>, ConfigError> {
+    match pick(flag.map(i64::from), file) {
+        // Invariant: the range fits an i32.
+        Some((n, _)) if (-20..=19).contains(&n) => Ok(Some(n as i32)),
+        Some((n, from_flag)) => Err(value_err(o.at("nice", from_flag), Problem::Nice(n))),
+        None => Ok(None),
     }
 }
 

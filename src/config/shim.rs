@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{
-    file_list, file_value, heartbeat, nonzero, nonzero_duration, parse_duration, parse_size,
+    file_list, file_value, heartbeat, nice, nonzero, nonzero_duration, parse_duration, parse_size,
     parse_socket_addr, parse_suite, pick, pick_list, read_file, replay_window, size_value, suites, value_err,
     ConfigError, Origins, Problem,
 };
@@ -109,6 +109,12 @@ pub struct ShimArgs {
     /// Replay window of records from the gateway, in records, 64..=65536 [default: 1024].
     #[arg(long, value_name = "N")]
     pub replay_window: Option<usize>,
+
+    /// Nice value (scheduling priority) to run at, -20..=19: a positive value lets the
+    /// applications on the same machine, whose sockets have the kernel's default buffers,
+    /// be scheduled before the proxy, whose sockets have 4 MiB [default: as inherited].
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub nice: Option<i32>,
 
     /// A UDP forward forgets a local source after this long without traffic, e.g. 30s
     /// [default: 60s].
@@ -253,6 +259,8 @@ pub struct ShimConfig {
     /// [`replay::MIN_WINDOW`](crate::proto::replay::MIN_WINDOW)..=
     /// [`replay::MAX_WINDOW`](crate::proto::replay::MAX_WINDOW).
     pub replay_window: usize,
+    /// Nice value to take at start (-20..=19); `None`: as inherited.
+    pub nice: Option<i32>,
     /// Idle time after which a UDP forward closes a local source's flow (nonzero).
     pub idle_timeout: Duration,
     /// Most flows per UDP forward (nonzero).
@@ -353,6 +361,7 @@ struct ShimFile {
     forward: Option<Vec<String>>,
     suites: Option<Vec<String>>,
     replay_window: Option<usize>,
+    nice: Option<i64>,
     idle_timeout: Option<toml::Value>,
     max_flows: Option<usize>,
     max_connections: Option<usize>,
@@ -522,6 +531,7 @@ fn build(args: ShimArgs, file: ShimFile) -> Result<ShimConfig, ConfigError> {
     // Suites and limits.
     let suites = suites(&o, args.suites, file.suites)?;
     let replay_window = replay_window(&o, args.replay_window, file.replay_window)?;
+    let nice = nice(&o, args.nice, file.nice)?;
     let idle_timeout = nonzero_duration(
         &o,
         "idle_timeout",
@@ -575,6 +585,7 @@ fn build(args: ShimArgs, file: ShimFile) -> Result<ShimConfig, ConfigError> {
         forwards,
         suites,
         replay_window,
+        nice,
         idle_timeout,
         max_flows,
         max_connections,
@@ -692,6 +703,7 @@ mod tests {
         assert!(c.forwards.is_empty());
         assert_eq!(c.suites, CipherSuite::ALL.to_vec());
         assert_eq!(c.replay_window, replay::DEFAULT_WINDOW);
+        assert_eq!(c.nice, None);
         assert_eq!(c.idle_timeout, DEFAULT_FLOW_IDLE_TIMEOUT);
         assert_eq!(c.max_flows, DEFAULT_MAX_FLOWS);
         assert_eq!(c.max_connections, DEFAULT_SHIM_MAX_CONNECTIONS);
@@ -801,6 +813,7 @@ mod tests {
             forward = ["udp:127.0.0.1:5000=media.example:5000"]
             suites = ["aes256-cbc-hmac-sha256"]
             replay_window = 64
+            nice = 19
             idle_timeout = 30
             max_flows = 3
             max_connections = 4
@@ -819,6 +832,7 @@ mod tests {
         assert_eq!(c.idle_timeout, Duration::from_secs(30));
         assert_eq!(c.connect_timeout, Duration::from_secs(2));
         assert_eq!((c.max_flows, c.max_connections, c.replay_window), (3, 4, 64));
+        assert_eq!(c.nice, Some(19));
         assert!(c.tls12);
 
         // A repeatable flag replaces the file's list; a scalar flag its key.

@@ -301,6 +301,7 @@ fn restart_only_changes(old: &GatewayConfig, new: &GatewayConfig) -> Vec<&'stati
         old.connect_idle_timeout != new.connect_idle_timeout,
     );
     check("replay_window", old.replay_window != new.replay_window);
+    check("nice", old.nice != new.nice);
     check("suites", old.suites != new.suites);
     check(
         "heartbeat_interval",
@@ -358,11 +359,12 @@ mod tests {
         let moved = config(|a| {
             a.listen = Some("127.0.0.1:9443".parse().unwrap());
             a.max_connections = Some(7);
+            a.nice = Some(5);
             a.udp_buffer = Some(1 << 20);
         });
         assert_eq!(
             restart_only_changes(&old, &moved),
-            ["listen", "max_connections", "udp_buffer"]
+            ["listen", "max_connections", "nice", "udp_buffer"]
         );
     }
 

@@ -1062,6 +1062,7 @@ fn shim_restart_only_changes(old: &ShimConfig, new: &ShimConfig) -> Vec<&'static
     check("forward", old.forwards != new.forwards);
     check("suites", old.suites != new.suites);
     check("replay_window", old.replay_window != new.replay_window);
+    check("nice", old.nice != new.nice);
     check("idle_timeout", old.idle_timeout != new.idle_timeout);
     check("max_flows", old.max_flows != new.max_flows);
     check("max_connections", old.max_connections != new.max_connections);
@@ -1078,4 +1079,32 @@ fn shim_restart_only_changes(old: &ShimConfig, new: &ShimConfig) -> Vec<&'static
     check("metrics", old.metrics != new.metrics);
     check("transport", old.transport != new.transport);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_only_keys_of_the_shim_are_named_and_others_are_not() {
+        let config = |edit: fn(&mut crate::config::ShimArgs)| {
+            let mut a = crate::config::ShimArgs {
+                gateway: vec![crate::config::parse_host_port("127.0.0.1:1443").unwrap()],
+                ca: Some("ca.pem".into()),
+                ..Default::default()
+            };
+            edit(&mut a);
+            ShimConfig::from_args(a).unwrap()
+        };
+        let old = config(|_| {});
+        assert_eq!(
+            shim_restart_only_changes(&old, &config(|_| {})),
+            Vec::<&str>::new()
+        );
+        let new = config(|a| {
+            a.nice = Some(5);
+            a.replay_window = Some(64);
+        });
+        assert_eq!(shim_restart_only_changes(&old, &new), ["replay_window", "nice"]);
+    }
 }

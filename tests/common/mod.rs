@@ -293,6 +293,53 @@ pub fn have_ffmpeg() -> bool {
     tool_available("ffmpeg", "ffmpeg", &["-version"]) && tool_available("ffprobe", "ffprobe", &["-version"])
 }
 
+/// The nice value of each thread of process `pid`, by thread name (`/proc/PID/task/*/stat`).
+pub fn thread_nice_values(pid: u32) -> Vec<(String, i32)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let Ok(stat) = std::fs::read_to_string(t.unwrap().path().join("stat")) else {
+            continue; // the thread ended meanwhile
+        };
+        // `TID (NAME) STATE ...`: the name may hold spaces and parentheses, so split at the
+        // last `)`; field 19 (nice) is then the 17th after it.
+        let (head, rest) = stat.rsplit_once(')').unwrap();
+        let name = head.split_once('(').unwrap().1.to_owned();
+        let nice = rest.split_whitespace().nth(16).unwrap().parse().unwrap();
+        out.push((name, nice));
+    }
+    out
+}
+
+/// [`thread_nice_values`] once the process's tokio runtime threads have their names (a
+/// thread names itself just after it starts), waiting for that at most [`WAIT`].
+pub fn runtime_thread_nice_values(pid: u32) -> Vec<(String, i32)> {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let threads = thread_nice_values(pid);
+        if threads.iter().any(|(name, _)| name.starts_with("tokio-rt")) {
+            return threads;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no tokio runtime thread: {threads:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A nice value other than this process's (which a child would inherit) that an
+/// unprivileged process may take: one more, or one less at the top of the range.
+pub fn another_nice_value() -> i32 {
+    let own = thread_nice_values(std::process::id())
+        .first()
+        .map_or(0, |(_, n)| *n);
+    if own < 19 {
+        own + 1
+    } else {
+        18
+    }
+}
+
 /// Sends SIGTERM to `child` and waits (bounded) for it to exit; returns its status.
 pub fn terminate(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
     let pid = child.id().to_string();
