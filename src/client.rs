@@ -1366,9 +1366,14 @@ impl SecureUdp {
             loop {
                 self.open_run(&mut [&mut rec[..]], f, &mut delivered);
                 more += 1;
+                // The bound before taking: a record taken from the queue is opened, never
+                // left behind (what stays in the queue waits for the next call).
+                if more >= crate::net::batch::BATCH {
+                    break;
+                }
                 match self.carrier.inbound.lock().await.try_recv() {
-                    Ok(next) if more < crate::net::batch::BATCH => *rec = next,
-                    _ => break,
+                    Ok(next) => *rec = next,
+                    Err(_) => break,
                 }
             }
             return Ok(delivered);
@@ -1652,6 +1657,17 @@ mod tests {
             "{err:?}"
         );
         assert_eq!(s.len(), 1000);
+    }
+
+    /// The connection log line names the TLS version as an operator reads it (a fleet
+    /// still on TLS 1.2 is found by grepping for it).
+    #[test]
+    fn tls_versions_are_named_for_the_log() {
+        use rustls::ProtocolVersion as V;
+        assert_eq!(tls_version_name(Some(V::TLSv1_3)), "TLS 1.3");
+        assert_eq!(tls_version_name(Some(V::TLSv1_2)), "TLS 1.2");
+        assert_eq!(tls_version_name(Some(V::TLSv1_0)), "TLSv1_0");
+        assert_eq!(tls_version_name(None), "TLS version unknown");
     }
 
     /// Every transport name parses to itself, spaces around it ignored; nothing else parses.

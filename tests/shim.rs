@@ -1407,6 +1407,10 @@ async fn a_forward_opens_its_flows_on_one_shared_connection() {
     for r in sudp::proto::DropReason::ALL {
         assert_eq!(gw.metrics.drops(r), 0, "gateway dropped {r:?}");
     }
+    // Nor did the shim drop anything: had a train left from another association's socket
+    // (the connection's own association has a socket of its own), the gateway would have
+    // sent path challenges there, to a socket whose keys cannot open them.
+    assert_eq!(shim.metrics.total_drops(), 0, "the shim dropped records");
     assert_eq!(
         gw.metrics.connections.load(Ordering::Relaxed) - before,
         1,
