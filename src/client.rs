@@ -1238,16 +1238,6 @@ impl SecureUdp {
         Ok(n)
     }
 
-    /// Seals the plaintext at `buf[PREFIX_LEN..PREFIX_LEN + plaintext_len]` in place without
-    /// sending it, so the caller can gather records into a GSO train
-    /// ([`crate::net::batch::GsoBatch`]) and send them with [`SecureUdp::send_train`].
-    pub fn seal_record(&self, buf: &mut [u8], plaintext_len: usize) -> Result<usize, SealError> {
-        self.send
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .seal_in_place(buf, plaintext_len)
-    }
-
     /// Seals several records at once (see [`crate::proto::record::Sealer::seal_many_in_place`]
     /// for the layout): the CBC chains advance together, about a third faster than one by one.
     pub fn seal_many(

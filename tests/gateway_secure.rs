@@ -717,3 +717,40 @@ async fn replies_a_stalled_control_connection_cannot_take_are_counted_and_the_as
     drop(control);
     gw.stop().await;
 }
+
+/// An unspecified BND.ADDR (a gateway that advertises 0.0.0.0: "the address you reached me
+/// on") sends the client's records to the gateway's own address. Taken literally, 0.0.0.0
+/// is "this host" to Linux: the records then happen to reach a gateway on loopback, and a
+/// gateway on another machine never; so the test reads where the client sends, then that
+/// the association works.
+#[tokio::test]
+async fn an_unspecified_bnd_addr_means_the_address_the_client_reached() {
+    let pki = pki();
+    let mut s = settings(&pki);
+    s.listen = "127.0.0.2:0".parse().unwrap();
+    s.udp_listen = Some("127.0.0.2:0".parse().unwrap());
+    s.advertise = Some(std::net::Ipv4Addr::UNSPECIFIED.into());
+    let gw = TestGateway::start(s).await;
+    let udp = SecureUdp::connect(&gw.options(&pki)).await.unwrap();
+    assert_eq!(
+        udp.relay(),
+        gw.relay,
+        "the relay is where the client reached the gateway"
+    );
+    let target = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let to = Address::Ip(target.local_addr().unwrap());
+    udp.send_to(b"ping", &to).await.unwrap();
+    let mut buf = vec![0u8; 2048];
+    let (n, outbound) = tokio::time::timeout(WAIT, target.recv_from(&mut buf))
+        .await
+        .expect("the record reached the relay at the gateway's address")
+        .unwrap();
+    assert_eq!(&buf[..n], b"ping");
+    target.send_to(b"pong", outbound).await.unwrap();
+    let (n, _) = tokio::time::timeout(WAIT, udp.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf[..n], b"pong");
+    gw.stop().await;
+}
