@@ -136,6 +136,112 @@ async fn the_client_aborts_on_another_method_an_unoffered_suite_or_a_bad_accept(
     }
 }
 
+// --- §2.7: the client takes only the answer that names its association ---------------------
+
+/// A fake gateway (TLS on 127.0.0.1) that opens association 7 for the connection, then,
+/// when the client asks to re-attach `old`, answers first about another association (a
+/// REATTACHED, then a REATTACH_REFUSED) and only then REATTACHED(`old`, epoch 7). A gateway
+/// that answers about an association nobody asked for is broken or hostile: the client must
+/// wait for the answer naming its own. Holds the connection until the client closes it.
+async fn fake_reattaching_gateway(
+    pki: &sudp::cert::DevPki,
+    old: AssociationId,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use sudp::proto::frame::{feature, Decoder, Frame, Hello, RefuseReason};
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_tls(pki, false, false));
+    let task = tokio::spawn(async move {
+        let relay = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let (tcp, _) = l.accept().await.unwrap();
+        let mut s = acceptor.accept(tcp).await.unwrap();
+        let mut greeting_and_hello = [0u8; 7];
+        s.read_exact(&mut greeting_and_hello).await.unwrap();
+        assert_eq!(greeting_and_hello, [5, 1, method::SUDP, 1, 1, 0x01, 0]);
+        s.write_all(&[5, method::SUDP]).await.unwrap();
+        s.write_all(&[1, 0, 0x01, 0, 0, 0, 0, 0, 0, 0, 7]).await.unwrap();
+        // UDP ASSOCIATE for 0.0.0.0:PORT: VER CMD RSV ATYP(1) ADDR(4) PORT(2).
+        let mut req = [0u8; 10];
+        s.read_exact(&mut req).await.unwrap();
+        assert_eq!(
+            req[..4],
+            [5, 3, 0, socks::atyp::V4],
+            "UDP ASSOCIATE for an IPv4 address"
+        );
+        let bnd = relay.local_addr().unwrap();
+        let mut reply = vec![5, 0, 0, socks::atyp::V4, 127, 0, 0, 1];
+        reply.extend_from_slice(&bnd.port().to_be_bytes());
+        s.write_all(&reply).await.unwrap();
+        let send = |f: Frame<'_>| {
+            let mut b = Vec::new();
+            f.encode(&mut b).unwrap();
+            b
+        };
+        s.write_all(&send(Frame::Hello(Hello {
+            version: 1,
+            ping_interval_ms: 0,
+            features: vec![feature::REATTACH],
+        })))
+        .await
+        .unwrap();
+        let mut decoder = Decoder::default();
+        let port = tokio::time::timeout(WAIT, async {
+            loop {
+                let n = s.read(decoder.space()).await.unwrap();
+                assert!(n > 0, "the client closed before its REATTACH");
+                decoder.filled(n);
+                while let Some(f) = decoder.next_frame().unwrap() {
+                    if let Frame::Reattach { assoc, port } = f {
+                        assert_eq!(assoc, old);
+                        return port;
+                    }
+                }
+            }
+        })
+        .await
+        .expect("a REATTACH in time");
+        assert_ne!(port, 0);
+        let other = AssociationId(old.0 ^ 1);
+        let mut answers = send(Frame::Reattached {
+            assoc: other,
+            epoch: 5,
+        });
+        answers.extend(send(Frame::ReattachRefused {
+            assoc: other,
+            reason: RefuseReason::Busy,
+        }));
+        answers.extend(send(Frame::Reattached { assoc: old, epoch: 7 }));
+        s.write_all(&answers).await.unwrap();
+        let _ = read_until_closed(&mut s).await;
+    });
+    (addr, task)
+}
+
+/// PROTOCOL.md §2.7: a REATTACHED or REATTACH_REFUSED answers the REATTACH that names its
+/// association; the client re-attaches `old` under the epoch of the answer naming `old`
+/// (7), not under the REATTACHED of another association (5), and is not refused by another
+/// association's REATTACH_REFUSED.
+#[tokio::test]
+async fn the_client_takes_only_the_reattach_answer_that_names_its_association() {
+    let pki = pki();
+    let old = AssociationId(0x5eed_0000_0000_0042);
+    let (addr, gateway) = fake_reattaching_gateway(&pki, old).await;
+    let mut opts = sudp::client::ClientOptions::new(addr, "localhost", client_tls(&pki, false));
+    opts.suites = vec![CipherSuite::Aes128CbcHmacSha256];
+    opts.timeout = WAIT;
+    let udp = SecureUdp::connect_reattach(&opts, Some((old, CipherSuite::Aes128CbcHmacSha256)))
+        .await
+        .unwrap();
+    assert_eq!(
+        udp.reattach_refused(),
+        None,
+        "refused by another association's answer"
+    );
+    assert_eq!((udp.assoc(), udp.epoch()), (old, 7));
+    drop(udp);
+    tokio::time::timeout(WAIT, gateway).await.unwrap().unwrap();
+}
+
 // --- §2.3/§6.3: the reply path of a secure association with DST.PORT 0 ----------------------
 
 /// The ports of the UDP sockets bound to a wildcard address (0.0.0.0 or ::) in this
