@@ -326,6 +326,28 @@ fn returned(gw: &TestGateway, path: sudp::metrics::Path) -> (u64, u64, u64, u64)
     )
 }
 
+/// A secure association on `transport` and a target on 127.0.0.1 that has heard from it
+/// once: the association, the target's socket and address, and the address the target saw
+/// (the association's outbound socket at the gateway).
+async fn association_and_target(
+    gw: &TestGateway,
+    pki: &sudp::cert::DevPki,
+    transport: sudp::client::Transport,
+) -> (SecureUdp, tokio::net::UdpSocket, Address, SocketAddr) {
+    let mut opts = gw.options(pki);
+    opts.transport = transport;
+    let udp = SecureUdp::connect(&opts).await.unwrap();
+    let target = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let to = Address::Ip(target.local_addr().unwrap());
+    udp.send_to(b"go", &to).await.unwrap();
+    let mut buf = [0u8; 64];
+    let (_, outbound) = tokio::time::timeout(WAIT, target.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    (udp, target, to, outbound)
+}
+
 /// Replies inside TLS that pile up while the application is not reading are all delivered
 /// by `recv_batch`, however many wait: it takes at most a batch per call and leaves the rest
 /// queued for the next (a record taken from the queue at the bound used to be thrown away,
@@ -334,17 +356,7 @@ fn returned(gw: &TestGateway, path: sudp::metrics::Path) -> (u64, u64, u64, u64)
 async fn a_backlog_of_replies_inside_tls_is_delivered_whole() {
     let pki = pki();
     let gw = TestGateway::start(settings(&pki)).await;
-    let mut opts = gw.options(&pki);
-    opts.transport = sudp::client::Transport::Tls;
-    let udp = SecureUdp::connect(&opts).await.unwrap();
-    let target = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let to = Address::Ip(target.local_addr().unwrap());
-    let mut buf = vec![0u8; 2048];
-    udp.send_to(b"go", &to).await.unwrap();
-    let (_, outbound) = tokio::time::timeout(WAIT, target.recv_from(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
+    let (udp, target, _, outbound) = association_and_target(&gw, &pki, sudp::client::Transport::Tls).await;
     assert!(udp.via_tls());
     // Within the control channel's queues (512 records each way).
     const N: u16 = 300;
@@ -436,17 +448,8 @@ async fn replies_of_mixed_sizes_arriving_together_all_arrive() {
     let pki = pki();
     let gw = TestGateway::start(settings(&pki)).await;
     for transport in [sudp::client::Transport::Udp, sudp::client::Transport::Tls] {
-        let mut opts = gw.options(&pki);
-        opts.transport = transport;
-        let udp = SecureUdp::connect(&opts).await.unwrap();
-        let target = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let to = Address::Ip(target.local_addr().unwrap());
+        let (udp, target, to, outbound) = association_and_target(&gw, &pki, transport).await;
         let mut buf = vec![0u8; 2048];
-        udp.send_to(b"go", &to).await.unwrap();
-        let (_, outbound) = tokio::time::timeout(WAIT, target.recv_from(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
         let path = if udp.via_tls() {
             sudp::metrics::Path::Tls
         } else {
