@@ -110,13 +110,24 @@ fn the_shim_takes_the_nice_value_of_its_file() {
         )
     };
     std::fs::write(&file, body(want)).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["shim", "--config"])
-        .arg(&file)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    // Killed on drop: a failed assertion below must not leave the shim running.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut shim = Killed(
+        Command::new(BIN)
+            .args(["shim", "--config"])
+            .arg(&file)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut shim.0;
     // Bounded: the first line (the SOCKS5 listener) comes once the runtime runs.
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -134,7 +145,7 @@ fn the_shim_takes_the_nice_value_of_its_file() {
         threads.iter().all(|&(_, n)| n == want),
         "want {want}: {threads:?}"
     );
-    let status = common::terminate(&mut child, "shim");
+    let status = common::terminate(child, "shim");
     assert!(status.success(), "{status}");
 
     std::fs::write(&file, body(-21)).unwrap();
